@@ -1,0 +1,26 @@
+"""imret: instance-level image retrieval.
+
+Importing imret does no I/O and sets no global state; timm and the optional backends are
+imported when first used.
+"""
+
+from .backbones import WeightsUnavailableError, list_backbones
+from .model import ModelSpec, RetrievalNet, create_model, create_model_from_spec
+from .pooling import create_pool, list_pools
+from .weights import load_model, load_weights, save_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ModelSpec",
+    "RetrievalNet",
+    "WeightsUnavailableError",
+    "create_model",
+    "create_model_from_spec",
+    "create_pool",
+    "list_backbones",
+    "list_pools",
+    "load_model",
+    "load_weights",
+    "save_model",
+]

@@ -1,0 +1,282 @@
+"""Batched, multi-scale descriptor extraction: images -> ``(N, D)`` float32 rows in input order.
+
+The pipeline: a thread pool decodes images (PIL releases the GIL while decoding; JPEG
+draft mode lets libjpeg downscale while decoding), images of equal size are grouped into
+batches, each batch runs through the model at every scale under ``torch.inference_mode``
+(channels-last, optional bf16/fp16 autocast), and the per-scale descriptors are combined
+with the GeM power mean of Radenović et al. (TPAMI 2018) and L2-normalised. Rows are
+written into a preallocated matrix by input index, so any completion order is correct.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .images import ImageError, load_image, to_tensor
+from .model import RetrievalNet
+
+__all__ = ["SkippedImage", "Extraction", "extract", "extract_descriptors", "combine_scales", "PRECISIONS"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+BBox = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """An input that could not be used, with the reason."""
+
+    index: int
+    path: str
+    reason: str
+
+
+@dataclass
+class Extraction:
+    """Result of :func:`extract`.
+
+    Attributes:
+        descriptors: ``(M, D)`` float32, one L2-normalised row per image that worked.
+        indices: ``(M,)`` int64 positions of those images in the input list.
+        paths: the M paths (``str(image)`` for inputs that are not paths).
+        skipped: the inputs that failed, in input order.
+    """
+
+    descriptors: np.ndarray
+    indices: np.ndarray
+    paths: list[str]
+    skipped: list[SkippedImage] = field(default_factory=list)
+
+
+def combine_scales(descs: Sequence[torch.Tensor], power: float = 1.0) -> torch.Tensor:
+    """Combine per-scale descriptors ``S x (B, D)`` into ``(B, D)``: ``(mean_s v_s^power)^(1/power)``, L2-normalised.
+
+    ``power`` = 1 is the plain average; GeM networks use their learned p (Radenović et al.).
+    A power other than 1 needs non-negative descriptors.
+    """
+    if len(descs) == 1:
+        return F.normalize(descs[0], dim=1)
+    stack = torch.stack([d.float() for d in descs])
+    if power == 1.0:
+        v = stack.mean(0)
+    else:
+        if (stack < 0).any():
+            raise ValueError(f"power-mean over scales with power={power} needs non-negative descriptors")
+        v = stack.pow(power).mean(0).pow(1.0 / power)
+    return F.normalize(v, dim=1)
+
+
+def _check_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; available: {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ValueError("precision 'bf16' is not supported by this GPU; use 'fp16' or 'fp32'")
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    if device.type == "cpu":
+        if precision == "fp16":
+            raise ValueError("precision 'fp16' is for GPUs; on the CPU use 'bf16' (if supported) or 'fp32'")
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            raise ValueError("this CPU has no native bf16 support (AVX512-BF16/AMX); use precision 'fp32'")
+        return torch.bfloat16
+    raise ValueError(f"precision {precision!r} is not supported on device type {device.type!r}; use 'fp32'")
+
+
+def _scaled_size(h: int, w: int, s: float) -> tuple[int, int]:
+    return max(1, int(round(h * s))), max(1, int(round(w * s)))
+
+
+def _run_batch(
+    model: RetrievalNet,
+    x: torch.Tensor,
+    scales: Sequence[float],
+    power: float,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    h, w = x.shape[-2:]
+    descs = []
+    for s in scales:
+        xs = x
+        if s != 1.0:
+            size = _scaled_size(h, w, s)
+            xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=s < 1.0)
+        if channels_last:
+            xs = xs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            descs.append(model(xs).float())
+    return combine_scales(descs, power)
+
+
+def _decode(i: int, image, bbox, image_size: int, draft: bool, max_pixels, mean, std):
+    try:
+        img = load_image(image, image_size=image_size, bbox=bbox, draft=draft, max_pixels=max_pixels)
+        return i, to_tensor(img, mean, std), None
+    except ImageError as e:
+        return i, None, e
+
+
+def _prefetch(pool: ThreadPoolExecutor, jobs, depth: int) -> Iterator:
+    window: deque[Future] = deque()
+    for job in jobs:
+        window.append(pool.submit(*job))
+        if len(window) >= depth:
+            yield window.popleft().result()
+    while window:
+        yield window.popleft().result()
+
+
+def extract(
+    model: RetrievalNet,
+    images: Sequence[str | os.PathLike],
+    *,
+    bboxes: Sequence[BBox | None] | None = None,
+    scales: Sequence[float] = (1.0,),
+    image_size: int = 1024,
+    batch_size: int = 8,
+    workers: int = 2,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    channels_last: bool = True,
+    draft: bool = True,
+    max_pixels: int | None = None,
+    on_error: str = "skip",
+    progress: bool = False,
+) -> Extraction:
+    """Extract L2-normalised descriptors of ``images`` (paths), skipping or raising on bad files.
+
+    Args:
+        model: a :class:`RetrievalNet`; it is put in eval mode and moved to ``device``
+            (and to channels-last memory format when ``channels_last``).
+        images: image paths.
+        bboxes: per image ``(x1, y1, x2, y2)`` crop in original pixels (queries of the
+            revisited Oxford/Paris protocol), or None. Cropping happens before resizing.
+        scales: resize factors of the ``image_size`` input, e.g. ``(1, 2**-0.5, 0.5)``;
+            descriptors are combined by the GeM power mean (``model.multiscale_power()``).
+        image_size: long side in pixels after resizing (never upscaled; aspect kept).
+        batch_size: images of equal size per forward pass.
+        workers: decoding threads (0 decodes in the calling thread).
+        precision: ``"fp32"``, ``"bf16"`` (CPUs with AVX512-BF16/AMX, recent GPUs) or ``"fp16"`` (GPU).
+        draft: let libjpeg downscale large JPEGs while decoding (see :mod:`imret.images`).
+        max_pixels: reject images with more pixels (default: PIL's limit).
+        on_error: ``"skip"`` reports bad files in ``Extraction.skipped``; ``"raise"`` raises
+            the first :class:`~imret.images.ImageError`.
+        progress: show a tqdm progress bar (stderr).
+    """
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"unknown on_error {on_error!r}; available: 'skip', 'raise'")
+    if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
+        raise ValueError(f"scales must be positive numbers, got {list(scales)}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    n = len(images)
+    if bboxes is not None and len(bboxes) != n:
+        raise ValueError(f"got {len(bboxes)} bboxes for {n} images")
+    device = torch.device(device)
+    amp_dtype = _check_precision(precision, device)
+
+    model.eval().to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    power = model.multiscale_power()
+    out = np.zeros((n, model.dim), dtype=np.float32)
+    ok = np.zeros(n, dtype=bool)
+    skipped: list[SkippedImage] = []
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, desc="extract", unit="img", disable=not progress)
+    buckets: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+    pending = 0
+    max_pending = max(4 * batch_size, 16)
+
+    def flush(key: tuple[int, int]) -> None:
+        nonlocal pending
+        items = buckets.pop(key)
+        pending -= len(items)
+        x = torch.stack([t for _, t in items])
+        with torch.inference_mode():
+            d = _run_batch(model, x, scales, power, device, amp_dtype, channels_last)
+        idx = [i for i, _ in items]
+        out[idx] = d.cpu().numpy()
+        ok[idx] = True
+        bar.update(len(items))
+
+    jobs = (
+        (_decode, i, images[i], None if bboxes is None else bboxes[i], image_size, draft, max_pixels, model.mean, model.std)
+        for i in range(n)
+    )
+    executor = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
+    try:
+        results = _prefetch(executor, jobs, 2 * workers + batch_size) if executor else (job[0](*job[1:]) for job in jobs)
+        for i, tensor, err in results:
+            if err is not None:
+                if on_error == "raise":
+                    raise err
+                skipped.append(SkippedImage(i, os.fspath(images[i]) if isinstance(images[i], (str, os.PathLike)) else str(images[i]), err.reason))
+                bar.update(1)
+                continue
+            key = tuple(tensor.shape[-2:])
+            buckets.setdefault(key, []).append((i, tensor))
+            pending += 1
+            if len(buckets[key]) >= batch_size:
+                flush(key)
+            elif pending > max_pending:  # many distinct sizes: run the fullest bucket
+                flush(max(buckets, key=lambda k: len(buckets[k])))
+        for key in list(buckets):
+            flush(key)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+
+    indices = np.flatnonzero(ok)
+    return Extraction(
+        descriptors=out[indices],
+        indices=indices.astype(np.int64),
+        paths=[os.fspath(images[i]) for i in indices],
+        skipped=sorted(skipped, key=lambda s: s.index),
+    )
+
+
+def extract_descriptors(
+    model: RetrievalNet,
+    images: Sequence[str | os.PathLike],
+    scales: Sequence[float] = (1.0,),
+    image_size: int = 1024,
+    *,
+    bboxes: Sequence[BBox | None] | None = None,
+    on_error: str = "raise",
+    **kwargs,
+) -> np.ndarray:
+    """``(N, D)`` float32 descriptors of ``images``, rows in input order (see :func:`extract`).
+
+    With ``on_error="raise"`` (default) a bad image raises :class:`~imret.images.ImageError`;
+    with ``"skip"`` its row is NaN and a warning names the skipped files.
+    """
+    res = extract(model, images, bboxes=bboxes, scales=scales, image_size=image_size, on_error=on_error, **kwargs)
+    out = np.full((len(images), res.descriptors.shape[1]), np.nan, dtype=np.float32)
+    out[res.indices] = res.descriptors
+    if res.skipped:
+        warnings.warn(
+            f"skipped {len(res.skipped)} image(s): " + "; ".join(f"{s.path}: {s.reason}" for s in res.skipped[:10]),
+            stacklevel=2,
+        )
+    return out
