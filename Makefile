@@ -1,0 +1,27 @@
+# Set-up and the two main entry points. Everything runs in the project's own .venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: demo test bench clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+## Extract and evaluate: real rParis6k-mini from ../shared when present, else generated images.
+demo: $(VENV)/.installed
+	$(PY) scripts/demo.py
+
+## The test suite (CPU only; tests that need ../shared skip with a reason when it is absent).
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+## Benchmarks whose figures go into BENCHMARKS.md.
+bench: $(VENV)/.installed
+	$(PY) benchmarks/extract.py
+
+clean-venv:
+	rm -rf $(VENV)

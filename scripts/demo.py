@@ -1,0 +1,42 @@
+"""The main job behind `make demo`: extract descriptors and evaluate them.
+
+With ../shared (or $IMRET_SHARED) present: the real rParis6k-mini set with the shared
+ImageNet MobileNetV2 weights, GeM pooling at 1024 px, queries cropped to their boxes.
+Otherwise: a generated dataset in the same revisitop layout, evaluated with a MobileNetV2
+whose ImageNet weights are downloaded the timm way (random weights if offline).
+Results (table, JSON, per-query AP chart, top-10 grid) go to runs/demo/.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from imret.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("IMRET_SHARED", REPO.parent / "shared"))
+OUT = REPO / "runs" / "demo"
+
+
+def run() -> int:
+    data = SHARED / "data" / "rparis6k-mini"
+    weights = SHARED / "weights" / "mobilenetv2_100.coral_in1k.safetensors"
+    if (data / "gnd_rparis6k-mini.pkl").is_file() and weights.is_file():
+        print(f"real data: {data}")
+        return main(["eval", str(data), "--model", "mobilenetv2_100.coral", "--weights", str(weights),
+                     "--pool", "gem", "--image-size", "1024", "--out", str(OUT)])
+    from imret.synthetic import make_revisitop
+
+    root = REPO / "runs" / "synthetic"
+    gnd = make_revisitop(root, n_objects=8, db_per_object=8, n_distractors=20)
+    print(f"{SHARED} not found: generated a dataset in {root}")
+    args = ["eval", str(gnd), "--model", "mobilenetv2_100", "--pool", "gem", "--image-size", "320", "--out", str(OUT)]
+    rc = main(args)
+    if rc != 0:
+        print("could not download ImageNet weights (offline?): evaluating with random weights instead")
+        rc = main(args + ["--no-pretrained"])
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,393 @@
+"""Pictures of retrieval results: per-query AP charts and top-k result grids.
+
+* :func:`plot_ap_per_query` draws a bar chart with matplotlib, an optional extra
+  (``pip install 'imret[plots]'``), imported only inside the function. It builds a
+  :class:`matplotlib.figure.Figure` directly, without pyplot, so no global backend or
+  figure state is touched.
+* :func:`draw_topk_grid` draws a grid of thumbnails with Pillow only: one row per query,
+  the query (with its region box) then its top-k database images framed green (positive),
+  red (negative) or grey (junk, ignored by the metric), each captioned with its rank.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .evaluation import (
+    PROTOCOLS,
+    LabelledResult,
+    RevisitopGroundTruth,
+    RevisitopResult,
+    _check_ranks,
+    _protocol_name,
+    revisitop_protocol,
+)
+
+__all__ = [
+    "MARK_COLOURS",
+    "plot_ap_per_query",
+    "revisitop_marks",
+    "draw_topk_grid",
+    "draw_revisitop_topk",
+    "topk_grid_size",
+]
+
+ImageLike = Union[str, os.PathLike, Image.Image]
+
+#: Frame colour of each mark of :func:`draw_topk_grid`.
+MARK_COLOURS: dict[str, tuple[int, int, int]] = {
+    "pos": (40, 170, 60),  # green: correct
+    "neg": (210, 40, 40),  # red: wrong
+    "junk": (150, 150, 150),  # grey: ignored by the protocol
+}
+
+_PROTOCOL_COLOURS = {"easy": "#4c9f50", "medium": "#3b75af", "hard": "#c44e52"}
+
+# Grid geometry (pixels): frame width, gap between tiles, caption strip height.
+_BORDER = 4
+_GAP = 4
+_CAPTION = 16
+_BACKGROUND = (255, 255, 255)
+_TILE_BACKGROUND = (235, 235, 235)
+_BOX_COLOUR = (255, 200, 0)
+_QUERY_FRAME = (40, 90, 200)
+
+
+def _matplotlib_figure() -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError(
+            "plot_ap_per_query needs matplotlib: pip install 'imret[plots]'"
+        ) from e
+    return Figure
+
+
+# --------------------------------------------------------------------------------------
+# AP per query
+# --------------------------------------------------------------------------------------
+
+
+def plot_ap_per_query(
+    result: RevisitopResult | LabelledResult,
+    path: str | os.PathLike,
+    query_names: Sequence[str] | None = None,
+    title: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Save a PNG bar chart of the AP of every query.
+
+    Revisitop results: grouped Easy / Medium / Hard bars per query with a dashed line at
+    each protocol's mAP; queries without positives in a protocol get no bar there.
+    Labelled results: one bar per query (a filled profile beyond 300 queries) with the
+    mAP line; excluded queries are left out.
+
+    Args:
+        result: from :func:`imret.evaluation.evaluate_revisitop` or
+            :func:`imret.evaluation.evaluate_labelled`.
+        path: the PNG file to write (parent folders are created).
+        query_names: ``Nq`` tick labels; default: ``result.query_names`` for revisitop,
+            else query numbers. Ticks are shown for at most 100 queries.
+        title: figure title; default names the dataset and the mAP.
+        dpi: resolution of the PNG.
+
+    Returns:
+        ``Path(path)``.
+    """
+    if not isinstance(result, (RevisitopResult, LabelledResult)):
+        raise TypeError(
+            f"plot_ap_per_query expects a RevisitopResult or LabelledResult, "
+            f"got {type(result).__name__}"
+        )
+    Figure = _matplotlib_figure()
+    n = result.n_queries
+    if query_names is None and isinstance(result, RevisitopResult) and result.query_names:
+        query_names = result.query_names
+    if query_names is not None and len(query_names) != n:
+        raise ValueError(f"query_names has {len(query_names)} names but there are {n} queries")
+    width = min(40.0, max(6.0, 0.12 * n * (3 if isinstance(result, RevisitopResult) else 1)))
+    fig = Figure(figsize=(width, 4.5), dpi=dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(n)
+    if isinstance(result, RevisitopResult):
+        bar_w = 0.8 / len(PROTOCOLS)
+        for t, p in enumerate(PROTOCOLS):
+            r = result.protocol(p)
+            ap = np.nan_to_num(r.ap, nan=0.0)
+            colour = _PROTOCOL_COLOURS[p]
+            ax.bar(x + (t - 1) * bar_w, ap, width=bar_w, color=colour,
+                   label=f"{p.capitalize()} (mAP {_pct(r.map)})")
+            if not math.isnan(r.map):
+                ax.axhline(r.map, color=colour, linestyle="--", linewidth=1)
+        default_title = f"{result.name or 'revisitop'}: AP per query"
+        ax.legend(loc="upper right", fontsize="small")
+    else:
+        ap = result.ap
+        valid = ~np.isnan(ap)
+        if n > 300:
+            ys = np.sort(ap[valid])[::-1]
+            ax.fill_between(np.arange(ys.shape[0]), ys, step="mid", color="#3b75af")
+            ax.set_xlabel("queries, sorted by AP")
+            query_names = None
+        else:
+            ax.bar(x[valid], ap[valid], width=0.8, color="#3b75af")
+        if not math.isnan(result.map):
+            ax.axhline(result.map, color="black", linestyle="--", linewidth=1,
+                       label=f"mAP {_pct(result.map)}")
+            ax.legend(loc="upper right", fontsize="small")
+        default_title = f"{result.name or 'labelled set'}: AP per query"
+    ax.set_ylim(0.0, 1.02)
+    ax.set_ylabel("AP")
+    ax.set_xlim(-0.6, max(n, 1) - 0.4)
+    if query_names is not None and n <= 100:
+        ax.set_xticks(x)
+        ax.set_xticklabels([str(q) for q in query_names], rotation=90, fontsize=6)
+    elif n <= 100:
+        ax.set_xticks(x)
+        ax.set_xticklabels([str(i) for i in x], fontsize=6)
+    ax.set_title(title if title is not None else default_title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def _pct(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100.0 * x:.2f}"
+
+
+# --------------------------------------------------------------------------------------
+# Top-k grids
+# --------------------------------------------------------------------------------------
+
+
+def revisitop_marks(
+    ranks: Any, gt: RevisitopGroundTruth, protocol: str = "medium", k: int = 10
+) -> list[list[str]]:
+    """Per-query marks of the top ``k`` database images under a revisitop protocol.
+
+    Args:
+        ranks: ``(Nq, K)`` integer database indices per query, best first.
+        gt: the ground truth.
+        protocol: ``"easy"``, ``"medium"`` or ``"hard"`` (see
+            :func:`imret.evaluation.revisitop_protocol`).
+        k: number of ranks to mark.
+
+    Returns:
+        ``Nq`` lists of ``min(k, K)`` strings: ``"pos"`` (a positive), ``"junk"``
+        (ignored by the protocol) or ``"neg"``. Ranks are the raw positions, junk included.
+    """
+    protocol = _protocol_name(protocol)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    r = _check_ranks(ranks, gt.n_queries, gt.n_db)[:, :k]
+    ok, junk = revisitop_protocol(gt, protocol)
+    marks = []
+    for i in range(gt.n_queries):
+        is_ok = np.isin(r[i], ok[i])
+        is_junk = np.isin(r[i], junk[i])
+        marks.append(["pos" if o else "junk" if j else "neg" for o, j in zip(is_ok, is_junk)])
+    return marks
+
+
+def topk_grid_size(n_queries: int, k: int, thumb: int = 128) -> tuple[int, int]:
+    """``(width, height)`` in pixels of the image :func:`draw_topk_grid` makes.
+
+    Each tile is ``thumb + 2 * 4`` pixels square plus a 16-pixel caption, tiles are 4
+    pixels apart, and the query column is followed by an extra 8-pixel gap.
+    """
+    cell_w = thumb + 2 * _BORDER
+    cell_h = cell_w + _CAPTION
+    width = _GAP + (k + 1) * (cell_w + _GAP) + 2 * _GAP
+    height = _GAP + n_queries * (cell_h + _GAP)
+    return width, height
+
+
+def _open_image(img: ImageLike, thumb: int) -> tuple[Image.Image | None, tuple[int, int] | None]:
+    """``(image, original size)``, decoded near ``thumb``; ``(None, None)`` if unreadable."""
+    try:
+        if isinstance(img, Image.Image):
+            im = img
+            size = im.size
+        else:
+            im = Image.open(img)
+            size = im.size
+            im.draft("RGB", (thumb, thumb))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
+        im = im.convert("RGB")
+        im.load()
+        return im, size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None, None
+
+
+def _thumbnail(
+    img: ImageLike, thumb: int, box: Sequence[float] | None
+) -> tuple[Image.Image, bool]:
+    """A ``thumb x thumb`` tile with the image fitted and centred; ``(tile, opened)``."""
+    tile = Image.new("RGB", (thumb, thumb), _TILE_BACKGROUND)
+    draw = ImageDraw.Draw(tile)
+    im, size = _open_image(img, thumb)
+    if im is None or size is None or size[0] < 1 or size[1] < 1:
+        draw.line([(0, 0), (thumb - 1, thumb - 1)], fill=(180, 180, 180), width=2)
+        draw.line([(0, thumb - 1), (thumb - 1, 0)], fill=(180, 180, 180), width=2)
+        draw.text((4, thumb // 2 - 6), "unreadable", fill=(90, 90, 90), font=_font())
+        return tile, False
+    scale = min(thumb / size[0], thumb / size[1])
+    w, h = max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+    ox, oy = (thumb - w) // 2, (thumb - h) // 2
+    tile.paste(im.resize((w, h), Image.Resampling.BILINEAR), (ox, oy))
+    if box is not None:
+        x1, y1, x2, y2 = (float(v) for v in box)
+        draw.rectangle(
+            [ox + x1 * scale, oy + y1 * scale, ox + x2 * scale, oy + y2 * scale],
+            outline=_BOX_COLOUR,
+            width=2,
+        )
+    return tile, True
+
+
+@functools.lru_cache(maxsize=1)
+def _font() -> Any:
+    """Pillow's built-in font, loaded on first use."""
+    return ImageFont.load_default()
+
+
+def draw_topk_grid(
+    query_images: Sequence[ImageLike],
+    ranked_db_images: Sequence[Sequence[ImageLike]],
+    marks: Sequence[Sequence[str]] | None,
+    path: str | os.PathLike,
+    k: int = 10,
+    query_boxes: Sequence[Sequence[float] | None] | None = None,
+    thumb: int = 128,
+) -> Path:
+    """Save a PNG grid of retrieval results, one row per query.
+
+    Each row shows the query (blue frame, its region box in yellow) then its first ``k``
+    database images, framed by their mark: green ``"pos"``, red ``"neg"``, grey ``"junk"``
+    (see :data:`MARK_COLOURS`), captioned with the 1-based rank. Images that cannot be
+    opened are drawn as a crossed placeholder tile. No EXIF rotation is applied, so boxes
+    stay in the pixel coordinates of the stored image (as in revisitop).
+
+    Args:
+        query_images: ``Nq`` image paths or PIL images.
+        ranked_db_images: ``Nq`` sequences of database images, best first (only the first
+            ``k`` are drawn; shorter rows leave empty cells).
+        marks: ``Nq`` sequences of ``"pos"`` / ``"neg"`` / ``"junk"``, at least as long as
+            the drawn part of each row; ``None`` for neutral frames.
+        path: the PNG file to write (parent folders are created).
+        k: number of results per row.
+        query_boxes: ``Nq`` boxes ``(x1, y1, x2, y2)`` in pixels of the original query
+            image, or ``None`` entries; ``None`` for no boxes.
+        thumb: thumbnail side in pixels.
+
+    Returns:
+        ``Path(path)``; the image size is :func:`topk_grid_size` ``(Nq, k, thumb)``.
+    """
+    n_q = len(query_images)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if isinstance(thumb, bool) or not isinstance(thumb, (int, np.integer)) or thumb < 16:
+        raise ValueError(f"thumb must be an integer >= 16 pixels, got {thumb!r}")
+    if len(ranked_db_images) != n_q:
+        raise ValueError(
+            f"ranked_db_images has {len(ranked_db_images)} rows but there are {n_q} queries"
+        )
+    if marks is not None and len(marks) != n_q:
+        raise ValueError(f"marks has {len(marks)} rows but there are {n_q} queries")
+    if query_boxes is not None and len(query_boxes) != n_q:
+        raise ValueError(f"query_boxes has {len(query_boxes)} entries but there are {n_q} queries")
+    if marks is not None:
+        for i, row in enumerate(marks):
+            need = min(k, len(ranked_db_images[i]))
+            if len(row) < need:
+                raise ValueError(f"marks[{i}] has {len(row)} marks but {need} results are drawn")
+            for m in list(row)[:need]:
+                if m not in MARK_COLOURS:
+                    raise ValueError(
+                        f"unknown mark {m!r} in marks[{i}]; available: {', '.join(MARK_COLOURS)}"
+                    )
+
+    width, height = topk_grid_size(n_q, k, thumb)
+    canvas = Image.new("RGB", (width, height), _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    cell_w = thumb + 2 * _BORDER
+    cell_h = cell_w + _CAPTION
+
+    def put(
+        tile: Image.Image, col_x: int, row_y: int, frame: tuple[int, int, int], caption: str
+    ) -> None:
+        draw.rectangle([col_x, row_y, col_x + cell_w - 1, row_y + cell_w - 1], fill=frame)
+        canvas.paste(tile, (col_x + _BORDER, row_y + _BORDER))
+        draw.text((col_x + 2, row_y + cell_w + 2), caption, fill=frame, font=font)
+
+    for i in range(n_q):
+        y = _GAP + i * (cell_h + _GAP)
+        box = None if query_boxes is None else query_boxes[i]
+        tile, _ = _thumbnail(query_images[i], thumb, box)
+        put(tile, _GAP, y, _QUERY_FRAME, "query")
+        row = list(ranked_db_images[i])[:k]
+        for t, img in enumerate(row):
+            x = _GAP + (t + 1) * (cell_w + _GAP) + 2 * _GAP
+            mark = None if marks is None else marks[i][t]
+            frame = MARK_COLOURS[mark] if mark is not None else (60, 60, 60)
+            tile, _ = _thumbnail(img, thumb, None)
+            caption = f"{t + 1}" if mark is None else f"{t + 1} {mark}"
+            put(tile, x, y, frame, caption)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, format="PNG")
+    return path
+
+
+def draw_revisitop_topk(
+    ranks: Any,
+    gt: RevisitopGroundTruth,
+    image_root: str | os.PathLike,
+    path: str | os.PathLike,
+    protocol: str = "medium",
+    k: int = 10,
+    queries: Sequence[int] | None = None,
+    thumb: int = 128,
+    ext: str = ".jpg",
+) -> Path:
+    """:func:`draw_topk_grid` for a revisitop dataset whose images are ``image_root/<name><ext>``.
+
+    Args:
+        ranks: ``(Nq, K)`` integer database indices per query, best first.
+        gt: the ground truth (query boxes are taken from ``gt.bbx``).
+        image_root: folder of the query and database images.
+        path: the PNG file to write.
+        protocol: which protocol's positives / junk the frames show.
+        k: results per query.
+        queries: query indices to draw, in order; default all.
+        thumb: thumbnail side in pixels.
+        ext: image file extension.
+    """
+    marks = revisitop_marks(ranks, gt, protocol, k)
+    r = np.asarray(ranks)
+    sel = list(range(gt.n_queries)) if queries is None else [int(q) for q in queries]
+    for q in sel:
+        if not 0 <= q < gt.n_queries:
+            raise ValueError(f"query index {q} is outside [0, {gt.n_queries})")
+    qpaths = gt.query_paths(image_root, ext)
+    dbpaths = gt.db_paths(image_root, ext)
+    return draw_topk_grid(
+        [qpaths[q] for q in sel],
+        [[dbpaths[j] for j in r[q, :k]] for q in sel],
+        [marks[q] for q in sel],
+        path,
+        k=k,
+        query_boxes=[gt.bbx[q] for q in sel],
+        thumb=thumb,
+    )
