@@ -32,7 +32,8 @@ from imret.images import (
     to_tensor,
 )
 
-SHARED = Path(os.environ.get("IMRET_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("IMRET_SHARED") or REPO.parent / "shared")
 PHOTOS = SHARED / "data" / "rparis6k-mini" / "jpg"
 
 # ----------------------------------------------------------------------------- helpers
@@ -236,7 +237,9 @@ def test_default_pixel_limit_is_read_at_call_time(tmp_path, monkeypatch):
     assert load_image(path).size == (20, 20)
 
 
-@pytest.mark.parametrize("bad, error", [(0, ValueError), (-5, ValueError), (1.5, TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "bad, error", [(0, ValueError), (-5, ValueError), (1.5, TypeError), (True, TypeError)]
+)
 def test_max_pixels_rejects_bad_values(tmp_path, bad, error):
     path = _save(_noise(8, 8), tmp_path / "a.png")
     with pytest.raises(error, match="max_pixels"):
@@ -255,11 +258,6 @@ def test_no_global_pil_state_is_changed(tmp_path):
 # ------------------------------------------------------------------------- colour modes
 
 
-def _tmp_file(tmp: Path, name: str, data: bytes) -> Path:
-    (tmp / name).write_bytes(data)
-    return tmp / name
-
-
 def _palette(transparent: bool) -> Image.Image:
     img = Image.new("P", (8, 8), 0)
     img.putpalette([255, 0, 0] + [0, 0, 255] * 255)
@@ -269,52 +267,66 @@ def _palette(transparent: bool) -> Image.Image:
     return img
 
 
+def _grey16(value: int, dtype="<u2") -> Image.Image:
+    return Image.fromarray(np.full((8, 8), value, dtype))
+
+
+def _rgb16(*channels: int) -> bytes:
+    """A 4x4 PNG of 16-bit samples: 3 channels = 48-bit RGB, 4 = 64-bit RGBA."""
+    pixels = np.tile(np.array(channels, np.uint16), (4, 4, 1))
+    return _png16(pixels, 2 if len(channels) == 3 else 6)
+
+
+WHITE, RED, BLUE = (255, 255, 255), (255, 0, 0), (0, 0, 255)
+
+# name: (image or PNG bytes, file suffix, save options, pixel (x, y), expected RGB, tolerance)
 COLOUR_CASES = {
-    # name: (file maker, pixel (x, y) to read, expected RGB, tolerance)
-    "1-bit": (lambda t: _save(Image.new("1", (8, 8), 1), t / "a.png"), (3, 3), (255, 255, 255), 0),
-    "L": (lambda t: _save(Image.new("L", (8, 8), 100), t / "a.png"), (3, 3), (100, 100, 100), 0),
-    "LA opaque": (lambda t: _save(Image.new("LA", (8, 8), (100, 255)), t / "a.png"), (3, 3), (100, 100, 100), 0),
-    "LA transparent": (lambda t: _save(Image.new("LA", (8, 8), (0, 0)), t / "a.png"), (3, 3), (255, 255, 255), 0),
-    "LA half": (lambda t: _save(Image.new("LA", (8, 8), (0, 128)), t / "a.png"), (3, 3), (127, 127, 127), 1),
-    "P": (lambda t: _save(_palette(False), t / "a.png"), (1, 1), (255, 0, 0), 0),
-    "P other index": (lambda t: _save(_palette(False), t / "a.png"), (6, 1), (0, 0, 255), 0),
-    "P transparent index": (lambda t: _save(_palette(True), t / "a.png"), (1, 1), (255, 255, 255), 0),
-    "P opaque index": (lambda t: _save(_palette(True), t / "a.png"), (6, 1), (0, 0, 255), 0),
-    "P gif transparent": (lambda t: _save(_palette(True), t / "a.gif"), (1, 1), (255, 255, 255), 0),
-    "RGBA transparent": (lambda t: _save(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), t / "a.png"), (3, 3), (255, 255, 255), 0),
-    "RGBA opaque": (lambda t: _save(Image.new("RGBA", (8, 8), (0, 0, 255, 255)), t / "a.png"), (3, 3), (0, 0, 255), 0),
-    "RGBA half": (lambda t: _save(Image.new("RGBA", (8, 8), (0, 0, 0, 128)), t / "a.png"), (3, 3), (127, 127, 127), 1),
-    "RGB tRNS key": (lambda t: _save(Image.new("RGB", (8, 8), (1, 2, 3)), t / "a.png", transparency=(1, 2, 3)), (3, 3), (255, 255, 255), 0),
-    "CMYK tiff": (lambda t: _save(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), t / "a.tif"), (3, 3), (255, 0, 0), 0),
-    "CMYK jpeg (Adobe inverted)": (lambda t: _save(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), t / "a.jpg", quality=95), (8, 8), (255, 0, 0), 3),
-    "CMYK jpeg blue": (lambda t: _save(Image.new("CMYK", (16, 16), (255, 255, 0, 0)), t / "a.jpg", quality=95), (8, 8), (0, 0, 255), 3),
-    "YCbCr tiff": (lambda t: _save(Image.new("RGB", (8, 8), (255, 0, 0)).convert("YCbCr"), t / "a.tif"), (3, 3), (255, 0, 0), 3),
-    "I;16 png": (lambda t: _save(Image.fromarray(np.full((8, 8), 0x8000, np.uint16)), t / "a.png"), (3, 3), (128, 128, 128), 0),
-    "I;16 png max": (lambda t: _save(Image.fromarray(np.full((8, 8), 0xFFFF, np.uint16)), t / "a.png"), (3, 3), (255, 255, 255), 0),
-    "I;16 png low": (lambda t: _save(Image.fromarray(np.full((8, 8), 1000, np.uint16)), t / "a.png"), (3, 3), (4, 4, 4), 0),
-    "I;16B tiff": (lambda t: _save(Image.fromarray(np.full((8, 8), 0x8000, ">u2")), t / "a.tif"), (3, 3), (128, 128, 128), 0),
-    "I tiff": (lambda t: _save(Image.fromarray(np.full((8, 8), 0x4000, np.int32)), t / "a.tif"), (3, 3), (64, 64, 64), 0),
-    "F tiff": (lambda t: _save(Image.fromarray(np.full((8, 8), 128.4, np.float32)), t / "a.tif"), (3, 3), (128, 128, 128), 0),
-    "F tiff clipped": (lambda t: _save(Image.fromarray(np.full((8, 8), 300.0, np.float32)), t / "a.tif"), (3, 3), (255, 255, 255), 0),
-    "RGB 48-bit png": (
-        lambda t: _tmp_file(t, "a.png", _png16(np.tile(np.array([0xFFFF, 0x8000, 0x0000], np.uint16), (4, 4, 1)), 2)),
-        (1, 1), (255, 128, 0), 0,
+    "1-bit": (Image.new("1", (8, 8), 1), ".png", {}, (3, 3), WHITE, 0),
+    "L": (Image.new("L", (8, 8), 100), ".png", {}, (3, 3), (100, 100, 100), 0),
+    "LA opaque": (Image.new("LA", (8, 8), (100, 255)), ".png", {}, (3, 3), (100,) * 3, 0),
+    "LA transparent": (Image.new("LA", (8, 8), (0, 0)), ".png", {}, (3, 3), WHITE, 0),
+    "LA half": (Image.new("LA", (8, 8), (0, 128)), ".png", {}, (3, 3), (127,) * 3, 1),
+    "P": (_palette(False), ".png", {}, (1, 1), RED, 0),
+    "P other index": (_palette(False), ".png", {}, (6, 1), BLUE, 0),
+    "P transparent index": (_palette(True), ".png", {}, (1, 1), WHITE, 0),
+    "P opaque index": (_palette(True), ".png", {}, (6, 1), BLUE, 0),
+    "P gif transparent": (_palette(True), ".gif", {}, (1, 1), WHITE, 0),
+    "RGBA transparent": (Image.new("RGBA", (8, 8), (255, 0, 0, 0)), ".png", {}, (3, 3), WHITE, 0),
+    "RGBA opaque": (Image.new("RGBA", (8, 8), (0, 0, 255, 255)), ".png", {}, (3, 3), BLUE, 0),
+    "RGBA half": (Image.new("RGBA", (8, 8), (0, 0, 0, 128)), ".png", {}, (3, 3), (127,) * 3, 1),
+    "RGB tRNS key": (
+        Image.new("RGB", (8, 8), (1, 2, 3)), ".png", {"transparency": (1, 2, 3)}, (3, 3), WHITE, 0
     ),
-    "RGBA 64-bit png transparent": (
-        lambda t: _tmp_file(t, "a.png", _png16(np.tile(np.array([0, 0, 0xFFFF, 0], np.uint16), (4, 4, 1)), 6)),
-        (1, 1), (255, 255, 255), 0,
+    "CMYK tiff": (Image.new("CMYK", (8, 8), (0, 255, 255, 0)), ".tif", {}, (3, 3), RED, 0),
+    "CMYK jpeg (Adobe inverted)": (
+        Image.new("CMYK", (16, 16), (0, 255, 255, 0)), ".jpg", {"quality": 95}, (8, 8), RED, 3
     ),
-    "RGBA 64-bit png opaque": (
-        lambda t: _tmp_file(t, "a.png", _png16(np.tile(np.array([0, 0, 0xFFFF, 0xFFFF], np.uint16), (4, 4, 1)), 6)),
-        (1, 1), (0, 0, 255), 0,
+    "CMYK jpeg blue": (
+        Image.new("CMYK", (16, 16), (255, 255, 0, 0)), ".jpg", {"quality": 95}, (8, 8), BLUE, 3
     ),
+    "YCbCr tiff": (Image.new("RGB", (8, 8), RED).convert("YCbCr"), ".tif", {}, (3, 3), RED, 3),
+    "I;16 png": (_grey16(0x8000), ".png", {}, (3, 3), (128,) * 3, 0),
+    "I;16 png max": (_grey16(0xFFFF), ".png", {}, (3, 3), WHITE, 0),
+    "I;16 png low": (_grey16(1000), ".png", {}, (3, 3), (4, 4, 4), 0),
+    "I;16B tiff": (_grey16(0x8000, ">u2"), ".tif", {}, (3, 3), (128,) * 3, 0),
+    "I tiff": (_grey16(0x4000, np.int32), ".tif", {}, (3, 3), (64, 64, 64), 0),
+    "F tiff": (_grey16(128.4, np.float32), ".tif", {}, (3, 3), (128,) * 3, 0),
+    "F tiff clipped": (_grey16(300.0, np.float32), ".tif", {}, (3, 3), WHITE, 0),
+    "RGB 48-bit png": (_rgb16(0xFFFF, 0x8000, 0), ".png", {}, (1, 1), (255, 128, 0), 0),
+    "RGBA 64-bit png transparent": (_rgb16(0, 0, 0xFFFF, 0), ".png", {}, (1, 1), WHITE, 0),
+    "RGBA 64-bit png opaque": (_rgb16(0, 0, 0xFFFF, 0xFFFF), ".png", {}, (1, 1), BLUE, 0),
 }
 
 
 @pytest.mark.parametrize("name", list(COLOUR_CASES))
 def test_colour_modes_convert_to_correct_rgb(tmp_path, name):
-    make, xy, expected, tolerance = COLOUR_CASES[name]
-    img = load_image(make(tmp_path))
+    source, suffix, options, xy, expected, tolerance = COLOUR_CASES[name]
+    path = tmp_path / f"image{suffix}"
+    if isinstance(source, bytes):
+        path.write_bytes(source)
+    else:
+        source.save(path, **options)
+    img = load_image(path)
     assert img.mode == "RGB"
     got = np.array(img.getpixel(xy), dtype=int)
     assert np.abs(got - np.array(expected)).max() <= tolerance, (name, tuple(got), expected)
@@ -328,7 +340,11 @@ def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
 
 @pytest.mark.parametrize(
     "mode, value, expected",
-    [("RGBX", (10, 20, 30, 0), (10, 20, 30)), ("PA", (0, 0), (255, 255, 255)), ("I;16L", 0x8000, (128,) * 3)],
+    [
+        ("RGBX", (10, 20, 30, 0), (10, 20, 30)),
+        ("PA", (0, 0), (255, 255, 255)),
+        ("I;16L", 0x8000, (128,) * 3),
+    ],
 )
 def test_in_memory_only_modes(mode, value, expected):
     img = Image.new(mode, (4, 4), value)
@@ -382,7 +398,8 @@ def _is(colour, expected, tolerance=40) -> bool:
 @pytest.mark.parametrize("image_size, draft", [(None, False), (100, True), (100, False)])
 def test_exif_orientation_jpeg(tmp_path, orientation, image_size, draft):
     width, height, block = 800, 400, 160  # 100 px target: draft decodes at 1/4
-    path = _save(_marked(width, height, block), tmp_path / "o.jpg", exif=_exif(orientation), quality=95)
+    marked = _marked(width, height, block)
+    path = _save(marked, tmp_path / "o.jpg", exif=_exif(orientation), quality=95)
     img = load_image(path, image_size=image_size, draft=draft)
     swapped = orientation >= 5
     shown = (height, width) if swapped else (width, height)
@@ -577,7 +594,9 @@ def _photo_sample() -> list[Path]:
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not PHOTOS.is_dir(), reason=f"real photos not found at {PHOTOS} (set IMRET_SHARED)")
+@pytest.mark.skipif(
+    not PHOTOS.is_dir(), reason=f"real photos not found at {PHOTOS} (set IMRET_SHARED)"
+)
 @pytest.mark.parametrize("image_size", [256, 384, 512])
 def test_draft_matches_full_decode_on_real_photos(image_size):
     # measured on all 250 photos at 256 px (1/2 decode): mean 0.57, worst 1.77 grey levels;
@@ -633,7 +652,9 @@ def test_to_tensor_rejects_bad_input(img, mean, std, error):
 
 
 def test_list_images(tmp_path):
-    for rel in ["b.JPG", "a.png", "notes.txt", "sub/c.jpeg", "sub/deep/d.TIFF", ".hidden.jpg", "._a.jpg", ".cache/e.jpg"]:
+    names = ["b.JPG", "a.png", "notes.txt", "sub/c.jpeg", "sub/deep/d.TIFF"]
+    hidden = [".hidden.jpg", "._a.jpg", ".cache/e.jpg"]
+    for rel in names + hidden:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
     (tmp_path / "dir.jpg").mkdir()  # a folder with an image name is not an image

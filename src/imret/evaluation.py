@@ -757,7 +757,7 @@ def evaluate_labelled(
     x = _to_numpy(descriptors)
     if x.ndim != 2:
         raise ValueError(f"descriptors must have shape (N, D), got {x.shape}")
-    if x.dtype.kind != "f":
+    if x.dtype.kind != "f" or x.itemsize < 4:  # ints, bools, float16 -> float32
         x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise ValueError("descriptors contain NaN or infinite values")

@@ -73,7 +73,8 @@ mean of 1.7 and a worst image of 6-7; decoding at twice the target (1/2 then to
 The DCT-scaled decode is blurrier and block-aligned, and the error shrinks as the
 final Lanczos pass has more pixels to work with. A margin of 2 (also PIL's default
 ``reducing_gap`` in ``Image.thumbnail``) keeps every image under 2 grey levels while
-still decoding 1/4 of the pixels or fewer whenever it applies."""
+still decoding 1/4 of the pixels or fewer whenever it applies: 6.4 instead of 11.9 ms
+for those photos at 256 px, 18 instead of 85 ms for a 3000x2000 JPEG at 256 px."""
 
 _ORIENTATION_TAG = 0x0112
 
@@ -201,9 +202,9 @@ def load_image(
     rotate them twice); conversion to RGB (alpha composited onto white, 16-bit grey
     scaled 0..65535 -> 0..255 (its transparency ignored), float ``F`` read as 0..255
     and clipped, CMYK (Adobe-inverted JPEGs included) and YCbCr as PIL converts them,
-    ICC profiles not applied); crop to ``bbox``; resize so the
-    long side is ``image_size`` (:func:`new_size`, :data:`RESAMPLE`). Multi-frame files
-    give their first frame.
+    ICC profiles not applied); crop to ``bbox``; resize so the long side is
+    ``image_size`` (:func:`new_size`, :data:`RESAMPLE`). Multi-frame files give their
+    first frame.
 
     Args:
         path: an image file.
@@ -213,7 +214,8 @@ def load_image(
             resolution. Rounded outward to whole pixels (a partly covered pixel is
             kept) and clamped to the image.
         draft: allow JPEG DCT-domain downscaling while decoding; the output size is the
-            same either way and the pixels differ by under 2 grey levels on average.
+            same either way, and the pixels differ from a full decode by under 1 grey
+            level on average and under 2 for every image measured (:data:`DRAFT_MARGIN`).
         max_pixels: see :func:`open_image`.
 
     Returns:
@@ -308,7 +310,8 @@ def _decode(
     """The body of :func:`load_image` once the header is accepted.
 
     Crop and resize happen in the stored orientation and the (small) result is
-    transposed last, which is the same as transposing first and cropping the box.
+    transposed last: the same crop as transposing first, and the same resize up to
+    rounding of the filter weights (at most 1 grey level).
     """
     stored_w, stored_h = src.size
     # JPEG keeps EXIF in its header, so the orientation (and with it the draft size) is
@@ -322,6 +325,8 @@ def _decode(
     except Exception as e:  # the file boundary: a corrupt EXIF block
         raise ImageError(path, f"cannot read EXIF ({type(e).__name__}: {e})") from e
     transpose = _TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    if transpose is None:
+        orientation = 1  # missing, 1, or out of range (as PIL's exif_transpose reads it)
     swapped = transpose in (
         Image.Transpose.TRANSPOSE,
         Image.Transpose.ROTATE_270,
@@ -339,17 +344,18 @@ def _decode(
     target_w, target_h = (
         (crop_w, crop_h) if image_size is None else new_size(crop_w, crop_h, image_size)
     )
-    x1, y1, x2, y2 = _shown_to_stored(crop, orientation if transpose is not None else 1, shown_w, shown_h)
+    x1, y1, x2, y2 = _shown_to_stored(crop, orientation, shown_w, shown_h)
     if swapped:
         target_w, target_h = target_h, target_w
 
+    # DCT scaling is uniform, so the factor depends only on the long sides
     scale = 1.0  # original pixels per decoded pixel
     factor = _draft_factor(
         max(crop_w, crop_h), max(target_w, target_h), min(stored_w, stored_h)
     )
     if draftable and factor > 1:
         drafted = src.draft("RGB", (stored_w // factor, stored_h // factor))
-        if drafted is not None:
+        if drafted is not None:  # (mode, (0, 0, width / scale, height / scale))
             scale = stored_w / drafted[1][2]
     _load(src, path)
 
