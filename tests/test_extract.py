@@ -90,9 +90,15 @@ def test_bbox_crop_before_resize(model, photos, tmp_path):
     box = (20.0, 10.0, 130.0, 100.0)
     cropped = tmp_path / "crop.png"
     Image.open(photos[0]).convert("RGB").crop((20, 10, 130, 100)).save(cropped)
-    d = extract_descriptors(model, [photos[0], photos[1]], image_size=96, bboxes=[box, None])
+    d = extract_descriptors(model, [photos[0], photos[1]], image_size=96, bboxes=[box, None], crop_resize="crop")
     ref = extract_descriptors(model, [str(cropped)], image_size=96, draft=False)
     assert float(d[0] @ ref[0]) > 0.999
+    # default: the crop is scaled like the whole image (160 px -> 96 px, factor 0.6): a
+    # 110x90 crop becomes 66x54, the same as cropping the file and resizing it to 66 px
+    d_img = extract_descriptors(model, [photos[0]], image_size=96, bboxes=[box])
+    ref_img = extract_descriptors(model, [str(cropped)], image_size=66, draft=False)
+    assert float(d_img[0] @ ref_img[0]) > 0.999
+    assert float(d_img[0] @ d[0]) < 0.9999
     full = extract_descriptors(model, [photos[0]], image_size=96)
     assert float(d[0] @ full[0]) < 0.9999
 

@@ -697,3 +697,16 @@ def test_parallel_loads_match_serial(tmp_path):
             assert got == want
         else:
             np.testing.assert_array_equal(got, want)
+
+
+def test_crop_resize_modes(tmp_path):
+    """'image' scales the crop by the whole image's factor (revisitop/cirtorch); 'crop' fits the crop."""
+    p = tmp_path / "big.png"
+    Image.new("RGB", (400, 300), (10, 200, 30)).save(p)
+    box = (100, 50, 300, 250)  # a 200 x 200 crop
+    assert load_image(p, image_size=200, bbox=box).size == (100, 100)  # factor 200/400
+    assert load_image(p, image_size=200, bbox=box, crop_resize="crop").size == (200, 200)
+    assert load_image(p, image_size=100, bbox=box, crop_resize="crop").size == (100, 100)
+    assert load_image(p, image_size=800, bbox=box).size == (200, 200)  # never upscaled
+    with pytest.raises(ValueError, match="unknown crop_resize 'fit'"):
+        load_image(p, image_size=200, bbox=box, crop_resize="fit")

@@ -5,6 +5,8 @@ imported when first used.
 """
 
 from .backbones import WeightsUnavailableError, list_backbones
+from .extract import Extraction, extract, extract_descriptors
+from .images import ImageError
 from .model import ModelSpec, RetrievalNet, create_model, create_model_from_spec
 from .pooling import create_pool, list_pools
 from .weights import load_model, load_weights, save_model
@@ -12,6 +14,10 @@ from .weights import load_model, load_weights, save_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "Extraction",
+    "ImageError",
+    "extract",
+    "extract_descriptors",
     "ModelSpec",
     "RetrievalNet",
     "WeightsUnavailableError",

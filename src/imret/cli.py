@@ -55,7 +55,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--image-size", type=int, default=1024, help="long side in pixels, never upscaled (default 1024)")
     e.add_argument("--scales", type=_scales, default=(1.0,), help="comma-separated scales, e.g. '1,1/sqrt2,1/2' (default 1)")
     e.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    e.add_argument("--batch-size", type=int, default=8, help="images of equal size per forward pass (default 8)")
+    e.add_argument("--batch-size", type=int, default=None, help="images of equal size per forward pass (default: 1 on CPU, 8 on GPU)")
     e.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
     e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="fp32, or bf16/fp16 autocast where the hardware has it")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

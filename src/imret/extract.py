@@ -121,9 +121,9 @@ def _run_batch(
     return combine_scales(descs, power)
 
 
-def _decode(i: int, image, bbox, image_size: int, draft: bool, max_pixels, mean, std):
+def _decode(i: int, image, bbox, image_size: int, draft: bool, max_pixels, crop_resize, mean, std):
     try:
-        img = load_image(image, image_size=image_size, bbox=bbox, draft=draft, max_pixels=max_pixels)
+        img = load_image(image, image_size=image_size, bbox=bbox, draft=draft, max_pixels=max_pixels, crop_resize=crop_resize)
         return i, to_tensor(img, mean, std), None
     except ImageError as e:
         return i, None, e
@@ -146,13 +146,14 @@ def extract(
     bboxes: Sequence[BBox | None] | None = None,
     scales: Sequence[float] = (1.0,),
     image_size: int = 1024,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     workers: int = 2,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     channels_last: bool = True,
     draft: bool = True,
     max_pixels: int | None = None,
+    crop_resize: str = "image",
     on_error: str = "skip",
     progress: bool = False,
 ) -> Extraction:
@@ -163,11 +164,16 @@ def extract(
             (and to channels-last memory format when ``channels_last``).
         images: image paths.
         bboxes: per image ``(x1, y1, x2, y2)`` crop in original pixels (queries of the
-            revisited Oxford/Paris protocol), or None. Cropping happens before resizing.
+            revisited Oxford/Paris protocol), or None. Cropping happens before resizing;
+            ``crop_resize="image"`` (default) scales the crop by the whole image's factor, as
+            the revisited Oxford/Paris evaluation code does, ``"crop"`` fits the crop itself
+            to ``image_size`` (see :func:`imret.images.load_image`).
         scales: resize factors of the ``image_size`` input, e.g. ``(1, 2**-0.5, 0.5)``;
             descriptors are combined by the GeM power mean (``model.multiscale_power()``).
         image_size: long side in pixels after resizing (never upscaled; aspect kept).
-        batch_size: images of equal size per forward pass.
+        batch_size: images of equal size per forward pass; default 1 on the CPU (at ~1024 px
+            a batch of 4 ran 1.5-2x slower per image than single images, cache-bound; see
+            BENCHMARKS.md) and 8 on GPUs.
         workers: decoding threads (0 decodes in the calling thread).
         precision: ``"fp32"``, ``"bf16"`` (CPUs with AVX512-BF16/AMX, recent GPUs) or ``"fp16"`` (GPU).
         draft: let libjpeg downscale large JPEGs while decoding (see :mod:`imret.images`).
@@ -182,6 +188,9 @@ def extract(
         raise ValueError(f"scales must be positive numbers, got {list(scales)}")
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
+    device = torch.device(device)
+    if batch_size is None:
+        batch_size = 1 if device.type == "cpu" else 8
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if workers < 0:
@@ -189,7 +198,6 @@ def extract(
     n = len(images)
     if bboxes is not None and len(bboxes) != n:
         raise ValueError(f"got {len(bboxes)} bboxes for {n} images")
-    device = torch.device(device)
     amp_dtype = _check_precision(precision, device)
 
     model.eval().to(device)
@@ -220,7 +228,8 @@ def extract(
         bar.update(len(items))
 
     jobs = (
-        (_decode, i, images[i], None if bboxes is None else bboxes[i], image_size, draft, max_pixels, model.mean, model.std)
+        (_decode, i, images[i], None if bboxes is None else bboxes[i], image_size, draft, max_pixels, crop_resize,
+         model.mean, model.std)
         for i in range(n)
     )
     executor = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
