@@ -431,7 +431,7 @@ def test_bbox_is_in_displayed_orientation(tmp_path, orientation):
 def test_bbox_then_resize_matches_pil_reference(tmp_path, orientation):
     path = _save(_smooth(300, 200), tmp_path / "s.png", exif=_exif(orientation))
     box = (20, 10, 180, 130)
-    img = load_image(path, bbox=box, image_size=64)
+    img = load_image(path, bbox=box, image_size=64, crop_resize="crop")
     assert img.size == (64, 48)
     expected = _reference(path, box, (64, 48))
     diff = np.abs(np.asarray(img, int) - np.asarray(expected, int))
@@ -576,9 +576,9 @@ def test_draft_matches_full_decode_on_large_jpeg(large_jpeg, draft_scales, image
 def test_draft_with_bbox_and_rotation(tmp_path, draft_scales):
     path = _save(_smooth(3000, 2000), tmp_path / "r.jpg", exif=_exif(6), quality=90)
     box = (100.5, 900.2, 1700.0, 2950.0)  # displayed image is 2000 x 3000
-    fast = load_image(path, image_size=200, bbox=box)
+    fast = load_image(path, image_size=200, bbox=box, crop_resize="crop")
     assert draft_scales == [4]  # crop long side 2051 >= 4 * 2 * 200
-    full = load_image(path, image_size=200, bbox=box, draft=False)
+    full = load_image(path, image_size=200, bbox=box, draft=False, crop_resize="crop")
     assert fast.size == full.size == new_size(1600, 2051, 200)
     assert _mae(fast, full) < 0.5
     assert _mae(full, _reference(path, (100, 900, 1700, 2950), full.size)) < 0.5

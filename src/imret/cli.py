@@ -70,6 +70,8 @@ def _build_model(args):
 
     torch.manual_seed(args.seed)  # random layers (no weights, new whitening) are reproducible
     if os.path.isfile(args.model):
+        if args.weights is not None:
+            raise ValueError(f"--model {args.model!r} is a checkpoint that carries its weights; drop --weights or pass a backbone name")
         return load_model(args.model, trust_pickle=args.trust_pickle)
     pool_kwargs = {} if args.gem_p is None else {"p": args.gem_p}
     model = create_model(
