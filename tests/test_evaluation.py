@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 from fractions import Fraction
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import shared_dir
 from imret.evaluation import (
     LabelledResult,
     RevisitopGroundTruth,
@@ -30,7 +30,7 @@ from imret.evaluation import (
     save_json,
 )
 
-SHARED = Path(os.environ.get("IMRET_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+SHARED = shared_dir()
 REVISITOP = SHARED / "data" / "revisitop"
 MINI = SHARED / "data" / "rparis6k-mini"
 

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 from PIL.JpegImagePlugin import JpegImageFile
 
+from conftest import shared_dir
 from imret import images
 from imret.images import (
     DRAFT_MARGIN,
@@ -32,8 +33,7 @@ from imret.images import (
     to_tensor,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("IMRET_SHARED") or REPO.parent / "shared")
+SHARED = shared_dir()
 PHOTOS = SHARED / "data" / "rparis6k-mini" / "jpg"
 
 # ----------------------------------------------------------------------------- helpers

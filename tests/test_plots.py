@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import shared_dir
 from imret.evaluation import (
     RevisitopGroundTruth,
     evaluate_labelled,
@@ -25,7 +25,7 @@ from imret.plots import (
     topk_grid_size,
 )
 
-SHARED = Path(os.environ.get("IMRET_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+SHARED = shared_dir()
 MINI = SHARED / "data" / "rparis6k-mini"
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

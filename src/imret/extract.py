@@ -239,7 +239,7 @@ def extract(
             if err is not None:
                 if on_error == "raise":
                     raise err
-                skipped.append(SkippedImage(i, os.fspath(images[i]) if isinstance(images[i], (str, os.PathLike)) else str(images[i]), err.reason))
+                skipped.append(SkippedImage(i, os.fspath(images[i]), err.reason))
                 bar.update(1)
                 continue
             key = tuple(tensor.shape[-2:])

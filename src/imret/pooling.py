@@ -166,18 +166,19 @@ def regional_pool(
     xp = x.clamp(min=eps).pow(pv) if reduce == "gem" else x
     inner = "max" if reduce == "max" else "mean"
 
-    def finish(v: torch.Tensor) -> torch.Tensor:  # (B, C, ...) region statistics -> normalised
+    def finish(cells: torch.Tensor) -> torch.Tensor:  # (B, C, nT, nL) statistics -> summed unit vectors
         if reduce == "gem":
-            v = v.pow(1.0 / pv) if v.dim() == 4 else v.pow(1.0 / (pv.flatten(1) if isinstance(pv, torch.Tensor) else pv))
-        return F.normalize(v, dim=1)
+            cells = cells.pow(1.0 / pv)
+        return F.normalize(cells, dim=1).sum(dim=(-2, -1))
 
     out = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
-    if include_global:
-        out = out + finish(xp.amax(dim=(-2, -1)) if inner == "max" else xp.mean(dim=(-2, -1)))
+    if include_global:  # the whole map as one (B, C, 1, 1) cell
+        whole = xp.amax(dim=(-2, -1), keepdim=True) if inner == "max" else xp.mean(dim=(-2, -1), keepdim=True)
+        out = out + finish(whole)
     for side, tops, lefts in grid:
         rows = _window_reduce(xp, 2, tops, side, inner)  # (B, C, nT, W)
         cells = _window_reduce(rows, 3, lefts, side, inner)  # (B, C, nT, nL)
-        out = out + finish(cells).sum(dim=(-2, -1))
+        out = out + finish(cells)
     return out
 
 
