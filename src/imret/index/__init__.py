@@ -1,0 +1,73 @@
+"""Search backends behind one spec string, and the persistent store.
+
+``create_backend("exact" | "faiss:..." | "ann" | "milvus:...", dim)`` builds an empty backend;
+``load_backend(spec, dim, directory)`` reopens one saved with :meth:`Backend.save`. FAISS and
+Milvus are optional: their adapters import them lazily and name the extra to install.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .base import BACKEND_KINDS, Backend, BackendSpec, parse_spec, tie_aware_recall
+from .exact import ExactBackend, exact_search
+
+__all__ = [
+    "BACKEND_KINDS",
+    "Backend",
+    "BackendSpec",
+    "ExactBackend",
+    "create_backend",
+    "load_backend",
+    "exact_search",
+    "parse_spec",
+    "resolve_spec",
+    "tie_aware_recall",
+]
+
+
+def resolve_spec(spec: str | BackendSpec, n_hint: int | None = None) -> BackendSpec:
+    """Parse ``spec`` and turn the ``ann`` alias into a concrete FAISS spec sized for ``n_hint`` rows."""
+    s = parse_spec(spec)
+    if s.kind == "ann":
+        from .faiss_backend import default_ann_spec
+
+        return parse_spec(default_ann_spec(n_hint or 0, **s.params))
+    return s
+
+
+def create_backend(spec: str | BackendSpec, dim: int, *, root: str | os.PathLike | None = None,
+                   n_hint: int | None = None) -> Backend:
+    """An empty backend for ``dim``-D rows.
+
+    ``root`` is the directory relative paths in the spec (``milvus:./x.db``) resolve against
+    (the store directory; default the working directory). ``n_hint`` sizes the ``ann`` alias.
+    """
+    s = resolve_spec(spec, n_hint)
+    if s.kind == "exact":
+        return ExactBackend(dim, spec=str(s))
+    if s.kind == "faiss":
+        from .faiss_backend import FaissBackend
+
+        return FaissBackend(dim, s.target, s.params)
+    from .milvus_backend import MilvusBackend
+
+    return MilvusBackend(dim, s.target, s.params, root=Path(root) if root is not None else None)
+
+
+def load_backend(spec: str | BackendSpec, dim: int, directory: str | os.PathLike, *,
+                 root: str | os.PathLike | None = None) -> Backend:
+    """Reopen a backend saved into ``directory``; its spec and dim must match."""
+    s = parse_spec(spec)
+    if s.kind == "ann":
+        raise ValueError("a saved backend has a concrete spec; 'ann' is resolved when the index is built")
+    if s.kind == "exact":
+        return ExactBackend.load(directory, spec=str(s))
+    if s.kind == "faiss":
+        from .faiss_backend import FaissBackend
+
+        return FaissBackend.load(directory, dim, s.target, s.params)
+    from .milvus_backend import MilvusBackend
+
+    return MilvusBackend.load(directory, dim, s.target, s.params, root=Path(root) if root is not None else None)
