@@ -2,6 +2,9 @@
 
     imret extract IMAGES... --out feats.npy     descriptors of images (folders, files, --list)
     imret eval DATASET [--out DIR]              revisited Oxford/Paris or a labelled set
+    imret index build PHOTOS... --out STORE     a persistent index (see imret.index.store)
+    imret index add|remove|info|configure|rebuild STORE ...
+    imret search STORE QUERY... [--bbox ...]    ranked (score, id, path): table, JSON, HTML, PNG
     imret models                                backbone presets and poolings
 
 Only this module (and the server) prints, reads the environment or exits.
@@ -42,6 +45,24 @@ def eval_scale(token: str) -> float:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    _add_model_only_args(p)
+    e = p.add_argument_group("extraction")
+    e.add_argument("--image-size", type=int, default=1024, help="long side in pixels, never upscaled (default 1024)")
+    e.add_argument("--scales", type=_scales, default=(1.0,), help="comma-separated scales, e.g. '1,1/sqrt2,1/2' (default 1)")
+    _add_runtime_args(p)
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    e = p.add_argument_group("runtime")
+    e.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    e.add_argument("--batch-size", type=int, default=None, help="images of equal size per forward pass (default: 1 on CPU, 8 on GPU)")
+    e.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
+    e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="fp32, or bf16/fp16 autocast where the hardware has it")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_model_only_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="resnet50", help="backbone preset or timm CNN name, or an imret/cirtorch/dirtorch checkpoint file (default: resnet50)")
     g.add_argument("--pool", default="gem", help="pooling: mac, spoc, gem, rmac, rgem (default: gem)")
@@ -51,15 +72,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-pretrained", action="store_true", help="random weights when no --weights (default: download ImageNet weights)")
     g.add_argument("--seed", type=int, default=0, help="seed for randomly initialised layers (default 0)")
     g.add_argument("--trust-pickle", action="store_true", help="allow arbitrary pickled objects in torch checkpoint files")
-    e = p.add_argument_group("extraction")
-    e.add_argument("--image-size", type=int, default=1024, help="long side in pixels, never upscaled (default 1024)")
-    e.add_argument("--scales", type=_scales, default=(1.0,), help="comma-separated scales, e.g. '1,1/sqrt2,1/2' (default 1)")
-    e.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    e.add_argument("--batch-size", type=int, default=None, help="images of equal size per forward pass (default: 1 on CPU, 8 on GPU)")
-    e.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
-    e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="fp32, or bf16/fp16 autocast where the hardware has it")
-    e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _build_model(args):
@@ -236,6 +248,271 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# --- index and search ---------------------------------------------------------------------------
+
+
+def _runtime_kwargs(args) -> dict:
+    return dict(batch_size=args.batch_size, workers=args.workers, precision=args.precision)
+
+
+def _print_add_report(report, dt: float) -> None:
+    n = len(report.added)
+    print(f"added {n} image(s) in {dt:.1f} s ({n / max(dt, 1e-9):.2f} images/s); "
+          f"{len(report.duplicates)} already indexed (same content), {len(report.skipped)} skipped")
+    for path, reason in report.skipped:
+        print(f"  skipped {path}: {reason}", file=sys.stderr)
+
+
+def _model_source(args) -> str:
+    if os.path.isfile(args.model):
+        return os.path.abspath(args.model)
+    src = f"{args.model} + {args.pool}"
+    if args.weights:
+        src += f", weights {os.path.abspath(args.weights)}"
+    elif args.no_pretrained:
+        src += f", random weights (seed {args.seed})"
+    else:
+        src += ", pretrained (timm)"
+    return src
+
+
+def cmd_index_build(args) -> int:
+    from .index.store import Preprocessing, Store
+
+    paths = _collect_images(args.images, args.list)
+    model = _build_model(args)
+    pre = Preprocessing(image_size=args.image_size, scales=tuple(args.scales))
+    t0 = time.perf_counter()
+    with Store.create(args.out, model, model_source=_model_source(args), preprocessing=pre,
+                      backend=args.backend, device=args.device) as store:
+        report = store.add(paths, commit_every=args.commit_every, progress=not args.no_progress, **_runtime_kwargs(args))
+        _print_add_report(report, time.perf_counter() - t0)
+        print(f"store {args.out}: {len(store)} images, backend {store.backend_spec}")
+    return 0 if report.added or report.duplicates else 1
+
+
+def cmd_index_add(args) -> int:
+    from .index.store import Store
+
+    paths = _collect_images(args.images, args.list)
+    t0 = time.perf_counter()
+    with Store.open(args.store, writable=True, device=args.device) as store:
+        report = store.add(paths, commit_every=args.commit_every, progress=not args.no_progress, **_runtime_kwargs(args))
+        _print_add_report(report, time.perf_counter() - t0)
+        print(f"store {args.store}: {len(store)} images")
+    return 0
+
+
+def cmd_index_remove(args) -> int:
+    from .index.store import Store
+
+    if not args.ids and not args.path:
+        raise ValueError("give image ids and/or --path PATH to remove")
+    with Store.open(args.store, writable=True) as store:
+        try:
+            n = store.remove(args.ids) if args.ids else 0
+            if args.path:
+                n += store.remove_paths(args.path)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        print(f"removed {n} image(s); {len(store)} left")
+    return 0
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_index_info(args) -> int:
+    from .index.store import Store
+
+    with Store.open(args.store) as store:
+        info = store.info()
+        problems = store.verify() if args.verify else None
+    if args.json:
+        if problems is not None:
+            info["problems"] = problems
+        print(json.dumps(info, indent=2))
+    else:
+        spec = info["model"]["spec"]
+        pre = info["preprocessing"]
+        w = info["whitening"]
+        qe = info["query_expansion"]
+        print(f"store      {info['path']} ({info['format']}, created {info['created']})")
+        print(f"images     {info['images']} ({info['removed']} removed)")
+        print(f"model      {spec['backbone']} + {spec['pool']}, {info['dim']}-D; from {info['model']['source'] or '?'}")
+        print(f"images in  {pre['image_size']} px, scales {','.join(f'{s:g}' for s in pre['scales'])}, crops scaled by {pre['crop_resize']}")
+        print(f"whitening  " + (f"{w['kind']} -> {w['dim']}-D" if w else "none"))
+        print(f"dba        " + (f"k={info['dba']['k']} alpha={info['dba']['alpha']}" + (
+            f" ({info['dba'].get('rows_not_augmented', 0)} rows added since)" if info['dba'].get('rows_not_augmented') else "")
+            if info["dba"] else "none"))
+        print(f"query exp. " + (f"{qe['method']} k={qe['k']}" + (f" alpha={qe['alpha']}" if qe["method"] == "alpha" else "")
+                                if qe["method"] != "none" else "none"))
+        b = info["backend"]
+        print(f"backend    {b['spec'] or b['requested']} (searching with {b['searching_with']}, {b['ntotal']} vectors)")
+        print(f"disk       {_human_bytes(info['disk_bytes'])}")
+        if problems is not None:
+            print("verify     " + ("ok" if not problems else f"{len(problems)} problem(s)"))
+            for p in problems:
+                print(f"  {p}")
+    return 0 if not problems else 2
+
+
+def _read_pairs(path: str, store) -> "object":
+    """Matching pairs for Lw from a CSV of ``a,b`` per line (image ids or indexed paths)."""
+    import numpy as np
+
+    by_path = {}
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = [t.strip() for t in line.split(",")]
+            if len(parts) != 2:
+                raise ValueError(f"{path}:{lineno}: expected 'a,b' (two image ids or paths), got {line!r}")
+            ids = []
+            for t in parts:
+                if t.isdigit():
+                    ids.append(int(t))
+                    continue
+                if not by_path:
+                    by_path = {r.path: r.id for r in store.list(0, 1 << 62)}
+                key = os.path.abspath(t)
+                if key not in by_path:
+                    raise ValueError(f"{path}:{lineno}: {t!r} is not an indexed image")
+                ids.append(by_path[key])
+            pairs.append(ids)
+    if not pairs:
+        raise ValueError(f"{path} holds no pairs")
+    return np.array(pairs, dtype=np.int64)
+
+
+def cmd_index_configure(args) -> int:
+    import numpy as np
+
+    from .index.store import QueryExpansion, Store
+    from .whitening import fit_learned_whitening, fit_pca_whitening
+
+    with Store.open(args.store, writable=True) as store:
+        kw: dict = {}
+        if args.backend is not None:
+            kw["backend"] = args.backend
+        if args.whiten is not None:
+            if args.whiten == "none":
+                kw["whitening"] = None
+            else:
+                n = store.n_rows()
+                raw = np.asarray(store.descriptors(n))
+                live = np.array([r.id for r in store.list(0, 1 << 62)], dtype=np.int64)
+                if args.whiten == "pca":
+                    kw["whitening"] = fit_pca_whitening(raw[live], args.whiten_dim, power=args.whiten_power)
+                    print(f"PCA whitening fitted on {live.size} indexed descriptors")
+                else:
+                    if not args.pairs:
+                        raise ValueError("--whiten lw needs --pairs CSV (matching image pairs, 'a,b' per line)")
+                    pairs = _read_pairs(args.pairs, store)
+                    kw["whitening"] = fit_learned_whitening(raw, pairs, args.whiten_dim)
+                    print(f"learned whitening fitted on {len(pairs)} matching pairs")
+        if args.dba_k is not None:
+            kw["dba"] = None if args.dba_k == 0 else (args.dba_k, args.dba_alpha)
+        if args.qe is not None or args.qe_k is not None or args.qe_alpha is not None:
+            cur = store.query_expansion
+            kw["query_expansion"] = QueryExpansion(
+                method=args.qe if args.qe is not None else cur.method,
+                k=args.qe_k if args.qe_k is not None else cur.k,
+                alpha=args.qe_alpha if args.qe_alpha is not None else cur.alpha)
+        if not kw:
+            raise ValueError("nothing to configure: give --backend, --whiten, --dba-k or --qe options")
+        t0 = time.perf_counter()
+        store.configure(**kw)
+        print(f"configured {args.store} in {time.perf_counter() - t0:.1f} s: backend {store.backend_spec}, "
+              f"{store.search_dim}-D search vectors")
+    return 0
+
+
+def cmd_index_rebuild(args) -> int:
+    from .index.store import Store
+
+    with Store.open(args.store, writable=True) as store:
+        t0 = time.perf_counter()
+        store.rebuild()
+        print(f"rebuilt the {store.backend_spec} index of {len(store)} images in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _bbox(text: str) -> tuple[float, float, float, float]:
+    try:
+        vals = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 4 or not (vals[2] > vals[0] and vals[3] > vals[1]) or min(vals) < 0:
+        raise argparse.ArgumentTypeError(f"bad --bbox {text!r}: expected x1,y1,x2,y2 in pixels with x2 > x1 >= 0 and y2 > y1 >= 0")
+    return vals  # type: ignore[return-value]
+
+
+def cmd_search(args) -> int:
+    from .index.store import QueryExpansion, Store
+
+    queries = list(args.queries)
+    if args.bbox and len(args.bbox) not in (1, len(queries)):
+        raise ValueError(f"give one --bbox per query ({len(queries)}) or one for a single query; got {len(args.bbox)}")
+    if args.bbox and len(args.bbox) == 1 and len(queries) > 1:
+        raise ValueError("a single --bbox applies to a single query; give one per query")
+    if args.format in ("html", "png") and not args.out:
+        raise ValueError(f"--format {args.format} writes a file: give --out FILE")
+    for q in queries:
+        if not os.path.isfile(q):
+            raise FileNotFoundError(f"query image {q!r} does not exist")
+    with Store.open(args.store, device=args.device) as store:
+        qe = None
+        if args.qe is not None or args.qe_k is not None or args.qe_alpha is not None:
+            cur = store.query_expansion
+            qe = QueryExpansion(method=args.qe or cur.method, k=args.qe_k or cur.k,
+                                alpha=args.qe_alpha if args.qe_alpha is not None else cur.alpha)
+        t0 = time.perf_counter()
+        from .images import ImageError
+
+        try:
+            hits = store.search(queries, bboxes=args.bbox or None, k=args.k, query_expansion=qe, **_runtime_kwargs(args))
+        except ImageError as e:
+            raise ValueError(str(e)) from None
+        dt = time.perf_counter() - t0
+    if args.format == "json":
+        payload = [{"query": q, "bbox": list(args.bbox[i]) if args.bbox else None,
+                    "results": [{"rank": r + 1, "score": h.score, "id": h.id, "path": h.path} for r, h in enumerate(hl)]}
+                   for i, (q, hl) in enumerate(zip(queries, hits))]
+        text = json.dumps(payload, indent=1)
+        if args.out:
+            Path(args.out).write_text(text + "\n", encoding="utf-8")
+        else:
+            print(text)
+    elif args.format == "table":
+        for i, (q, hl) in enumerate(zip(queries, hits)):
+            box = f" [{','.join(f'{v:g}' for v in args.bbox[i])}]" if args.bbox else ""
+            print(f"query {q}{box}")
+            print(f"  {'rank':>4}  {'score':>7}  {'id':>8}  path")
+            for r, h in enumerate(hl):
+                print(f"  {r + 1:>4}  {h.score:7.4f}  {h.id:>8}  {h.path}")
+        print(f"({len(queries)} quer{'y' if len(queries) == 1 else 'ies'} in {dt:.2f} s)", file=sys.stderr)
+    else:
+        from . import plots
+
+        boxes = list(args.bbox) if args.bbox else None
+        if args.format == "png":
+            plots.draw_topk_grid(queries, [[h.path for h in hl] for hl in hits], None, args.out, k=args.k,
+                                 query_boxes=boxes, captions=[[f"{h.score:.3f}" for h in hl] for hl in hits])
+        else:
+            plots.write_results_html(queries, hits, args.out, query_boxes=boxes)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from .backbones import get_preset, list_backbones
     from .pooling import pool_descriptions
@@ -271,6 +548,72 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("index", help="build and maintain a persistent image index (a store directory)")
+    isub = p.add_subparsers(dest="index_command", required=True)
+    from .index.base import BACKEND_KINDS
+
+    b = isub.add_parser("build", help="create a store and index photos into it")
+    b.add_argument("images", nargs="*", help="image files and/or folders (searched recursively)")
+    b.add_argument("--list", help="a text file with one image path per line")
+    b.add_argument("--out", required=True, help="the store directory to create")
+    b.add_argument("--backend", default="exact",
+                   help=f"search backend spec ({', '.join(BACKEND_KINDS)}): 'exact', 'ann', 'faiss:IVF4096,SQ8?nprobe=32', "
+                        "'faiss:HNSW32', 'milvus:./vectors.db', 'milvus:http://host:19530' (default exact)")
+    b.add_argument("--commit-every", type=int, default=64, help="images per committed batch (default 64)")
+    _add_model_args(b)
+    b.set_defaults(func=cmd_index_build)
+
+    a = isub.add_parser("add", help="index more photos (files already present are skipped; resumes an interrupted add)")
+    a.add_argument("store")
+    a.add_argument("images", nargs="*", help="image files and/or folders")
+    a.add_argument("--list", help="a text file with one image path per line")
+    a.add_argument("--commit-every", type=int, default=64, help="images per committed batch (default 64)")
+    _add_runtime_args(a)
+    a.set_defaults(func=cmd_index_add)
+
+    r = isub.add_parser("remove", help="remove images by id or path")
+    r.add_argument("store")
+    r.add_argument("ids", nargs="*", type=int, help="image ids")
+    r.add_argument("--path", action="append", default=[], help="an indexed image path (repeatable)")
+    r.set_defaults(func=cmd_index_remove)
+
+    i = isub.add_parser("info", help="describe a store")
+    i.add_argument("store")
+    i.add_argument("--verify", action="store_true", help="full consistency check (checksums of every descriptor)")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=cmd_index_info)
+
+    c = isub.add_parser("configure", help="whitening, query expansion, DBA, backend (recomputes and rebuilds as needed)")
+    c.add_argument("store")
+    c.add_argument("--backend", help="new backend spec; the index is rebuilt")
+    c.add_argument("--whiten", choices=["none", "pca", "lw"], help="fit PCA whitening on the indexed descriptors, or learned whitening (Lw) from --pairs")
+    c.add_argument("--whiten-dim", type=int, default=None, help="output dimension of the whitening (default: full)")
+    c.add_argument("--whiten-power", type=float, default=0.5, help="PCA eigenvalue power: 0.5 full whitening, 0 rotation only (default 0.5)")
+    c.add_argument("--pairs", help="CSV of matching pairs 'a,b' (image ids or indexed paths) for --whiten lw")
+    c.add_argument("--qe", choices=["none", "aqe", "alpha"], help="query expansion applied at search time")
+    c.add_argument("--qe-k", type=int, default=None, help="neighbours used by query expansion (default 2)")
+    c.add_argument("--qe-alpha", type=float, default=None, help="alpha of alpha-QE (default 3)")
+    c.add_argument("--dba-k", type=int, default=None, help="alpha-DBA neighbours over the database (0 turns it off)")
+    c.add_argument("--dba-alpha", type=float, default=3.0, help="alpha of alpha-DBA (default 3)")
+    c.set_defaults(func=cmd_index_configure)
+
+    rb = isub.add_parser("rebuild", help="rebuild the search index from the stored vectors")
+    rb.add_argument("store")
+    rb.set_defaults(func=cmd_index_rebuild)
+
+    p = sub.add_parser("search", help="search a store with query images")
+    p.add_argument("store")
+    p.add_argument("queries", nargs="+", help="query image files")
+    p.add_argument("--bbox", type=_bbox, action="append", help="query crop x1,y1,x2,y2 in pixels (one per query)")
+    p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--format", choices=["table", "json", "html", "png"], default="table", help="output (default table)")
+    p.add_argument("--out", help="output file (needed for html and png; json goes to stdout without it)")
+    p.add_argument("--qe", choices=["none", "aqe", "alpha"], help="override the store's query expansion")
+    p.add_argument("--qe-k", type=int, default=None)
+    p.add_argument("--qe-alpha", type=float, default=None)
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_search)
+
     p = sub.add_parser("models", help="list backbone presets and poolings")
     p.set_defaults(func=cmd_models)
     return parser
@@ -285,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as e:
         print(f"imret: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

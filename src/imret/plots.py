@@ -38,6 +38,7 @@ __all__ = [
     "draw_topk_grid",
     "draw_revisitop_topk",
     "topk_grid_size",
+    "write_results_html",
 ]
 
 ImageLike = Union[str, os.PathLike, Image.Image]
@@ -269,6 +270,7 @@ def draw_topk_grid(
     k: int = 10,
     query_boxes: Sequence[Sequence[float] | None] | None = None,
     thumb: int = 128,
+    captions: Sequence[Sequence[str]] | None = None,
 ) -> Path:
     """Save a PNG grid of retrieval results, one row per query.
 
@@ -289,6 +291,8 @@ def draw_topk_grid(
         query_boxes: ``Nq`` boxes ``(x1, y1, x2, y2)`` in pixels of the original query
             image, or ``None`` entries; ``None`` for no boxes.
         thumb: thumbnail side in pixels.
+        captions: ``Nq`` sequences of extra caption text per result (e.g. the score),
+            drawn after the rank; ``None`` for none.
 
     Returns:
         ``Path(path)``; the image size is :func:`topk_grid_size` ``(Nq, k, thumb)``.
@@ -304,6 +308,8 @@ def draw_topk_grid(
         )
     if marks is not None and len(marks) != n_q:
         raise ValueError(f"marks has {len(marks)} rows but there are {n_q} queries")
+    if captions is not None and len(captions) != n_q:
+        raise ValueError(f"captions has {len(captions)} rows but there are {n_q} queries")
     if query_boxes is not None and len(query_boxes) != n_q:
         raise ValueError(f"query_boxes has {len(query_boxes)} entries but there are {n_q} queries")
     if marks is not None:
@@ -343,6 +349,8 @@ def draw_topk_grid(
             frame = MARK_COLOURS[mark] if mark is not None else (60, 60, 60)
             tile, _ = _thumbnail(img, thumb, None)
             caption = f"{t + 1}" if mark is None else f"{t + 1} {mark}"
+            if captions is not None and t < len(captions[i]):
+                caption += f" {captions[i][t]}"
             put(tile, x, y, frame, caption)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -391,3 +399,65 @@ def draw_revisitop_topk(
         query_boxes=[gt.bbx[q] for q in sel],
         thumb=thumb,
     )
+
+
+def _data_uri(img: ImageLike, thumb: int, box: Sequence[float] | None) -> str:
+    import base64
+    import io
+
+    tile, _ = _thumbnail(img, thumb, box)
+    buf = io.BytesIO()
+    tile.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def write_results_html(
+    query_images: Sequence[str | os.PathLike],
+    results: Sequence[Sequence[Any]],
+    path: str | os.PathLike,
+    *,
+    query_boxes: Sequence[Sequence[float] | None] | None = None,
+    thumb: int = 160,
+    title: str = "imret search results",
+) -> Path:
+    """Write a self-contained HTML contact sheet: per query, its thumbnail and ranked results.
+
+    ``results`` holds, per query, objects with ``score``, ``id`` and ``path`` attributes
+    (:class:`imret.index.store.Hit`). Thumbnails are embedded as data URIs, so the file can
+    be moved or mailed; each result links to its original file.
+    """
+    import html
+
+    if len(results) != len(query_images):
+        raise ValueError(f"results has {len(results)} rows but there are {len(query_images)} queries")
+    if query_boxes is not None and len(query_boxes) != len(query_images):
+        raise ValueError(f"query_boxes has {len(query_boxes)} entries but there are {len(query_images)} queries")
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>",
+        "body{font:14px system-ui,sans-serif;margin:24px;background:#fafafa;color:#222}",
+        "section{margin-bottom:32px}h2{font-size:15px;font-weight:600;margin:0 0 8px;word-break:break-all}",
+        ".row{display:flex;flex-wrap:wrap;gap:10px}",
+        "figure{margin:0;background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px;width:%dpx}" % thumb,
+        "figure.q{border:2px solid #3b6fd4}figcaption{font-size:12px;margin-top:4px;word-break:break-all}",
+        "img{display:block;width:%dpx;height:%dpx}a{color:inherit;text-decoration:none}" % (thumb, thumb),
+        ".s{font-weight:600}</style></head><body>",
+        f"<h1 style='font-size:18px'>{html.escape(title)}</h1>",
+    ]
+    for i, (q, hits) in enumerate(zip(query_images, results)):
+        box = None if query_boxes is None else query_boxes[i]
+        parts.append(f"<section><h2>query: {html.escape(os.fspath(q))}</h2><div class='row'>")
+        parts.append(f"<figure class='q'><img alt='query' src='{_data_uri(q, thumb, box)}'>"
+                     f"<figcaption>query{' (box)' if box is not None else ''}</figcaption></figure>")
+        for rank, h in enumerate(hits, 1):
+            target = Path(h.path).resolve().as_uri() if os.path.isabs(h.path) else html.escape(h.path)
+            parts.append(
+                f"<figure><a href='{html.escape(target)}'><img alt='result {rank}' src='{_data_uri(h.path, thumb, None)}'></a>"
+                f"<figcaption><span class='s'>#{rank} · {h.score:.4f}</span> · id {h.id}<br>"
+                f"{html.escape(os.path.basename(h.path))}</figcaption></figure>")
+        parts.append("</div></section>")
+    parts.append("</body></html>\n")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(parts), encoding="utf-8")
+    return path

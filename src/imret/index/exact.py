@@ -195,6 +195,6 @@ class ExactBackend(Backend):
     @classmethod
     def load(cls, directory: str | os.PathLike, *, spec: str = "exact", mmap: bool = True) -> "ExactBackend":
         d = Path(directory)
-        x = np.load(d / _FILE_VECTORS, mmap_mode="r" if mmap else None, allow_pickle=False)
+        x = np.load(d / _FILE_VECTORS, mmap_mode="c" if mmap else None, allow_pickle=False)
         ids = np.load(d / _FILE_IDS, allow_pickle=False)
         return cls.from_matrix(x, ids, spec=spec)

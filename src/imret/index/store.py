@@ -1,0 +1,1193 @@
+"""A persistent, crash-safe image index: everything search needs, in one directory.
+
+Layout of a store directory::
+
+    store.json          the commit point: format version, model and preprocessing, whitening,
+                        query expansion / DBA parameters, backend spec, which files are current
+    meta.sqlite         one row per image: id, path, size, width, height, sha256, time added,
+                        removal mark, CRC32 of its descriptor (WAL journal, synchronous=FULL)
+    model.safetensors   the model (weights + spec) descriptors were extracted with
+    descriptors.f32     raw model descriptors, float32 rows, row i = image id i (memory-mapped)
+    vectors.<g>.f32     post-processed rows (whitened / augmented) when post-processing is set
+    whitening.<g>.npz   the fitted whitening, if any
+    index.<g>/          files of the search backend (FAISS); none for exact search
+    lock                held (flock) by the one process writing
+
+Crash safety. Descriptors are appended (and fsynced) before the SQLite transaction that
+lists them commits, so committed metadata always has its rows; rows past the committed count
+are garbage from an interrupted add and are overwritten. Derived files (post-processed rows,
+whitening, backend index) are written under new names and switched by an atomic rename of
+``store.json``. The saved backend index records how many rows and which removals it covers;
+opening a store brings it up to date from the descriptors, so a process killed at any point
+(``kill -9``, power loss) leaves a store that opens consistent, and rerunning the ``add``
+skips the images already committed (content hash) and adds the rest.
+
+Ids are assigned in insertion order and never reused; removal marks a row and takes it out of
+the backend (removed rows keep their place in the descriptor files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import errno
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from ..expansion import alpha_database_augmentation
+from ..whitening import Whitening
+from . import create_backend, load_backend, resolve_spec
+from .base import Backend, as_rows, parse_spec
+from .exact import ExactBackend
+
+__all__ = [
+    "STORE_FORMAT",
+    "STORE_VERSION",
+    "QE_METHODS",
+    "StoreError",
+    "StoreVersionError",
+    "StoreCorruptError",
+    "StoreLockedError",
+    "Hit",
+    "AddReport",
+    "ImageRecord",
+    "Preprocessing",
+    "QueryExpansion",
+    "Store",
+]
+
+STORE_FORMAT = "imret.store"
+STORE_VERSION = 1
+QE_METHODS = ("none", "aqe", "alpha")
+
+_STORE_JSON = "store.json"
+_SQLITE = "meta.sqlite"
+_MODEL = "model.safetensors"
+_DESCRIPTORS = "descriptors.f32"
+_LOCK = "lock"
+_SCHEMA = 1
+
+
+class StoreError(RuntimeError):
+    """A store cannot be opened or used."""
+
+
+class StoreVersionError(StoreError):
+    """The store was written by an incompatible version of imret."""
+
+
+class StoreCorruptError(StoreError):
+    """A file of the store is missing, truncated or inconsistent with the others."""
+
+
+class StoreLockedError(StoreError):
+    """Another process is writing to the store."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result."""
+
+    score: float
+    id: int
+    path: str
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """Metadata of an indexed image."""
+
+    id: int
+    path: str
+    size: int
+    width: int
+    height: int
+    sha256: str
+    added: str
+
+
+@dataclass
+class AddReport:
+    """What :meth:`Store.add` did."""
+
+    added: list[int] = field(default_factory=list)
+    duplicates: list[tuple[str, int]] = field(default_factory=list)  # (path, id of the existing copy)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are turned into descriptors; saved in the store and used for queries too."""
+
+    image_size: int = 1024
+    scales: tuple[float, ...] = (1.0,)
+    crop_resize: str = "image"
+    draft: bool = True
+    max_pixels: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["scales"] = list(self.scales)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        _reject_unknown(d, cls, "preprocessing")
+        d = dict(d)
+        if "scales" in d:
+            d["scales"] = tuple(float(s) for s in d["scales"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class QueryExpansion:
+    """Query expansion applied at search time: none, AQE (Chum et al.) or αQE (Radenović et al.)."""
+
+    method: str = "none"
+    k: int = 2
+    alpha: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.method not in QE_METHODS:
+            raise ValueError(f"unknown query expansion {self.method!r}; available: {', '.join(QE_METHODS)}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"query expansion k must be a positive integer, got {self.k!r}")
+        if not (isinstance(self.alpha, (int, float)) and self.alpha >= 0):
+            raise ValueError(f"query expansion alpha must be >= 0, got {self.alpha!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QueryExpansion":
+        _reject_unknown(d, cls, "query_expansion")
+        return cls(**d)
+
+
+def _reject_unknown(d: dict[str, Any], cls: type, what: str) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise StoreCorruptError(f"unknown keys {sorted(unknown)} in {what}; valid: {sorted(names)}")
+
+
+# --- small file helpers -----------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+            size += len(b)
+    return h.hexdigest(), size
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    """Upright (width, height) from the header; (0, 0) when unknown."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+        return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    except Exception:  # the extraction step reports unreadable files
+        return 0, 0
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# --- the store --------------------------------------------------------------------------------
+
+
+class Store:
+    """A directory holding an image index; see the module docstring for the layout.
+
+    Create one with :meth:`Store.create`, open one with :meth:`Store.open` (read-only by
+    default; ``writable=True`` takes the writer lock). Use as a context manager or call
+    :meth:`close`.
+    """
+
+    def __init__(self, path: Path, config: dict[str, Any], *, writable: bool, device: str = "cpu"):
+        self.path = path
+        self._config = config
+        self.writable = writable
+        self.device = device
+        self._lock_fd: int | None = None
+        self._db: sqlite3.Connection | None = None
+        self._model = None
+        self._whitening: Whitening | None = None
+        self._backend: Backend | None = None
+        self._backend_rows = 0  # rows [0, n) of the current vectors the backend covers
+        self._backend_remove_seq = 0
+        self._fallback: ExactBackend | None = None
+        self._fallback_seq = -1
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        model: Any,
+        *,
+        model_source: str = "",
+        preprocessing: Preprocessing | None = None,
+        backend: str = "exact",
+        query_expansion: QueryExpansion | None = None,
+        device: str = "cpu",
+        exist_ok: bool = False,
+    ) -> "Store":
+        """Create an empty store for ``model`` (a :class:`~imret.model.RetrievalNet`).
+
+        ``backend`` is a spec string (see :mod:`imret.index.base`); ``ann`` is resolved from the
+        number of images the first time the index is built. The model is saved into the store,
+        so the store is self-contained; ``model_source`` records where it came from.
+        """
+        from ..weights import save_model
+
+        path = Path(path)
+        spec = parse_spec(backend)  # validate early
+        if path.exists() and any(path.iterdir()):
+            if (path / _STORE_JSON).exists():
+                if exist_ok:
+                    return cls.open(path, writable=True, device=device)
+                raise FileExistsError(f"{path} already holds a store; use `imret index add` to extend it")
+            raise FileExistsError(f"{path} exists and is not empty; choose a new directory for the store")
+        path.mkdir(parents=True, exist_ok=True)
+        pre = preprocessing or Preprocessing()
+        qe = query_expansion or QueryExpansion()
+        save_model(model, path / _MODEL)
+        model_hash, _ = _sha256_file(path / _MODEL)
+        store_id = uuid.uuid4().hex
+        db = _connect(path / _SQLITE)
+        with db:
+            db.executescript(_SCHEMA_SQL)
+            db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
+                           [("store_id", store_id), ("schema", str(_SCHEMA)), ("remove_seq", "0")])
+        db.close()
+        (path / _DESCRIPTORS).touch()
+        config = {
+            "format": STORE_FORMAT,
+            "version": STORE_VERSION,
+            "store_id": store_id,
+            "created": _now(),
+            "dim": int(model.dim),
+            "model": {"file": _MODEL, "sha256": model_hash, "source": model_source, "spec": model.spec.to_dict()},
+            "preprocessing": pre.to_dict(),
+            "query_expansion": dataclasses.asdict(qe),
+            "backend": {"requested": str(spec), "spec": None},
+            "generation": 0,
+            "whitening": None,
+            "dba": None,
+            "vectors": None,
+            "index": None,
+        }
+        _atomic_write_bytes(path / _STORE_JSON, json.dumps(config, indent=2).encode())
+        store = cls.open(path, writable=True, device=device)
+        store._model = model
+        return store
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, writable: bool = False, device: str = "cpu") -> "Store":
+        """Open a store; checks the format version and that its files agree."""
+        path = Path(path)
+        cfg_path = path / _STORE_JSON
+        if not cfg_path.is_file():
+            if not path.exists():
+                raise FileNotFoundError(f"no store at {path}")
+            raise StoreCorruptError(f"{path} has no {_STORE_JSON}: not an imret store (or its creation was interrupted)")
+        config = _read_config(cfg_path)
+        store = cls(path, config, writable=writable, device=device)
+        try:
+            if writable:
+                store._acquire_lock()
+            store._open_db()
+            store._check_files()
+            if writable:
+                store._recover()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _acquire_lock(self) -> None:
+        import fcntl
+
+        fd = os.open(self.path / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise StoreLockedError(f"{self.path} is being written by another process; try again when it finishes") from None
+            raise
+        self._lock_fd = fd
+
+    def _open_db(self) -> None:
+        db_path = self.path / _SQLITE
+        if not db_path.is_file():
+            raise StoreCorruptError(f"{db_path} is missing")
+        try:
+            self._db = _connect(db_path, readonly=not self.writable)
+            meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as e:
+            raise StoreCorruptError(f"{db_path} is not a readable SQLite database: {e}") from None
+        if meta.get("store_id") != self._config["store_id"]:
+            raise StoreCorruptError(f"{db_path} belongs to another store (id {meta.get('store_id')!r}, "
+                                    f"store.json says {self._config['store_id']!r})")
+        if meta.get("schema") != str(_SCHEMA):
+            raise StoreVersionError(f"{db_path} has metadata schema {meta.get('schema')!r}; this imret reads {_SCHEMA}")
+
+    # -- facts -------------------------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the raw model descriptors."""
+        return int(self._config["dim"])
+
+    @property
+    def search_dim(self) -> int:
+        """Dimension of the indexed (post-processed) vectors."""
+        w = self.whitening
+        return w.dim if w is not None else self.dim
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self._config["preprocessing"])
+
+    @property
+    def query_expansion(self) -> QueryExpansion:
+        return QueryExpansion.from_dict(self._config["query_expansion"])
+
+    @property
+    def backend_spec(self) -> str:
+        b = self._config["backend"]
+        return b["spec"] or b["requested"]
+
+    @property
+    def whitening(self) -> Whitening | None:
+        if self._config["whitening"] is None:
+            return None
+        if self._whitening is None:
+            info = self._config["whitening"]
+            f = self.path / info["file"]
+            try:
+                digest, _ = _sha256_file(f)
+            except FileNotFoundError:
+                raise StoreCorruptError(f"whitening file {f} is missing") from None
+            if digest != info["sha256"]:
+                raise StoreCorruptError(f"whitening file {f} does not match its checksum in store.json")
+            self._whitening = Whitening.load(f)
+        return self._whitening
+
+    def n_rows(self) -> int:
+        """Rows committed (live and removed): the next id."""
+        row = self._db.execute("SELECT COALESCE(MAX(id) + 1, 0) FROM images").fetchone()
+        return int(row[0])
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM images WHERE removed = 0").fetchone()[0])
+
+    def _removed_ids(self, after_seq: int = 0) -> np.ndarray:
+        rows = self._db.execute("SELECT id FROM images WHERE removed > ?", (after_seq,)).fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def _alive_mask(self, n: int) -> np.ndarray:
+        alive = np.ones(n, bool)
+        dead = self._removed_ids()
+        alive[dead[dead < n]] = False
+        return alive
+
+    def _remove_seq(self) -> int:
+        return int(self._db.execute("SELECT value FROM meta WHERE key = 'remove_seq'").fetchone()[0])
+
+    def _check_files(self) -> None:
+        n = self.n_rows()
+        for name, width in ((_DESCRIPTORS, self.dim), (self._config["vectors"], self.search_dim)):
+            if name is None:
+                continue
+            f = self.path / name
+            if not f.is_file():
+                raise StoreCorruptError(f"{f} is missing")
+            have = f.stat().st_size // (4 * width)
+            if have < n:
+                raise StoreCorruptError(f"{f} holds {have} rows but the metadata lists {n} images")
+        model = self.path / self._config["model"]["file"]
+        if not model.is_file():
+            raise StoreCorruptError(f"the store's model file {model} is missing")
+
+    # -- raw rows ----------------------------------------------------------------------------
+
+    def _matrix(self, name: str, width: int, n: int | None = None) -> np.ndarray:
+        n = self.n_rows() if n is None else n
+        if n == 0:
+            return np.zeros((0, width), np.float32)
+        return np.memmap(self.path / name, dtype=np.float32, mode="c", shape=(n, width))
+
+    def descriptors(self, n: int | None = None) -> np.ndarray:
+        """The raw ``(N, D)`` descriptors (memory-mapped, read-only), row i = id i."""
+        return self._matrix(_DESCRIPTORS, self.dim, n)
+
+    def vectors(self, n: int | None = None) -> np.ndarray:
+        """The indexed (post-processed) ``(N, D')`` rows: the descriptors when nothing is set."""
+        name = self._config["vectors"]
+        if name is None:
+            return self.descriptors(n)
+        return self._matrix(name, self.search_dim, n)
+
+    def postprocess(self, x: np.ndarray) -> np.ndarray:
+        """Apply the store's whitening to raw descriptors (queries or new rows)."""
+        w = self.whitening
+        x = as_rows(x, self.dim)
+        return x if w is None else w.apply(x).astype(np.float32)
+
+    # -- model -------------------------------------------------------------------------------
+
+    @property
+    def model(self):
+        """The store's model (loaded on first use, checked against its checksum)."""
+        if self._model is None:
+            from ..weights import load_model
+
+            info = self._config["model"]
+            f = self.path / info["file"]
+            digest, _ = _sha256_file(f)
+            if digest != info["sha256"]:
+                raise StoreCorruptError(f"model file {f} does not match its checksum in store.json")
+            self._model = load_model(f, device=self.device)
+        return self._model
+
+    def _extract(self, paths: Sequence[str], bboxes=None, *, progress: bool = False, **kw: Any):
+        from ..extract import extract
+
+        pre = self.preprocessing
+        return extract(self.model, list(paths), bboxes=bboxes, scales=pre.scales, image_size=pre.image_size,
+                       crop_resize=pre.crop_resize, draft=pre.draft, max_pixels=pre.max_pixels,
+                       device=self.device, on_error="skip", progress=progress, **kw)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _require_writable(self) -> None:
+        if not self.writable or self._lock_fd is None:
+            raise StoreError(f"{self.path} was opened read-only; open it with writable=True to change it")
+
+    def _write_rows(self, name: str, width: int, start: int, x: np.ndarray) -> None:
+        fd = os.open(self.path / name, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            data = np.ascontiguousarray(x, dtype=np.float32).tobytes()
+            os.pwrite(fd, data, start * width * 4)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _truncate_rows(self, name: str, width: int, n: int) -> None:
+        f = self.path / name
+        if f.is_file() and f.stat().st_size > n * width * 4:
+            os.truncate(f, n * width * 4)
+
+    def add(
+        self,
+        paths: Iterable[str | os.PathLike],
+        *,
+        commit_every: int = 64,
+        progress: bool = False,
+        on_commit: Callable[[int], None] | None = None,
+        **extract_kw: Any,
+    ) -> AddReport:
+        """Index images; files already in the store (same content hash) are not added twice.
+
+        Images are committed ``commit_every`` at a time, so an interrupted call keeps what it
+        committed and a rerun adds the rest. Unreadable files are reported, not indexed.
+        ``extract_kw`` go to :func:`imret.extract.extract` (batch_size, workers, precision).
+        """
+        self._require_writable()
+        report = AddReport()
+        seen: dict[str, str] = {}
+        again: list[tuple[str, str]] = []  # duplicates within this call: (path, sha256)
+        pending: list[tuple[str, str, int]] = []  # (path, sha256, size)
+
+        def flush() -> None:
+            if pending:
+                self._add_batch(pending, report, progress=progress, **extract_kw)
+                pending.clear()
+                if on_commit is not None:
+                    on_commit(len(report.added))
+
+        for p in paths:
+            p = os.path.abspath(os.fspath(p))
+            try:
+                digest, size = _sha256_file(p)
+            except OSError as e:
+                report.skipped.append((p, f"cannot read: {e.strerror or e}"))
+                continue
+            existing = self._db.execute("SELECT id FROM images WHERE sha256 = ? AND removed = 0", (digest,)).fetchone()
+            if existing is not None:
+                report.duplicates.append((p, int(existing[0])))
+                continue
+            if digest in seen:
+                again.append((p, digest))
+                continue
+            seen[digest] = p
+            pending.append((p, digest, size))
+            if len(pending) >= commit_every:
+                flush()
+        flush()
+        for p, digest in again:
+            row = self._db.execute("SELECT id FROM images WHERE sha256 = ? AND removed = 0", (digest,)).fetchone()
+            if row is not None:
+                report.duplicates.append((p, int(row[0])))
+            else:  # its first copy could not be read
+                report.skipped.append((p, f"same content as {seen[digest]}, which could not be indexed"))
+        self.save_index()
+        return report
+
+    def _add_batch(self, batch: list[tuple[str, str, int]], report: AddReport, *, progress: bool, **extract_kw: Any) -> None:
+        ex = self._extract([b[0] for b in batch], progress=progress, **extract_kw)
+        for s in ex.skipped:
+            report.skipped.append((s.path, s.reason))
+        if len(ex.indices) == 0:
+            return
+        n = self.n_rows()
+        raw = ex.descriptors
+        m = raw.shape[0]
+        ids = np.arange(n, n + m, dtype=np.int64)
+        # 1. rows first (fsynced) ...
+        self._write_rows(_DESCRIPTORS, self.dim, n, raw)
+        vec = raw
+        if self._config["vectors"] is not None:
+            vec = self.postprocess(raw)
+            self._write_rows(self._config["vectors"], self.search_dim, n, vec)
+        # 2. ... then the metadata that lists them, in one transaction
+        now = _now()
+        records = []
+        for row, idx in enumerate(ex.indices):
+            p, digest, size = batch[int(idx)]
+            w, h = _image_size(p)
+            crc = zlib.crc32(raw[row].tobytes())
+            records.append((int(ids[row]), p, size, w, h, digest, now, crc))
+        with self._db:
+            self._db.executemany(
+                "INSERT INTO images(id, path, size, width, height, sha256, added, removed, crc32) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)", records)
+        report.added.extend(int(i) for i in ids)
+        # 3. the in-memory index follows; saved by save_index()
+        if self._backend is not None and self._backend_ready():
+            self._backend_add(vec, ids)
+            self._backend_rows = n + m
+
+    def remove(self, ids: Iterable[int]) -> int:
+        """Remove images by id; returns how many were live. Unknown ids raise ``KeyError``."""
+        self._require_writable()
+        ids = [int(i) for i in ids]
+        if not ids:
+            return 0
+        q = ",".join("?" * len(ids))
+        found = {r[0]: r[1] for r in self._db.execute(f"SELECT id, removed FROM images WHERE id IN ({q})", ids)}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise KeyError(f"unknown image ids: {missing[:10]}")
+        live = sorted({i for i in ids if found[i] == 0})
+        if not live:
+            return 0
+        seq = self._remove_seq() + 1
+        with self._db:
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'remove_seq'", (str(seq),))
+            self._db.executemany("UPDATE images SET removed = ? WHERE id = ?", [(seq, i) for i in live])
+        if self._backend is not None and self._backend_ready():
+            self._backend.remove(np.array(live, dtype=np.int64))
+            self._backend_remove_seq = seq
+        self.save_index()
+        return len(live)
+
+    def remove_paths(self, paths: Iterable[str | os.PathLike]) -> int:
+        """Remove the live images with these paths (absolute or relative to the cwd)."""
+        ids = []
+        for p in paths:
+            p = os.path.abspath(os.fspath(p))
+            rows = self._db.execute("SELECT id FROM images WHERE path = ? AND removed = 0", (p,)).fetchall()
+            if not rows:
+                raise KeyError(f"no indexed image at {p}")
+            ids.extend(r[0] for r in rows)
+        return self.remove(ids)
+
+    # -- the backend -------------------------------------------------------------------------
+
+    def _backend_ready(self) -> bool:
+        b = self._backend
+        return b is not None and b.is_trained
+
+    def _backend_add(self, vec: np.ndarray, ids: np.ndarray) -> None:
+        b = self._backend
+        if b.external:
+            b.add(vec, ids, replace=True)
+        else:
+            b.add(vec, ids)
+
+    def _load_backend(self) -> None:
+        """Open the saved backend and bring it up to date with the committed rows."""
+        spec = self._config["backend"]["spec"]
+        info = self._config["index"]
+        n = self.n_rows()
+        if spec is None or parse_spec(spec).kind == "exact":
+            self._backend = None
+            return
+        if info is None:
+            self._backend = None  # not built yet: exact fallback
+            return
+        directory = self.path / info["dir"]
+        try:
+            b = load_backend(spec, self.search_dim, directory, root=self.path)
+        except FileNotFoundError as e:
+            raise StoreCorruptError(f"index files in {directory} are missing ({e}); "
+                                    f"run `imret index rebuild {self.path}`") from None
+        except (ValueError, RuntimeError, OSError) as e:
+            raise StoreCorruptError(f"index in {directory} cannot be read ({e}); "
+                                    f"run `imret index rebuild {self.path}`") from None
+        covered, seq = int(info["rows"]), int(info["remove_seq"])
+        if covered > n:
+            raise StoreCorruptError(f"index in {directory} covers {covered} rows but the metadata lists {n}")
+        self._backend = b
+        self._backend_rows = covered
+        self._backend_remove_seq = seq
+        self._catch_up()
+
+    def _catch_up(self) -> None:
+        n = self.n_rows()
+        b = self._backend
+        if b is None:
+            return
+        if self._backend_rows < n:
+            vec = self.vectors(n)
+            alive = self._alive_mask(n)
+            for start in range(self._backend_rows, n, 65536):
+                stop = min(n, start + 65536)
+                ids = np.arange(start, stop)[alive[start:stop]]
+                if ids.size:
+                    if b.external:
+                        b.add(np.asarray(vec[ids]), ids, replace=True)
+                    else:
+                        b.add(np.asarray(vec[ids]), ids)
+            self._backend_rows = n
+        seq = self._remove_seq()
+        if self._backend_remove_seq < seq:
+            dead = self._removed_ids(self._backend_remove_seq)
+            if dead.size:
+                b.remove(dead)
+            self._backend_remove_seq = seq
+
+    def _searcher(self) -> Backend:
+        """The backend to search now: the built index, or exact search over the vectors."""
+        spec = self._config["backend"]["spec"]
+        if spec is not None and parse_spec(spec).kind != "exact":
+            if self._backend is None and self._config["index"] is not None:
+                self._load_backend()
+            else:
+                self._catch_up()
+            if self._backend is not None and self._backend.is_trained:
+                return self._backend
+        n = self.n_rows()
+        if self._fallback is None or self._fallback._n != n or self._fallback_seq != self._remove_seq():
+            self._fallback = ExactBackend.from_matrix(self.vectors(n), alive=self._alive_mask(n))
+            self._fallback_seq = self._remove_seq()
+        return self._fallback
+
+    def save_index(self, *, force: bool = False) -> None:
+        """Build the backend if it is due, and persist it (atomic: new directory + store.json)."""
+        self._require_writable()
+        n = self.n_rows()
+        requested = self._config["backend"]["requested"]
+        spec = self._config["backend"]["spec"]
+        if spec is None:
+            kind = parse_spec(requested).kind
+            if kind == "exact" or n > 0:
+                self._build_backend(resolve_spec(requested, n_hint=len(self)))
+            return
+        if parse_spec(spec).kind == "exact":
+            return
+        if self._backend is None:
+            self._build_backend(parse_spec(spec))
+            return
+        if not self._backend.is_trained:
+            return
+        self._catch_up()
+        info = self._config["index"] or {}
+        if not force and info.get("rows") == self._backend_rows and info.get("remove_seq") == self._backend_remove_seq:
+            return
+        self._persist_backend()
+
+    def _build_backend(self, spec) -> None:
+        """(Re)build the backend from all live vectors; train it when it needs training."""
+        spec_str = str(spec)
+        cfg = self._config
+        if spec.kind == "exact":
+            if self._backend is not None:
+                self._backend.close()
+            self._backend = None
+            cfg["backend"]["spec"] = spec_str
+            self._replace_index_dir(None)
+            return
+        n = self.n_rows()
+        alive = self._alive_mask(n)
+        vec = self.vectors(n)
+        b = create_backend(spec_str, self.search_dim, root=self.path, n_hint=int(alive.sum()))
+        if b.external:
+            b.remove(np.arange(n, dtype=np.int64))  # a rebuilt collection starts empty
+        if not b.is_trained:
+            need = b.min_train_size
+            live_ids = np.flatnonzero(alive)
+            if live_ids.size < need:
+                # not enough rows to train: search stays exact until there are
+                cfg["backend"]["spec"] = spec_str
+                self._backend = None
+                self._replace_index_dir(None)
+                return
+            rng = np.random.default_rng(0)
+            sample = np.sort(rng.choice(live_ids, size=min(live_ids.size, max(need, 100_000)), replace=False))
+            b.train(np.asarray(vec[sample]))
+        for start in range(0, n, 65536):
+            stop = min(n, start + 65536)
+            ids = np.arange(start, stop)[alive[start:stop]]
+            if ids.size:
+                b.add(np.asarray(vec[ids]), ids)
+        if self._backend is not None:
+            self._backend.close()
+        self._backend = b
+        self._backend_rows = n
+        self._backend_remove_seq = self._remove_seq()
+        cfg["backend"]["spec"] = b.spec
+        self._persist_backend()
+
+    def _persist_backend(self) -> None:
+        gen = int(self._config["generation"]) + 1
+        name = f"index.{gen}"
+        tmp = self.path / f".{name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        self._backend.save(tmp)
+        _fsync_dir(tmp)
+        os.replace(tmp, self.path / name)
+        _fsync_dir(self.path)
+        self._config["generation"] = gen
+        self._replace_index_dir({"dir": name, "rows": self._backend_rows, "remove_seq": self._backend_remove_seq})
+
+    def _replace_index_dir(self, info: dict[str, Any] | None) -> None:
+        old = self._config["index"]
+        self._config["index"] = info
+        self._write_config()
+        if old is not None and (info is None or old["dir"] != info["dir"]):
+            shutil.rmtree(self.path / old["dir"], ignore_errors=True)
+
+    def _write_config(self) -> None:
+        _atomic_write_bytes(self.path / _STORE_JSON, json.dumps(self._config, indent=2).encode())
+
+    def _recover(self) -> None:
+        """Writer start-up: drop leftovers of an interrupted write."""
+        n = self.n_rows()
+        self._truncate_rows(_DESCRIPTORS, self.dim, n)
+        if self._config["vectors"] is not None:
+            self._truncate_rows(self._config["vectors"], self.search_dim, n)
+        live = {_STORE_JSON, _SQLITE, _SQLITE + "-wal", _SQLITE + "-shm", _SQLITE + "-journal", _MODEL, _DESCRIPTORS, _LOCK}
+        for key in ("vectors",):
+            if self._config[key]:
+                live.add(self._config[key])
+        if self._config["whitening"]:
+            live.add(self._config["whitening"]["file"])
+        if self._config["index"]:
+            live.add(self._config["index"]["dir"])
+        for entry in self.path.iterdir():
+            name = entry.name
+            stale = (name.startswith(".") and name.endswith(".tmp")) or (
+                name.startswith(("index.", "vectors.", "whitening.")) and name not in live)
+            if stale:
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        entry.unlink()
+        if self._config["backend"]["spec"] is not None:
+            self._load_backend()
+
+    # -- post-processing ---------------------------------------------------------------------
+
+    def configure(
+        self,
+        *,
+        backend: str | None = None,
+        whitening: Whitening | None | str = "keep",
+        dba: tuple[int, float] | None | str = "keep",
+        query_expansion: QueryExpansion | None = None,
+    ) -> None:
+        """Change post-processing or the backend, recomputing vectors and rebuilding the index.
+
+        ``whitening``: a fitted :class:`~imret.whitening.Whitening` for the raw descriptors,
+        ``None`` to drop it, ``"keep"``. ``dba``: ``(k, alpha)`` for αDBA over the database,
+        ``None`` to drop, ``"keep"``. αDBA is computed over the rows present now; rows added
+        later are whitened but not augmented until ``configure`` runs again (``info`` shows
+        how many). The switch is atomic: until the new ``store.json`` lands, the old files
+        serve searches.
+        """
+        self._require_writable()
+        cfg = json.loads(json.dumps(self._config))
+        gen = int(cfg["generation"]) + 1
+        changed_vectors = False
+        if whitening != "keep":
+            if whitening is not None:
+                if whitening.input_dim != self.dim:
+                    raise ValueError(f"whitening takes {whitening.input_dim}-D input; the store's descriptors are {self.dim}-D")
+                name = f"whitening.{gen}.npz"
+                whitening.save(self.path / name)
+                digest, _ = _sha256_file(self.path / name)
+                cfg["whitening"] = {"file": name, "sha256": digest, "kind": whitening.kind, "dim": whitening.dim}
+            else:
+                cfg["whitening"] = None
+            changed_vectors = True
+        if dba != "keep":
+            if dba is not None:
+                k, alpha = int(dba[0]), float(dba[1])
+                if k < 1 or alpha < 0:
+                    raise ValueError(f"dba needs k >= 1 and alpha >= 0, got k={k}, alpha={alpha}")
+                cfg["dba"] = {"k": k, "alpha": alpha, "rows": None}
+            else:
+                cfg["dba"] = None
+            changed_vectors = True
+        elif cfg["dba"] is not None and changed_vectors:
+            cfg["dba"]["rows"] = None
+        if query_expansion is not None:
+            cfg["query_expansion"] = dataclasses.asdict(query_expansion)
+        if backend is not None:
+            parse_spec(backend)
+            cfg["backend"] = {"requested": backend, "spec": None}
+        n = self.n_rows()
+        old_vectors = self._config["vectors"]
+        if changed_vectors:
+            w = None
+            if cfg["whitening"] is not None:
+                w = whitening if isinstance(whitening, Whitening) else Whitening.load(self.path / cfg["whitening"]["file"])
+            if w is None and cfg["dba"] is None:
+                cfg["vectors"] = None
+            else:
+                name = f"vectors.{gen}.f32"
+                width = w.dim if w is not None else self.dim
+                raw = self.descriptors(n)
+                out = np.empty((n, width), np.float32)
+                for start in range(0, n, 65536):
+                    x = np.asarray(raw[start:start + 65536])
+                    out[start:start + 65536] = x if w is None else w.apply(x)
+                if cfg["dba"] is not None and n > 1:
+                    alive = self._alive_mask(n)
+                    live = np.flatnonzero(alive)
+                    k = min(cfg["dba"]["k"], live.size - 1)
+                    if k >= 1:
+                        out[live] = alpha_database_augmentation(out[live], k, cfg["dba"]["alpha"])
+                    cfg["dba"]["rows"] = n
+                tmp = self.path / f".{name}.tmp"
+                with open(tmp, "wb") as f:
+                    f.write(out.tobytes())
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path / name)
+                cfg["vectors"] = name
+        cfg["generation"] = gen
+        # swap in the new configuration, then rebuild the index from the new vectors
+        old_whitening = self._config["whitening"]
+        self._config = cfg
+        self._whitening = None
+        self._fallback = None
+        if changed_vectors or backend is not None:
+            cfg["backend"]["spec"] = None
+            if self._backend is not None:
+                self._backend.close()
+                self._backend = None
+            requested = cfg["backend"]["requested"]
+            self._build_backend(resolve_spec(requested, n_hint=len(self)))
+        self._write_config()
+        for old in (old_vectors, old_whitening and old_whitening["file"]):
+            if old and old not in (cfg["vectors"], cfg["whitening"] and cfg["whitening"]["file"]):
+                with contextlib.suppress(OSError):
+                    (self.path / old).unlink()
+
+    def rebuild(self) -> None:
+        """Rebuild the backend index from the stored vectors (after corruption or to retrain)."""
+        self._require_writable()
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+        self._config["backend"]["spec"] = None
+        self._build_backend(resolve_spec(self._config["backend"]["requested"], n_hint=len(self)))
+        self._write_config()
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def records(self, ids: Sequence[int]) -> list[ImageRecord]:
+        """Metadata of the given ids (removed ones included); unknown ids raise ``KeyError``."""
+        out = []
+        for i in ids:
+            r = self._db.execute("SELECT id, path, size, width, height, sha256, added FROM images WHERE id = ?",
+                                 (int(i),)).fetchone()
+            if r is None:
+                raise KeyError(f"unknown image id {i}")
+            out.append(ImageRecord(*r))
+        return out
+
+    def list(self, offset: int = 0, limit: int = 100) -> list[ImageRecord]:
+        """Live images in id order, paged."""
+        rows = self._db.execute(
+            "SELECT id, path, size, width, height, sha256, added FROM images WHERE removed = 0 "
+            "ORDER BY id LIMIT ? OFFSET ?", (int(limit), int(offset))).fetchall()
+        return [ImageRecord(*r) for r in rows]
+
+    def _paths(self, ids: np.ndarray) -> dict[int, str]:
+        want = sorted({int(i) for i in ids.ravel() if i >= 0})
+        out: dict[int, str] = {}
+        for start in range(0, len(want), 900):
+            chunk = want[start:start + 900]
+            q = ",".join("?" * len(chunk))
+            out.update(self._db.execute(f"SELECT id, path FROM images WHERE id IN ({q})", chunk).fetchall())
+        return out
+
+    def search_vectors(
+        self,
+        q: np.ndarray,
+        k: int = 10,
+        *,
+        query_expansion: QueryExpansion | None = None,
+        exact_rescore: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Search with raw model descriptors ``(Q, D)``: whitening, backend, query expansion.
+
+        Returns ``(scores, ids)`` ``(Q, k)``, padded with -inf / -1. Approximate backends'
+        candidates are re-scored with the stored float32 vectors (``exact_rescore``).
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        qe = self.query_expansion if query_expansion is None else query_expansion
+        x = self.postprocess(q)
+        searcher = self._searcher()
+        scores, ids = self._search_once(searcher, x, int(k), exact_rescore)
+        if qe.method != "none" and len(self) > 0:
+            if ids.shape[1] < qe.k:
+                s2, i2 = self._search_once(searcher, x, qe.k, exact_rescore)
+            else:
+                s2, i2 = scores, ids
+            x = _expand_with_neighbours(x, self.vectors(), s2[:, : qe.k], i2[:, : qe.k],
+                                        0.0 if qe.method == "aqe" else qe.alpha)
+            scores, ids = self._search_once(searcher, x, int(k), exact_rescore)
+        return scores, ids
+
+    def _search_once(self, searcher: Backend, x: np.ndarray, k: int, rescore: bool):
+        scores, ids = searcher.search(x, k)
+        if rescore and not isinstance(searcher, ExactBackend) and ids.size:
+            vec = self.vectors()
+            valid = ids >= 0
+            safe = np.where(valid, ids, 0)
+            true = np.einsum("qkd,qd->qk", np.asarray(vec[safe.ravel()]).reshape(*ids.shape, -1), x)
+            true = np.where(valid, true, -np.inf).astype(np.float32)
+            order = np.argsort(-true, axis=1, kind="stable")
+            scores = np.take_along_axis(true, order, 1)
+            ids = np.take_along_axis(ids, order, 1)
+        return scores, ids
+
+    def search(
+        self,
+        queries: Sequence[str | os.PathLike],
+        *,
+        bboxes: Sequence[Sequence[float] | None] | None = None,
+        k: int = 10,
+        query_expansion: QueryExpansion | None = None,
+        **extract_kw: Any,
+    ) -> list[list[Hit]]:
+        """Search with query images (optionally cropped to ``(x1, y1, x2, y2)`` boxes).
+
+        Returns, per query, the ranked hits ``(score, id, path)``. A query image that cannot
+        be read raises :class:`~imret.images.ImageError`.
+        """
+        from ..images import ImageError
+
+        paths = [os.fspath(p) for p in queries]
+        ex = self._extract(paths, bboxes, **extract_kw)
+        if ex.skipped:
+            s = ex.skipped[0]
+            raise ImageError(s.path, s.reason)
+        scores, ids = self.search_vectors(ex.descriptors, k, query_expansion=query_expansion)
+        return self.hits(scores, ids)
+
+    def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
+        """Attach paths to ``(scores, ids)`` results."""
+        paths = self._paths(ids)
+        return [[Hit(float(s), int(i), paths[int(i)]) for s, i in zip(srow, irow) if i >= 0]
+                for srow, irow in zip(scores, ids)]
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """Facts about the store (for ``imret index info``)."""
+        n = self.n_rows()
+        cfg = self._config
+        disk = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        out = {
+            "path": str(self.path),
+            "format": f"{cfg['format']} v{cfg['version']}",
+            "created": cfg["created"],
+            "images": len(self),
+            "removed": n - len(self),
+            "dim": self.dim,
+            "search_dim": self.search_dim,
+            "model": {k: cfg["model"][k] for k in ("source", "spec")},
+            "preprocessing": cfg["preprocessing"],
+            "whitening": cfg["whitening"],
+            "query_expansion": cfg["query_expansion"],
+            "dba": cfg["dba"],
+            "backend": dict(cfg["backend"]),
+            "disk_bytes": disk,
+        }
+        if cfg["dba"] is not None and cfg["dba"].get("rows") is not None:
+            out["dba"] = dict(cfg["dba"], rows_not_augmented=n - cfg["dba"]["rows"])
+        searcher = self._searcher()
+        out["backend"]["searching_with"] = "exact (index not built yet)" if (
+            isinstance(searcher, ExactBackend) and parse_spec(self.backend_spec).kind != "exact") else searcher.spec
+        out["backend"]["ntotal"] = searcher.ntotal
+        return out
+
+    def verify(self) -> list[str]:
+        """Full consistency check; returns the problems found (empty when the store is sound)."""
+        problems = []
+        ok = self._db.execute("PRAGMA integrity_check").fetchone()[0]
+        if ok != "ok":
+            problems.append(f"SQLite integrity check: {ok}")
+        n = self.n_rows()
+        raw = self.descriptors(n)
+        for start in range(0, n, 4096):
+            rows = self._db.execute("SELECT id, crc32 FROM images WHERE id >= ? AND id < ? ORDER BY id",
+                                    (start, start + 4096)).fetchall()
+            block = np.asarray(raw[start:start + 4096])
+            for i, crc in rows:
+                if zlib.crc32(block[i - start].tobytes()) != crc:
+                    problems.append(f"descriptor of image {i} does not match its checksum")
+        ids = [r[0] for r in self._db.execute("SELECT id FROM images ORDER BY id")]
+        if ids != list(range(n)):
+            problems.append("image ids are not contiguous")
+        dup = self._db.execute("SELECT sha256, COUNT(*) FROM images WHERE removed = 0 GROUP BY sha256 HAVING COUNT(*) > 1").fetchall()
+        if dup:
+            problems.append(f"{len(dup)} contents indexed more than once")
+        searcher = self._searcher()
+        if searcher.ntotal != len(self):
+            problems.append(f"the search index holds {searcher.ntotal} vectors for {len(self)} live images")
+        return problems
+
+
+_SCHEMA_SQL = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE images (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    added TEXT NOT NULL,
+    removed INTEGER NOT NULL DEFAULT 0,
+    crc32 INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX images_live_sha256 ON images(sha256) WHERE removed = 0;
+CREATE INDEX images_path ON images(path);
+CREATE INDEX images_removed ON images(removed) WHERE removed > 0;
+"""
+
+
+def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, check_same_thread=False)
+    else:
+        db = sqlite3.connect(path, timeout=30, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreCorruptError(f"{path} cannot be read as JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("format") != STORE_FORMAT:
+        raise StoreCorruptError(f"{path} is not an imret store description (format {config.get('format') if isinstance(config, dict) else None!r})")
+    version = config.get("version")
+    if version != STORE_VERSION:
+        raise StoreVersionError(f"{path.parent} was written in store format {version!r}; this imret reads format "
+                                f"{STORE_VERSION}" + (" (upgrade imret)" if isinstance(version, int) and version > STORE_VERSION else ""))
+    required = ("store_id", "dim", "model", "preprocessing", "query_expansion", "backend", "generation",
+                "whitening", "dba", "vectors", "index")
+    missing = [k for k in required if k not in config]
+    if missing:
+        raise StoreCorruptError(f"{path} lacks keys {missing}")
+    return config
+
+
+def _expand_with_neighbours(x: np.ndarray, vectors: np.ndarray, sims: np.ndarray, ids: np.ndarray, alpha: float) -> np.ndarray:
+    """``normalise(q + Σ_j max(s_j, 0)^alpha v_j)`` over the given neighbours (ids -1 ignored).
+
+    The same update as :func:`imret.expansion.alpha_query_expansion` with the neighbours
+    taken from a search result instead of a brute-force pass.
+    """
+    valid = ids >= 0
+    safe = np.where(valid, ids, 0)
+    neigh = np.asarray(vectors[safe.ravel()], dtype=np.float32).reshape(*ids.shape, -1)
+    w = np.power(np.maximum(np.where(valid, sims, 0.0), 0.0), np.float32(alpha)).astype(np.float32)
+    w = np.where(valid, w, 0.0)
+    out = x + np.einsum("qk,qkd->qd", w, neigh)
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+    return out.astype(np.float32)
