@@ -119,8 +119,9 @@ class Backend(abc.ABC):
     """An inner-product top-k index over ``(N, D)`` float32 rows with int64 ids.
 
     Subclasses set :attr:`spec` (the string that rebuilds them), :attr:`dim`, and say whether
-    they need training (:attr:`is_trained`), can delete (:attr:`supports_remove`) and keep
-    their own data outside the store directory (:attr:`persistent`).
+    they need training (:attr:`is_trained`), delete rows natively (:attr:`supports_remove`;
+    otherwise removed rows are tombstones filtered at search time, which slows search as they
+    pile up) and keep their data in an external engine (:attr:`external`).
     """
 
     spec: str
@@ -144,7 +145,8 @@ class Backend(abc.ABC):
 
     @property
     def min_train_size(self) -> int:
-        """Rows :meth:`train` needs; 0 when the backend needs no training."""
+        """Rows recommended for :meth:`train` (the store waits for this many before it leaves
+        exact search); 0 when the backend needs no training."""
         return 0
 
     @abc.abstractmethod

@@ -543,6 +543,7 @@ class Store:
         paths: Iterable[str | os.PathLike],
         *,
         commit_every: int = 64,
+        save_every: int = 50_000,
         progress: bool = False,
         on_commit: Callable[[int], None] | None = None,
         **extract_kw: Any,
@@ -550,7 +551,9 @@ class Store:
         """Index images; files already in the store (same content hash) are not added twice.
 
         Images are committed ``commit_every`` at a time, so an interrupted call keeps what it
-        committed and a rerun adds the rest. Unreadable files are reported, not indexed.
+        committed and a rerun adds the rest. The backend index is saved every ``save_every``
+        added rows and at the end (after a crash it is brought up to date from the
+        descriptors on the next open). Unreadable files are reported, not indexed.
         ``extract_kw`` go to :func:`imret.extract.extract` (batch_size, workers, precision).
         """
         self._require_writable()
@@ -559,10 +562,17 @@ class Store:
         again: list[tuple[str, str]] = []  # duplicates within this call: (path, sha256)
         pending: list[tuple[str, str, int]] = []  # (path, sha256, size)
 
+        unsaved = [0]
+
         def flush() -> None:
             if pending:
+                before = len(report.added)
                 self._add_batch(pending, report, progress=progress, **extract_kw)
                 pending.clear()
+                unsaved[0] += len(report.added) - before
+                if unsaved[0] >= save_every:
+                    self.save_index()
+                    unsaved[0] = 0
                 if on_commit is not None:
                     on_commit(len(report.added))
 
@@ -763,6 +773,13 @@ class Store:
         if not self._backend.is_trained:
             return
         self._catch_up()
+        dead = int(getattr(self._backend, "tombstones", 0) or 0)
+        if dead > max(1000, self._backend.ntotal // 4):
+            # tombstoned rows (HNSW cannot delete) slow every search: rebuild without them
+            self._backend.close()
+            self._backend = None
+            self._build_backend(parse_spec(spec))
+            return
         info = self._config["index"] or {}
         if not force and info.get("rows") == self._backend_rows and info.get("remove_seq") == self._backend_remove_seq:
             return
