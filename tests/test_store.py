@@ -255,3 +255,85 @@ def test_tampered_whitening_is_detected(store_copy):
     f.write_bytes(bytes(data))
     with pytest.raises(StoreCorruptError, match="checksum"):
         Store.open(store_copy)
+
+
+def test_a_reader_follows_a_writer_in_another_handle(tmp_path, photos, model):
+    path = tmp_path / "s"
+    with Store.create(path, model, preprocessing=PRE) as w:
+        w.add(photos[:4], **FAST)
+        with Store.open(path) as r:
+            x = np.asarray(w.descriptors()).copy()
+            assert r.search_vectors(x[:1], 10)[1][0, :4].tolist() == [0] + sorted(r.search_vectors(x[:1], 10)[1][0, 1:4].tolist(), key=lambda i: -float(x[0] @ x[i]))
+            w.add(photos[4:8], **FAST)
+            w.configure(whitening=fit_pca_whitening(np.asarray(w.descriptors()), 6))
+            s, i = r.search_vectors(x[:1], 10)
+            assert r.search_dim == 6 and (i[0] >= 0).sum() == 8
+            w.remove([0])
+            assert 0 not in r.search_vectors(x[:1], 10)[1][0]
+
+
+def _approx_backends():
+    out = []
+    try:
+        import faiss  # noqa: F401
+
+        out += ["faiss:IVF2,Flat?nprobe=2", "faiss:HNSW8"]
+    except ImportError:
+        pass
+    try:
+        import milvus_lite  # noqa: F401
+        import pymilvus  # noqa: F401
+
+        out.append("milvus:./vectors.db?index=FLAT")
+    except ImportError:
+        pass
+    return out
+
+
+@pytest.mark.parametrize("backend", _approx_backends())
+def test_other_backends_agree_with_exact_through_the_store(tmp_path, built, photos, backend):
+    """Same results as exact search (these indexes are exhaustive at this size), across
+    adds, removes and reopening; an IVF index searches exactly until it can be trained."""
+    with Store.open(built) as ref:
+        x = np.asarray(ref.descriptors()).copy()
+    path = tmp_path / "s"
+    shutil.copytree(built, path)
+    with Store.open(path, writable=True) as st:
+        st.remove([1])
+        st.configure(backend=backend)
+        info = st.info()
+        if backend.startswith("faiss:IVF"):
+            # 19 rows are fewer than IVF2 wants (39 per list): exact search until then
+            assert info["backend"]["searching_with"].startswith("exact")
+        else:
+            assert info["backend"]["searching_with"] == info["backend"]["spec"]
+        s, i = st.search_vectors(x, 5)
+        alive = np.ones(len(x), bool)
+        alive[1] = False
+        s_ref, i_ref = exact_search(x, x, 5, alive=alive)
+        np.testing.assert_array_equal(i, i_ref)
+        np.testing.assert_allclose(s, s_ref, rtol=1e-5, atol=1e-6)
+        assert st.verify() == []
+    with Store.open(path, writable=True) as st:
+        assert st.remove([2]) == 1
+        alive[2] = False
+        s, i = st.search_vectors(x, 5)
+        np.testing.assert_array_equal(i, exact_search(x, x, 5, alive=alive)[1])
+        assert st.verify() == []
+    with Store.open(path) as st:
+        np.testing.assert_array_equal(st.search_vectors(x, 5)[1], exact_search(x, x, 5, alive=alive)[1])
+
+
+def test_ivf_trains_once_enough_rows_exist(tmp_path, model):
+    pytest.importorskip("faiss")
+    root = make_labelled_folder(tmp_path / "many", n_classes=9, per_class=9, size=(64, 48), seed=3)
+    files = sorted(str(p) for p in root.rglob("*.jpg"))
+    with Store.create(tmp_path / "s", model, preprocessing=Preprocessing(image_size=48),
+                      backend="faiss:IVF2,Flat?nprobe=2") as st:
+        st.add(files[:40], **FAST)
+        assert st.info()["backend"]["searching_with"].startswith("exact")
+        st.add(files[40:], **FAST)  # 81 rows >= 39 * 2: the IVF is trained and used
+        info = st.info()
+        assert info["backend"]["searching_with"].startswith("faiss:IVF2,Flat") and info["backend"]["ntotal"] == 81
+        x = np.asarray(st.descriptors()).copy()
+        np.testing.assert_array_equal(st.search_vectors(x, 3)[1], exact_search(x, x, 3)[1])

@@ -251,6 +251,12 @@ def cmd_eval(args) -> int:
 # --- index and search ---------------------------------------------------------------------------
 
 
+def _backend_options() -> dict:
+    """Backend secrets from the environment, never written into a store."""
+    token = os.environ.get("IMRET_MILVUS_TOKEN")
+    return {"token": token} if token else {}
+
+
 def _runtime_kwargs(args) -> dict:
     return dict(batch_size=args.batch_size, workers=args.workers, precision=args.precision)
 
@@ -284,7 +290,7 @@ def cmd_index_build(args) -> int:
     pre = Preprocessing(image_size=args.image_size, scales=tuple(args.scales))
     t0 = time.perf_counter()
     with Store.create(args.out, model, model_source=_model_source(args), preprocessing=pre,
-                      backend=args.backend, device=args.device) as store:
+                      backend=args.backend, device=args.device, backend_options=_backend_options()) as store:
         report = store.add(paths, commit_every=args.commit_every, progress=not args.no_progress, **_runtime_kwargs(args))
         _print_add_report(report, time.perf_counter() - t0)
         print(f"store {args.out}: {len(store)} images, backend {store.backend_spec}")
@@ -296,7 +302,7 @@ def cmd_index_add(args) -> int:
 
     paths = _collect_images(args.images, args.list)
     t0 = time.perf_counter()
-    with Store.open(args.store, writable=True, device=args.device) as store:
+    with Store.open(args.store, writable=True, device=args.device, backend_options=_backend_options()) as store:
         report = store.add(paths, commit_every=args.commit_every, progress=not args.no_progress, **_runtime_kwargs(args))
         _print_add_report(report, time.perf_counter() - t0)
         print(f"store {args.store}: {len(store)} images")
@@ -308,7 +314,7 @@ def cmd_index_remove(args) -> int:
 
     if not args.ids and not args.path:
         raise ValueError("give image ids and/or --path PATH to remove")
-    with Store.open(args.store, writable=True) as store:
+    with Store.open(args.store, writable=True, backend_options=_backend_options()) as store:
         try:
             n = store.remove(args.ids) if args.ids else 0
             if args.path:
@@ -330,7 +336,7 @@ def _human_bytes(n: int) -> str:
 def cmd_index_info(args) -> int:
     from .index.store import Store
 
-    with Store.open(args.store) as store:
+    with Store.open(args.store, backend_options=_backend_options()) as store:
         info = store.info()
         problems = store.verify() if args.verify else None
     if args.json:
@@ -399,7 +405,7 @@ def cmd_index_configure(args) -> int:
     from .index.store import QueryExpansion, Store
     from .whitening import fit_learned_whitening, fit_pca_whitening
 
-    with Store.open(args.store, writable=True) as store:
+    with Store.open(args.store, writable=True, backend_options=_backend_options()) as store:
         kw: dict = {}
         if args.backend is not None:
             kw["backend"] = args.backend
@@ -439,7 +445,7 @@ def cmd_index_configure(args) -> int:
 def cmd_index_rebuild(args) -> int:
     from .index.store import Store
 
-    with Store.open(args.store, writable=True) as store:
+    with Store.open(args.store, writable=True, backend_options=_backend_options()) as store:
         t0 = time.perf_counter()
         store.rebuild()
         print(f"rebuilt the {store.backend_spec} index of {len(store)} images in {time.perf_counter() - t0:.1f} s")
@@ -469,7 +475,7 @@ def cmd_search(args) -> int:
     for q in queries:
         if not os.path.isfile(q):
             raise FileNotFoundError(f"query image {q!r} does not exist")
-    with Store.open(args.store, device=args.device) as store:
+    with Store.open(args.store, device=args.device, backend_options=_backend_options()) as store:
         qe = None
         if args.qe is not None or args.qe_k is not None or args.qe_alpha is not None:
             cur = store.query_expansion

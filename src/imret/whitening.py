@@ -120,6 +120,47 @@ class Whitening:
             y = _l2_normalize(y)
         return np.ascontiguousarray(y, dtype=np.float32)
 
+    def fold_into(self, model: Any, *, replace: bool = False) -> Any:
+        """Make ``model`` output whitened descriptors: set its whitening layer to this ``P``, ``m``.
+
+        The whitening must have been fitted on the model's own descriptors before any
+        whitening, i.e. its L2-normalised pooled vectors: then the model's new output
+        ``normalise(P (normalise(pool(x)) - m))`` equals ``self.apply(old output)``. That is
+        why the model must L2-normalise before whitening (``spec.l2_before_whiten``).
+
+        Args:
+            model: a :class:`imret.model.RetrievalNet`; changed in place.
+            replace: allow replacing an existing whitening layer. Off by default: a whitening
+                fitted on an already-whitened model's output cannot be folded (there is an L2
+                normalisation between the two), and replacing it silently would be wrong.
+
+        Returns:
+            ``model``, now with output dimension ``D_out``.
+
+        Raises:
+            ValueError: if ``C`` differs from the model's pooled dimension, the model does not
+                normalise before whitening, or it already has a whitening and not ``replace``.
+        """
+        layer = getattr(model, "whiten", None)
+        channels = layer.in_features if layer is not None else int(model.dim)
+        if self.input_dim != channels:
+            raise ValueError(
+                f"whitening takes {self.input_dim}-d descriptors but the model pools {channels}-d vectors; "
+                f"fit it on this model's unwhitened descriptors"
+            )
+        if layer is not None and not replace:
+            raise ValueError(
+                f"model already has a whitening layer ({layer.in_features} -> {layer.out_features}); "
+                f"pass replace=True to overwrite it (fit on the model's pooled, unwhitened descriptors)"
+            )
+        if not model.spec.l2_before_whiten:
+            raise ValueError(
+                "model.spec.l2_before_whiten is False: its whitening layer sees unnormalised pooled vectors, "
+                "not the L2-normalised descriptors this whitening was fitted on"
+            )
+        model.set_whitening(self.projection, self.mean)
+        return model
+
     def truncated(self, dim: int) -> "Whitening":
         """The same whitening keeping the first ``dim`` output dimensions (``1 <= dim <= D_out``)."""
         dim = _check_dim(dim, self.dim, "dim")

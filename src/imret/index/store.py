@@ -35,6 +35,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import time
@@ -78,6 +79,8 @@ _MODEL = "model.safetensors"
 _DESCRIPTORS = "descriptors.f32"
 _LOCK = "lock"
 _SCHEMA = 1
+# files the store writes under a generation number (anything else in the directory is left alone)
+_GENERATED = re.compile(r"index\.\d+|vectors\.\d+\.f32|whitening\.\d+\.npz")
 
 
 class StoreError(RuntimeError):
@@ -228,6 +231,14 @@ def _image_size(path: str) -> tuple[int, int]:
         return 0, 0
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_ino
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -243,8 +254,10 @@ class Store:
     :meth:`close`.
     """
 
-    def __init__(self, path: Path, config: dict[str, Any], *, writable: bool, device: str = "cpu"):
+    def __init__(self, path: Path, config: dict[str, Any], *, writable: bool, device: str = "cpu",
+                 backend_options: dict[str, str] | None = None):
         self.path = path
+        self.backend_options = dict(backend_options or {})
         self._config = config
         self.writable = writable
         self.device = device
@@ -257,6 +270,8 @@ class Store:
         self._backend_remove_seq = 0
         self._fallback: ExactBackend | None = None
         self._fallback_seq = -1
+        self._stamp: tuple[int, int] | None = None
+        self._pending_dead: set[int] = set()
 
     # -- construction ------------------------------------------------------------------------
 
@@ -272,6 +287,7 @@ class Store:
         query_expansion: QueryExpansion | None = None,
         device: str = "cpu",
         exist_ok: bool = False,
+        backend_options: dict[str, str] | None = None,
     ) -> "Store":
         """Create an empty store for ``model`` (a :class:`~imret.model.RetrievalNet`).
 
@@ -286,7 +302,7 @@ class Store:
         if path.exists() and any(path.iterdir()):
             if (path / _STORE_JSON).exists():
                 if exist_ok:
-                    return cls.open(path, writable=True, device=device)
+                    return cls.open(path, writable=True, device=device, backend_options=backend_options)
                 raise FileExistsError(f"{path} already holds a store; use `imret index add` to extend it")
             raise FileExistsError(f"{path} exists and is not empty; choose a new directory for the store")
         path.mkdir(parents=True, exist_ok=True)
@@ -319,21 +335,28 @@ class Store:
             "index": None,
         }
         _atomic_write_bytes(path / _STORE_JSON, json.dumps(config, indent=2).encode())
-        store = cls.open(path, writable=True, device=device)
+        store = cls.open(path, writable=True, device=device, backend_options=backend_options)
         store._model = model
         return store
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, writable: bool = False, device: str = "cpu") -> "Store":
-        """Open a store; checks the format version and that its files agree."""
+    def open(cls, path: str | os.PathLike, *, writable: bool = False, device: str = "cpu",
+             backend_options: dict[str, str] | None = None) -> "Store":
+        """Open a store; checks the format version and that its files agree.
+
+        ``backend_options`` are extra backend parameters that must not be saved in the store,
+        such as ``{"token": "user:password"}`` for a Milvus server.
+        """
         path = Path(path)
         cfg_path = path / _STORE_JSON
         if not cfg_path.is_file():
             if not path.exists():
                 raise FileNotFoundError(f"no store at {path}")
             raise StoreCorruptError(f"{path} has no {_STORE_JSON}: not an imret store (or its creation was interrupted)")
+        stamp = _stamp(cfg_path)
         config = _read_config(cfg_path)
-        store = cls(path, config, writable=writable, device=device)
+        store = cls(path, config, writable=writable, device=device, backend_options=backend_options)
+        store._stamp = stamp
         try:
             if writable:
                 store._acquire_lock()
@@ -390,6 +413,28 @@ class Store:
                                     f"store.json says {self._config['store_id']!r})")
         if meta.get("schema") != str(_SCHEMA):
             raise StoreVersionError(f"{db_path} has metadata schema {meta.get('schema')!r}; this imret reads {_SCHEMA}")
+
+    def refresh(self) -> bool:
+        """Reader side: pick up a new ``store.json`` written by another process (cheap stat).
+
+        Returns True when the configuration changed and cached state was dropped.
+        """
+        if self.writable:
+            return False
+        cfg_path = self.path / _STORE_JSON
+        stamp = _stamp(cfg_path)
+        if stamp == self._stamp:
+            return False
+        config = _read_config(cfg_path)
+        if config["store_id"] != self._config["store_id"]:
+            raise StoreCorruptError(f"{cfg_path} now describes another store")
+        self._config, self._stamp = config, stamp
+        self._whitening = None
+        self._fallback = None
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+        return True
 
     # -- facts -------------------------------------------------------------------------------
 
@@ -686,6 +731,15 @@ class Store:
         else:
             b.add(vec, ids)
 
+    def _with_options(self, spec: str) -> str:
+        """The spec plus run-time backend options that are never saved (e.g. a Milvus token)."""
+        if not self.backend_options:
+            return spec
+        p = parse_spec(spec)
+        if p.kind != "milvus":
+            return spec
+        return str(dataclasses.replace(p, params={**p.params, **self.backend_options}))
+
     def _load_backend(self) -> None:
         """Open the saved backend and bring it up to date with the committed rows."""
         spec = self._config["backend"]["spec"]
@@ -699,7 +753,9 @@ class Store:
             return
         directory = self.path / info["dir"]
         try:
-            b = load_backend(spec, self.search_dim, directory, root=self.path)
+            b = load_backend(self._with_options(spec), self.search_dim, directory, root=self.path)
+        except ConnectionError as e:
+            raise StoreError(f"cannot reach the search backend {spec}: {e}") from None
         except FileNotFoundError as e:
             raise StoreCorruptError(f"index files in {directory} are missing ({e}); "
                                     f"run `imret index rebuild {self.path}`") from None
@@ -718,6 +774,11 @@ class Store:
         n = self.n_rows()
         b = self._backend
         if b is None:
+            return
+        if b.external and not self.writable:
+            # a reader never writes to a shared engine: rows the writer has not sent yet are
+            # not found yet, and removals it has not applied yet are filtered from results
+            self._pending_dead = set(self._removed_ids(self._backend_remove_seq).tolist())
             return
         if self._backend_rows < n:
             vec = self.vectors(n)
@@ -743,7 +804,13 @@ class Store:
         spec = self._config["backend"]["spec"]
         if spec is not None and parse_spec(spec).kind != "exact":
             if self._backend is None and self._config["index"] is not None:
-                self._load_backend()
+                try:
+                    self._load_backend()
+                except StoreCorruptError:
+                    # a reader may race a writer that just replaced the index: look again
+                    if not self.refresh():
+                        raise
+                    return self._searcher()
             else:
                 self._catch_up()
             if self._backend is not None and self._backend.is_trained:
@@ -799,9 +866,7 @@ class Store:
         n = self.n_rows()
         alive = self._alive_mask(n)
         vec = self.vectors(n)
-        b = create_backend(spec_str, self.search_dim, root=self.path, n_hint=int(alive.sum()))
-        if b.external:
-            b.remove(np.arange(n, dtype=np.int64))  # a rebuilt collection starts empty
+        b = create_backend(self._with_options(spec_str), self.search_dim, root=self.path, n_hint=int(alive.sum()))
         if not b.is_trained:
             need = b.min_train_size
             live_ids = np.flatnonzero(alive)
@@ -868,7 +933,7 @@ class Store:
         for entry in self.path.iterdir():
             name = entry.name
             stale = (name.startswith(".") and name.endswith(".tmp")) or (
-                name.startswith(("index.", "vectors.", "whitening.")) and name not in live)
+                _GENERATED.fullmatch(name) is not None and name not in live)
             if stale:
                 if entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)
@@ -1031,6 +1096,7 @@ class Store:
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
+        self.refresh()
         qe = self.query_expansion if query_expansion is None else query_expansion
         x = self.postprocess(q)
         searcher = self._searcher()
@@ -1046,7 +1112,13 @@ class Store:
         return scores, ids
 
     def _search_once(self, searcher: Backend, x: np.ndarray, k: int, rescore: bool):
-        scores, ids = searcher.search(x, k)
+        dead = self._pending_dead if searcher is self._backend else set()
+        scores, ids = searcher.search(x, k + len(dead))
+        if dead:
+            keep = ~np.isin(ids, np.fromiter(dead, np.int64))
+            order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+            scores = np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(scores, order, 1), -np.inf)
+            ids = np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(ids, order, 1), -1)
         if rescore and not isinstance(searcher, ExactBackend) and ids.size:
             vec = self.vectors()
             valid = ids >= 0
