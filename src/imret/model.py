@@ -115,7 +115,9 @@ class RetrievalNet(nn.Module):
 
     def head(self, fmap: torch.Tensor) -> torch.Tensor:
         """``(B, C, h, w) -> (B, D)``: pool, normalise, whiten, normalise."""
-        v = self.pool(fmap).float()
+        v = self.pool(fmap)
+        if v.dtype in (torch.float16, torch.bfloat16):
+            v = v.float()  # normalise in float32 under autocast
         if self.whiten is not None:
             if self.spec.l2_before_whiten:
                 v = F.normalize(v, dim=1)

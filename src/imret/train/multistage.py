@@ -1,0 +1,206 @@
+"""Multistage backpropagation (Revaud et al., "Learning with Average Precision", ICCV 2019, Sec. 3.3).
+
+A listwise loss such as the AP loss needs the descriptors of the whole batch at once, but a
+batch of thousands of high-resolution images cannot keep its activations in memory. The
+gradient is computed in three stages instead:
+
+1. descriptors ``d = f(x)`` of every image (or chunk of images), without keeping activations;
+2. the loss ``L(d)`` and its gradient ``g = ∂L/∂d`` with respect to the ``(N, D)`` descriptors
+   (cheap: only ``N x D`` numbers);
+3. each chunk again, this time with autograd, back-propagating ``g`` of its rows:
+   ``∂L/∂θ = Σ_chunks (∂d_chunk/∂θ)ᵀ g_chunk``.
+
+By the chain rule the parameter gradients equal plain backpropagation through the whole batch,
+provided the two forward passes compute the same function: BatchNorm must use fixed statistics
+(frozen / eval mode), dropout must be off, and each image must be augmented once and reused.
+Peak memory is that of one chunk plus the ``N x D`` descriptors, whatever ``N`` is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "MultistageResult",
+    "multistage_backward",
+    "plain_backward",
+    "chunks_of",
+    "deterministic_forward_problems",
+    "freeze_batchnorm",
+]
+
+Images = torch.Tensor | Sequence[torch.Tensor]
+
+
+@dataclass
+class MultistageResult:
+    """What one multistage step produced."""
+
+    loss: torch.Tensor  # scalar, detached
+    descriptors: torch.Tensor  # (N, D), detached
+
+
+def chunks_of(images: Images, chunk_size: int) -> list[tuple[int, int, torch.Tensor]]:
+    """Split a batch into ``(start, stop, tensor)`` chunks of at most ``chunk_size`` images.
+
+    ``images`` is an ``(N, C, H, W)`` tensor or a sequence of ``(C, H, W)`` tensors that may
+    differ in size (high-resolution images keep their aspect ratio); consecutive images of
+    equal size are stacked into one chunk.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    out = []
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"images must be (N, C, H, W) or a list of (C, H, W), got shape {tuple(images.shape)}")
+        for s in range(0, images.shape[0], chunk_size):
+            out.append((s, min(s + chunk_size, images.shape[0]), images[s:s + chunk_size]))
+        return out
+    items = list(images)
+    s = 0
+    while s < len(items):
+        if items[s].dim() != 3:
+            raise ValueError(f"image {s} must be (C, H, W), got shape {tuple(items[s].shape)}")
+        e = s + 1
+        while e < len(items) and e - s < chunk_size and items[e].shape == items[s].shape:
+            e += 1
+        out.append((s, e, torch.stack(items[s:e])))
+        s = e
+    return out
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def freeze_batchnorm(model: nn.Module, *, affine: bool = True) -> nn.Module:
+    """Put every BatchNorm layer in eval mode (running statistics), keeping it there.
+
+    Call after ``model.train()``. With ``affine=False`` their scale and shift stop learning too.
+    Retrieval fine-tuning commonly freezes BatchNorm (batches of one high-resolution image,
+    cirtorch); multistage backpropagation needs it.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            if not affine:
+                for p in m.parameters():
+                    p.requires_grad_(False)
+    return model
+
+
+def deterministic_forward_problems(model: nn.Module) -> list[str]:
+    """Modules that would make two forward passes differ: BatchNorm in training mode, active dropout."""
+    problems = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            problems.append(f"{name or type(m).__name__}: BatchNorm in training mode (freeze it: eval mode)")
+        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)) and m.training and m.p > 0:
+            problems.append(f"{name or type(m).__name__}: dropout p={m.p} is active")
+    return problems
+
+
+def multistage_backward(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    images: Images,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    chunk_size: int = 1,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    grad_scale: float = 1.0,
+    gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    check: bool = True,
+) -> MultistageResult:
+    """Accumulate into ``.grad`` the parameter gradients of ``loss_fn(model(images))`` in three stages.
+
+    Args:
+        model: maps ``(B, C, H, W)`` images to ``(B, D)`` descriptors; its forward must be
+            deterministic (see :func:`deterministic_forward_problems`, checked when ``check``).
+        images: ``(N, C, H, W)`` or a list of ``(C, H, W)`` tensors (sizes may differ).
+        loss_fn: maps the ``(N_total, D)`` descriptors to a scalar loss.
+        chunk_size: images per forward pass; memory grows with it, not with ``N``.
+        device: where to run (default: the device of the model's first parameter).
+        autocast_dtype: ``torch.bfloat16`` / ``torch.float16`` to run the network under autocast
+            (the loss runs in float32).
+        grad_scale: multiplies the descriptor gradient before stage 3 (a loss scaler for fp16,
+            or ``world_size`` to undo DistributedDataParallel's gradient averaging).
+        gather: distributed training: maps this process's ``(N, D)`` descriptors to
+            ``(all descriptors of all processes, offset of this process's rows)``; the loss is
+            computed on the global batch and each process back-propagates its own rows.
+        no_sync: a context manager factory (``ddp_model.no_sync``) used for every chunk but the
+            last, so gradients are all-reduced once.
+        check: refuse a model whose forward is not deterministic.
+
+    Returns:
+        :class:`MultistageResult` with the detached loss and local descriptors.
+    """
+    if check and isinstance(model, nn.Module):
+        problems = deterministic_forward_problems(model)
+        if problems:
+            raise ValueError("multistage backpropagation needs a deterministic forward; " + "; ".join(problems))
+    if device is None:
+        p = next(model.parameters()) if isinstance(model, nn.Module) else None
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    parts = chunks_of(images, chunk_size)
+    # stage 1: descriptors without activations
+    with torch.no_grad():
+        descs = []
+        for _, _, x in parts:
+            with _autocast(device, autocast_dtype):
+                descs.append(_upcast(model(x.to(device, non_blocking=True))))
+        local = torch.cat(descs)
+    # stage 2: the loss and its gradient w.r.t. the descriptors
+    if gather is not None:
+        full, offset = gather(local)
+    else:
+        full, offset = local, 0
+    d = full.detach().requires_grad_(True)
+    loss = loss_fn(d)
+    if loss.dim() != 0:
+        raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+    (g_full,) = torch.autograd.grad(loss, d)
+    g = g_full[offset:offset + local.shape[0]] * grad_scale
+    # stage 3: recompute each chunk with autograd and push its rows' gradient through it
+    for n, (s, e, x) in enumerate(parts):
+        last = n == len(parts) - 1
+        ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+        with ctx:
+            with _autocast(device, autocast_dtype):
+                out = _upcast(model(x.to(device, non_blocking=True)))
+            out.backward(g[s:e])
+    return MultistageResult(loss.detach(), local.detach())
+
+
+def plain_backward(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    images: Images,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> MultistageResult:
+    """Ordinary backpropagation through the whole batch at once (the reference; memory grows with N)."""
+    if device is None:
+        p = next(model.parameters()) if isinstance(model, nn.Module) else None
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    parts = chunks_of(images, 1 << 30)
+    with _autocast(device, autocast_dtype):
+        out = _upcast(torch.cat([model(x.to(device)) for _, _, x in parts]))
+    loss = loss_fn(out)
+    loss.backward()
+    return MultistageResult(loss.detach(), out.detach())
