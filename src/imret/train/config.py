@@ -1,0 +1,215 @@
+"""The typed training configuration: YAML in, dataclasses out, unknown keys rejected.
+
+Every key has a documented default; the resolved configuration (defaults filled in) is saved
+beside every checkpoint so a run can be reproduced or resumed exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ModelConfig",
+    "DataConfig",
+    "LossConfig",
+    "MiningConfig",
+    "OptimConfig",
+    "ValidationConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "load_config",
+    "save_config",
+]
+
+LOSSES = ("contrastive", "triplet", "ap", "arcface")
+DATA_KINDS = ("folder", "csv", "sfm120k")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("none", "exponential", "cosine", "step")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"  # preset or timm CNN name
+    pool: str = "gem"  # mac | spoc | gem | rmac | rgem
+    gem_p: float = 3.0  # initial GeM p (learned)
+    pretrained: bool = True  # download ImageNet weights the timm way (ignored with weights)
+    weights: str | None = None  # local weights or imret checkpoint to start from
+    whitening: int | None = None  # learnable whitening layer of this dimension
+    freeze_batchnorm: bool = True  # BatchNorm with running statistics (needed by multistage)
+
+
+@dataclass
+class DataConfig:
+    kind: str = "folder"  # folder (one folder per class) | csv (path,label or GLDv2) | sfm120k (cirtorch pickle)
+    root: str = ""  # image root (folder dataset: the class folders)
+    csv: str | None = None  # for kind=csv
+    pkl: str | None = None  # for kind=sfm120k
+    image_size: int = 512  # long side of training images in pixels
+    augment: bool = True  # random resized crop, colour jitter (see imret.data.transforms)
+    workers: int = 2  # data loading processes
+
+
+@dataclass
+class LossConfig:
+    name: str = "contrastive"  # contrastive | triplet | ap | arcface
+    margin: float | None = None  # contrastive / triplet / arcface margin (None: the loss's default)
+    bins: int = 20  # AP loss: number of quantisation bins M
+    tie_aware: bool = False  # AP loss: tie-aware variant
+    class_balanced: bool = True  # AP loss: per-query class-balancing weights
+    scale: float = 30.0  # ArcFace scale s
+
+
+@dataclass
+class MiningConfig:
+    queries: int = 2000  # tuples per epoch (contrastive/triplet with tuples)
+    pool: int = 20000  # random pool in which hard negatives are mined each epoch
+    negatives: int = 5  # hard negatives per query, at most one per class
+    classes_per_batch: int = 16  # class-balanced batches (ap / arcface / in-batch mining)
+    per_class: int = 4
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-6
+    weight_decay: float = 1e-6
+    momentum: float = 0.9  # sgd
+    p_lr_mult: float = 10.0  # GeM p: this multiple of lr, no weight decay (Radenović et al.)
+    schedule: str = "exponential"  # none | exponential | cosine | step
+    gamma: float = 0.99  # exponential/step decay factor per epoch (step: every step_epochs)
+    step_epochs: int = 10
+    warmup_epochs: int = 0
+
+
+@dataclass
+class ValidationConfig:
+    gnd: str | None = None  # a revisitop gnd_*.pkl evaluated every `every` epochs
+    images: str | None = None  # its image folder (default: <gnd folder>/jpg)
+    image_size: int = 1024
+    every: int = 1
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/train"  # checkpoints, resolved config, logs, curves
+    epochs: int = 30
+    batch_size: int = 5  # tuples (contrastive/triplet) or images (ap/arcface) per step, per process
+    accumulate: int = 1  # gradient accumulation steps
+    multistage: bool = False  # multistage backpropagation (memory flat in batch size)
+    chunk_size: int = 1  # images per forward pass in multistage mode
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def __post_init__(self) -> None:
+        _choice("loss.name", self.loss.name, LOSSES)
+        _choice("data.kind", self.data.kind, DATA_KINDS)
+        _choice("optim.name", self.optim.name, OPTIMIZERS)
+        _choice("optim.schedule", self.optim.schedule, SCHEDULES)
+        _choice("precision", self.precision, PRECISIONS)
+        for name in ("epochs", "batch_size", "accumulate", "chunk_size"):
+            v = getattr(self, name)
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if self.optim.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.optim.lr}")
+        if self.multistage and not self.model.freeze_batchnorm:
+            raise ValueError("multistage: true needs model.freeze_batchnorm: true (two identical forward passes)")
+        if self.loss.bins < 2:
+            raise ValueError(f"loss.bins must be >= 2, got {self.loss.bins}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: unknown value {value!r}; available: {', '.join(choices)}")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, where)
+            except ValueError:
+                continue
+        raise ValueError(f"{where}: {value!r} is not a valid {tp}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, d: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where or 'the config'}; valid: {', '.join(names)}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Build a :class:`TrainConfig` from nested mappings; unknown keys and wrong types raise ``ValueError``."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a training config is a mapping, got {type(d).__name__}")
+    return _build(TrainConfig, d, "")
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read a YAML (or JSON) training config."""
+    import yaml
+
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        d = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    try:
+        return config_from_dict(d)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config (every default filled in) as YAML."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
