@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from .safepickle import load_data_pickle
+
 __all__ = [
     "PROTOCOLS",
     "IMAGE_EXTENSIONS",
@@ -134,27 +136,6 @@ def _ground_truth_problem(gt: RevisitopGroundTruth) -> str | None:
     return None
 
 
-class _GroundTruthUnpickler(pickle.Unpickler):
-    """Unpickler for ground-truth files: builtin containers and numpy arrays only."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"refusing to load {module}.{name}: a revisitop ground-truth file holds only "
-            "lists, dicts, numbers, strings and numpy arrays"
-        )
-
-
 def _index_array(value: Any, where: str) -> np.ndarray:
     """1-D int64 copy of a sequence of integer indices; ValueError naming ``where`` else."""
     if isinstance(value, np.ndarray) and value.dtype.kind in "iu":
@@ -190,7 +171,7 @@ def load_revisitop(path: str | os.PathLike, name: str | None = None) -> Revisito
     path = Path(path)
     with open(path, "rb") as f:
         try:
-            raw = _GroundTruthUnpickler(f).load()
+            raw = load_data_pickle(f, what="a revisitop ground-truth file")
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
             raise ValueError(f"{path}: not a revisitop ground-truth pickle ({e})") from e
     if not isinstance(raw, Mapping):
