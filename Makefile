@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench bench-search bench-postprocess clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,15 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-## Benchmarks whose figures go into BENCHMARKS.md.
+## Benchmarks whose figures go into BENCHMARKS.md (bench-search at 1M takes about half an hour).
 bench: $(VENV)/.installed
 	$(PY) benchmarks/extract.py
+
+bench-search: $(VENV)/.installed
+	$(PY) benchmarks/search.py --sizes 100000,1000000 --write
+
+bench-postprocess: $(VENV)/.installed
+	$(PY) benchmarks/postprocess.py --write
 
 clean-venv:
 	rm -rf $(VENV)
