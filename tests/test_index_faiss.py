@@ -271,8 +271,8 @@ def test_duplicates_padding_and_empty(data):
 
 def test_default_ann_spec():
     assert default_ann_spec(100) == "faiss:HNSW32?efSearch=128"
-    assert default_ann_spec(10_000) == "faiss:IVF256,SQ8?nprobe=16"
-    assert default_ann_spec(1_000_000) == "faiss:IVF4096,SQ8?nprobe=32"  # the measured setting
+    assert default_ann_spec(10_000) == "faiss:IVF256,SQ8?nprobe=64"
+    assert default_ann_spec(1_000_000) == "faiss:IVF4096,SQ8?nprobe=64"  # the measured setting
     assert default_ann_spec(1_000_000, nprobe="64").endswith("?nprobe=64")
     assert default_ann_spec(100, nprobe="64", efSearch="256") == "faiss:HNSW32?efSearch=256"
     for n in (0, 100, 10_000, 1_000_000, 10**10):

@@ -23,7 +23,7 @@ _FILE_VECTORS = "vectors.npy"
 _FILE_IDS = "ids.npy"
 
 
-def _block_rows(n_queries: int, dim: int, budget_bytes: int = 256 << 20) -> int:
+def _block_rows(n_queries: int, dim: int, budget_bytes: int = 512 << 20) -> int:
     # scores block (Q x B) plus the database block (B x D), both float32
     return max(1024, budget_bytes // (4 * (n_queries + dim)))
 
@@ -52,10 +52,11 @@ def exact_search(
     qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
     best_s = torch.full((nq, 0), -float("inf"))
     best_i = torch.zeros((nq, 0), dtype=torch.int64)
+    buf = torch.empty((nq, min(block, n)))  # reused: a fresh score block each time costs page faults
     for start in range(0, n, block):
         stop = min(n, start + block)
         xb = torch.from_numpy(np.ascontiguousarray(x[start:stop], dtype=np.float32))
-        s = qt @ xb.T
+        s = torch.mm(qt, xb.T, out=buf) if stop - start == buf.shape[1] else qt @ xb.T
         if alive is not None:
             dead = torch.from_numpy(~np.asarray(alive[start:stop], dtype=bool))
             if bool(dead.any()):

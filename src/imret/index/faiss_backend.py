@@ -56,7 +56,7 @@ _ANN_MIN_IVF_ROWS = 10_000
 _ANN_NLIST_RANGE = (16, 65536)
 _ANN_HNSW = "HNSW32"
 _ANN_EF_SEARCH = 128
-_ANN_MIN_NPROBE = 16
+_ANN_MIN_NPROBE = 64
 _ANN_PARAMS = ("nprobe", "efSearch")
 
 
@@ -497,10 +497,12 @@ def default_ann_spec(n: int, **params: Any) -> str:
       size any IVF would have too few rows per list.
     - otherwise ``IVF<nlist>,SQ8``: ``nlist`` is the power of two nearest ``4 * sqrt(n)``,
       clamped to 16..65536 and halved until ``39 * nlist <= n`` (enough rows to train it);
-      ``nprobe = max(16, nlist // 128)``, i.e. at least 1/128 of the lists.
+      ``nprobe = max(64, nlist // 128)``, i.e. at least 1/128 of the lists.
 
-    Measured on 1M x 512-D descriptors, k=100: ``IVF4096,SQ8`` with ``nprobe=32`` (what this rule
-    gives for 1M) has recall@100 0.967 at about 19x the exact-search throughput.
+    Measured with ``benchmarks/search.py`` (clustered synthetic 512-D descriptors, k=100, see
+    BENCHMARKS.md): at 1M rows ``IVF4096,SQ8`` gives recall@100 0.992 at nprobe 32 and 0.994 at
+    nprobe 64 (about 50x the exact-search throughput); at 100k rows ``IVF1024,SQ8`` needs nprobe
+    64 for 0.958 (16 gave 0.876), hence the floor of 64 probes.
     ``params`` may override ``nprobe`` (used when the rule picks IVF, capped at ``nlist``) and
     ``efSearch`` (used when it picks HNSW); other names raise ``ValueError``.
     """
