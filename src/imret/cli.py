@@ -6,6 +6,7 @@
     imret index add|remove|info|configure|rebuild STORE ...
     imret search STORE QUERY... [--bbox ...]    ranked (score, id, path): table, JSON, HTML, PNG
     imret models                                backbone presets and poolings
+    imret train CONFIG.yaml [--resume] [--set k=v]  fine-tune a network (torchrun for several processes)
 
 Only this module (and the server) prints, reads the environment or exits.
 """
@@ -533,6 +534,93 @@ def cmd_models(args) -> int:
     return 0
 
 
+# --- training -------------------------------------------------------------------------------------
+
+
+def _override(text: str) -> tuple[list[str], object]:
+    """``key.sub=value`` -> (["key", "sub"], value read as a YAML scalar)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ValueError(f"bad --set {text!r}: expected key.sub=value, e.g. optim.lr=1e-5")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"bad --set {text!r}: {e}") from None
+    if isinstance(parsed, (dict, list)):
+        raise ValueError(f"bad --set {text!r}: the value must be a scalar")
+    return parts, parsed
+
+
+def _apply_override(d: dict, parts: list[str], value: object, text: str) -> None:
+    node = d
+    for i, k in enumerate(parts[:-1]):
+        child = node.get(k)
+        if child is None and k not in node:
+            node[k] = child = {}  # an unknown section: the config check names it
+        if not isinstance(child, dict):
+            raise ValueError(f"bad --set {text!r}: {'.'.join(parts[:i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def cmd_train(args) -> int:
+    import logging
+
+    from .train.config import config_from_dict, load_config
+    from .train.distributed import cleanup, init_distributed
+    from .train.trainer import Trainer
+
+    d = load_config(args.config).to_dict()
+    for text in args.set:
+        parts, value = _override(text)
+        _apply_override(d, parts, value, text)
+    if args.out is not None:
+        d["out"] = args.out
+    if args.device is not None:
+        d["device"] = args.device
+    if args.resume:
+        d["resume"] = True
+    cfg = config_from_dict(d)
+    info = init_distributed(os.environ, cfg.device)
+    try:
+        if info.is_main:
+            logging.basicConfig(level=logging.WARNING, format="imret: %(levelname)s: %(message)s")
+        else:
+            logging.getLogger("imret.train").setLevel(logging.ERROR)
+
+        def report(s) -> None:
+            if not info.is_main:
+                return
+            val = "" if s.map_medium is None else (
+                f"  mAP E/M/H {100 * s.map_easy:.2f}/{100 * s.map_medium:.2f}/{100 * s.map_hard:.2f}")
+            p = "" if s.gem_p is None else f"  p {s.gem_p:.3f}"
+            print(f"epoch {s.epoch}/{cfg.epochs}  step {s.step}  loss {s.loss:.4f}  lr {s.lr:.3g}{p}{val}  "
+                  f"{s.images_per_s:.1f} img/s  {s.seconds:.1f} s", flush=True)
+
+        trainer = Trainer(cfg, dist=info, progress=not args.no_progress, on_epoch=report)
+        if info.is_main:
+            mode = "multistage" if cfg.multistage else "plain"
+            print(f"training {cfg.model.backbone} + {cfg.model.pool} with the {cfg.loss.name} loss on {len(trainer.images)} "
+                  f"images, {info.world_size} process(es) on {trainer.device}, {mode} backward, {cfg.precision}"
+                  + (f", resuming after epoch {trainer.start_epoch}" if cfg.resume else ""), flush=True)
+        result = trainer.fit()
+        if info.is_main:
+            print(f"run folder: {result.out}")
+            print(f"  config      {result.config}")
+            print(f"  checkpoint  {result.checkpoint}")
+            if result.last_model is not None:
+                print(f"  last model  {result.last_model}")
+            if result.best_model is not None:
+                print(f"  best model  {result.best_model} (Medium mAP {100 * result.best_map:.2f})")
+            print(f"  metrics     {result.metrics}, curves {result.curves}")
+    finally:
+        cleanup()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imret", description="Instance-level image retrieval")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -622,6 +710,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list backbone presets and poolings")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", help="fine-tune a retrieval network from a YAML config (torchrun for several processes)")
+    p.add_argument("config", help="training config (YAML; see configs/train_example.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint_last.pt")
+    p.add_argument("--out", default=None, help="run folder (overrides the config's out)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (overrides the config's device)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, value read as YAML, e.g. --set optim.lr=1e-5 (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,10 @@ DATA_KINDS = ("folder", "csv", "sfm120k")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "exponential", "cosine", "step")
 PRECISIONS = ("fp32", "bf16", "fp16")
+STRATEGIES = ("epoch", "batch_hard", "semihard", "all")
+
+# YAML 1.1 (PyYAML) reads "1e-6" (no dot) as a string; a float field accepts such text
+_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 @dataclass
@@ -67,11 +72,15 @@ class LossConfig:
 
 @dataclass
 class MiningConfig:
+    # contrastive / triplet: "epoch" mines hard negatives once per epoch into (query, positive,
+    # n_1..n_k) tuples (cirtorch); "batch_hard" | "semihard" (triplet) | "all" mine inside
+    # class-balanced batches. ap and arcface always train on class-balanced batches.
+    strategy: str = "epoch"
     queries: int = 2000  # tuples per epoch (contrastive/triplet with tuples)
     pool: int = 20000  # random pool in which hard negatives are mined each epoch
     negatives: int = 5  # hard negatives per query, at most one per class
-    classes_per_batch: int = 16  # class-balanced batches (ap / arcface / in-batch mining)
-    per_class: int = 4
+    classes_per_batch: int = 16  # class-balanced batches (ap / arcface / in-batch mining), per process
+    per_class: int = 4  # images per class in a batch
 
 
 @dataclass
@@ -99,13 +108,16 @@ class ValidationConfig:
 class TrainConfig:
     out: str = "runs/train"  # checkpoints, resolved config, logs, curves
     epochs: int = 30
-    batch_size: int = 5  # tuples (contrastive/triplet) or images (ap/arcface) per step, per process
+    batch_size: int = 5  # tuples per step, per process (tuple mining); batches: mining.classes_per_batch x per_class
     accumulate: int = 1  # gradient accumulation steps
     multistage: bool = False  # multistage backpropagation (memory flat in batch size)
     chunk_size: int = 1  # images per forward pass in multistage mode
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    resume: bool = False  # continue from <out>/checkpoint_last.pt
+    log_every: int = 10  # optimizer steps between loss points in the log / TensorBoard
+    max_steps_per_epoch: int | None = None  # cap on steps (batches) per epoch, e.g. for smoke tests
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -119,10 +131,15 @@ class TrainConfig:
         _choice("optim.name", self.optim.name, OPTIMIZERS)
         _choice("optim.schedule", self.optim.schedule, SCHEDULES)
         _choice("precision", self.precision, PRECISIONS)
-        for name in ("epochs", "batch_size", "accumulate", "chunk_size"):
+        _choice("mining.strategy", self.mining.strategy, STRATEGIES)
+        if self.mining.strategy == "semihard" and self.loss.name != "triplet":
+            raise ValueError(f"mining.strategy: semihard needs loss.name: triplet, got {self.loss.name!r}")
+        for name in ("epochs", "batch_size", "accumulate", "chunk_size", "log_every"):
             v = getattr(self, name)
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError(f"max_steps_per_epoch must be >= 1 or null, got {self.max_steps_per_epoch}")
         if self.optim.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.optim.lr}")
         if self.multistage and not self.model.freeze_batchnorm:
@@ -166,6 +183,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ValueError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where}: expected a number, got {value!r}")
         return float(value)
