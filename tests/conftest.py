@@ -1,9 +1,15 @@
+import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def installed(*modules: str) -> bool:
+    """True when every module can be imported (optional backends: faiss, pymilvus, milvus_lite)."""
+    return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
 def shared_dir() -> Path:

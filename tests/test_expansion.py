@@ -159,3 +159,21 @@ def test_parameter_errors(data):
         alpha_database_augmentation(np.full((3, 2), np.nan))
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         alpha_query_expansion(q, db, 2, chunk_size=0)
+
+
+def test_expand_with_given_neighbours_matches_alpha_qe():
+    from imret.expansion import expand_with_neighbours
+
+    rng = np.random.default_rng(5)
+    db = rng.standard_normal((40, 8)).astype(np.float32)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    q = db[:3] + 0.1 * rng.standard_normal((3, 8)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    s = q @ db.T
+    nn = np.argsort(-s, axis=1)[:, :3]
+    sims = np.take_along_axis(s, nn, 1)
+    np.testing.assert_allclose(expand_with_neighbours(q, db[nn], sims, 3.0), alpha_query_expansion(q, db, 3, 3.0), atol=1e-6)
+    # padding (-inf similarity) adds nothing, for alpha = 0 too
+    padded = np.concatenate([sims, np.full((3, 1), -np.inf, np.float32)], 1)
+    neigh = np.concatenate([db[nn], np.ones((3, 1, 8), np.float32)], 1)
+    np.testing.assert_allclose(expand_with_neighbours(q, neigh, padded, 0.0), alpha_query_expansion(q, db, 3, 0.0), atol=1e-6)

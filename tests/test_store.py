@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import installed
+
 from imret import create_model
 from imret.expansion import alpha_database_augmentation, alpha_query_expansion
 from imret.index.exact import exact_search
@@ -273,20 +275,9 @@ def test_a_reader_follows_a_writer_in_another_handle(tmp_path, photos, model):
 
 
 def _approx_backends():
-    out = []
-    try:
-        import faiss  # noqa: F401
-
-        out += ["faiss:IVF2,Flat?nprobe=2", "faiss:HNSW8"]
-    except ImportError:
-        pass
-    try:
-        import milvus_lite  # noqa: F401
-        import pymilvus  # noqa: F401
-
+    out = ["faiss:IVF2,Flat?nprobe=2", "faiss:HNSW8"] if installed("faiss") else []
+    if installed("pymilvus", "milvus_lite"):
         out.append("milvus:./vectors.db?index=FLAT")
-    except ImportError:
-        pass
     return out
 
 

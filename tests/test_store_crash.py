@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import installed
+
 from imret import create_model
 from imret.index.store import Preprocessing, Store
 from imret.synthetic import make_labelled_folder
@@ -38,14 +40,7 @@ WORKER = textwrap.dedent(
 
 
 def _backends():
-    out = ["exact"]
-    try:
-        import faiss  # noqa: F401
-
-        out.append("faiss:HNSW16")
-    except ImportError:
-        pass
-    return out
+    return ["exact", "faiss:HNSW16"] if installed("faiss") else ["exact"]
 
 
 @pytest.mark.parametrize("backend", _backends())

@@ -353,11 +353,11 @@ def cmd_index_info(args) -> int:
         print(f"images     {info['images']} ({info['removed']} removed)")
         print(f"model      {spec['backbone']} + {spec['pool']}, {info['dim']}-D; from {info['model']['source'] or '?'}")
         print(f"images in  {pre['image_size']} px, scales {','.join(f'{s:g}' for s in pre['scales'])}, crops scaled by {pre['crop_resize']}")
-        print(f"whitening  " + (f"{w['kind']} -> {w['dim']}-D" if w else "none"))
-        print(f"dba        " + (f"k={info['dba']['k']} alpha={info['dba']['alpha']}" + (
+        print("whitening  " + (f"{w['kind']} -> {w['dim']}-D" if w else "none"))
+        print("dba        " + (f"k={info['dba']['k']} alpha={info['dba']['alpha']}" + (
             f" ({info['dba'].get('rows_not_augmented', 0)} rows added since)" if info['dba'].get('rows_not_augmented') else "")
             if info["dba"] else "none"))
-        print(f"query exp. " + (f"{qe['method']} k={qe['k']}" + (f" alpha={qe['alpha']}" if qe["method"] == "alpha" else "")
+        print("query exp. " + (f"{qe['method']} k={qe['k']}" + (f" alpha={qe['alpha']}" if qe["method"] == "alpha" else "")
                                 if qe["method"] != "none" else "none"))
         b = info["backend"]
         print(f"backend    {b['spec'] or b['requested']} (searching with {b['searching_with']}, {b['ntotal']} vectors)")
@@ -400,10 +400,21 @@ def _read_pairs(path: str, store) -> "object":
     return np.array(pairs, dtype=np.int64)
 
 
+def _query_expansion_override(args, current):
+    """The store's query expansion with the --qe / --qe-k / --qe-alpha given; None when none is given."""
+    from .index.store import QueryExpansion
+
+    if args.qe is None and args.qe_k is None and args.qe_alpha is None:
+        return None
+    return QueryExpansion(method=args.qe if args.qe is not None else current.method,
+                          k=args.qe_k if args.qe_k is not None else current.k,
+                          alpha=args.qe_alpha if args.qe_alpha is not None else current.alpha)
+
+
 def cmd_index_configure(args) -> int:
     import numpy as np
 
-    from .index.store import QueryExpansion, Store
+    from .index.store import Store
     from .whitening import fit_learned_whitening, fit_pca_whitening
 
     with Store.open(args.store, writable=True, backend_options=_backend_options()) as store:
@@ -428,12 +439,9 @@ def cmd_index_configure(args) -> int:
                     print(f"learned whitening fitted on {len(pairs)} matching pairs")
         if args.dba_k is not None:
             kw["dba"] = None if args.dba_k == 0 else (args.dba_k, args.dba_alpha)
-        if args.qe is not None or args.qe_k is not None or args.qe_alpha is not None:
-            cur = store.query_expansion
-            kw["query_expansion"] = QueryExpansion(
-                method=args.qe if args.qe is not None else cur.method,
-                k=args.qe_k if args.qe_k is not None else cur.k,
-                alpha=args.qe_alpha if args.qe_alpha is not None else cur.alpha)
+        qe = _query_expansion_override(args, store.query_expansion)
+        if qe is not None:
+            kw["query_expansion"] = qe
         if not kw:
             raise ValueError("nothing to configure: give --backend, --whiten, --dba-k or --qe options")
         t0 = time.perf_counter()
@@ -464,7 +472,7 @@ def _bbox(text: str) -> tuple[float, float, float, float]:
 
 
 def cmd_search(args) -> int:
-    from .index.store import QueryExpansion, Store
+    from .index.store import Store
 
     queries = list(args.queries)
     if args.bbox and len(args.bbox) not in (1, len(queries)):
@@ -477,11 +485,7 @@ def cmd_search(args) -> int:
         if not os.path.isfile(q):
             raise FileNotFoundError(f"query image {q!r} does not exist")
     with Store.open(args.store, device=args.device, backend_options=_backend_options()) as store:
-        qe = None
-        if args.qe is not None or args.qe_k is not None or args.qe_alpha is not None:
-            cur = store.query_expansion
-            qe = QueryExpansion(method=args.qe or cur.method, k=args.qe_k or cur.k,
-                                alpha=args.qe_alpha if args.qe_alpha is not None else cur.alpha)
+        qe = _query_expansion_override(args, store.query_expansion)
         t0 = time.perf_counter()
         from .images import ImageError
 

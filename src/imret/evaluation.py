@@ -23,7 +23,6 @@ import csv
 import json
 import math
 import os
-import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,11 +168,7 @@ def load_revisitop(path: str | os.PathLike, name: str | None = None) -> Revisito
             (missing keys, indices out of range, malformed boxes).
     """
     path = Path(path)
-    with open(path, "rb") as f:
-        try:
-            raw = load_data_pickle(f, what="a revisitop ground-truth file")
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-            raise ValueError(f"{path}: not a revisitop ground-truth pickle ({e})") from e
+    raw = load_data_pickle(path, what="a revisitop ground-truth pickle")
     if not isinstance(raw, Mapping):
         raise ValueError(f"{path}: expected a dict, got {type(raw).__name__}")
     missing = [k for k in ("imlist", "qimlist", "gnd") if k not in raw]

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["average_query_expansion", "alpha_query_expansion", "alpha_database_augmentation"]
+__all__ = ["average_query_expansion", "alpha_query_expansion", "alpha_database_augmentation", "expand_with_neighbours"]
 
 # Elements of float32 scratch per chunk (score block or gathered neighbours): 64 MiB.
 _CHUNK_ELEMENTS = 1 << 24
@@ -94,10 +94,38 @@ def _expand(q: np.ndarray, db: np.ndarray, k: int, alpha: float, exclude_self: b
         else:
             ids = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
         sims = np.take_along_axis(scores, ids, axis=1)
-        weights = np.power(np.maximum(sims, 0.0), np.float32(alpha))  # 0**0 == 1: alpha=0 is AQE
-        out[start:stop] += np.einsum("ck,ckd->cd", weights, db[ids])
+        out[start:stop] = _add_neighbours(q[start:stop], db[ids], sims, alpha)
     out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.finfo(np.float32).tiny)
     return out
+
+
+def _add_neighbours(q: np.ndarray, neighbours: np.ndarray, sims: np.ndarray, alpha: float) -> np.ndarray:
+    """``q + Σ_j max(s_j, 0)^alpha n_j`` (not normalised); ``neighbours`` ``(Q, k, D)``, ``sims`` ``(Q, k)``."""
+    weights = np.power(np.maximum(sims, 0.0), np.float32(alpha)).astype(np.float32)  # 0**0 == 1: alpha=0 is AQE
+    return q + np.einsum("qk,qkd->qd", weights, neighbours)
+
+
+def expand_with_neighbours(q: Any, neighbours: Any, sims: Any, alpha: float = 3.0) -> np.ndarray:
+    """αQE with neighbours already found (e.g. by an index): ``normalise(q + Σ_j max(s_j, 0)^alpha n_j)``.
+
+    Args:
+        q: ``(Q, D)`` queries (used as given: the rows a search was run with).
+        neighbours: ``(Q, k, D)`` the neighbours' database rows.
+        sims: ``(Q, k)`` their similarities to the query; entries that are not finite (padding
+            for missing results) get weight 0.
+        alpha: exponent of the weights; 0 is AQE.
+
+    Returns:
+        ``(Q, D)`` float32, L2-normalised; the same update :func:`alpha_query_expansion` makes.
+    """
+    alpha = _check_alpha(alpha)
+    q = np.asarray(q, dtype=np.float32)
+    neighbours = np.asarray(neighbours, dtype=np.float32)
+    sims = np.asarray(sims, dtype=np.float32)
+    valid = np.isfinite(sims)
+    out = _add_neighbours(q, np.where(valid[..., None], neighbours, 0.0), np.where(valid, sims, 0.0), alpha)
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+    return out.astype(np.float32)
 
 
 def average_query_expansion(q: Any, db: Any, k: int = 2, *, chunk_size: int | None = None) -> np.ndarray:

@@ -6,6 +6,7 @@ file is refused, so a crafted file cannot run code.
 
 from __future__ import annotations
 
+import os
 import pickle
 from typing import IO, Any
 
@@ -36,6 +37,14 @@ class DataUnpickler(pickle.Unpickler):
         )
 
 
-def load_data_pickle(file: IO[bytes], *, what: str = "a dataset file", encoding: str = "ASCII") -> Any:
-    """Unpickle ``file`` allowing only plain data (see :class:`DataUnpickler`)."""
-    return DataUnpickler(file, what=what, encoding=encoding).load()
+def load_data_pickle(path: str | os.PathLike, *, what: str = "a dataset file", encoding: str = "ASCII") -> Any:
+    """Unpickle the file at ``path`` allowing only plain data (see :class:`DataUnpickler`).
+
+    A file that is not such a pickle raises ``ValueError`` naming the path and ``what`` it
+    should have been.
+    """
+    with open(path, "rb") as f:
+        try:
+            return DataUnpickler(f, what=what, encoding=encoding).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{os.fspath(path)}: not {what} ({e})") from e

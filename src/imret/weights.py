@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .fileio import atomic_path
 from .model import ModelSpec, RetrievalNet, create_model_from_spec
 
 __all__ = ["read_weights_file", "load_weights", "load_model", "save_model", "convert_cirtorch", "convert_dirtorch"]
@@ -188,17 +189,16 @@ def save_model(model: RetrievalNet, path: str | os.PathLike, *, extra: dict[str,
     """
     path = os.fspath(path)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path + ".tmp"
-    if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import save_file
 
-        save_file(sd, tmp, metadata={_META_KEY: json.dumps({"spec": model.spec.to_dict(), "version": CHECKPOINT_VERSION})})
-    else:
-        obj = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "spec": model.spec.to_dict(), "state_dict": sd}
-        if extra:
-            obj["extra"] = extra
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+            save_file(sd, tmp, metadata={_META_KEY: json.dumps({"spec": model.spec.to_dict(), "version": CHECKPOINT_VERSION})})
+        else:
+            obj = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "spec": model.spec.to_dict(), "state_dict": sd}
+            if extra:
+                obj["extra"] = extra
+            torch.save(obj, tmp)
 
 
 # --- cirtorch -----------------------------------------------------------------------------

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import os
-import pickle
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -324,11 +323,7 @@ def load_sfm120k(
     pkl_path = Path(pkl_path)
     if split is not None and split not in SFM_SPLITS:
         raise ValueError(f"unknown split {split!r}; available: {', '.join(SFM_SPLITS)}, or None for a flat file")
-    with open(pkl_path, "rb") as f:
-        try:
-            raw = load_data_pickle(f, what="a dataset file", encoding="latin1")
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-            raise ValueError(f"{pkl_path}: not a retrieval-SfM-120k pickle ({e})") from e
+    raw = load_data_pickle(pkl_path, what="a retrieval-SfM-120k pickle", encoding="latin1")
     if not isinstance(raw, dict):
         raise ValueError(f"{pkl_path}: expected a dict, got {type(raw).__name__}")
     if split is not None:

@@ -38,7 +38,6 @@ import os
 import re
 import shutil
 import sqlite3
-import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
@@ -47,7 +46,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..expansion import alpha_database_augmentation
+from ..expansion import alpha_database_augmentation, expand_with_neighbours
+from ..fileio import atomic_write_bytes, fsync_dir
 from ..whitening import Whitening
 from . import create_backend, load_backend, resolve_spec
 from .base import Backend, as_rows, parse_spec
@@ -186,25 +186,6 @@ def _reject_unknown(d: dict[str, Any], cls: type, what: str) -> None:
 # --- small file helpers -----------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> tuple[str, int]:
     h = hashlib.sha256()
     size = 0
@@ -272,6 +253,7 @@ class Store:
         self._fallback_seq = -1
         self._stamp: tuple[int, int] | None = None
         self._pending_dead: set[int] = set()
+        self._maps: dict[str, np.ndarray] = {}
 
     # -- construction ------------------------------------------------------------------------
 
@@ -334,7 +316,7 @@ class Store:
             "vectors": None,
             "index": None,
         }
-        _atomic_write_bytes(path / _STORE_JSON, json.dumps(config, indent=2).encode())
+        atomic_write_bytes(path / _STORE_JSON, json.dumps(config, indent=2).encode())
         store = cls.open(path, writable=True, device=device, backend_options=backend_options)
         store._model = model
         return store
@@ -431,6 +413,7 @@ class Store:
         self._config, self._stamp = config, stamp
         self._whitening = None
         self._fallback = None
+        self._maps.clear()
         if self._backend is not None:
             self._backend.close()
             self._backend = None
@@ -520,7 +503,14 @@ class Store:
         n = self.n_rows() if n is None else n
         if n == 0:
             return np.zeros((0, width), np.float32)
-        return np.memmap(self.path / name, dtype=np.float32, mode="c", shape=(n, width))
+        # committed rows never change in place (derived files get new names), so a map of the
+        # first n rows stays valid; reuse it instead of mapping the file again on every search
+        cached = self._maps.get(name)
+        if cached is not None and cached.shape == (n, width):
+            return cached
+        m = np.memmap(self.path / name, dtype=np.float32, mode="c", shape=(n, width))
+        self._maps[name] = m
+        return m
 
     def descriptors(self, n: int | None = None) -> np.ndarray:
         """The raw ``(N, D)`` descriptors (memory-mapped, read-only), row i = id i."""
@@ -680,7 +670,7 @@ class Store:
         report.added.extend(int(i) for i in ids)
         # 3. the in-memory index follows; saved by save_index()
         if self._backend is not None and self._backend_ready():
-            self._backend_add(vec, ids)
+            self._add_to(self._backend, vec, ids)
             self._backend_rows = n + m
 
     def remove(self, ids: Iterable[int]) -> int:
@@ -724,12 +714,21 @@ class Store:
         b = self._backend
         return b is not None and b.is_trained
 
-    def _backend_add(self, vec: np.ndarray, ids: np.ndarray) -> None:
-        b = self._backend
+    @staticmethod
+    def _add_to(b: Backend, vec: np.ndarray, ids: np.ndarray) -> None:
+        # an external engine may already hold rows sent before a crash: upsert them
         if b.external:
             b.add(vec, ids, replace=True)
         else:
             b.add(vec, ids)
+
+    def _add_rows_to(self, b: Backend, start: int, n: int, vec: np.ndarray, alive: np.ndarray) -> None:
+        """Add the live rows ``[start, n)`` of ``vec`` to ``b`` in 65536-row chunks."""
+        for lo in range(start, n, 65536):
+            hi = min(n, lo + 65536)
+            ids = np.arange(lo, hi)[alive[lo:hi]]
+            if ids.size:
+                self._add_to(b, np.asarray(vec[ids]), ids)
 
     def _with_options(self, spec: str) -> str:
         """The spec plus run-time backend options that are never saved (e.g. a Milvus token)."""
@@ -781,16 +780,7 @@ class Store:
             self._pending_dead = set(self._removed_ids(self._backend_remove_seq).tolist())
             return
         if self._backend_rows < n:
-            vec = self.vectors(n)
-            alive = self._alive_mask(n)
-            for start in range(self._backend_rows, n, 65536):
-                stop = min(n, start + 65536)
-                ids = np.arange(start, stop)[alive[start:stop]]
-                if ids.size:
-                    if b.external:
-                        b.add(np.asarray(vec[ids]), ids, replace=True)
-                    else:
-                        b.add(np.asarray(vec[ids]), ids)
+            self._add_rows_to(b, self._backend_rows, n, self.vectors(n), self._alive_mask(n))
             self._backend_rows = n
         seq = self._remove_seq()
         if self._backend_remove_seq < seq:
@@ -879,11 +869,7 @@ class Store:
             rng = np.random.default_rng(0)
             sample = np.sort(rng.choice(live_ids, size=min(live_ids.size, max(need, 100_000)), replace=False))
             b.train(np.asarray(vec[sample]))
-        for start in range(0, n, 65536):
-            stop = min(n, start + 65536)
-            ids = np.arange(start, stop)[alive[start:stop]]
-            if ids.size:
-                b.add(np.asarray(vec[ids]), ids)
+        self._add_rows_to(b, 0, n, vec, alive)
         if self._backend is not None:
             self._backend.close()
         self._backend = b
@@ -900,9 +886,9 @@ class Store:
             shutil.rmtree(tmp)
         tmp.mkdir()
         self._backend.save(tmp)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.replace(tmp, self.path / name)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         self._config["generation"] = gen
         self._replace_index_dir({"dir": name, "rows": self._backend_rows, "remove_seq": self._backend_remove_seq})
 
@@ -914,7 +900,7 @@ class Store:
             shutil.rmtree(self.path / old["dir"], ignore_errors=True)
 
     def _write_config(self) -> None:
-        _atomic_write_bytes(self.path / _STORE_JSON, json.dumps(self._config, indent=2).encode())
+        atomic_write_bytes(self.path / _STORE_JSON, json.dumps(self._config, indent=2).encode())
 
     def _recover(self) -> None:
         """Writer start-up: drop leftovers of an interrupted write."""
@@ -932,7 +918,7 @@ class Store:
             live.add(self._config["index"]["dir"])
         for entry in self.path.iterdir():
             name = entry.name
-            stale = (name.startswith(".") and name.endswith(".tmp")) or (
+            stale = (name.startswith(".") and ".tmp" in name) or (
                 _GENERATED.fullmatch(name) is not None and name not in live)
             if stale:
                 if entry.is_dir():
@@ -1029,6 +1015,7 @@ class Store:
         self._config = cfg
         self._whitening = None
         self._fallback = None
+        self._maps.clear()
         if changed_vectors or backend is not None:
             cfg["backend"]["spec"] = None
             if self._backend is not None:
@@ -1106,8 +1093,8 @@ class Store:
                 s2, i2 = self._search_once(searcher, x, qe.k, exact_rescore)
             else:
                 s2, i2 = scores, ids
-            x = _expand_with_neighbours(x, self.vectors(), s2[:, : qe.k], i2[:, : qe.k],
-                                        0.0 if qe.method == "aqe" else qe.alpha)
+            x = expand_with_neighbours(x, self._gather(i2[:, : qe.k]), s2[:, : qe.k],
+                                       0.0 if qe.method == "aqe" else qe.alpha)
             scores, ids = self._search_once(searcher, x, int(k), exact_rescore)
         return scores, ids
 
@@ -1120,15 +1107,18 @@ class Store:
             scores = np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(scores, order, 1), -np.inf)
             ids = np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(ids, order, 1), -1)
         if rescore and not isinstance(searcher, ExactBackend) and ids.size:
-            vec = self.vectors()
-            valid = ids >= 0
-            safe = np.where(valid, ids, 0)
-            true = np.einsum("qkd,qd->qk", np.asarray(vec[safe.ravel()]).reshape(*ids.shape, -1), x)
-            true = np.where(valid, true, -np.inf).astype(np.float32)
+            true = np.einsum("qkd,qd->qk", self._gather(ids), x)
+            true = np.where(ids >= 0, true, -np.inf).astype(np.float32)
             order = np.argsort(-true, axis=1, kind="stable")
             scores = np.take_along_axis(true, order, 1)
             ids = np.take_along_axis(ids, order, 1)
         return scores, ids
+
+    def _gather(self, ids: np.ndarray) -> np.ndarray:
+        """The indexed rows of a ``(Q, k)`` id array as ``(Q, k, D')``; padding ids (-1) give zeros."""
+        valid = ids >= 0
+        rows = np.asarray(self.vectors()[np.where(valid, ids, 0).ravel()], dtype=np.float32)
+        return np.where(valid[..., None], rows.reshape(*ids.shape, -1), 0.0).astype(np.float32)
 
     def search(
         self,
@@ -1264,19 +1254,3 @@ def _read_config(path: Path) -> dict[str, Any]:
     if missing:
         raise StoreCorruptError(f"{path} lacks keys {missing}")
     return config
-
-
-def _expand_with_neighbours(x: np.ndarray, vectors: np.ndarray, sims: np.ndarray, ids: np.ndarray, alpha: float) -> np.ndarray:
-    """``normalise(q + Σ_j max(s_j, 0)^alpha v_j)`` over the given neighbours (ids -1 ignored).
-
-    The same update as :func:`imret.expansion.alpha_query_expansion` with the neighbours
-    taken from a search result instead of a brute-force pass.
-    """
-    valid = ids >= 0
-    safe = np.where(valid, ids, 0)
-    neigh = np.asarray(vectors[safe.ravel()], dtype=np.float32).reshape(*ids.shape, -1)
-    w = np.power(np.maximum(np.where(valid, sims, 0.0), 0.0), np.float32(alpha)).astype(np.float32)
-    w = np.where(valid, w, 0.0)
-    out = x + np.einsum("qk,qkd->qd", w, neigh)
-    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.finfo(np.float32).tiny)
-    return out.astype(np.float32)

@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..fileio import atomic_path
+
 __all__ = ["METRIC_COLUMNS", "MetricsLog", "read_metrics", "plot_training_curves"]
 
 METRIC_COLUMNS = (
@@ -88,9 +90,8 @@ def plot_training_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = os.fspath(path) + ".tmp.png"
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
 
 
 class MetricsLog:
@@ -136,13 +137,11 @@ class MetricsLog:
                 self.writer = SummaryWriter(log_dir=str(self.out / "tb"))
 
     def _rewrite(self) -> None:
-        tmp = self.csv_path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with atomic_path(self.csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(METRIC_COLUMNS)
             for r in self.rows:
                 w.writerow([_cell(r.get(c)) for c in METRIC_COLUMNS])
-        os.replace(tmp, self.csv_path)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         """One TensorBoard point (nothing without TensorBoard)."""

@@ -46,7 +46,6 @@ import dataclasses
 import inspect
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -69,6 +68,7 @@ from ..data import (
     load_folder_dataset,
     load_sfm120k,
 )
+from ..fileio import atomic_path
 from ..images import RESAMPLE
 from ..losses import create_loss, tuples_to_pairs, tuples_to_triplets
 from ..mining import batch_hard_triplets, epoch_tuples, hard_pairs, sample_epoch, semi_hard_triplets
@@ -713,9 +713,8 @@ class Trainer:
                     if improved:
                         save_model(self.model, self.out / "model_best.safetensors")
                     ckpt = self.out / CHECKPOINT_NAME
-                    tmp = ckpt.with_name(ckpt.name + ".tmp")
-                    torch.save(self._checkpoint_state(done), tmp)
-                    os.replace(tmp, ckpt)
+                    with atomic_path(ckpt) as tmp:
+                        torch.save(self._checkpoint_state(done), tmp)
                 self.start_epoch = done
                 barrier()
                 self.log.info(
