@@ -17,6 +17,7 @@ demo: $(VENV)/.installed
 
 ## The test suite (CPU only; tests that need ../shared skip with a reason when it is absent).
 test: $(VENV)/.installed
+	scripts/install_browser.sh
 	$(PY) -m pytest -q
 
 ## Benchmarks whose figures go into BENCHMARKS.md (bench-search at 1M takes about half an hour).

@@ -59,6 +59,7 @@ def hnsw(root, data):
     x, ids, _ = data
     b = create_backend("milvus:./shared.db?collection=hnsw&index=HNSW&M=16&efConstruction=100&ef=32", D, root=root)
     b.add(x, ids)
+    b.flush()  # Milvus Lite searches new rows by brute force until the collection is reloaded
     yield b
     b.close()
 
@@ -196,6 +197,46 @@ def test_add_checks_input(flat, data):
 
 
 # -- persistence ------------------------------------------------------------------------------
+
+
+def test_lite_reloads_after_inserts_so_search_uses_the_index(tmp_path, data, monkeypatch):
+    """Milvus Lite indexes rows only when a collection is loaded: flush/save reload it after
+    inserts (and only then), so searches use the HNSW graph, as a reopened backend does."""
+    x, ids, q = data
+    store = tmp_path / "store"
+    store.mkdir()
+    spec = "milvus:./vectors.db?index=HNSW&ef=10"  # a small ef: the graph's answers differ from exact ones
+    k = 10
+    b = create_backend(spec, D, root=store)
+    reloads = []
+    release = b._client.release_collection
+    monkeypatch.setattr(b._client, "release_collection", lambda *a, **kw: reloads.append(1) or release(*a, **kw))
+    half = N // 2
+    b.add(x[:half], ids[:half])
+    b.save(tmp_path)
+    assert len(reloads) == 1
+    es, _ = exact_search(q, x[:half], k, ids=ids[:half])
+    assert tie_aware_recall(q, x[:half], ids[:half], es, b.search(q, k)[1], k) >= 0.85
+    b.add(x[half:], ids[half:])
+    b.save(tmp_path)
+    assert len(reloads) == 2
+    b.save(tmp_path)  # nothing inserted since: no reload
+    gone = ids[::7]
+    b.remove(gone)
+    b.flush()  # deleted rows need no reload either
+    assert len(reloads) == 2
+    keep = ~np.isin(ids, gone)
+    s, i = b.search(q, k)
+    es, _ = exact_search(q, x[keep], k, ids=ids[keep])
+    assert tie_aware_recall(q, x[keep], ids[keep], es, i, k) >= 0.85
+    assert not np.isin(i, gone).any()
+    b.save(tmp_path)
+    b.close()
+    # a fresh engine loads the saved segments and their indexes: the very same answers
+    with load_backend(spec, D, tmp_path, root=store) as again:
+        s2, i2 = again.search(q, k)
+    np.testing.assert_array_equal(i2, i)
+    np.testing.assert_allclose(s2, s, atol=1e-6)
 
 
 @pytest.mark.parametrize("index", ["FLAT", "HNSW"])

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from imret import create_model
 from imret.train.multistage import (
     chunks_of,
+    iter_chunks,
     deterministic_forward_problems,
     freeze_batchnorm,
     multistage_backward,
@@ -99,3 +100,53 @@ def test_refuses_a_non_deterministic_forward():
         chunks_of(torch.randn(2, 3, 8, 8), 0)
     with pytest.raises(ValueError, match="scalar"):
         multistage_backward(model, torch.randn(2, 3, 32, 32), lambda d: d)
+
+
+class _LazyImages:
+    """A dataset-like sequence that builds each image on access and counts what is alive."""
+
+    def __init__(self, n, sizes, seed=0, jitter=False):
+        self.n, self.sizes, self.seed, self.jitter = n, sizes, seed, jitter
+        self.reads = 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        self.reads += 1
+        h, w = self.sizes[i % len(self.sizes)]
+        if self.jitter and self.reads > self.n:  # second pass sees another size: not deterministic
+            h += 2
+        g = torch.Generator().manual_seed(self.seed * 1000 + i)
+        return torch.randn(3, h, w, generator=g)
+
+
+def test_lazy_sequence_is_read_twice_in_chunks_and_matches_plain():
+    torch.manual_seed(0)
+    model = create_model("resnet18", "gem", pretrained=False)
+    model.train()
+    freeze_batchnorm(model)
+    src = _LazyImages(7, [(32, 40), (32, 40), (40, 32)])
+    w = torch.randn(7, 7)
+    chunk_lens = [e - s for s, e, _ in iter_chunks(src, 2)]
+    assert max(chunk_lens) <= 2 and sum(chunk_lens) == 7
+    src.reads = 0
+    model.zero_grad()
+    multistage_backward(model, src, listwise_loss(w), chunk_size=2)
+    assert src.reads == 14  # each image read once per pass, never kept as a list
+    g_multi = _grads(model)
+    model.zero_grad()
+    plain_backward(model, [src[i] for i in range(7)], listwise_loss(w))
+    g_plain = _grads(model)
+    for n in g_plain:
+        torch.testing.assert_close(g_multi[n], g_plain[n], rtol=1e-4, atol=1e-5)
+
+
+def test_lazy_sequence_that_changes_between_passes_is_refused():
+    model = create_model("resnet18", "gem", pretrained=False)
+    model.eval()
+    src = _LazyImages(4, [(32, 32)], jitter=True)
+    with pytest.raises(ValueError, match="changed shape between the two passes"):
+        multistage_backward(model, src, lambda d: d.sum(), chunk_size=2)

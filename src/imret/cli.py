@@ -625,6 +625,35 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise ImportError(f"imret serve needs the serve extra (pip install 'imret[serve]'): {e}") from None
+    from .server import ServerConfig, create_app
+
+    token = None
+    if args.token_file is not None:
+        token = Path(args.token_file).read_text().strip()
+    elif os.environ.get("IMRET_SERVE_TOKEN"):
+        token = os.environ["IMRET_SERVE_TOKEN"].strip()
+    if args.host not in ("127.0.0.1", "localhost", "::1") and token is None and not args.read_only:
+        print(f"imret: warning: serving on {args.host} without an API token: anyone who can reach it may add and "
+              "remove images (set IMRET_SERVE_TOKEN or --token-file, or --read-only)", file=sys.stderr)
+    cfg = ServerConfig(token=token, token_reads=args.token_reads, read_only=args.read_only,
+                       max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
+                       max_k=args.max_k, default_k=min(args.k, args.max_k), max_batch=args.max_batch,
+                       max_wait_ms=args.max_wait_ms, device=args.device)
+    app = create_app(args.store, cfg)
+    n = len(app.state.service.store)
+    print(f"imret: serving {args.store} ({n} images) on http://{args.host}:{args.port}/ "
+          f"(API docs at /docs{', writes need the token' if token else ''}{', read-only' if args.read_only else ''})",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
+                timeout_graceful_shutdown=10)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imret", description="Instance-level image retrieval")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -725,6 +754,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("serve", help="HTTP API and web page for a store (FastAPI on uvicorn)")
+    p.add_argument("store", help="store directory (imret index build)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token-file", default=None,
+                   help="file holding the API token required for writes (or set IMRET_SERVE_TOKEN)")
+    p.add_argument("--token-reads", action="store_true", help="require the token for searches and reads too")
+    p.add_argument("--read-only", action="store_true", help="no adds or removes (opens the store read-only)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted file (MiB)")
+    p.add_argument("--max-pixels", type=int, default=50_000_000, help="largest accepted image (width x height)")
+    p.add_argument("-k", type=int, default=20, help="results when a request does not say")
+    p.add_argument("--max-k", type=int, default=1000)
+    p.add_argument("--max-batch", type=int, default=16, help="most queries per model/search batch")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a query waits for a batch to fill")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

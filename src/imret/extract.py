@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from .images import ImageError, load_image, to_tensor
 from .model import RetrievalNet
 
-__all__ = ["SkippedImage", "Extraction", "extract", "extract_descriptors", "combine_scales", "PRECISIONS"]
+__all__ = [
+    "SkippedImage", "Extraction", "extract", "extract_descriptors", "describe_tensors", "combine_scales", "PRECISIONS",
+]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 BBox = tuple[float, float, float, float]
@@ -263,6 +265,48 @@ def extract(
         paths=[os.fspath(images[i]) for i in indices],
         skipped=sorted(skipped, key=lambda s: s.index),
     )
+
+
+def describe_tensors(
+    model: RetrievalNet,
+    tensors: Sequence[torch.Tensor],
+    *,
+    scales: Sequence[float] = (1.0,),
+    batch_size: int | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    channels_last: bool = True,
+) -> np.ndarray:
+    """``(N, D)`` float32 descriptors of already decoded ``(3, H, W)`` image tensors, in input order.
+
+    The tensors are normalised model inputs (:func:`imret.images.to_tensor` with the model's
+    mean and std), as :func:`extract` makes them; images of equal size run together up to
+    ``batch_size`` (default 1 on the CPU, 8 on GPUs, as :func:`extract`). The model must
+    already be in eval mode on ``device`` (this function does not move it, so that several
+    threads may share it).
+    """
+    if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
+        raise ValueError(f"scales must be positive numbers, got {list(scales)}")
+    device = torch.device(device)
+    if batch_size is None:
+        batch_size = 1 if device.type == "cpu" else 8
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    amp_dtype = _check_precision(precision, device)
+    power = model.multiscale_power()
+    out = np.zeros((len(tensors), model.dim), dtype=np.float32)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[0] != 3:
+            raise ValueError(f"tensor {i} must be (3, H, W), got {getattr(t, 'shape', type(t).__name__)}")
+        groups.setdefault(tuple(t.shape), []).append(i)
+    with torch.inference_mode():
+        for idx in groups.values():
+            for s in range(0, len(idx), batch_size):
+                part = idx[s:s + batch_size]
+                x = torch.stack([tensors[i] for i in part])
+                out[part] = _run_batch(model, x, scales, power, device, amp_dtype, channels_last).cpu().numpy()
+    return out
 
 
 def extract_descriptors(

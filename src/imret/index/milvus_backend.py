@@ -25,9 +25,18 @@ Parameters after ``?`` (see :data:`PARAMS`)::
 
 The collection has an INT64 primary key ``id`` and a FLOAT_VECTOR field ``vector`` indexed
 for inner product (``IP``). Reads use ``Strong`` consistency, so rows are searchable as soon
-as :meth:`MilvusBackend.add` returns. The token goes to the client only: it is left out of
-:attr:`MilvusBackend.spec`, :meth:`MilvusBackend.describe`, ``milvus.json`` and error
-messages, so whoever reopens the backend must pass it again.
+as :meth:`MilvusBackend.add` returns. Milvus Lite, though, searches new rows by brute force
+(exact, and slow at scale) until they are flushed into a segment and that segment is
+indexed, which a load of the collection does at once and its background worker only some
+time after a flush. :meth:`MilvusBackend.flush` (and :meth:`~MilvusBackend.save`, which the
+store calls after every add) therefore releases, flushes and loads a Lite collection again
+when rows were inserted since it was loaded: when it returns, searches use the index. The
+reload builds the index of the new rows only (seconds per 10k rows) and is skipped when no
+rows were inserted. A server indexes on its own and is never released.
+
+The token goes to the client only: it is left out of :attr:`MilvusBackend.spec`,
+:meth:`MilvusBackend.describe`, ``milvus.json`` and error messages, so whoever reopens the
+backend must pass it again.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,6 +236,8 @@ class MilvusBackend(Backend):
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         self.dim = int(dim)
         self._client = None
+        self._written = False  # rows inserted or deleted since the last flush
+        self._unindexed = False  # rows inserted since the collection was (re)loaded
         self.config = milvus_config(target, params, root=root)
         self._connect()
         try:
@@ -306,7 +318,7 @@ class MilvusBackend(Backend):
                         params=dict(cfg.index_params))
         # the collection is empty: no need to wait for the build (which Milvus Lite cannot report)
         self._call("create_index", "create_index", cfg.collection, index, sync=False)
-        self._call("load_collection", "load_collection", cfg.collection)
+        self._load()
 
     def _open_collection(self) -> None:
         cfg = self.config
@@ -326,7 +338,22 @@ class MilvusBackend(Backend):
         if found != cfg.index_type:
             raise ValueError(f"{where} has index {found or 'none'}, the spec asks for {cfg.index_type}; "
                              f"rebuild the index")
-        self._call("load_collection", "load_collection", cfg.collection)
+        self._load()
+
+    def _load(self) -> None:
+        """Load the collection. Milvus Lite builds (or reads) the index of each segment here;
+        its background worker may still be writing an index file of a segment flushed
+        earlier, which a load reads as truncated: retry then (up to ~30 s)."""
+        wait, deadline = 0.05, time.monotonic() + 30.0
+        while True:
+            try:
+                self._call("load_collection", "load_collection", self.config.collection)
+                return
+            except RuntimeError:
+                if not self.config.lite or time.monotonic() + wait > deadline:
+                    raise
+                time.sleep(wait)
+                wait = min(2 * wait, 1.0)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, dim: int, target: str, params: dict[str, str] | None = None,
@@ -396,6 +423,7 @@ class MilvusBackend(Backend):
         step = self._rows_per_request()
         for start in range(0, ids.size, step):
             rows = [{_PK: i, _VEC: v} for i, v in zip(ids[start:start + step].tolist(), x[start:start + step])]
+            self._written = self._unindexed = True
             self._call(method, method, self.config.collection, rows)
 
     def remove(self, ids: np.ndarray) -> int:
@@ -405,6 +433,7 @@ class MilvusBackend(Backend):
         if ids.size == 0:
             return 0
         present = self._existing(ids)
+        self._written = self._written or present.size > 0
         for start in range(0, present.size, _ID_CHUNK):
             self._call("delete", "delete", self.config.collection, ids=present[start:start + _ID_CHUNK].tolist())
         return int(present.size)
@@ -448,8 +477,29 @@ class MilvusBackend(Backend):
         return out
 
     def flush(self) -> None:
-        """Write buffered rows to the engine's storage (Milvus also does this on its own)."""
-        self._call("flush", "flush", self.config.collection)
+        """Write buffered rows to the engine's storage (Milvus also does this on its own).
+
+        With Milvus Lite, also release and load the collection again when rows were inserted
+        since it was loaded, so that the index of the new rows is built now and searches use
+        it from the return on (Lite searches unindexed rows by brute force). A no-op when
+        nothing was written since the last call. Searches must not run meanwhile (the store
+        calls this under its lock).
+        """
+        cfg = self.config
+        reload = cfg.lite and self._unindexed
+        if reload:
+            # release before flushing: Lite's background worker then leaves the new segment
+            # to the load below instead of indexing it at the same time (a load can read the
+            # index file the worker is still writing)
+            self._call("release_collection", "release_collection", cfg.collection)
+        try:
+            if self._written:
+                self._call("flush", "flush", cfg.collection)
+                self._written = False
+        finally:
+            if reload:  # also after a failed flush: searches need a loaded collection
+                self._load()
+                self._unindexed = self._written
 
     def save(self, directory: str | os.PathLike) -> None:
         """Flush, then record the connection in ``directory/milvus.json`` (without the token)."""

@@ -24,6 +24,18 @@ skips the images already committed (content hash) and adds the rest.
 
 Ids are assigned in insertion order and never reused; removal marks a row and takes it out of
 the backend (removed rows keep their place in the descriptor files).
+
+Threads. One process holds the one writable :class:`Store` of a directory (the ``lock`` file
+sees to that across processes); within it, any number of threads may search and read while
+one thread at a time adds, removes, configures or rebuilds. Writers are serialised by
+``Store._write_lock``; all in-memory state, the SQLite connection, the backend and the
+memory maps are guarded by ``Store._lock``, which readers hold only for short steps. The
+expensive parts run outside ``_lock``: extracting descriptors (of images being added and
+of query images), hashing files, writing new rows past the committed count, computing
+whitened / augmented vectors and building a new backend index (searches use exact search
+over the stored vectors while it is built). So searches keep being answered while an
+``add`` extracts; they wait only for its short commit steps. Read-only stores follow the
+same rules.
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ import os
 import re
 import shutil
 import sqlite3
+import threading
 import uuid
 import zlib
 from dataclasses import dataclass, field
@@ -224,6 +237,16 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _prepare_model(model: Any, device: str) -> Any:
+    """Put ``model`` in the state extraction wants (eval, on ``device``, channels-last) once,
+    so that extractions running in several threads at once do not convert its weights."""
+    import torch
+
+    model.eval().to(device)
+    model.to(memory_format=torch.channels_last)
+    return model
+
+
 # --- the store --------------------------------------------------------------------------------
 
 
@@ -233,6 +256,20 @@ class Store:
     Create one with :meth:`Store.create`, open one with :meth:`Store.open` (read-only by
     default; ``writable=True`` takes the writer lock). Use as a context manager or call
     :meth:`close`.
+
+    Thread safety: one ``Store`` may be shared by the threads of a process. Keep one
+    writable store per directory and process (a second writable open fails with
+    :class:`StoreLockedError`). Any number of threads may call the reading methods
+    (:meth:`search`, :meth:`search_vectors`, :meth:`search_ids`, :meth:`hits`,
+    :meth:`records`, :meth:`list`, :meth:`info`, :meth:`n_rows`, ``len``,
+    :meth:`descriptors`, :meth:`vectors`, ...) while another thread writes (:meth:`add`,
+    :meth:`remove`, :meth:`remove_paths`, :meth:`configure`, :meth:`rebuild`,
+    :meth:`save_index`); writers run one at a time, in call order of the lock. Readers see
+    each committed batch of an ``add`` (and each ``remove``) at once and never a part of
+    one; descriptor extraction, of the images being added as of query images, runs without
+    blocking the others. Locks: ``_write_lock`` (held by a writer for its whole call) is
+    always taken before ``_lock`` (in-memory state, SQLite, backend, memory maps; held for
+    short steps). :meth:`close` waits for a running writer to finish.
     """
 
     def __init__(self, path: Path, config: dict[str, Any], *, writable: bool, device: str = "cpu",
@@ -254,6 +291,11 @@ class Store:
         self._stamp: tuple[int, int] | None = None
         self._pending_dead: set[int] = set()
         self._maps: dict[str, np.ndarray] = {}
+        # see the class docstring: writers take _write_lock, then _lock for short steps
+        self._lock = threading.RLock()
+        self._write_lock = threading.RLock()
+        self._model_lock = threading.Lock()  # loads the model once; taken under no other lock
+        self._building = False  # a writer is building a new backend: search exactly meanwhile
 
     # -- construction ------------------------------------------------------------------------
 
@@ -318,7 +360,7 @@ class Store:
         }
         atomic_write_bytes(path / _STORE_JSON, json.dumps(config, indent=2).encode())
         store = cls.open(path, writable=True, device=device, backend_options=backend_options)
-        store._model = model
+        store._model = _prepare_model(model, device)
         return store
 
     @classmethod
@@ -358,15 +400,17 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        if self._backend is not None:
-            self._backend.close()
-            self._backend = None
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        """Release the backend, the database and the writer lock; waits for a running writer."""
+        with self._write_lock, self._lock:
+            if self._backend is not None:
+                self._backend.close()
+                self._backend = None
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
     def _acquire_lock(self) -> None:
         import fcntl
@@ -403,21 +447,22 @@ class Store:
         """
         if self.writable:
             return False
-        cfg_path = self.path / _STORE_JSON
-        stamp = _stamp(cfg_path)
-        if stamp == self._stamp:
-            return False
-        config = _read_config(cfg_path)
-        if config["store_id"] != self._config["store_id"]:
-            raise StoreCorruptError(f"{cfg_path} now describes another store")
-        self._config, self._stamp = config, stamp
-        self._whitening = None
-        self._fallback = None
-        self._maps.clear()
-        if self._backend is not None:
-            self._backend.close()
-            self._backend = None
-        return True
+        with self._lock:
+            cfg_path = self.path / _STORE_JSON
+            stamp = _stamp(cfg_path)
+            if stamp == self._stamp:
+                return False
+            config = _read_config(cfg_path)
+            if config["store_id"] != self._config["store_id"]:
+                raise StoreCorruptError(f"{cfg_path} now describes another store")
+            self._config, self._stamp = config, stamp
+            self._whitening = None
+            self._fallback = None
+            self._maps.clear()
+            if self._backend is not None:
+                self._backend.close()
+                self._backend = None
+            return True
 
     # -- facts -------------------------------------------------------------------------------
 
@@ -434,43 +479,53 @@ class Store:
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing.from_dict(self._config["preprocessing"])
+        with self._lock:
+            return Preprocessing.from_dict(self._config["preprocessing"])
 
     @property
     def query_expansion(self) -> QueryExpansion:
-        return QueryExpansion.from_dict(self._config["query_expansion"])
+        with self._lock:
+            return QueryExpansion.from_dict(self._config["query_expansion"])
 
     @property
     def backend_spec(self) -> str:
-        b = self._config["backend"]
-        return b["spec"] or b["requested"]
+        with self._lock:
+            b = self._config["backend"]
+            return b["spec"] or b["requested"]
 
     @property
     def whitening(self) -> Whitening | None:
-        if self._config["whitening"] is None:
-            return None
-        if self._whitening is None:
-            info = self._config["whitening"]
-            f = self.path / info["file"]
-            try:
-                digest, _ = _sha256_file(f)
-            except FileNotFoundError:
-                raise StoreCorruptError(f"whitening file {f} is missing") from None
-            if digest != info["sha256"]:
-                raise StoreCorruptError(f"whitening file {f} does not match its checksum in store.json")
-            self._whitening = Whitening.load(f)
-        return self._whitening
+        with self._lock:
+            if self._config["whitening"] is None:
+                return None
+            if self._whitening is None:
+                info = self._config["whitening"]
+                f = self.path / info["file"]
+                try:
+                    digest, _ = _sha256_file(f)
+                except FileNotFoundError:
+                    raise StoreCorruptError(f"whitening file {f} is missing") from None
+                if digest != info["sha256"]:
+                    raise StoreCorruptError(f"whitening file {f} does not match its checksum in store.json")
+                self._whitening = Whitening.load(f)
+            return self._whitening
 
     def n_rows(self) -> int:
         """Rows committed (live and removed): the next id."""
-        row = self._db.execute("SELECT COALESCE(MAX(id) + 1, 0) FROM images").fetchone()
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(MAX(id) + 1, 0) FROM images").fetchone()
         return int(row[0])
 
     def __len__(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM images WHERE removed = 0").fetchone()[0])
+        """Live images. Cheap at any size: rows committed minus rows removed (a partial index)."""
+        with self._lock:
+            row = self._db.execute("SELECT (SELECT COALESCE(MAX(id) + 1, 0) FROM images) - "
+                                   "(SELECT COUNT(*) FROM images WHERE removed > 0)").fetchone()
+        return int(row[0])
 
     def _removed_ids(self, after_seq: int = 0) -> np.ndarray:
-        rows = self._db.execute("SELECT id FROM images WHERE removed > ?", (after_seq,)).fetchall()
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM images WHERE removed > ?", (after_seq,)).fetchall()
         return np.array([r[0] for r in rows], dtype=np.int64)
 
     def _alive_mask(self, n: int) -> np.ndarray:
@@ -480,7 +535,8 @@ class Store:
         return alive
 
     def _remove_seq(self) -> int:
-        return int(self._db.execute("SELECT value FROM meta WHERE key = 'remove_seq'").fetchone()[0])
+        with self._lock:
+            return int(self._db.execute("SELECT value FROM meta WHERE key = 'remove_seq'").fetchone()[0])
 
     def _check_files(self) -> None:
         n = self.n_rows()
@@ -500,17 +556,19 @@ class Store:
     # -- raw rows ----------------------------------------------------------------------------
 
     def _matrix(self, name: str, width: int, n: int | None = None) -> np.ndarray:
-        n = self.n_rows() if n is None else n
-        if n == 0:
-            return np.zeros((0, width), np.float32)
-        # committed rows never change in place (derived files get new names), so a map of the
-        # first n rows stays valid; reuse it instead of mapping the file again on every search
-        cached = self._maps.get(name)
-        if cached is not None and cached.shape == (n, width):
-            return cached
-        m = np.memmap(self.path / name, dtype=np.float32, mode="c", shape=(n, width))
-        self._maps[name] = m
-        return m
+        with self._lock:
+            n = self.n_rows() if n is None else n
+            if n == 0:
+                return np.zeros((0, width), np.float32)
+            # committed rows never change in place (derived files get new names, new rows go
+            # past the end), so a map of the first n rows stays valid, also in the hands of a
+            # caller after a writer moved on; reuse it instead of mapping the file per search
+            cached = self._maps.get(name)
+            if cached is not None and cached.shape == (n, width):
+                return cached
+            m = np.memmap(self.path / name, dtype=np.float32, mode="c", shape=(n, width))
+            self._maps[name] = m
+            return m
 
     def descriptors(self, n: int | None = None) -> np.ndarray:
         """The raw ``(N, D)`` descriptors (memory-mapped, read-only), row i = id i."""
@@ -518,10 +576,11 @@ class Store:
 
     def vectors(self, n: int | None = None) -> np.ndarray:
         """The indexed (post-processed) ``(N, D')`` rows: the descriptors when nothing is set."""
-        name = self._config["vectors"]
-        if name is None:
-            return self.descriptors(n)
-        return self._matrix(name, self.search_dim, n)
+        with self._lock:
+            name = self._config["vectors"]
+            if name is None:
+                return self.descriptors(n)
+            return self._matrix(name, self.search_dim, n)
 
     def postprocess(self, x: np.ndarray) -> np.ndarray:
         """Apply the store's whitening to raw descriptors (queries or new rows)."""
@@ -533,17 +592,22 @@ class Store:
 
     @property
     def model(self):
-        """The store's model (loaded on first use, checked against its checksum)."""
-        if self._model is None:
-            from ..weights import load_model
+        """The store's model (loaded on first use, once however many threads ask, and checked
+        against its checksum)."""
+        model = self._model
+        if model is not None:
+            return model
+        with self._model_lock:  # not _lock: searches by vector go on while the model loads
+            if self._model is None:
+                from ..weights import load_model
 
-            info = self._config["model"]
-            f = self.path / info["file"]
-            digest, _ = _sha256_file(f)
-            if digest != info["sha256"]:
-                raise StoreCorruptError(f"model file {f} does not match its checksum in store.json")
-            self._model = load_model(f, device=self.device)
-        return self._model
+                info = self._config["model"]  # never changes after creation
+                f = self.path / info["file"]
+                digest, _ = _sha256_file(f)
+                if digest != info["sha256"]:
+                    raise StoreCorruptError(f"model file {f} does not match its checksum in store.json")
+                self._model = _prepare_model(load_model(f, device=self.device), self.device)
+            return self._model
 
     def _extract(self, paths: Sequence[str], bboxes=None, *, progress: bool = False, **kw: Any):
         from ..extract import extract
@@ -590,123 +654,146 @@ class Store:
         added rows and at the end (after a crash it is brought up to date from the
         descriptors on the next open). Unreadable files are reported, not indexed.
         ``extract_kw`` go to :func:`imret.extract.extract` (batch_size, workers, precision).
+        ``on_commit(n_added_so_far)`` is called in this thread after each commit.
+
+        Other threads keep searching meanwhile: hashing and extraction run without the
+        store's read lock, which is taken only to look up duplicates and to commit a batch.
         """
-        self._require_writable()
-        report = AddReport()
-        seen: dict[str, str] = {}
-        again: list[tuple[str, str]] = []  # duplicates within this call: (path, sha256)
-        pending: list[tuple[str, str, int]] = []  # (path, sha256, size)
+        with self._write_lock:
+            self._require_writable()
+            report = AddReport()
+            seen: dict[str, str] = {}
+            again: list[tuple[str, str]] = []  # duplicates within this call: (path, sha256)
+            pending: list[tuple[str, str, int]] = []  # (path, sha256, size)
 
-        unsaved = [0]
+            unsaved = [0]
 
-        def flush() -> None:
-            if pending:
-                before = len(report.added)
-                self._add_batch(pending, report, progress=progress, **extract_kw)
-                pending.clear()
-                unsaved[0] += len(report.added) - before
-                if unsaved[0] >= save_every:
-                    self.save_index()
-                    unsaved[0] = 0
-                if on_commit is not None:
-                    on_commit(len(report.added))
+            def flush() -> None:
+                if pending:
+                    before = len(report.added)
+                    self._add_batch(pending, report, progress=progress, **extract_kw)
+                    pending.clear()
+                    unsaved[0] += len(report.added) - before
+                    if unsaved[0] >= save_every:
+                        self.save_index()
+                        unsaved[0] = 0
+                    if on_commit is not None:
+                        on_commit(len(report.added))
 
-        for p in paths:
-            p = os.path.abspath(os.fspath(p))
-            try:
-                digest, size = _sha256_file(p)
-            except OSError as e:
-                report.skipped.append((p, f"cannot read: {e.strerror or e}"))
-                continue
-            existing = self._db.execute("SELECT id FROM images WHERE sha256 = ? AND removed = 0", (digest,)).fetchone()
-            if existing is not None:
-                report.duplicates.append((p, int(existing[0])))
-                continue
-            if digest in seen:
-                again.append((p, digest))
-                continue
-            seen[digest] = p
-            pending.append((p, digest, size))
-            if len(pending) >= commit_every:
-                flush()
-        flush()
-        for p, digest in again:
-            row = self._db.execute("SELECT id FROM images WHERE sha256 = ? AND removed = 0", (digest,)).fetchone()
-            if row is not None:
-                report.duplicates.append((p, int(row[0])))
-            else:  # its first copy could not be read
-                report.skipped.append((p, f"same content as {seen[digest]}, which could not be indexed"))
-        self.save_index()
-        return report
+            for p in paths:
+                p = os.path.abspath(os.fspath(p))
+                try:
+                    digest, size = _sha256_file(p)  # file I/O: no lock needed
+                except OSError as e:
+                    report.skipped.append((p, f"cannot read: {e.strerror or e}"))
+                    continue
+                existing = self._live_id(digest)
+                if existing is not None:
+                    report.duplicates.append((p, existing))
+                    continue
+                if digest in seen:
+                    again.append((p, digest))
+                    continue
+                seen[digest] = p
+                pending.append((p, digest, size))
+                if len(pending) >= commit_every:
+                    flush()
+            flush()
+            for p, digest in again:
+                existing = self._live_id(digest)
+                if existing is not None:
+                    report.duplicates.append((p, existing))
+                else:  # its first copy could not be read
+                    report.skipped.append((p, f"same content as {seen[digest]}, which could not be indexed"))
+            self.save_index()
+            return report
+
+    def _live_id(self, sha256: str) -> int | None:
+        """Id of the live image with this content hash, if any."""
+        with self._lock:
+            row = self._db.execute("SELECT id FROM images WHERE sha256 = ? AND removed = 0", (sha256,)).fetchone()
+        return None if row is None else int(row[0])
 
     def _add_batch(self, batch: list[tuple[str, str, int]], report: AddReport, *, progress: bool, **extract_kw: Any) -> None:
-        ex = self._extract([b[0] for b in batch], progress=progress, **extract_kw)
+        # the caller holds _write_lock, so no other thread changes the row count, the files
+        # or the configuration until this returns; _lock is taken only to read and to commit
+        ex = self._extract([b[0] for b in batch], progress=progress, **extract_kw)  # the slow part
         for s in ex.skipped:
             report.skipped.append((s.path, s.reason))
         if len(ex.indices) == 0:
             return
-        n = self.n_rows()
         raw = ex.descriptors
         m = raw.shape[0]
-        ids = np.arange(n, n + m, dtype=np.int64)
-        # 1. rows first (fsynced) ...
-        self._write_rows(_DESCRIPTORS, self.dim, n, raw)
-        vec = raw
-        if self._config["vectors"] is not None:
-            vec = self.postprocess(raw)
-            self._write_rows(self._config["vectors"], self.search_dim, n, vec)
-        # 2. ... then the metadata that lists them, in one transaction
         now = _now()
-        records = []
+        meta = []
         for row, idx in enumerate(ex.indices):
             p, digest, size = batch[int(idx)]
             w, h = _image_size(p)
-            crc = zlib.crc32(raw[row].tobytes())
-            records.append((int(ids[row]), p, size, w, h, digest, now, crc))
-        with self._db:
-            self._db.executemany(
-                "INSERT INTO images(id, path, size, width, height, sha256, added, removed, crc32) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)", records)
-        report.added.extend(int(i) for i in ids)
-        # 3. the in-memory index follows; saved by save_index()
-        if self._backend is not None and self._backend_ready():
-            self._add_to(self._backend, vec, ids)
-            self._backend_rows = n + m
+            meta.append((p, size, w, h, digest, now, zlib.crc32(raw[row].tobytes())))
+        with self._lock:
+            n = self.n_rows()
+            vectors_file = self._config["vectors"]
+            vec = raw if vectors_file is None else self.postprocess(raw)
+            width = self.search_dim
+        ids = np.arange(n, n + m, dtype=np.int64)
+        # 1. rows first (fsynced), past the committed count where no reader looks yet ...
+        self._write_rows(_DESCRIPTORS, self.dim, n, raw)
+        if vectors_file is not None:
+            self._write_rows(vectors_file, width, n, vec)
+        # 2. ... then the metadata that lists them, in one transaction, and the in-memory
+        # index, in one step for readers (the index is saved by save_index())
+        records = [(int(i), *r) for i, r in zip(ids, meta)]
+        with self._lock:
+            with self._db:
+                self._db.executemany(
+                    "INSERT INTO images(id, path, size, width, height, sha256, added, removed, crc32) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)", records)
+            report.added.extend(int(i) for i in ids)
+            if self._backend is not None and self._backend_ready():
+                self._add_to(self._backend, vec, ids)
+                self._backend_rows = n + m
 
     def remove(self, ids: Iterable[int]) -> int:
         """Remove images by id; returns how many were live. Unknown ids raise ``KeyError``."""
-        self._require_writable()
-        ids = [int(i) for i in ids]
-        if not ids:
-            return 0
-        q = ",".join("?" * len(ids))
-        found = {r[0]: r[1] for r in self._db.execute(f"SELECT id, removed FROM images WHERE id IN ({q})", ids)}
-        missing = [i for i in ids if i not in found]
-        if missing:
-            raise KeyError(f"unknown image ids: {missing[:10]}")
-        live = sorted({i for i in ids if found[i] == 0})
-        if not live:
-            return 0
-        seq = self._remove_seq() + 1
-        with self._db:
-            self._db.execute("UPDATE meta SET value = ? WHERE key = 'remove_seq'", (str(seq),))
-            self._db.executemany("UPDATE images SET removed = ? WHERE id = ?", [(seq, i) for i in live])
-        if self._backend is not None and self._backend_ready():
-            self._backend.remove(np.array(live, dtype=np.int64))
-            self._backend_remove_seq = seq
-        self.save_index()
-        return len(live)
+        with self._write_lock:
+            self._require_writable()
+            ids = [int(i) for i in ids]
+            if not ids:
+                return 0
+            with self._lock:
+                found: dict[int, int] = {}
+                for start in range(0, len(ids), 900):
+                    chunk = ids[start:start + 900]
+                    q = ",".join("?" * len(chunk))
+                    found.update(self._db.execute(f"SELECT id, removed FROM images WHERE id IN ({q})", chunk))
+                missing = [i for i in ids if i not in found]
+                if missing:
+                    raise KeyError(f"unknown image ids: {missing[:10]}")
+                live = sorted({i for i in ids if found[i] == 0})
+                if not live:
+                    return 0
+                seq = self._remove_seq() + 1
+                with self._db:
+                    self._db.execute("UPDATE meta SET value = ? WHERE key = 'remove_seq'", (str(seq),))
+                    self._db.executemany("UPDATE images SET removed = ? WHERE id = ?", [(seq, i) for i in live])
+                if self._backend is not None and self._backend_ready():
+                    self._backend.remove(np.array(live, dtype=np.int64))
+                    self._backend_remove_seq = seq
+            self.save_index()
+            return len(live)
 
     def remove_paths(self, paths: Iterable[str | os.PathLike]) -> int:
         """Remove the live images with these paths (absolute or relative to the cwd)."""
-        ids = []
-        for p in paths:
-            p = os.path.abspath(os.fspath(p))
-            rows = self._db.execute("SELECT id FROM images WHERE path = ? AND removed = 0", (p,)).fetchall()
-            if not rows:
-                raise KeyError(f"no indexed image at {p}")
-            ids.extend(r[0] for r in rows)
-        return self.remove(ids)
+        with self._write_lock:
+            ids = []
+            for p in paths:
+                p = os.path.abspath(os.fspath(p))
+                with self._lock:
+                    rows = self._db.execute("SELECT id FROM images WHERE path = ? AND removed = 0", (p,)).fetchall()
+                if not rows:
+                    raise KeyError(f"no indexed image at {p}")
+                ids.extend(r[0] for r in rows)
+            return self.remove(ids)
 
     # -- the backend -------------------------------------------------------------------------
 
@@ -741,166 +828,208 @@ class Store:
 
     def _load_backend(self) -> None:
         """Open the saved backend and bring it up to date with the committed rows."""
-        spec = self._config["backend"]["spec"]
-        info = self._config["index"]
-        n = self.n_rows()
-        if spec is None or parse_spec(spec).kind == "exact":
-            self._backend = None
-            return
-        if info is None:
-            self._backend = None  # not built yet: exact fallback
-            return
-        directory = self.path / info["dir"]
-        try:
-            b = load_backend(self._with_options(spec), self.search_dim, directory, root=self.path)
-        except ConnectionError as e:
-            raise StoreError(f"cannot reach the search backend {spec}: {e}") from None
-        except FileNotFoundError as e:
-            raise StoreCorruptError(f"index files in {directory} are missing ({e}); "
-                                    f"run `imret index rebuild {self.path}`") from None
-        except (ValueError, RuntimeError, OSError) as e:
-            raise StoreCorruptError(f"index in {directory} cannot be read ({e}); "
-                                    f"run `imret index rebuild {self.path}`") from None
-        covered, seq = int(info["rows"]), int(info["remove_seq"])
-        if covered > n:
-            raise StoreCorruptError(f"index in {directory} covers {covered} rows but the metadata lists {n}")
-        self._backend = b
-        self._backend_rows = covered
-        self._backend_remove_seq = seq
-        self._catch_up()
+        with self._lock:
+            spec = self._config["backend"]["spec"]
+            info = self._config["index"]
+            n = self.n_rows()
+            if spec is None or parse_spec(spec).kind == "exact":
+                self._backend = None
+                return
+            if info is None:
+                self._backend = None  # not built yet: exact fallback
+                return
+            directory = self.path / info["dir"]
+            try:
+                b = load_backend(self._with_options(spec), self.search_dim, directory, root=self.path)
+            except ConnectionError as e:
+                raise StoreError(f"cannot reach the search backend {spec}: {e}") from None
+            except FileNotFoundError as e:
+                raise StoreCorruptError(f"index files in {directory} are missing ({e}); "
+                                        f"run `imret index rebuild {self.path}`") from None
+            except (ValueError, RuntimeError, OSError) as e:
+                raise StoreCorruptError(f"index in {directory} cannot be read ({e}); "
+                                        f"run `imret index rebuild {self.path}`") from None
+            covered, seq = int(info["rows"]), int(info["remove_seq"])
+            if covered > n:
+                b.close()
+                raise StoreCorruptError(f"index in {directory} covers {covered} rows but the metadata lists {n}")
+            self._backend = b
+            self._backend_rows = covered
+            self._backend_remove_seq = seq
+            self._catch_up()
 
     def _catch_up(self) -> None:
-        n = self.n_rows()
-        b = self._backend
-        if b is None:
-            return
-        if b.external and not self.writable:
-            # a reader never writes to a shared engine: rows the writer has not sent yet are
-            # not found yet, and removals it has not applied yet are filtered from results
-            self._pending_dead = set(self._removed_ids(self._backend_remove_seq).tolist())
-            return
-        if self._backend_rows < n:
-            self._add_rows_to(b, self._backend_rows, n, self.vectors(n), self._alive_mask(n))
-            self._backend_rows = n
-        seq = self._remove_seq()
-        if self._backend_remove_seq < seq:
-            dead = self._removed_ids(self._backend_remove_seq)
-            if dead.size:
-                b.remove(dead)
-            self._backend_remove_seq = seq
+        with self._lock:
+            n = self.n_rows()
+            b = self._backend
+            if b is None:
+                return
+            if b.external and not self.writable:
+                # a reader never writes to a shared engine: rows the writer has not sent yet are
+                # not found yet, and removals it has not applied yet are filtered from results
+                self._pending_dead = set(self._removed_ids(self._backend_remove_seq).tolist())
+                return
+            if self._backend_rows < n:
+                self._add_rows_to(b, self._backend_rows, n, self.vectors(n), self._alive_mask(n))
+                self._backend_rows = n
+            seq = self._remove_seq()
+            if self._backend_remove_seq < seq:
+                dead = self._removed_ids(self._backend_remove_seq)
+                if dead.size:
+                    b.remove(dead)
+                self._backend_remove_seq = seq
 
     def _searcher(self) -> Backend:
         """The backend to search now: the built index, or exact search over the vectors."""
-        spec = self._config["backend"]["spec"]
-        if spec is not None and parse_spec(spec).kind != "exact":
-            if self._backend is None and self._config["index"] is not None:
-                try:
-                    self._load_backend()
-                except StoreCorruptError:
-                    # a reader may race a writer that just replaced the index: look again
-                    if not self.refresh():
-                        raise
-                    return self._searcher()
-            else:
-                self._catch_up()
-            if self._backend is not None and self._backend.is_trained:
-                return self._backend
-        n = self.n_rows()
-        if self._fallback is None or self._fallback._n != n or self._fallback_seq != self._remove_seq():
-            self._fallback = ExactBackend.from_matrix(self.vectors(n), alive=self._alive_mask(n))
-            self._fallback_seq = self._remove_seq()
-        return self._fallback
+        with self._lock:
+            spec = self._config["backend"]["spec"]
+            if not self._building and spec is not None and parse_spec(spec).kind != "exact":
+                if self._backend is None and self._config["index"] is not None:
+                    try:
+                        self._load_backend()
+                    except StoreCorruptError:
+                        # a reader may race a writer that just replaced the index: look again
+                        if not self.refresh():
+                            raise
+                        return self._searcher()
+                else:
+                    self._catch_up()
+                if self._backend is not None and self._backend.is_trained:
+                    return self._backend
+            n = self.n_rows()
+            seq = self._remove_seq()
+            if self._fallback is None or self._fallback._n != n or self._fallback_seq != seq:
+                self._fallback = ExactBackend.from_matrix(self.vectors(n), alive=self._alive_mask(n))
+                self._fallback_seq = seq
+            return self._fallback
 
     def save_index(self, *, force: bool = False) -> None:
         """Build the backend if it is due, and persist it (atomic: new directory + store.json)."""
-        self._require_writable()
-        n = self.n_rows()
-        requested = self._config["backend"]["requested"]
-        spec = self._config["backend"]["spec"]
-        if spec is None:
-            kind = parse_spec(requested).kind
-            if kind == "exact" or n > 0:
-                self._build_backend(resolve_spec(requested, n_hint=len(self)))
-            return
-        if parse_spec(spec).kind == "exact":
-            return
-        if self._backend is None:
-            self._build_backend(parse_spec(spec))
-            return
-        if not self._backend.is_trained:
-            return
-        self._catch_up()
-        dead = int(getattr(self._backend, "tombstones", 0) or 0)
-        if dead > max(1000, self._backend.ntotal // 4):
+        with self._write_lock:
+            self._require_writable()
+            with self._lock:
+                n = self.n_rows()
+                requested = self._config["backend"]["requested"]
+                spec = self._config["backend"]["spec"]
+                backend = self._backend
+            if spec is None:
+                kind = parse_spec(requested).kind
+                if kind == "exact" or n > 0:
+                    self._build_backend(resolve_spec(requested, n_hint=len(self)))
+                return
+            if parse_spec(spec).kind == "exact":
+                return
+            if backend is None:
+                self._build_backend(parse_spec(spec))
+                return
+            if not backend.is_trained:
+                return
+            with self._lock:
+                self._catch_up()
+                dead = int(getattr(backend, "tombstones", 0) or 0)
+                if dead <= max(1000, backend.ntotal // 4):
+                    info = self._config["index"] or {}
+                    if (not force and info.get("rows") == self._backend_rows
+                            and info.get("remove_seq") == self._backend_remove_seq):
+                        return
+                    # under _lock: saving reads the live index (and Milvus Lite reloads it)
+                    self._persist_backend()
+                    return
             # tombstoned rows (HNSW cannot delete) slow every search: rebuild without them
-            self._backend.close()
-            self._backend = None
             self._build_backend(parse_spec(spec))
-            return
-        info = self._config["index"] or {}
-        if not force and info.get("rows") == self._backend_rows and info.get("remove_seq") == self._backend_remove_seq:
-            return
-        self._persist_backend()
 
     def _build_backend(self, spec) -> None:
-        """(Re)build the backend from all live vectors; train it when it needs training."""
-        spec_str = str(spec)
-        cfg = self._config
-        if spec.kind == "exact":
-            if self._backend is not None:
-                self._backend.close()
-            self._backend = None
-            cfg["backend"]["spec"] = spec_str
-            self._replace_index_dir(None)
-            return
-        n = self.n_rows()
-        alive = self._alive_mask(n)
-        vec = self.vectors(n)
-        b = create_backend(self._with_options(spec_str), self.search_dim, root=self.path, n_hint=int(alive.sum()))
-        if not b.is_trained:
-            need = b.min_train_size
-            live_ids = np.flatnonzero(alive)
-            if live_ids.size < need:
-                # not enough rows to train: search stays exact until there are
-                cfg["backend"]["spec"] = spec_str
-                self._backend = None
-                self._replace_index_dir(None)
-                return
-            rng = np.random.default_rng(0)
-            sample = np.sort(rng.choice(live_ids, size=min(live_ids.size, max(need, 100_000)), replace=False))
-            b.train(np.asarray(vec[sample]))
-        self._add_rows_to(b, 0, n, vec, alive)
-        if self._backend is not None:
-            self._backend.close()
-        self._backend = b
-        self._backend_rows = n
-        self._backend_remove_seq = self._remove_seq()
-        cfg["backend"]["spec"] = b.spec
-        self._persist_backend()
+        """(Re)build the backend from all live vectors; train it when it needs training.
 
-    def _persist_backend(self) -> None:
+        The caller holds ``_write_lock``, so rows and removals stay as they are. The old
+        backend is dropped first (a Milvus collection is replaced in place); until the new
+        one is installed, searches run exactly over the stored vectors, without waiting.
+        """
+        spec_str = str(spec)
+        if spec.kind == "exact":
+            with self._lock:
+                if self._backend is not None:
+                    self._backend.close()
+                self._backend = None
+                self._config["backend"]["spec"] = spec_str
+                self._replace_index_dir(None)
+            return
+        with self._lock:
+            n = self.n_rows()
+            alive = self._alive_mask(n)
+            vec = self.vectors(n)
+            dim = self.search_dim
+            seq = self._remove_seq()
+            old, self._backend = self._backend, None
+            self._building = True
+            if old is not None:
+                old.close()
+        b = None
+        try:
+            b = create_backend(self._with_options(spec_str), dim, root=self.path, n_hint=int(alive.sum()))
+            if not b.is_trained:
+                need = b.min_train_size
+                live_ids = np.flatnonzero(alive)
+                if live_ids.size < need:
+                    # not enough rows to train: search stays exact until there are
+                    b.close()
+                    b = None
+                    with self._lock:
+                        self._config["backend"]["spec"] = spec_str
+                        self._replace_index_dir(None)
+                        self._building = False
+                    return
+                rng = np.random.default_rng(0)
+                sample = np.sort(rng.choice(live_ids, size=min(live_ids.size, max(need, 100_000)), replace=False))
+                b.train(np.asarray(vec[sample]))
+            self._add_rows_to(b, 0, n, vec, alive)
+            name, gen = self._save_backend_files(b)
+        except BaseException:
+            if b is not None:
+                b.close()
+            with self._lock:
+                self._building = False
+            raise
+        with self._lock:
+            self._backend = b
+            self._backend_rows = n
+            self._backend_remove_seq = seq
+            self._building = False
+            self._config["backend"]["spec"] = b.spec
+            self._config["generation"] = gen
+            self._replace_index_dir({"dir": name, "rows": n, "remove_seq": seq})
+
+    def _save_backend_files(self, b: Backend) -> tuple[str, int]:
+        """Write ``b`` into a new ``index.<generation>`` directory; returns its name and generation."""
         gen = int(self._config["generation"]) + 1
         name = f"index.{gen}"
         tmp = self.path / f".{name}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        self._backend.save(tmp)
+        b.save(tmp)
         fsync_dir(tmp)
         os.replace(tmp, self.path / name)
         fsync_dir(self.path)
-        self._config["generation"] = gen
-        self._replace_index_dir({"dir": name, "rows": self._backend_rows, "remove_seq": self._backend_remove_seq})
+        return name, gen
+
+    def _persist_backend(self) -> None:
+        with self._lock:
+            name, gen = self._save_backend_files(self._backend)
+            self._config["generation"] = gen
+            self._replace_index_dir({"dir": name, "rows": self._backend_rows, "remove_seq": self._backend_remove_seq})
 
     def _replace_index_dir(self, info: dict[str, Any] | None) -> None:
-        old = self._config["index"]
-        self._config["index"] = info
-        self._write_config()
+        with self._lock:
+            old = self._config["index"]
+            self._config["index"] = info
+            self._write_config()
         if old is not None and (info is None or old["dir"] != info["dir"]):
             shutil.rmtree(self.path / old["dir"], ignore_errors=True)
 
     def _write_config(self) -> None:
-        atomic_write_bytes(self.path / _STORE_JSON, json.dumps(self._config, indent=2).encode())
+        with self._lock:
+            atomic_write_bytes(self.path / _STORE_JSON, json.dumps(self._config, indent=2).encode())
 
     def _recover(self) -> None:
         """Writer start-up: drop leftovers of an interrupted write."""
@@ -946,126 +1075,150 @@ class Store:
         ``None`` to drop, ``"keep"``. αDBA is computed over the rows present now; rows added
         later are whitened but not augmented until ``configure`` runs again (``info`` shows
         how many). The switch is atomic: until the new ``store.json`` lands, the old files
-        serve searches.
+        serve searches. In this process, searches go on with the old vectors while the new
+        ones are computed, then exactly over the new ones while the index is rebuilt.
         """
-        self._require_writable()
-        cfg = json.loads(json.dumps(self._config))
-        gen = int(cfg["generation"]) + 1
-        changed_vectors = False
-        if whitening != "keep":
-            if whitening is not None:
-                if whitening.input_dim != self.dim:
-                    raise ValueError(f"whitening takes {whitening.input_dim}-D input; the store's descriptors are {self.dim}-D")
-                name = f"whitening.{gen}.npz"
-                whitening.save(self.path / name)
-                digest, _ = _sha256_file(self.path / name)
-                cfg["whitening"] = {"file": name, "sha256": digest, "kind": whitening.kind, "dim": whitening.dim}
-            else:
-                cfg["whitening"] = None
-            changed_vectors = True
-        if dba != "keep":
-            if dba is not None:
-                k, alpha = int(dba[0]), float(dba[1])
-                if k < 1 or alpha < 0:
-                    raise ValueError(f"dba needs k >= 1 and alpha >= 0, got k={k}, alpha={alpha}")
-                cfg["dba"] = {"k": k, "alpha": alpha, "rows": None}
-            else:
-                cfg["dba"] = None
-            changed_vectors = True
-        elif cfg["dba"] is not None and changed_vectors:
-            cfg["dba"]["rows"] = None
-        if query_expansion is not None:
-            cfg["query_expansion"] = dataclasses.asdict(query_expansion)
-        if backend is not None:
-            parse_spec(backend)
-            cfg["backend"] = {"requested": backend, "spec": None}
-        n = self.n_rows()
-        old_vectors = self._config["vectors"]
-        if changed_vectors:
-            w = None
-            if cfg["whitening"] is not None:
-                w = whitening if isinstance(whitening, Whitening) else Whitening.load(self.path / cfg["whitening"]["file"])
-            if w is None and cfg["dba"] is None:
-                cfg["vectors"] = None
-            else:
-                name = f"vectors.{gen}.f32"
-                width = w.dim if w is not None else self.dim
-                raw = self.descriptors(n)
-                out = np.empty((n, width), np.float32)
-                for start in range(0, n, 65536):
-                    x = np.asarray(raw[start:start + 65536])
-                    out[start:start + 65536] = x if w is None else w.apply(x)
-                if cfg["dba"] is not None and n > 1:
-                    alive = self._alive_mask(n)
-                    live = np.flatnonzero(alive)
-                    k = min(cfg["dba"]["k"], live.size - 1)
-                    if k >= 1:
-                        out[live] = alpha_database_augmentation(out[live], k, cfg["dba"]["alpha"])
-                    cfg["dba"]["rows"] = n
-                tmp = self.path / f".{name}.tmp"
-                with open(tmp, "wb") as f:
-                    f.write(out.tobytes())
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path / name)
-                cfg["vectors"] = name
-        cfg["generation"] = gen
-        # swap in the new configuration, then rebuild the index from the new vectors
-        old_whitening = self._config["whitening"]
-        self._config = cfg
-        self._whitening = None
-        self._fallback = None
-        self._maps.clear()
-        if changed_vectors or backend is not None:
-            cfg["backend"]["spec"] = None
-            if self._backend is not None:
-                self._backend.close()
-                self._backend = None
-            requested = cfg["backend"]["requested"]
-            self._build_backend(resolve_spec(requested, n_hint=len(self)))
-        self._write_config()
-        for old in (old_vectors, old_whitening and old_whitening["file"]):
-            if old and old not in (cfg["vectors"], cfg["whitening"] and cfg["whitening"]["file"]):
-                with contextlib.suppress(OSError):
-                    (self.path / old).unlink()
+        with self._write_lock:
+            self._require_writable()
+            with self._lock:
+                cfg = json.loads(json.dumps(self._config))
+                n = self.n_rows()
+                old_vectors = self._config["vectors"]
+                old_whitening = self._config["whitening"]
+            # the caller's write lock keeps rows and files as they are: compute without _lock
+            gen = int(cfg["generation"]) + 1
+            changed_vectors = False
+            if whitening != "keep":
+                if whitening is not None:
+                    if whitening.input_dim != self.dim:
+                        raise ValueError(f"whitening takes {whitening.input_dim}-D input; "
+                                         f"the store's descriptors are {self.dim}-D")
+                    name = f"whitening.{gen}.npz"
+                    whitening.save(self.path / name)
+                    digest, _ = _sha256_file(self.path / name)
+                    cfg["whitening"] = {"file": name, "sha256": digest, "kind": whitening.kind, "dim": whitening.dim}
+                else:
+                    cfg["whitening"] = None
+                changed_vectors = True
+            if dba != "keep":
+                if dba is not None:
+                    k, alpha = int(dba[0]), float(dba[1])
+                    if k < 1 or alpha < 0:
+                        raise ValueError(f"dba needs k >= 1 and alpha >= 0, got k={k}, alpha={alpha}")
+                    cfg["dba"] = {"k": k, "alpha": alpha, "rows": None}
+                else:
+                    cfg["dba"] = None
+                changed_vectors = True
+            elif cfg["dba"] is not None and changed_vectors:
+                cfg["dba"]["rows"] = None
+            if query_expansion is not None:
+                cfg["query_expansion"] = dataclasses.asdict(query_expansion)
+            if backend is not None:
+                parse_spec(backend)
+                cfg["backend"] = {"requested": backend, "spec": None}
+            if changed_vectors:
+                w = None
+                if cfg["whitening"] is not None:
+                    w = (whitening if isinstance(whitening, Whitening)
+                         else Whitening.load(self.path / cfg["whitening"]["file"]))
+                if w is None and cfg["dba"] is None:
+                    cfg["vectors"] = None
+                else:
+                    name = f"vectors.{gen}.f32"
+                    width = w.dim if w is not None else self.dim
+                    raw = self.descriptors(n)
+                    out = np.empty((n, width), np.float32)
+                    for start in range(0, n, 65536):
+                        x = np.asarray(raw[start:start + 65536])
+                        out[start:start + 65536] = x if w is None else w.apply(x)
+                    if cfg["dba"] is not None and n > 1:
+                        alive = self._alive_mask(n)
+                        live = np.flatnonzero(alive)
+                        k = min(cfg["dba"]["k"], live.size - 1)
+                        if k >= 1:
+                            out[live] = alpha_database_augmentation(out[live], k, cfg["dba"]["alpha"])
+                        cfg["dba"]["rows"] = n
+                    tmp = self.path / f".{name}.tmp"
+                    with open(tmp, "wb") as f:
+                        f.write(out.tobytes())
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, self.path / name)
+                    cfg["vectors"] = name
+            cfg["generation"] = gen
+            rebuild = changed_vectors or backend is not None
+            # swap in the new configuration, then rebuild the index from the new vectors
+            with self._lock:
+                self._config = cfg
+                self._whitening = None
+                self._fallback = None
+                self._maps.clear()
+                if rebuild:
+                    cfg["backend"]["spec"] = None
+                    if self._backend is not None:
+                        self._backend.close()
+                        self._backend = None
+            if rebuild:
+                self._build_backend(resolve_spec(cfg["backend"]["requested"], n_hint=len(self)))
+            self._write_config()
+            for old in (old_vectors, old_whitening and old_whitening["file"]):
+                if old and old not in (cfg["vectors"], cfg["whitening"] and cfg["whitening"]["file"]):
+                    with contextlib.suppress(OSError):
+                        (self.path / old).unlink()
 
     def rebuild(self) -> None:
         """Rebuild the backend index from the stored vectors (after corruption or to retrain)."""
-        self._require_writable()
-        if self._backend is not None:
-            self._backend.close()
-            self._backend = None
-        self._config["backend"]["spec"] = None
-        self._build_backend(resolve_spec(self._config["backend"]["requested"], n_hint=len(self)))
-        self._write_config()
+        with self._write_lock:
+            self._require_writable()
+            with self._lock:
+                if self._backend is not None:
+                    self._backend.close()
+                    self._backend = None
+                self._config["backend"]["spec"] = None
+                requested = self._config["backend"]["requested"]
+            self._build_backend(resolve_spec(requested, n_hint=len(self)))
+            self._write_config()
 
     # -- reading -----------------------------------------------------------------------------
 
     def records(self, ids: Sequence[int]) -> list[ImageRecord]:
         """Metadata of the given ids (removed ones included); unknown ids raise ``KeyError``."""
         out = []
-        for i in ids:
-            r = self._db.execute("SELECT id, path, size, width, height, sha256, added FROM images WHERE id = ?",
-                                 (int(i),)).fetchone()
-            if r is None:
-                raise KeyError(f"unknown image id {i}")
-            out.append(ImageRecord(*r))
+        with self._lock:
+            for i in ids:
+                r = self._db.execute("SELECT id, path, size, width, height, sha256, added FROM images WHERE id = ?",
+                                     (int(i),)).fetchone()
+                if r is None:
+                    raise KeyError(f"unknown image id {i}")
+                out.append(ImageRecord(*r))
         return out
 
+    def is_live(self, image_id: int) -> bool:
+        """True when ``image_id`` is indexed and not removed (unknown ids are not live)."""
+        with self._lock:
+            row = self._db.execute("SELECT removed FROM images WHERE id = ?", (int(image_id),)).fetchone()
+        return row is not None and row[0] == 0
+
     def list(self, offset: int = 0, limit: int = 100) -> list[ImageRecord]:
-        """Live images in id order, paged."""
-        rows = self._db.execute(
-            "SELECT id, path, size, width, height, sha256, added FROM images WHERE removed = 0 "
-            "ORDER BY id LIMIT ? OFFSET ?", (int(limit), int(offset))).fetchall()
+        """Live images in id order, paged.
+
+        Walks the id-ordered table skipping removed rows, so a page costs O(offset + limit):
+        about 5 ms at offset 100k.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, path, size, width, height, sha256, added FROM images WHERE removed = 0 "
+                "ORDER BY id LIMIT ? OFFSET ?", (int(limit), int(offset))).fetchall()
         return [ImageRecord(*r) for r in rows]
 
     def _paths(self, ids: np.ndarray) -> dict[int, str]:
         want = sorted({int(i) for i in ids.ravel() if i >= 0})
         out: dict[int, str] = {}
-        for start in range(0, len(want), 900):
-            chunk = want[start:start + 900]
-            q = ",".join("?" * len(chunk))
-            out.update(self._db.execute(f"SELECT id, path FROM images WHERE id IN ({q})", chunk).fetchall())
+        with self._lock:
+            for start in range(0, len(want), 900):
+                chunk = want[start:start + 900]
+                q = ",".join("?" * len(chunk))
+                out.update(self._db.execute(f"SELECT id, path FROM images WHERE id IN ({q})", chunk).fetchall())
         return out
 
     def search_vectors(
@@ -1083,20 +1236,53 @@ class Store:
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        self.refresh()
-        qe = self.query_expansion if query_expansion is None else query_expansion
-        x = self.postprocess(q)
-        searcher = self._searcher()
-        scores, ids = self._search_once(searcher, x, int(k), exact_rescore)
-        if qe.method != "none" and len(self) > 0:
-            if ids.shape[1] < qe.k:
-                s2, i2 = self._search_once(searcher, x, qe.k, exact_rescore)
-            else:
-                s2, i2 = scores, ids
-            x = expand_with_neighbours(x, self._gather(i2[:, : qe.k]), s2[:, : qe.k],
-                                       0.0 if qe.method == "aqe" else qe.alpha)
+        with self._lock:
+            self.refresh()
+            qe = self.query_expansion if query_expansion is None else query_expansion
+            x = self.postprocess(q)
+            searcher = self._searcher()
             scores, ids = self._search_once(searcher, x, int(k), exact_rescore)
+            if qe.method != "none" and len(self) > 0:
+                if ids.shape[1] < qe.k:
+                    s2, i2 = self._search_once(searcher, x, qe.k, exact_rescore)
+                else:
+                    s2, i2 = scores, ids
+                x = expand_with_neighbours(x, self._gather(i2[:, : qe.k]), s2[:, : qe.k],
+                                           0.0 if qe.method == "aqe" else qe.alpha)
+                scores, ids = self._search_once(searcher, x, int(k), exact_rescore)
         return scores, ids
+
+    def search_ids(
+        self,
+        ids: Sequence[int],
+        k: int = 10,
+        *,
+        query_expansion: QueryExpansion | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Search with the stored descriptors of indexed images ("more like this").
+
+        Same as :meth:`search_vectors` on ``descriptors()[ids]``: returns ``(scores, ids)``
+        ``(Q, k)``; each image usually finds itself first. An unknown or removed id raises
+        ``KeyError`` naming it.
+        """
+        want = np.asarray(ids)
+        if want.ndim != 1 or (want.size and (want.dtype == bool or not np.issubdtype(want.dtype, np.integer))):
+            raise TypeError(f"ids must be a sequence of integers, got {ids!r}")
+        want = want.astype(np.int64)
+        with self._lock:
+            state: dict[int, int] = {}
+            distinct = sorted(set(want.tolist()))
+            for start in range(0, len(distinct), 900):
+                chunk = distinct[start:start + 900]
+                q = ",".join("?" * len(chunk))
+                state.update(self._db.execute(f"SELECT id, removed FROM images WHERE id IN ({q})", chunk))
+            for i in want.tolist():
+                if i not in state:
+                    raise KeyError(f"unknown image id {i}")
+                if state[i] != 0:
+                    raise KeyError(f"image id {i} was removed")
+            x = np.asarray(self.descriptors()[want], dtype=np.float32)
+            return self.search_vectors(x, k, query_expansion=query_expansion)
 
     def _search_once(self, searcher: Backend, x: np.ndarray, k: int, rescore: bool):
         dead = self._pending_dead if searcher is self._backend else set()
@@ -1132,7 +1318,8 @@ class Store:
         """Search with query images (optionally cropped to ``(x1, y1, x2, y2)`` boxes).
 
         Returns, per query, the ranked hits ``(score, id, path)``. A query image that cannot
-        be read raises :class:`~imret.images.ImageError`.
+        be read raises :class:`~imret.images.ImageError`. The query descriptors are extracted
+        without holding the store's lock (other searches and an ``add`` go on meanwhile).
         """
         from ..images import ImageError
 
@@ -1141,8 +1328,9 @@ class Store:
         if ex.skipped:
             s = ex.skipped[0]
             raise ImageError(s.path, s.reason)
-        scores, ids = self.search_vectors(ex.descriptors, k, query_expansion=query_expansion)
-        return self.hits(scores, ids)
+        with self._lock:  # ids and their paths from the same state
+            scores, ids = self.search_vectors(ex.descriptors, k, query_expansion=query_expansion)
+            return self.hits(scores, ids)
 
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         """Attach paths to ``(scores, ids)`` results."""
@@ -1154,58 +1342,80 @@ class Store:
 
     def info(self) -> dict[str, Any]:
         """Facts about the store (for ``imret index info``)."""
-        n = self.n_rows()
-        cfg = self._config
-        disk = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
-        out = {
-            "path": str(self.path),
-            "format": f"{cfg['format']} v{cfg['version']}",
-            "created": cfg["created"],
-            "images": len(self),
-            "removed": n - len(self),
-            "dim": self.dim,
-            "search_dim": self.search_dim,
-            "model": {k: cfg["model"][k] for k in ("source", "spec")},
-            "preprocessing": cfg["preprocessing"],
-            "whitening": cfg["whitening"],
-            "query_expansion": cfg["query_expansion"],
-            "dba": cfg["dba"],
-            "backend": dict(cfg["backend"]),
-            "disk_bytes": disk,
-        }
-        if cfg["dba"] is not None and cfg["dba"].get("rows") is not None:
-            out["dba"] = dict(cfg["dba"], rows_not_augmented=n - cfg["dba"]["rows"])
-        searcher = self._searcher()
-        out["backend"]["searching_with"] = "exact (index not built yet)" if (
-            isinstance(searcher, ExactBackend) and parse_spec(self.backend_spec).kind != "exact") else searcher.spec
-        out["backend"]["ntotal"] = searcher.ntotal
+        disk = _disk_bytes(self.path)  # without the lock: a writer may be adding files meanwhile
+        with self._lock:
+            n = self.n_rows()
+            live = len(self)
+            cfg = self._config
+            out = {
+                "path": str(self.path),
+                "format": f"{cfg['format']} v{cfg['version']}",
+                "created": cfg["created"],
+                "images": live,
+                "removed": n - live,
+                "dim": self.dim,
+                "search_dim": self.search_dim,
+                "model": {k: cfg["model"][k] for k in ("source", "spec")},
+                "preprocessing": cfg["preprocessing"],
+                "whitening": cfg["whitening"],
+                "query_expansion": cfg["query_expansion"],
+                "dba": cfg["dba"],
+                "backend": dict(cfg["backend"]),
+                "disk_bytes": disk,
+            }
+            out = json.loads(json.dumps(out))  # a copy: the writer changes cfg in place
+            if cfg["dba"] is not None and cfg["dba"].get("rows") is not None:
+                out["dba"] = dict(out["dba"], rows_not_augmented=n - cfg["dba"]["rows"])
+            searcher = self._searcher()
+            out["backend"]["searching_with"] = "exact (index not built yet)" if (
+                isinstance(searcher, ExactBackend) and parse_spec(self.backend_spec).kind != "exact") else searcher.spec
+            out["backend"]["ntotal"] = searcher.ntotal
         return out
 
     def verify(self) -> list[str]:
-        """Full consistency check; returns the problems found (empty when the store is sound)."""
+        """Full consistency check; returns the problems found (empty when the store is sound).
+
+        Checks the rows committed when it starts; reads descriptors without holding the lock,
+        so searches go on while a large store is checked.
+        """
         problems = []
-        ok = self._db.execute("PRAGMA integrity_check").fetchone()[0]
+        with self._lock:
+            ok = self._db.execute("PRAGMA integrity_check").fetchone()[0]
+            n = self.n_rows()
         if ok != "ok":
             problems.append(f"SQLite integrity check: {ok}")
-        n = self.n_rows()
         raw = self.descriptors(n)
         for start in range(0, n, 4096):
-            rows = self._db.execute("SELECT id, crc32 FROM images WHERE id >= ? AND id < ? ORDER BY id",
-                                    (start, start + 4096)).fetchall()
+            with self._lock:
+                rows = self._db.execute("SELECT id, crc32 FROM images WHERE id >= ? AND id < ? ORDER BY id",
+                                        (start, min(start + 4096, n))).fetchall()
             block = np.asarray(raw[start:start + 4096])
             for i, crc in rows:
                 if zlib.crc32(block[i - start].tobytes()) != crc:
                     problems.append(f"descriptor of image {i} does not match its checksum")
-        ids = [r[0] for r in self._db.execute("SELECT id FROM images ORDER BY id")]
-        if ids != list(range(n)):
-            problems.append("image ids are not contiguous")
-        dup = self._db.execute("SELECT sha256, COUNT(*) FROM images WHERE removed = 0 GROUP BY sha256 HAVING COUNT(*) > 1").fetchall()
-        if dup:
-            problems.append(f"{len(dup)} contents indexed more than once")
-        searcher = self._searcher()
-        if searcher.ntotal != len(self):
-            problems.append(f"the search index holds {searcher.ntotal} vectors for {len(self)} live images")
+        with self._lock:
+            ids = [r[0] for r in self._db.execute("SELECT id FROM images WHERE id < ? ORDER BY id", (n,))]
+            if ids != list(range(n)):
+                problems.append("image ids are not contiguous")
+            dup = self._db.execute("SELECT sha256, COUNT(*) FROM images WHERE removed = 0 GROUP BY sha256 "
+                                   "HAVING COUNT(*) > 1").fetchall()
+            if dup:
+                problems.append(f"{len(dup)} contents indexed more than once")
+            live = int(self._db.execute("SELECT COUNT(*) FROM images WHERE removed = 0").fetchone()[0])
+            searcher = self._searcher()
+            if searcher.ntotal != live:
+                problems.append(f"the search index holds {searcher.ntotal} vectors for {live} live images")
         return problems
+
+
+def _disk_bytes(path: Path) -> int:
+    """Bytes in the files under ``path``; files that vanish while it looks are skipped."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(root, f), follow_symlinks=False).st_size
+    return total
 
 
 _SCHEMA_SQL = """

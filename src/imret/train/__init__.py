@@ -9,6 +9,7 @@ from .metrics_log import MetricsLog, plot_training_curves, read_metrics
 from .multistage import (
     MultistageResult,
     chunks_of,
+    iter_chunks,
     deterministic_forward_problems,
     freeze_batchnorm,
     multistage_backward,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,7 @@ __all__ = [
     "multistage_backward",
     "plain_backward",
     "chunks_of",
+    "iter_chunks",
     "deterministic_forward_problems",
     "freeze_batchnorm",
 ]
@@ -45,33 +46,56 @@ class MultistageResult:
     descriptors: torch.Tensor  # (N, D), detached
 
 
-def chunks_of(images: Images, chunk_size: int) -> list[tuple[int, int, torch.Tensor]]:
-    """Split a batch into ``(start, stop, tensor)`` chunks of at most ``chunk_size`` images.
+def iter_chunks(images: Images, chunk_size: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield ``(start, stop, tensor)`` chunks of at most ``chunk_size`` images, loading lazily.
 
     ``images`` is an ``(N, C, H, W)`` tensor or a sequence of ``(C, H, W)`` tensors that may
     differ in size (high-resolution images keep their aspect ratio); consecutive images of
-    equal size are stacked into one chunk.
+    equal size are stacked into one chunk. A sequence is indexed item by item as the chunks
+    are consumed, so a lazy one (a dataset that decodes and augments on ``__getitem__``) holds
+    only one chunk in memory at a time.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    out = []
     if isinstance(images, torch.Tensor):
         if images.dim() != 4:
             raise ValueError(f"images must be (N, C, H, W) or a list of (C, H, W), got shape {tuple(images.shape)}")
         for s in range(0, images.shape[0], chunk_size):
-            out.append((s, min(s + chunk_size, images.shape[0]), images[s:s + chunk_size]))
-        return out
-    items = list(images)
-    s = 0
-    while s < len(items):
-        if items[s].dim() != 3:
-            raise ValueError(f"image {s} must be (C, H, W), got shape {tuple(items[s].shape)}")
+            yield s, min(s + chunk_size, images.shape[0]), images[s:s + chunk_size]
+        return
+    n = len(images)
+
+    def get(i: int) -> torch.Tensor:
+        t = images[i]
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"image {i} must be a (C, H, W) tensor, got {getattr(t, 'shape', type(t).__name__)}")
+        return t
+
+    s, pending = 0, None
+    while s < n:
+        group = [pending if pending is not None else get(s)]
+        pending = None
         e = s + 1
-        while e < len(items) and e - s < chunk_size and items[e].shape == items[s].shape:
+        while e < n and e - s < chunk_size:
+            t = get(e)
+            if t.shape != group[0].shape:
+                pending = t
+                break
+            group.append(t)
             e += 1
-        out.append((s, e, torch.stack(items[s:e])))
+        yield s, e, torch.stack(group)
         s = e
-    return out
+
+
+def chunks_of(images: Images, chunk_size: int) -> list[tuple[int, int, torch.Tensor]]:
+    """All chunks of :func:`iter_chunks` at once (loads every image)."""
+    return list(iter_chunks(images, chunk_size))
+
+
+def _chunk_again(images: Images, s: int, e: int) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        return images[s:e]
+    return torch.stack([images[i] for i in range(s, e)])
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -129,7 +153,9 @@ def multistage_backward(
     Args:
         model: maps ``(B, C, H, W)`` images to ``(B, D)`` descriptors; its forward must be
             deterministic (see :func:`deterministic_forward_problems`, checked when ``check``).
-        images: ``(N, C, H, W)`` or a list of ``(C, H, W)`` tensors (sizes may differ).
+        images: ``(N, C, H, W)``, or a sequence of ``(C, H, W)`` tensors (sizes may differ),
+            which may be lazy (a dataset indexed on demand): it is read twice, chunk by chunk,
+            and must return the same tensor both times (augment deterministically per index).
         loss_fn: maps the ``(N_total, D)`` descriptors to a scalar loss.
         chunk_size: images per forward pass; memory grows with it, not with ``N``.
         device: where to run (default: the device of the model's first parameter).
@@ -155,14 +181,17 @@ def multistage_backward(
         p = next(model.parameters()) if isinstance(model, nn.Module) else None
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
-    parts = chunks_of(images, chunk_size)
-    # stage 1: descriptors without activations
+    # stage 1: descriptors without activations (a lazy image sequence is read chunk by chunk)
+    bounds, shapes, descs = [], [], []
     with torch.no_grad():
-        descs = []
-        for _, _, x in parts:
+        for s, e, x in iter_chunks(images, chunk_size):
+            bounds.append((s, e))
+            shapes.append(x.shape)
             with _autocast(device, autocast_dtype):
                 descs.append(_upcast(model(x.to(device, non_blocking=True))))
+            del x
         local = torch.cat(descs)
+        del descs
     # stage 2: the loss and its gradient w.r.t. the descriptors
     if gather is not None:
         full, offset = gather(local)
@@ -175,13 +204,20 @@ def multistage_backward(
     (g_full,) = torch.autograd.grad(loss, d)
     g = g_full[offset:offset + local.shape[0]] * grad_scale
     # stage 3: recompute each chunk with autograd and push its rows' gradient through it
-    for n, (s, e, x) in enumerate(parts):
-        last = n == len(parts) - 1
+    for n, ((s, e), shape) in enumerate(zip(bounds, shapes)):
+        last = n == len(bounds) - 1
+        x = _chunk_again(images, s, e)
+        if x.shape != shape:
+            raise ValueError(
+                f"images {s}..{e - 1} changed shape between the two passes ({tuple(shape)} then "
+                f"{tuple(x.shape)}): a lazy image sequence must return the same tensor every time"
+            )
         ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
         with ctx:
             with _autocast(device, autocast_dtype):
                 out = _upcast(model(x.to(device, non_blocking=True)))
             out.backward(g[s:e])
+        del x, out
     return MultistageResult(loss.detach(), local.detach())
 
 

@@ -1,0 +1,775 @@
+"""The HTTP API and web page of an image store (``imret serve STORE``).
+
+One process holds one :class:`~imret.index.store.Store` and answers, over FastAPI on
+uvicorn (the endpoints are listed in ``docs/http-api.md`` and in the OpenAPI schema at
+``/openapi.json``, browsable at ``/docs``):
+
+- searches by uploaded photo (optional crop box, ``k``, query expansion on or off) and by the
+  id of an indexed image; adds and removes; thumbnails; paged listing; info, health, metrics;
+- a web page (``/``) from :mod:`imret.web` to drop a photo, draw a crop box and browse results.
+
+Design:
+
+- **Decoding** of uploads runs on the request's worker thread (PIL releases the GIL), with
+  the size and pixel limits checked on the header before any pixel is decoded.
+- **Micro-batching**: decoded queries go to one :class:`~imret.batching.MicroBatcher` worker,
+  which runs the model over them and searches the index once for the whole batch, so the
+  model never runs on several threads at once and throughput holds up under load.
+- **Writes** (add, remove) run one at a time on a single writer thread through the store,
+  which commits them crash-safely; searches keep being answered meanwhile (the store only
+  locks them out during the short commit of each batch). Uploaded files are stored under
+  ``<store>/uploads/`` with a name made from their content hash and a sanitised stem; a name
+  from a request never becomes a path otherwise. Thumbnails are made only of indexed files.
+- **Safety**: JSON and multipart only (nothing from a request is unpickled or evaluated),
+  binding to 127.0.0.1 by default (the CLI), an optional bearer token for writes (and
+  reads), request-body, upload and pixel limits, and 4xx errors that say what was wrong.
+
+Only :func:`create_app` touches the store; nothing happens at import.
+"""
+
+
+import asyncio
+import io
+import math
+import os
+import re
+import secrets
+import tempfile
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ServerConfig", "ApiError", "create_app", "sanitise_name"]
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+UPLOADS = "uploads"
+_UPLOAD_NAME = re.compile(r"^[0-9a-f]{16}-(.+)$")
+_FORMAT_EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif",
+               "MPO": ".jpg"}
+
+
+@dataclass
+class ServerConfig:
+    """What the server allows; the CLI fills it from its options.
+
+    Attributes:
+        token: bearer token required for writes (``None``: no token, anyone on the network
+            interface may write; bind to 127.0.0.1 then).
+        token_reads: require the token for reads (searches, listing, thumbnails) too.
+        read_only: refuse adds and removes (the store is opened read-only).
+        max_upload_bytes: largest accepted file.
+        max_pixels: largest accepted image (width x height, from the header).
+        max_files: most files in one add request.
+        max_k: largest ``k``.
+        default_k: ``k`` when a request does not say.
+        max_batch: most queries per model/search batch.
+        max_wait_ms: how long a query waits for others to join its batch.
+        max_queue: queries allowed to wait; beyond, 503.
+        thumbnail_cache: thumbnails kept in memory (LRU).
+        device: where the model runs.
+    """
+
+    token: str | None = None
+    token_reads: bool = False
+    read_only: bool = False
+    max_upload_bytes: int = 20 * 2**20
+    max_pixels: int = 50_000_000
+    max_files: int = 64
+    max_k: int = 1000
+    default_k: int = 20
+    max_batch: int = 16
+    max_wait_ms: float = 2.0
+    max_queue: int = 512
+    thumbnail_cache: int = 4096
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("max_upload_bytes", "max_pixels", "max_files", "max_k", "default_k", "max_batch", "max_queue",
+                     "thumbnail_cache"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not 1 <= self.default_k <= self.max_k:
+            raise ValueError(f"default_k must be in 1..max_k={self.max_k}, got {self.default_k}")
+        if self.token is not None and len(self.token) < 8:
+            raise ValueError("the API token must have at least 8 characters")
+        if self.token_reads and self.token is None:
+            raise ValueError("token_reads needs a token")
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"status", "code", "message"}}``."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def sanitise_name(name: str | None, max_len: int = 80) -> str:
+    """A file name from a request reduced to a safe display / file stem: no directories,
+    only ``[A-Za-z0-9._-]``, no leading dots, at most ``max_len`` characters (may be empty)."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip(".")
+    return base[:max_len]
+
+
+# -- request metrics ----------------------------------------------------------------------------
+
+class _Metrics:
+    def __init__(self, window: int = 2048):
+        self._lock = threading.Lock()
+        self._routes: dict[str, dict[str, Any]] = {}
+        self._window = window
+
+    def record(self, route: str, status: int, seconds: float) -> None:
+        with self._lock:
+            r = self._routes.setdefault(route, {"count": 0, "errors_4xx": 0, "errors_5xx": 0,
+                                                "lat": deque(maxlen=self._window)})
+            r["count"] += 1
+            if 400 <= status < 500:
+                r["errors_4xx"] += 1
+            elif status >= 500:
+                r["errors_5xx"] += 1
+            r["lat"].append(seconds * 1000.0)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            out = {}
+            for route, r in sorted(self._routes.items()):
+                lat = np.asarray(r["lat"], dtype=np.float64)
+                out[route] = {"count": r["count"], "errors": r["errors_4xx"] + r["errors_5xx"],
+                              "errors_4xx": r["errors_4xx"], "errors_5xx": r["errors_5xx"],
+                              "p50_ms": round(float(np.percentile(lat, 50)), 3) if lat.size else None,
+                              "p99_ms": round(float(np.percentile(lat, 99)), 3) if lat.size else None,
+                              "window": int(lat.size)}
+            return out
+
+
+# -- the service: store, model, batcher, writer -----------------------------------------------
+
+@dataclass
+class _Query:
+    k: int
+    qe: bool | None
+    tensor: Any = None  # (3, H, W) model input
+    image_id: int | None = None
+
+
+@dataclass
+class _Checked:
+    """An upload that passed every check."""
+
+    data: bytes
+    name: str
+    ext: str
+    width: int
+    height: int
+    tensor: Any = None
+    sha256: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Service:
+    """Everything the endpoints use; built by :func:`create_app`."""
+
+    def __init__(self, store, config: ServerConfig):
+        from .batching import MicroBatcher
+
+        self.store = store
+        self.config = config
+        self.started = time.time()
+        self.metrics = _Metrics()
+        self.model = store.model
+        self.model.eval().to(config.device)
+        self.pre = store.preprocessing
+        self._tmp = tempfile.TemporaryDirectory(prefix="imret-serve-")
+        self.batcher = MicroBatcher(self._run_batch, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+                                    max_queue=config.max_queue, name="imret-search")
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imret-writer")
+        self._thumbs: OrderedDict[tuple[int, int], tuple[bytes, str]] = OrderedDict()
+        self._thumb_lock = threading.Lock()
+        self._info_cache: tuple[float, dict[str, Any]] | None = None
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.writer.shutdown(wait=True)
+        self._tmp.cleanup()
+
+    # -- uploads ------------------------------------------------------------------------------
+
+    def check_upload(self, data: bytes, filename: str | None, *, bbox=None, decode_for_model: bool = True) -> _Checked:
+        """Check an uploaded file and decode it as the store's model input; ApiError if bad."""
+        from PIL import Image, UnidentifiedImageError
+
+        from .images import ImageError, load_image, to_tensor
+
+        if filename and (re.search(r"[\\/\x00-\x1f\x7f]", filename) or filename.strip() in (".", "..")):
+            raise ApiError(400, "bad_name", f"file name {filename!r} is not a plain file name (no directories, "
+                                            "no control characters)")
+        name = sanitise_name(filename) or "upload"
+        if len(data) == 0:
+            raise ApiError(400, "empty", f"{name}: the file is empty (0 bytes)")
+        if len(data) > self.config.max_upload_bytes:
+            raise ApiError(413, "too_large", f"{name}: {len(data)} bytes exceeds the limit of "
+                                             f"{self.config.max_upload_bytes} bytes")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                fmt, (w, h) = im.format, im.size
+                orientation = im.getexif().get(0x0112, 1) if fmt in ("JPEG", "MPO", "TIFF", "WEBP", "PNG") else 1
+        except Image.DecompressionBombError as e:
+            raise ApiError(413, "too_many_pixels", f"{name}: refused as a decompression bomb ({e})") from None
+        except UnidentifiedImageError:
+            raise ApiError(415, "unsupported_media_type",
+                           f"{name}: not an image in a supported format ({', '.join(sorted(_FORMAT_EXT))})") from None
+        except Exception as e:  # noqa: BLE001 - anything PIL raises on a header is a bad upload
+            raise ApiError(422, "bad_image", f"{name}: cannot read the image header ({type(e).__name__}: {e})") from None
+        if fmt not in _FORMAT_EXT:
+            raise ApiError(415, "unsupported_media_type",
+                           f"{name}: image format {fmt} is not accepted; accepted: {', '.join(sorted(_FORMAT_EXT))}")
+        if w * h > self.config.max_pixels:
+            raise ApiError(413, "too_many_pixels", f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of "
+                                                   f"{self.config.max_pixels} pixels; not decoded")
+        if orientation in (5, 6, 7, 8):
+            w, h = h, w  # the displayed (upright) size, which boxes refer to
+        box = None
+        if bbox is not None:
+            x1, y1, x2, y2 = bbox
+            if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:
+                raise ApiError(400, "bad_request", f"bbox {list(bbox)} lies outside the {w}x{h} image")
+            box = (max(0.0, x1), max(0.0, y1), min(float(w), x2), min(float(h), y2))
+        ext = _FORMAT_EXT[fmt]
+        path = Path(self._tmp.name) / f"{secrets.token_hex(8)}{ext}"
+        path.write_bytes(data)
+        try:
+            size = self.pre.image_size if decode_for_model else 64
+            img = load_image(path, image_size=size, bbox=box, draft=self.pre.draft,
+                             max_pixels=min(self.config.max_pixels, self.pre.max_pixels or self.config.max_pixels),
+                             crop_resize=self.pre.crop_resize)
+        except ImageError as e:
+            raise ApiError(422, "bad_image", f"{name}: {e.reason}") from None
+        finally:
+            path.unlink(missing_ok=True)
+        tensor = to_tensor(img, self.model.mean, self.model.std) if decode_for_model else None
+        import hashlib
+
+        return _Checked(data, name, ext, w, h, tensor, hashlib.sha256(data).hexdigest(), {"bbox": box})
+
+    # -- searching ------------------------------------------------------------------------------
+
+    def _qe(self, on: bool | None):
+        from .index.store import QueryExpansion
+
+        if on is None:
+            return None
+        if not on:
+            return QueryExpansion("none")
+        qe = self.store.query_expansion
+        return qe if qe.method != "none" else QueryExpansion("alpha", k=10, alpha=3.0)
+
+    def _run_batch(self, items: list[_Query]) -> list[Any]:
+        """The batcher's function: model over the image queries, then one search per QE setting."""
+        from .extract import describe_tensors
+
+        out: list[Any] = [None] * len(items)
+        img_idx = [i for i, q in enumerate(items) if q.tensor is not None]
+        desc = None
+        if img_idx:
+            desc = describe_tensors(self.model, [items[i].tensor for i in img_idx], scales=self.pre.scales,
+                                    device=self.config.device)
+        row_of = {i: r for r, i in enumerate(img_idx)}
+        groups: dict[tuple[bool | None, bool], list[int]] = {}
+        for i, q in enumerate(items):
+            groups.setdefault((q.qe, q.tensor is not None), []).append(i)
+        for (qe, is_img), idx in groups.items():
+            k = max(items[i].k for i in idx)
+            try:
+                if is_img:
+                    scores, ids = self.store.search_vectors(desc[[row_of[i] for i in idx]], k,
+                                                            query_expansion=self._qe(qe))
+                else:
+                    scores, ids = self.store.search_ids([items[i].image_id for i in idx], k,
+                                                        query_expansion=self._qe(qe))
+            except KeyError as e:  # an id removed since the request was checked
+                for i in idx:
+                    out[i] = ApiError(404, "not_found", str(e.args[0]) if e.args else "unknown image id")
+                continue
+            for r, i in enumerate(idx):
+                kk = items[i].k
+                out[i] = (scores[r, :kk], ids[r, :kk])
+        return out
+
+    def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[dict[str, Any]]:
+        keep = ids >= 0
+        recs = {r.id: r for r in self.store.records([int(i) for i in ids[keep]])}
+        return [{"id": int(i), "score": round(float(s), 6), **self._image_fields(recs[int(i)], full=False)}
+                for s, i in zip(scores[keep], ids[keep])]
+
+    @staticmethod
+    def display_name(path: str) -> str:
+        """The file name shown for an indexed image (uploads lose their content-hash prefix)."""
+        base = os.path.basename(path)
+        m = _UPLOAD_NAME.match(base)
+        if m is not None and os.path.basename(os.path.dirname(os.path.dirname(path))) == UPLOADS:
+            return m.group(1)
+        return base
+
+    @staticmethod
+    def _image_fields(rec, full: bool = True) -> dict[str, Any]:
+        d = {"name": Service.display_name(rec.path), "width": rec.width, "height": rec.height,
+             "thumbnail": f"/api/images/{rec.id}/thumbnail"}
+        if full:
+            d = {"id": rec.id, **d, "size": rec.size, "added": rec.added}
+        return d
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def save_uploads(self, files: list[_Checked]) -> list[str]:
+        from .fileio import atomic_write_bytes
+
+        folder = self.store.path / UPLOADS
+        paths = []
+        for f in files:
+            stem = (Path(f.name).stem if f.name else "") or "image"
+            sub = folder / f.sha256[:2]
+            p = sub / f"{f.sha256[:16]}-{sanitise_name(stem, 60) or 'image'}{f.ext}"
+            if not p.is_file():
+                sub.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(p, f.data)
+            paths.append(str(p))
+        return paths
+
+    # -- thumbnails -------------------------------------------------------------------------------
+
+    def thumbnail(self, image_id: int, size: int) -> tuple[bytes, str]:
+        from .images import ImageError, load_image
+
+        key = (image_id, size)
+        with self._thumb_lock:
+            hit = self._thumbs.get(key)
+            if hit is not None:
+                self._thumbs.move_to_end(key)
+                return hit
+        rec = self.live_record(image_id)
+        try:
+            img = load_image(rec.path, image_size=size, draft=True, max_pixels=self.config.max_pixels)
+        except ImageError as e:
+            raise ApiError(404, "not_found", f"image {image_id} cannot be read any more ({e.reason})") from None
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85, optimize=True)
+        out = (buf.getvalue(), f'"{rec.sha256[:20]}-{size}"')
+        with self._thumb_lock:
+            self._thumbs[key] = out
+            while len(self._thumbs) > self.config.thumbnail_cache:
+                self._thumbs.popitem(last=False)
+        return out
+
+    def live_record(self, image_id: int):
+        try:
+            rec = self.store.records([image_id])[0]
+        except KeyError:
+            raise ApiError(404, "not_found", f"no image with id {image_id}") from None
+        if not self.store.is_live(image_id):
+            raise ApiError(404, "not_found", f"image {image_id} was removed")
+        return rec
+
+    def forget_thumbnails(self, image_id: int) -> None:
+        with self._thumb_lock:
+            for key in [k for k in self._thumbs if k[0] == image_id]:
+                del self._thumbs[key]
+
+    def info(self) -> dict[str, Any]:
+        now = time.monotonic()
+        if self._info_cache is None or now - self._info_cache[0] > 10.0:
+            self._info_cache = (now, self.store.info())
+        store = dict(self._info_cache[1], images=len(self.store))
+        c = self.config
+        return {"store": store, "server": {
+            "max_upload_bytes": c.max_upload_bytes, "max_pixels": c.max_pixels, "max_files": c.max_files,
+            "max_k": c.max_k, "default_k": c.default_k, "writes": not c.read_only,
+            "auth": {"writes": c.token is not None, "reads": c.token_reads},
+            "query_expansion": store.get("query_expansion"), "version": _version()}}
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# -- parsing helpers ------------------------------------------------------------------------------
+
+def _parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
+    if text is None or text.strip() == "":
+        return None
+    parts = [p for p in re.split(r"[,\s]+", text.strip().strip("[]")) if p]
+    try:
+        vals = [float(p) for p in parts]
+    except ValueError:
+        raise ApiError(400, "bad_request", f"bbox must be 4 numbers 'x1,y1,x2,y2', got {text!r}") from None
+    if len(vals) != 4 or not all(math.isfinite(v) for v in vals):
+        raise ApiError(400, "bad_request", f"bbox must be 4 finite numbers 'x1,y1,x2,y2', got {text!r}")
+    x1, y1, x2, y2 = vals
+    if x2 <= x1 or y2 <= y1:
+        raise ApiError(400, "bad_request", f"bbox {vals} is empty or inverted; expected x1 < x2 and y1 < y2")
+    return x1, y1, x2, y2
+
+
+def _parse_bool(text: str | None, name: str) -> bool | None:
+    if text is None or text == "":
+        return None
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise ApiError(400, "bad_request", f"{name} must be true or false, got {text!r}")
+
+
+def _check_k(k: int | None, cfg: ServerConfig) -> int:
+    if k is None:
+        return cfg.default_k
+    if not 1 <= k <= cfg.max_k:
+        raise ApiError(400, "bad_request", f"k must be in 1..{cfg.max_k}, got {k}")
+    return k
+
+
+# -- the ASGI guard: body limit and content types, before any parsing ---------------------------
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class RequestGuard:
+    """Pure ASGI middleware: refuses over-long bodies (by header and while streaming) and
+    non-multipart uploads before the framework parses anything."""
+
+    def __init__(self, app, *, limits: dict[str, int], multipart: set[str], default_limit: int = 1 << 20):
+        self.app, self.limits, self.multipart, self.default_limit = app, limits, multipart, default_limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        limit = self.limits.get(path, self.default_limit)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        ctype = headers.get("content-type", "")
+        if path in self.multipart and not ctype.lower().startswith("multipart/form-data"):
+            return await _send_error(send, 415, "unsupported_media_type",
+                                     f"{path} takes multipart/form-data, got {ctype or 'no content type'}")
+        try:
+            declared = int(headers.get("content-length", "0") or 0)
+        except ValueError:
+            return await _send_error(send, 400, "bad_request", "malformed Content-Length header")
+        if declared > limit:
+            return await _send_error(send, 413, "too_large", f"request body of {declared} bytes exceeds the "
+                                                             f"limit of {limit} bytes")
+        seen = 0
+        exceeded = False
+        replaced = False
+
+        async def limited_receive():
+            nonlocal seen, exceeded
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    exceeded = True
+                    raise _BodyTooLarge()
+            return msg
+
+        async def guarded_send(msg):
+            # the framework turns the failed body read into its own error: answer 413 instead
+            nonlocal replaced
+            if exceeded:
+                if not replaced:
+                    replaced = True
+                    await _send_error(send, 413, "too_large", f"request body exceeds the limit of {limit} bytes")
+                return
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            if not replaced:
+                replaced = True
+                await _send_error(send, 413, "too_large", f"request body exceeds the limit of {limit} bytes")
+
+
+async def _send_error(send, status: int, code: str, message: str) -> None:
+    import json
+
+    body = json.dumps({"error": {"status": status, "code": code, "message": message}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- the app ------------------------------------------------------------------------------------
+
+def create_app(store, config: ServerConfig | None = None):
+    """The FastAPI application serving ``store`` (a :class:`~imret.index.store.Store`, or a
+    path, opened writable unless ``config.read_only``). The app owns a path-opened store and
+    closes it on shutdown."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    from fastapi.staticfiles import StaticFiles
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from .batching import BatcherFull
+    from .index.store import Store
+
+    config = config or ServerConfig()
+    owned = not isinstance(store, Store)
+    if owned:
+        store = Store.open(store, writable=not config.read_only, device=config.device)
+    service = Service(store, config)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        service.close()
+        if owned:
+            store.close()
+
+    app = FastAPI(title="imret", version=_version(), lifespan=lifespan,
+                  description="Instance-level image retrieval: search an image store by photo or by indexed image, "
+                              "add and remove images. Errors are `{\"error\": {\"status\", \"code\", \"message\"}}`.")
+    app.state.service = service
+
+    err = {"model": dict, "description": "error: {\"error\": {\"status\", \"code\", \"message\"}}"}
+
+    def errors(*codes: int) -> dict[int, dict]:
+        return {c: err for c in codes}
+
+    # -- errors, metrics, headers --------------------------------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return JSONResponse({"error": {"status": e.status, "code": e.code, "message": e.message}}, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        msgs = []
+        for d in e.errors():
+            loc = ".".join(str(x) for x in d.get("loc", ()) if x not in ("body", "query", "path"))
+            msgs.append(f"{loc}: {d.get('msg')}")
+        return JSONResponse({"error": {"status": 422, "code": "bad_request", "message": "; ".join(msgs)}},
+                            status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        import logging
+
+        logging.getLogger("imret.server").exception("unhandled error in %s %s", request.method, request.url.path)
+        return JSONResponse({"error": {"status": 500, "code": "internal", "message": f"internal error "
+                                       f"({type(e).__name__}); see the server log"}}, status_code=500)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "error")
+        return JSONResponse({"error": {"status": e.status_code, "code": code, "message": str(e.detail)}},
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.middleware("http")
+    async def _measure(request: Request, call_next):
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+        finally:
+            route = request.scope.get("route")
+            name = f"{request.method} {route.path}" if route is not None else "other"
+            service.metrics.record(name, status, time.perf_counter() - t0)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        if response.headers.get("content-type", "").startswith("text/html"):
+            response.headers.setdefault("Content-Security-Policy",
+                                        "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; "
+                                        "script-src 'self'; frame-ancestors 'none'")
+        return response
+
+    # -- auth ----------------------------------------------------------------------------------
+
+    def _token_of(request: Request) -> str | None:
+        h = request.headers.get("authorization", "")
+        if h[:7].lower() == "bearer ":
+            return h[7:].strip()
+        return request.headers.get("x-api-token")
+
+    def _check_token(request: Request) -> None:
+        given = _token_of(request)
+        if given is None or given == "":
+            raise ApiError(401, "unauthorized", "this endpoint needs the API token (Authorization: Bearer <token>)")
+        if not secrets.compare_digest(given.encode(), config.token.encode()):
+            raise ApiError(403, "forbidden", "wrong API token")
+
+    def read_auth(request: Request) -> None:
+        if config.token_reads:
+            _check_token(request)
+
+    def write_auth(request: Request) -> None:
+        if config.token is not None:
+            _check_token(request)
+        if config.read_only:
+            raise ApiError(403, "read_only", "this server was started read-only: adds and removes are disabled")
+
+    async def _search(query: _Query) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            fut = service.batcher.submit(query)
+        except BatcherFull as e:
+            raise ApiError(503, "busy", f"the server is overloaded ({e}); retry later") from None
+        return await asyncio.wrap_future(fut)
+
+    # -- pages ---------------------------------------------------------------------------------
+
+    def _page() -> Response:
+        index = WEB_DIR / "index.html"
+        if not index.is_file():
+            return HTMLResponse("<!doctype html><title>imret</title><p>imret is running; the web page is not "
+                                "installed. The API is at <a href='/docs'>/docs</a>.</p>")
+        return FileResponse(index, media_type="text/html")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return _page()
+
+    @app.get("/browse", include_in_schema=False)
+    async def page_browse():
+        return _page()
+
+    if WEB_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    @app.get("/api/health", tags=["status"], summary="Liveness and image count")
+    async def health():
+        return {"status": "ok", "images": len(store), "uptime_s": round(time.time() - service.started, 3)}
+
+    @app.get("/api/info", tags=["status"], summary="Store facts and server limits",
+             dependencies=[Depends(read_auth)], responses=errors(401, 403))
+    async def info():
+        return await run_in_threadpool(service.info)
+
+    @app.get("/api/metrics", tags=["status"], summary="Request counts, latencies, batching",
+             dependencies=[Depends(read_auth)], responses=errors(401, 403))
+    async def metrics():
+        s = service.batcher.stats()
+        return {"requests": service.metrics.snapshot(),
+                "batches": {"count": s.batches, "items": s.items, "mean_size": round(s.mean_size, 3),
+                            "max_size": s.max_size, "busy_s": round(s.busy_s, 3),
+                            "sizes": {str(k): v for k, v in sorted(s.sizes.items())}},
+                "queue": service.batcher.pending, "uptime_s": round(time.time() - service.started, 3)}
+
+    @app.post("/api/search", tags=["search"], summary="Search with an uploaded photo",
+              dependencies=[Depends(read_auth)], responses=errors(400, 401, 403, 413, 415, 422, 503))
+    async def search(
+        image: UploadFile = File(..., description="the query photo (JPEG, PNG, WebP, GIF, BMP, TIFF)"),
+        bbox: str | None = Form(None, description="crop box 'x1,y1,x2,y2' in pixels of the upright image"),
+        k: int | None = Form(None, description="number of results (1..max_k; default: default_k)"),
+        qe: str | None = Form(None, description="query expansion 'true'/'false' (default: the store's setting)"),
+    ):
+        t0 = time.perf_counter()
+        kk = _check_k(k, config)
+        box = _parse_bbox(bbox)
+        use_qe = _parse_bool(qe, "qe")
+        data = await image.read(config.max_upload_bytes + 1)
+        checked = await run_in_threadpool(service.check_upload, data, image.filename, bbox=box)
+        scores, ids = await _search(_Query(kk, use_qe, tensor=checked.tensor))
+        hits = await run_in_threadpool(service.hits, scores, ids)
+        return {"results": hits, "took_ms": round((time.perf_counter() - t0) * 1000, 3),
+                "query": {"width": checked.width, "height": checked.height,
+                          "bbox": list(checked.extra["bbox"]) if checked.extra["bbox"] else None}}
+
+    @app.get("/api/images/{image_id}/similar", tags=["search"], summary="Search with an indexed image",
+             dependencies=[Depends(read_auth)], responses=errors(400, 401, 403, 404, 503))
+    async def similar(image_id: int, k: int | None = Query(None), qe: str | None = Query(None)):
+        t0 = time.perf_counter()
+        kk = _check_k(k, config)
+        use_qe = _parse_bool(qe, "qe")
+        await run_in_threadpool(service.live_record, image_id)
+        scores, ids = await _search(_Query(kk, use_qe, image_id=image_id))
+        hits = await run_in_threadpool(service.hits, scores, ids)
+        return {"results": hits, "took_ms": round((time.perf_counter() - t0) * 1000, 3), "query": {"id": image_id}}
+
+    @app.get("/api/images", tags=["images"], summary="Live images in id order, paged",
+             dependencies=[Depends(read_auth)], responses=errors(401, 403, 422))
+    async def list_images(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)):
+        def work():
+            recs = store.list(offset, limit)
+            return {"total": len(store), "offset": offset, "limit": limit,
+                    "items": [service._image_fields(r) for r in recs]}
+
+        return await run_in_threadpool(work)
+
+    @app.get("/api/images/{image_id}", tags=["images"], summary="One image's record",
+             dependencies=[Depends(read_auth)], responses=errors(401, 403, 404, 422))
+    async def get_image(image_id: int):
+        rec = await run_in_threadpool(service.live_record, image_id)
+        return service._image_fields(rec)
+
+    @app.get("/api/images/{image_id}/thumbnail", tags=["images"], summary="JPEG thumbnail of an indexed image",
+             dependencies=[Depends(read_auth)], responses={200: {"content": {"image/jpeg": {}}},
+                                                            **errors(401, 403, 404, 422)},
+             response_class=Response)
+    async def thumbnail(request: Request, image_id: int, size: int = Query(256, ge=32, le=1024)):
+        data, etag = await run_in_threadpool(service.thumbnail, image_id, size)
+        headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(content=data, media_type="image/jpeg", headers=headers)
+
+    # -- writes --------------------------------------------------------------------------------
+
+    @app.post("/api/images", tags=["images"], summary="Add images", status_code=201,
+              dependencies=[Depends(write_auth)], responses=errors(400, 401, 403, 413, 415, 422))
+    async def add_images(images: list[UploadFile] = File(..., description="one or more image files")):
+        if len(images) > config.max_files:
+            raise ApiError(413, "too_many_files", f"{len(images)} files in one request; the limit is {config.max_files}")
+        checked = []
+        for f in images:  # every file checked before anything is written
+            data = await f.read(config.max_upload_bytes + 1)
+            checked.append(await run_in_threadpool(service.check_upload, data, f.filename, decode_for_model=False))
+
+        def work():
+            paths = service.save_uploads(checked)
+            report = store.add(paths)
+            by_path = dict(zip(paths, checked))
+            return {"added": [{"id": int(i), "name": service.display_name(r.path)}
+                              for i, r in zip(report.added, store.records(report.added))],
+                    "duplicates": [{"name": by_path[p].name if p in by_path else os.path.basename(p), "id": int(i)}
+                                   for p, i in report.duplicates],
+                    "skipped": [{"name": by_path[p].name if p in by_path else os.path.basename(p), "reason": why}
+                                for p, why in report.skipped]}
+
+        return await asyncio.wrap_future(service.writer.submit(work))
+
+    @app.delete("/api/images/{image_id}", tags=["images"], summary="Remove an image",
+                dependencies=[Depends(write_auth)], responses=errors(401, 403, 404, 422))
+    async def remove_image(image_id: int):
+        def work():
+            service.live_record(image_id)
+            n = store.remove([image_id])
+            if n == 0:
+                raise ApiError(404, "not_found", f"image {image_id} was removed")
+            service.forget_thumbnails(image_id)
+            return {"removed": image_id}
+
+        return await asyncio.wrap_future(service.writer.submit(work))
+
+    limits = {"/api/search": config.max_upload_bytes + 65536,
+              "/api/images": config.max_files * (config.max_upload_bytes + 4096) + 65536}
+    app.add_middleware(RequestGuard, limits=limits, multipart={"/api/search", "/api/images"})
+    return app

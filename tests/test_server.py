@@ -1,0 +1,420 @@
+"""The HTTP API in-process (ASGI test client): every endpoint, every bad input, nothing written on errors."""
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import installed
+
+pytestmark = pytest.mark.skipif(not installed("fastapi", "httpx", "multipart"),
+                                reason="the serve extra (fastapi, python-multipart) and httpx are not installed")
+
+from PIL import Image  # noqa: E402
+
+from imret import create_model  # noqa: E402
+from imret.index.store import Preprocessing, Store  # noqa: E402
+from imret.synthetic import make_labelled_folder  # noqa: E402
+
+PRE = Preprocessing(image_size=96)
+TOKEN = "s3cret-token-123"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = make_labelled_folder(tmp_path_factory.mktemp("photos"), n_classes=4, per_class=5, size=(160, 120))
+    return sorted(str(p) for p in root.rglob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def extra_photos(tmp_path_factory):
+    root = make_labelled_folder(tmp_path_factory.mktemp("extra"), n_classes=2, per_class=3, size=(150, 110), seed=7)
+    return sorted(str(p) for p in root.rglob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, photos):
+    torch.manual_seed(0)
+    model = create_model("resnet18", "gem", pretrained=False)
+    path = tmp_path_factory.mktemp("built") / "store"
+    with Store.create(path, model, preprocessing=PRE) as st:
+        st.add(photos, workers=0)
+    return path
+
+
+@pytest.fixture
+def store_path(built, tmp_path):
+    dst = tmp_path / "store"
+    shutil.copytree(built, dst)
+    return dst
+
+
+def make_client(store_path, **cfg):
+    from fastapi.testclient import TestClient
+
+    from imret.server import ServerConfig, create_app
+
+    return TestClient(create_app(store_path, ServerConfig(**cfg)))
+
+
+@pytest.fixture
+def client(store_path):
+    with make_client(store_path, token=TOKEN) as c:
+        yield c
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def jpeg_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def snapshot(path):
+    """Everything a write could change: file names and sizes, and the live rows."""
+    files = {str(p.relative_to(path)): p.stat().st_size for p in path.rglob("*")
+             if p.is_file() and p.name not in ("lock",) and not p.name.startswith("meta.sqlite")}
+    with Store.open(path) as st:
+        rows = [(r.id, r.path) for r in st.list(0, 10_000)]
+    return files, rows
+
+
+def error_of(r, status, code=None):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and body["error"]["status"] == status and body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    return body["error"]["message"]
+
+
+def png_with_size(width, height):
+    """A valid 1x1 PNG whose header claims ``width x height`` (a decompression bomb)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8 + 8  # signature, then length + "IHDR"
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[12:12 + 4 + 13]))
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+# -- reads ----------------------------------------------------------------------------------------
+
+def test_health_info_metrics(client, photos):
+    r = client.get("/api/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["images"] == len(photos)
+    info = client.get("/api/info").json()
+    assert info["store"]["images"] == len(photos)
+    s = info["server"]
+    assert s["writes"] is True and s["auth"] == {"writes": True, "reads": False} and s["max_k"] >= s["default_k"]
+    client.get("/api/images?limit=3")
+    m = client.get("/api/metrics").json()
+    assert m["requests"]["GET /api/images"]["count"] == 1
+    assert m["requests"]["GET /api/health"]["p50_ms"] > 0
+
+
+def test_search_by_upload_matches_the_store(client, store_path, photos):
+    q = photos[6]
+    r = client.post("/api/search", files={"image": ("q.jpg", jpeg_bytes(q), "image/jpeg")}, data={"k": "5"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["results"]) == 5 and body["query"] == {"width": 160, "height": 120, "bbox": None}
+    with Store.open(store_path) as st:
+        want = st.search([q], k=5, workers=0)[0]
+    got = body["results"]
+    assert [h["id"] for h in got] == [h.id for h in want]
+    np.testing.assert_allclose([h["score"] for h in got], [h.score for h in want], atol=1e-5)
+    assert got[0]["id"] == photos.index(q) and got[0]["score"] > 0.999
+    assert got[0]["name"] == os.path.basename(q) and got[0]["thumbnail"] == f"/api/images/{got[0]['id']}/thumbnail"
+    assert (got[0]["width"], got[0]["height"]) == (160, 120)
+    assert all(a["score"] >= b["score"] for a, b in zip(got, got[1:]))
+
+
+def test_search_with_box_and_query_expansion(client, store_path, photos):
+    q = photos[3]
+    files = {"image": ("q.jpg", jpeg_bytes(q), "image/jpeg")}
+    r = client.post("/api/search", files=files, data={"bbox": "10,5,120,100", "k": "4"})
+    assert r.status_code == 200, r.text
+    assert r.json()["query"]["bbox"] == [10, 5, 120, 100]
+    with Store.open(store_path) as st:
+        want = st.search([q], bboxes=[(10, 5, 120, 100)], k=4, workers=0)[0]
+    assert [h["id"] for h in r.json()["results"]] == [h.id for h in want]
+    on = client.post("/api/search", files=files, data={"qe": "true", "k": "4"}).json()["results"]
+    off = client.post("/api/search", files=files, data={"qe": "false", "k": "4"}).json()["results"]
+    assert len(on) == len(off) == 4
+    assert [h["score"] for h in on] != [h["score"] for h in off]  # alpha-QE changes the scores
+    # a box partly outside the image is clamped to it
+    r = client.post("/api/search", files=files, data={"bbox": "-20,-20,80,60"})
+    assert r.status_code == 200 and r.json()["query"]["bbox"] == [0, 0, 80, 60]
+
+
+def test_similar_by_id(client, photos):
+    r = client.get("/api/images/7/similar?k=3")
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert len(res) == 3 and res[0]["id"] == 7 and res[0]["score"] > 0.999
+    assert r.json()["query"] == {"id": 7}
+    error_of(client.get("/api/images/999/similar"), 404, "not_found")
+    error_of(client.get("/api/images/abc/similar"), 422, "bad_request")
+    error_of(client.get("/api/images/7/similar?k=0"), 400, "bad_request")
+    error_of(client.get("/api/images/7/similar?qe=maybe"), 400, "bad_request")
+
+
+def test_listing_pages_and_records(client, photos):
+    r = client.get("/api/images?offset=5&limit=4").json()
+    assert r["total"] == len(photos) and r["offset"] == 5 and r["limit"] == 4
+    assert [it["id"] for it in r["items"]] == [5, 6, 7, 8]
+    it = r["items"][0]
+    assert it["name"] == os.path.basename(photos[5]) and it["size"] == os.path.getsize(photos[5])
+    assert client.get("/api/images?offset=100").json()["items"] == []
+    error_of(client.get("/api/images?limit=501"), 422, "bad_request")
+    error_of(client.get("/api/images?offset=-1"), 422, "bad_request")
+    rec = client.get("/api/images/5").json()
+    assert rec == it
+    error_of(client.get("/api/images/12345"), 404, "not_found")
+
+
+def test_thumbnails(client, photos):
+    r = client.get("/api/images/2/thumbnail?size=64")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    im = Image.open(io.BytesIO(r.content))
+    assert max(im.size) == 64 and im.size == (64, 48)
+    etag = r.headers["etag"]
+    assert client.get("/api/images/2/thumbnail?size=64", headers={"If-None-Match": etag}).status_code == 304
+    error_of(client.get("/api/images/2/thumbnail?size=5000"), 422)
+    error_of(client.get("/api/images/99/thumbnail"), 404, "not_found")
+    # an id is an integer path segment: traversal attempts never name a file
+    for bad in ("..%2F..%2Fstore.json", "..", "%2e%2e%2fstore.json", "1;rm"):
+        assert client.get(f"/api/images/{bad}/thumbnail").status_code in (404, 422)
+    assert client.get("/static/../store.json").status_code == 404
+    assert client.get("/static/%2e%2e/store.json").status_code == 404
+
+
+def test_openapi_lists_every_endpoint_with_its_errors(client):
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    want = {("/api/health", "get"), ("/api/info", "get"), ("/api/metrics", "get"), ("/api/search", "post"),
+            ("/api/images/{image_id}/similar", "get"), ("/api/images", "get"), ("/api/images", "post"),
+            ("/api/images/{image_id}", "get"), ("/api/images/{image_id}", "delete"),
+            ("/api/images/{image_id}/thumbnail", "get")}
+    assert want <= {(p, m) for p, ops in paths.items() for m in ops}
+    search = paths["/api/search"]["post"]
+    assert "multipart/form-data" in search["requestBody"]["content"]
+    assert {"400", "413", "415", "422"} <= set(search["responses"])
+    assert {"401", "403", "413", "415", "422"} <= set(paths["/api/images"]["post"]["responses"])
+    assert "201" in paths["/api/images"]["post"]["responses"]
+    assert "404" in paths["/api/images/{image_id}"]["delete"]["responses"]
+
+
+def test_web_page_and_security_headers(client):
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert r.headers["x-content-type-options"] == "nosniff" and "default-src 'self'" in r.headers["content-security-policy"]
+    assert client.get("/browse").status_code == 200
+
+
+# -- writes ---------------------------------------------------------------------------------------
+
+def test_add_then_search_then_remove(client, store_path, photos, extra_photos):
+    files = [("images", (os.path.basename(p), jpeg_bytes(p), "image/jpeg")) for p in extra_photos[:3]]
+    r = client.post("/api/images", files=files, headers=AUTH)
+    assert r.status_code == 201, r.text
+    added = r.json()["added"]
+    n0 = len(photos)
+    assert [a["id"] for a in added] == [n0, n0 + 1, n0 + 2] and not r.json()["duplicates"]
+    for a, p in zip(added, extra_photos):
+        assert a["name"] == os.path.basename(p)  # shown as uploaded; stored under a content-hash prefix
+        assert client.get(f"/api/images/{a['id']}").json()["name"] == a["name"]
+    stored = sorted((store_path / "uploads").rglob("*.jpg"))
+    assert len(stored) == 3 and all(s.name[16] == "-" and s.name[17:] in [a["name"] for a in added] for s in stored) and all(s.resolve().is_relative_to((store_path / "uploads").resolve()) for s in stored)
+    # the new image is found by itself
+    res = client.post("/api/search", files={"image": ("q.jpg", jpeg_bytes(extra_photos[1]), "image/jpeg")}).json()
+    assert res["results"][0]["id"] == n0 + 1 and res["results"][0]["score"] > 0.999
+    # the same content again is a duplicate, not a new image
+    r = client.post("/api/images", files=[("images", ("again.jpg", jpeg_bytes(extra_photos[0]), "image/jpeg"))],
+                    headers=AUTH)
+    assert r.status_code == 201 and r.json()["added"] == [] and r.json()["duplicates"] == [{"name": "again.jpg", "id": n0}]
+    # remove
+    r = client.delete(f"/api/images/{n0 + 1}", headers=AUTH)
+    assert r.status_code == 200 and r.json() == {"removed": n0 + 1}
+    res = client.post("/api/search", files={"image": ("q.jpg", jpeg_bytes(extra_photos[1]), "image/jpeg")},
+                      data={"k": str(n0 + 3)}).json()
+    assert n0 + 1 not in [h["id"] for h in res["results"]] and len(res["results"]) == n0 + 2
+    error_of(client.delete(f"/api/images/{n0 + 1}", headers=AUTH), 404, "not_found")
+    error_of(client.get(f"/api/images/{n0 + 1}/thumbnail"), 404, "not_found")
+    error_of(client.get(f"/api/images/{n0 + 1}/similar"), 404, "not_found")
+    assert client.get("/api/health").json()["images"] == n0 + 2
+    with Store.open(store_path) as st:
+        assert st.verify() == []
+
+
+@pytest.mark.parametrize("headers,status", [({}, 401), ({"Authorization": "Bearer wrong-token-0"}, 403),
+                                            ({"X-API-Token": "nope"}, 403)])
+def test_writes_need_the_token(client, store_path, photos, extra_photos, headers, status):
+    before = snapshot(store_path)
+    r = client.post("/api/images", files=[("images", ("a.jpg", jpeg_bytes(extra_photos[0]), "image/jpeg"))],
+                    headers=headers)
+    error_of(r, status)
+    error_of(client.delete("/api/images/1", headers=headers), status)
+    assert snapshot(store_path) == before
+    assert client.get("/api/images/1").status_code == 200  # reads stay open
+    r = client.post("/api/images", files=[("images", ("a.jpg", jpeg_bytes(extra_photos[0]), "image/jpeg"))],
+                    headers={"X-API-Token": TOKEN})
+    assert r.status_code == 201
+
+
+def test_reads_can_need_the_token_too(store_path, photos):
+    with make_client(store_path, token=TOKEN, token_reads=True) as c:
+        error_of(c.get("/api/images"), 401, "unauthorized")
+        error_of(c.get("/api/images/1/thumbnail", headers={"Authorization": "Bearer x" * 3}), 403, "forbidden")
+        error_of(c.post("/api/search", files={"image": ("q.jpg", jpeg_bytes(photos[0]), "image/jpeg")}), 401)
+        assert c.get("/api/images", headers=AUTH).status_code == 200
+        assert c.get("/api/health").status_code == 200  # liveness stays open for load balancers
+
+
+def test_read_only_server_refuses_writes(store_path, extra_photos):
+    before = snapshot(store_path)
+    with make_client(store_path, read_only=True) as c:
+        r = c.post("/api/images", files=[("images", ("a.jpg", jpeg_bytes(extra_photos[0]), "image/jpeg"))])
+        error_of(r, 403, "read_only")
+        error_of(c.delete("/api/images/0"), 403, "read_only")
+        assert c.get("/api/info").json()["server"]["writes"] is False
+        assert c.post("/api/search", files={"image": ("q.jpg", jpeg_bytes(extra_photos[0]), "image/jpeg")}).status_code == 200
+    assert snapshot(store_path) == before
+
+
+# -- bad input: a clear 4xx and nothing written ---------------------------------------------------
+
+def _bad_uploads(photos, tmp_path):
+    good = jpeg_bytes(photos[0])
+    big = io.BytesIO()
+    Image.effect_noise((700, 700), 60).convert("RGB").save(big, format="PNG")  # ~1 MB of noise
+    return {
+        "not_an_image": (("notes.jpg", b"hello, this is plain text\n" * 20, "image/jpeg"), 415, "unsupported_media_type"),
+        "truncated_jpeg": (("cut.jpg", good[: len(good) // 2], "image/jpeg"), 422, "bad_image"),
+        "zero_bytes": (("empty.jpg", b"", "image/jpeg"), 400, "empty"),
+        "decompression_bomb": (("bomb.png", png_with_size(60_000, 60_000), "image/png"), 413, "too_many_pixels"),
+        "oversized_upload": (("big.png", big.getvalue(), "image/png"), 413, "too_large"),
+        "path_traversal_name": (("../../../../tmp/evil.jpg", good, "image/jpeg"), 400, "bad_name"),
+        "absolute_name": (("/etc/passwd", good, "image/jpeg"), 400, "bad_name"),
+        "backslash_name": (("..\\..\\evil.jpg", good, "image/jpeg"), 400, "bad_name"),
+        "pdf": (("doc.pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", "application/pdf"), 415, None),
+    }
+
+
+@pytest.mark.parametrize("case", ["not_an_image", "truncated_jpeg", "zero_bytes", "decompression_bomb",
+                                  "oversized_upload", "path_traversal_name", "absolute_name", "backslash_name", "pdf"])
+def test_bad_uploads_are_refused_and_nothing_is_written(store_path, photos, tmp_path, case):
+    upload, status, code = _bad_uploads(photos, tmp_path)[case]
+    before = snapshot(store_path)
+    with make_client(store_path, token=TOKEN, max_upload_bytes=600_000) as c:
+        # alone, and next to a good file: the whole request is refused
+        for files in ([("images", upload)],
+                      [("images", ("fine.jpg", jpeg_bytes(photos[1]), "image/jpeg")), ("images", upload)]):
+            msg = error_of(c.post("/api/images", files=files, headers=AUTH), status, code)
+            assert len(msg) > 10
+        msg = error_of(c.post("/api/search", files={"image": upload}), status, code)
+        if case != "oversized_upload" and "name" not in case:
+            assert os.path.basename(upload[0]) in msg or upload[0] in msg  # the message names the file
+    assert snapshot(store_path) == before
+    assert not os.path.exists("/tmp/evil.jpg") or os.path.getmtime("/tmp/evil.jpg") < os.path.getmtime(store_path)
+
+
+def test_wrong_request_content_types(client, store_path, photos):
+    before = snapshot(store_path)
+    error_of(client.post("/api/search", content=json.dumps({"image": "x"}),
+                         headers={"Content-Type": "application/json"}), 415, "unsupported_media_type")
+    error_of(client.post("/api/images", content=jpeg_bytes(photos[0]), headers={"Content-Type": "image/jpeg", **AUTH}),
+             415, "unsupported_media_type")
+    error_of(client.post("/api/search"), 415)
+    # multipart without the file field
+    error_of(client.post("/api/search", data={"k": "3"}, files={"other": ("x.jpg", b"123", "image/jpeg")}), 422)
+    assert snapshot(store_path) == before
+
+
+def test_body_limit_by_header_and_by_stream(store_path, photos):
+    from fastapi.testclient import TestClient  # noqa: F401
+
+    with make_client(store_path, token=TOKEN, max_upload_bytes=50_000, max_files=2) as c:
+        big = b"\xff\xd8" + os.urandom(300_000)
+        error_of(c.post("/api/search", files={"image": ("big.jpg", big, "image/jpeg")}), 413, "too_large")
+
+        def chunks():
+            yield b"--xyz\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\n"
+            for _ in range(20):
+                yield os.urandom(10_000)
+            yield b"\r\n--xyz--\r\n"
+
+        r = c.post("/api/search", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+        error_of(r, 413, "too_large")
+        three = [("images", (f"{i}.jpg", jpeg_bytes(p), "image/jpeg")) for i, p in enumerate(photos[:3])]
+        error_of(c.post("/api/images", files=three, headers=AUTH), 413, "too_many_files")
+
+
+@pytest.mark.parametrize("bbox", ["1,2,3", "a,b,c,d", "10,10,5,50", "10,10,50,10", "nan,0,10,10", "500,500,600,600",
+                                  "1,2,3,4,5", "inf,0,1,1"])
+def test_bad_boxes(client, photos, bbox):
+    r = client.post("/api/search", files={"image": ("q.jpg", jpeg_bytes(photos[0]), "image/jpeg")}, data={"bbox": bbox})
+    assert "bbox" in error_of(r, 400, "bad_request")
+
+
+@pytest.mark.parametrize("k", ["0", "-3", "1001", "ten"])
+def test_bad_k(client, photos, k):
+    r = client.post("/api/search", files={"image": ("q.jpg", jpeg_bytes(photos[0]), "image/jpeg")}, data={"k": k})
+    assert r.status_code in (400, 422) and r.json()["error"]["code"] == "bad_request"
+
+
+def test_max_pixels_of_a_real_image(store_path, photos):
+    with make_client(store_path, max_pixels=10_000) as c:  # 160 x 120 = 19200 pixels
+        msg = error_of(c.post("/api/search", files={"image": ("q.jpg", jpeg_bytes(photos[0]), "image/jpeg")}),
+                       413, "too_many_pixels")
+        assert "19200" in msg
+
+
+# -- concurrency ----------------------------------------------------------------------------------
+
+def test_concurrent_searches_are_batched_and_match_sequential(store_path, photos):
+    import httpx
+
+    from imret.server import ServerConfig, create_app
+
+    app = create_app(store_path, ServerConfig(max_batch=8, max_wait_ms=300))
+
+    async def run():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                async def one(p):
+                    r = await c.post("/api/search", files={"image": ("q.jpg", jpeg_bytes(p), "image/jpeg")},
+                                     data={"k": "5"})
+                    assert r.status_code == 200, r.text
+                    return [(h["id"], h["score"]) for h in r.json()["results"]]
+
+                together = await asyncio.gather(*(one(p) for p in photos[:12]))
+                alone = [await one(p) for p in photos[:12]]
+                stats = (await c.get("/api/metrics")).json()["batches"]
+                return together, alone, stats
+
+    together, alone, stats = asyncio.run(run())
+    for a, b in zip(together, alone):
+        assert [i for i, _ in a] == [i for i, _ in b]
+        np.testing.assert_allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
+    assert stats["max_size"] > 1 and stats["items"] == 24
