@@ -804,6 +804,7 @@ def render(res: dict) -> str:
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     by = {ph["role"]: ph for ph in phases}
     lines += ["", "Ratios (same run):", ""]
+    n_before = len(lines)
     one, load, unb = by.get("baseline"), by.get("load"), by.get("unbatched")
     if one and load and one.get("rps") and load.get("rps"):
         r = load["rps"] / one["rps"]
@@ -824,6 +825,8 @@ def render(res: dict) -> str:
                      f"{load['queries_rps'] / unb['queries_rps']:.2f}× queries/s, "
                      f"{load['rps'] / unb['rps']:.2f}× requests/s (mean batch {_f(qb, '{:.2f}')} vs "
                      f"{_f(unb['batching'].get('mean_size'), '{:.2f}')}).")
+    if len(lines) == n_before:
+        lines.append("- none: this run has no 1-client phase and no max_batch 1 phase to compare with.")
     lines += ["", "Checks after each phase (through the API, then on the store opened directly):", ""]
     for ph in phases:
         c = ph.get("checks", {})

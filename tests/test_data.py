@@ -20,6 +20,7 @@ from imret.data import (
     ClassBalancedBatchSampler,
     ImageListDataset,
     LabelledImages,
+    LazyImages,
     RetrievalAugment,
     TorchvisionTransform,
     TupleDataset,
@@ -230,6 +231,28 @@ def test_augmentation_is_deterministic_per_epoch_and_index(folder):
     # the same file at two indices gets two augmentations
     twice = ImageListDataset([images.paths[0]] * 2, image_size=80, transform=aug, mean=MEAN, std=STD)
     assert not torch.equal(twice[0][0], twice[1][0])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_lazy_batch_reads_the_same_augmented_tensors_on_every_pass(folder, workers):
+    images = load_folder_dataset(folder)
+    aug = RetrievalAugment(48, output="square", hflip=0.5, rotation=5)
+    ds = ImageListDataset.from_images(images, image_size=80, transform=aug, mean=MEAN, std=STD, seed=1)
+    ds.set_epoch(0)  # the lazy batch names its epoch itself
+    idx = [5, 0, 11, 3, 7]
+    lazy = LazyImages(ds, idx, epoch=3, workers=workers, prefetch=2)
+    try:
+        first = [lazy[i] for i in range(5)]
+        second = [lazy[i] for i in range(5)]  # a second pass, as multistage's stage 3
+        for i, j in enumerate(idx):
+            want = ds.get(j, epoch=3)
+            assert torch.equal(first[i], want) and torch.equal(second[i], want)
+        assert len(lazy) == 5 and lazy.labels().tolist() == [int(images.labels[j]) for j in idx]
+        assert torch.equal(lazy[-1], first[-1])
+        with pytest.raises(IndexError):
+            lazy[5]
+    finally:
+        lazy.close()
 
 
 def test_dataloader_workers_see_the_same_tensors(folder):

@@ -199,6 +199,29 @@ def test_multistage_step_equals_plain_step(data, tmp_path, loss):
         assert max_diff(init_loss, {k: states[True]["loss." + k] for k in init_loss}) > 1e-4
 
 
+@pytest.mark.parametrize("loss", ["ap", "arcface"])
+def test_streamed_batches_train_like_held_batches(data, tmp_path, loss):
+    """data.stream decodes each chunk when multistage needs it (twice): the same steps as a held batch."""
+    over = dict(epochs=2, max_steps_per_epoch=2, multistage=True, chunk_size=2, loss={"name": loss},
+                optim={"name": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "schedule": "none"})
+    states, hist = {}, {}
+    for stream in (False, True):
+        cfg = config_dict(data, tmp_path / f"s{stream}", **_merge(over, {"data": {"stream": stream, "workers": 1}}))
+        t = Trainer(config_from_dict(cfg))
+        res = t.fit()
+        hist[stream] = [h.loss for h in res.history]
+        states[stream] = t.model.state_dict()
+    assert hist[True] == pytest.approx(hist[False], rel=1e-6)
+    assert max_diff(states[False], states[True]) <= 1e-6
+
+
+def test_stream_needs_multistage_and_in_batch_losses(data, tmp_path):
+    with pytest.raises(ValueError, match="data.stream: true needs multistage: true"):
+        config_from_dict(config_dict(data, tmp_path / "x", data={"stream": True}, loss={"name": "ap"}))
+    with pytest.raises(ValueError, match="not with mined tuples"):
+        config_from_dict(config_dict(data, tmp_path / "x", multistage=True, data={"stream": True}))
+
+
 def test_bf16_autocast_on_cpu(data, tmp_path):
     over = dict(epochs=1, max_steps_per_epoch=1, precision="bf16", loss={"name": "ap"})
     plain = Trainer(config_from_dict(config_dict(data, tmp_path / "p", **over))).fit()

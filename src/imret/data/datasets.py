@@ -46,6 +46,7 @@ __all__ = [
     "LabelledImages",
     "BadImage",
     "ImageListDataset",
+    "LazyImages",
     "TupleDataset",
     "collate_images",
     "collate_tuples",
@@ -568,6 +569,62 @@ class TupleDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         row = self.tuples[index]
         return [self.images.get(int(i)) for i in row], torch.from_numpy(row.copy())
+
+
+class LazyImages(Sequence):
+    """A batch of a :class:`ImageListDataset` whose images are decoded when indexed, not held.
+
+    ``LazyImages(dataset, indices, epoch)[i]`` is ``dataset.get(indices[i], epoch)``: the same
+    tensor every time (augmentation is seeded by (seed, epoch, index)), so multistage
+    backpropagation can read the batch twice, chunk by chunk, and keep only one chunk of
+    images in memory however large the batch (Revaud et al. train with 4096 images of up to
+    1024 px a batch: about 38 GB of float32 pixels if held). Sequential reads are prefetched
+    ``prefetch`` images ahead on ``workers`` threads (PIL decodes without the GIL).
+    """
+
+    def __init__(self, dataset: "ImageListDataset", indices: Sequence[int], epoch: int, *, workers: int = 2,
+                 prefetch: int = 8):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+        self.epoch = int(epoch)
+        self.prefetch = max(0, int(prefetch))
+        self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 and self.prefetch > 0 else None
+        self._pending: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        n = len(self.indices)
+        if isinstance(i, slice) or not -n <= int(i) < n:
+            raise IndexError(f"index {i!r} out of range for a batch of {n}")
+        i = int(i) % n
+        if self._pool is None:
+            return self.dataset.get(self.indices[i], self.epoch)
+        for j in range(i, min(n, i + 1 + self.prefetch)):
+            if j not in self._pending:
+                self._pending[j] = self._pool.submit(self.dataset.get, self.indices[j], self.epoch)
+        for j in [j for j in self._pending if j < i or j > i + self.prefetch]:  # a jump (the second pass)
+            self._pending.pop(j).cancel()
+        return self._pending.pop(i).result()
+
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([self.dataset.label(i) for i in self.indices], dtype=torch.long)
+
+    def close(self) -> None:
+        for f in self._pending.values():
+            f.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __del__(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def collate_images(batch: Sequence[tuple[torch.Tensor, int, int]]) -> tuple[Any, torch.Tensor, torch.Tensor]:

@@ -58,6 +58,7 @@ class DataConfig:
     image_size: int = 512  # long side of training images in pixels
     augment: bool = True  # random resized crop, colour jitter (see imret.data.transforms)
     workers: int = 2  # data loading processes
+    stream: bool = False  # multistage, in-batch losses: decode each chunk when needed (twice) instead of holding the batch
 
 
 @dataclass
@@ -144,6 +145,11 @@ class TrainConfig:
             raise ValueError(f"optim.lr must be > 0, got {self.optim.lr}")
         if self.multistage and not self.model.freeze_batchnorm:
             raise ValueError("multistage: true needs model.freeze_batchnorm: true (two identical forward passes)")
+        if self.data.stream and not self.multistage:
+            raise ValueError("data.stream: true needs multistage: true (the batch is read twice, chunk by chunk)")
+        if self.data.stream and self.loss.name in ("contrastive", "triplet") and self.mining.strategy == "epoch":
+            raise ValueError("data.stream: true works with in-batch losses (ap, arcface, or mining.strategy other "
+                             "than epoch), not with mined tuples")
         if self.loss.bins < 2:
             raise ValueError(f"loss.bins must be >= 2, got {self.loss.bins}")
 

@@ -60,6 +60,7 @@ from ..data import (
     ClassBalancedBatchSampler,
     ImageListDataset,
     LabelledImages,
+    LazyImages,
     RetrievalAugment,
     TupleDataset,
     collate_images,
@@ -504,6 +505,18 @@ class Trainer:
             batches = [b[r * per_rank:(r + 1) * per_rank] for b in every[:n]]
             dataset, collate = self.dataset, collate_images
             per_step = per_rank * w
+        if cfg.data.stream and not self.tuple_mode:  # images decoded chunk by chunk inside multistage_backward
+            ds = self.dataset
+
+            def streamed():
+                for b in batches:
+                    lazy = LazyImages(ds, b, epoch, workers=max(1, cfg.data.workers))
+                    try:
+                        yield lazy, lazy.labels(), torch.tensor(b, dtype=torch.long)
+                    finally:
+                        lazy.close()
+
+            return streamed(), n, per_step
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=batches,
