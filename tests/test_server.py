@@ -418,3 +418,22 @@ def test_concurrent_searches_are_batched_and_match_sequential(store_path, photos
         assert [i for i, _ in a] == [i for i, _ in b]
         np.testing.assert_allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
     assert stats["max_size"] > 1 and stats["items"] == 24
+
+
+def test_unexpected_errors_are_json_500_and_counted(store_path, photos):
+    from fastapi.testclient import TestClient
+
+    from imret.server import ServerConfig, create_app
+
+    app = create_app(store_path, ServerConfig())
+
+    def broken(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    app.state.service.hits = broken
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/api/images/1/similar")
+        assert "RuntimeError" in error_of(r, 500, "internal")
+        assert "disk on fire" not in r.text  # details stay in the server log
+        m = c.get("/api/metrics").json()["requests"]["GET /api/images/{image_id}/similar"]
+        assert m["errors_5xx"] == 1
