@@ -714,6 +714,10 @@ def run_phase(name: str, base: Path, facts: dict, photos: list[Photo], held: lis
             out.setdefault("server_log_tail", server.log_tail())
     if not args.keep:
         shutil.rmtree(phase_dir, ignore_errors=True)
+        try:
+            phase_dir.parent.rmdir()  # when it was the last one
+        except OSError:
+            pass
     _print_phase(out)
     return out
 
@@ -775,7 +779,9 @@ def render(res: dict) -> str:
               f"- Load: closed loop, no think time; mix {', '.join(f'{k} {v:g}' for k, v in a['mix'].items())} "
               f"(list = one page of 50 + 4 thumbnails); searches upload a random one of {s['query_photos']} real "
               f"photos, k = {a['k']}, {a['bbox_share']:.0%} with a crop box; server `imret serve` defaults "
-              f"(max_batch {res['default_max_batch']}, max_wait 2 ms) unless noted",
+              f"(max_batch {res['default_max_batch']}, max_wait 2 ms, torch threads "
+              f"{a.get('server_threads') or 'default'}{''.join(' ' + x for x in a.get('server_arg', []))}) "
+              "unless noted",
               "",
               "| phase | clients | wall (s) | requests | req/s | queries/s | errors | batch mean / max | batcher busy | "
               "CPU server / client (cores) |",
@@ -909,6 +915,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(REPO / "runs" / "bench-serve"), help="scratch folder")
     ap.add_argument("--device", default="cpu", help="model device, for the server and the checks")
     ap.add_argument("--server-threads", type=int, default=None, help="torch threads of the server")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of this process (building, padding, checks); on a busy 2-core machine 1 "
+                         "indexes small padding images many times faster than 2")
     ap.add_argument("--server-arg", action="append", default=[], help="extra `imret serve` option (repeatable), "
                                                                       "e.g. --server-arg=--max-wait-ms=5")
     ap.add_argument("--seed", type=int, default=0)
@@ -926,6 +935,10 @@ def main(argv=None) -> int:
         return 0
     if args.clients < 1 or args.duration <= 0:
         ap.error("--clients must be >= 1 and --duration > 0")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     t_start = time.perf_counter()
     work = Path(args.work)

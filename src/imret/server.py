@@ -189,8 +189,12 @@ class Service:
         self.model.eval().to(config.device)
         self.pre = store.preprocessing
         self._tmp = tempfile.TemporaryDirectory(prefix="imret-serve-")
+        # photo queries need the model; searches by indexed image do not, and get their own
+        # batcher so they are not queued behind model work
         self.batcher = MicroBatcher(self._run_batch, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
                                     max_queue=config.max_queue, name="imret-search")
+        self.id_batcher = MicroBatcher(self._run_batch, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+                                       max_queue=config.max_queue, name="imret-search-ids")
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imret-writer")
         self._thumbs: OrderedDict[tuple[int, int], tuple[bytes, str]] = OrderedDict()
         self._thumb_lock = threading.Lock()
@@ -198,6 +202,7 @@ class Service:
 
     def close(self) -> None:
         self.batcher.close()
+        self.id_batcher.close()
         self.writer.shutdown(wait=True)
         self._tmp.cleanup()
 
@@ -627,7 +632,7 @@ def create_app(store, config: ServerConfig | None = None):
 
     async def _search(query: _Query) -> tuple[np.ndarray, np.ndarray]:
         try:
-            fut = service.batcher.submit(query)
+            fut = (service.batcher if query.tensor is not None else service.id_batcher).submit(query)
         except BatcherFull as e:
             raise ApiError(503, "busy", f"the server is overloaded ({e}); retry later") from None
         return await asyncio.wrap_future(fut)
@@ -666,12 +671,16 @@ def create_app(store, config: ServerConfig | None = None):
     @app.get("/api/metrics", tags=["status"], summary="Request counts, latencies, batching",
              dependencies=[Depends(read_auth)], responses=errors(401, 403))
     async def metrics():
-        s = service.batcher.stats()
-        return {"requests": service.metrics.snapshot(),
-                "batches": {"count": s.batches, "items": s.items, "mean_size": round(s.mean_size, 3),
-                            "max_size": s.max_size, "busy_s": round(s.busy_s, 3),
-                            "sizes": {str(k): v for k, v in sorted(s.sizes.items())}},
-                "queue": service.batcher.pending, "uptime_s": round(time.time() - service.started, 3)}
+        def batches(b):
+            s = b.stats()
+            return {"count": s.batches, "items": s.items, "mean_size": round(s.mean_size, 3), "max_size": s.max_size,
+                    "busy_s": round(s.busy_s, 3), "sizes": {str(k): v for k, v in sorted(s.sizes.items())},
+                    "queue": b.pending}
+
+        return {"requests": service.metrics.snapshot(), "batches": batches(service.batcher),
+                "id_batches": batches(service.id_batcher),
+                "queue": service.batcher.pending + service.id_batcher.pending,
+                "uptime_s": round(time.time() - service.started, 3)}
 
     @app.post("/api/search", tags=["search"], summary="Search with an uploaded photo",
               dependencies=[Depends(read_auth)], responses=errors(400, 401, 403, 413, 415, 422, 503))
