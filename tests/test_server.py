@@ -351,8 +351,6 @@ def test_wrong_request_content_types(client, store_path, photos):
 
 
 def test_body_limit_by_header_and_by_stream(store_path, photos):
-    from fastapi.testclient import TestClient  # noqa: F401
-
     with make_client(store_path, token=TOKEN, max_upload_bytes=50_000, max_files=2) as c:
         big = b"\xff\xd8" + os.urandom(300_000)
         error_of(c.post("/api/search", files={"image": ("big.jpg", big, "image/jpeg")}), 413, "too_large")

@@ -29,6 +29,7 @@ Only :func:`create_app` touches the store; nothing happens at import.
 
 
 import asyncio
+import hashlib
 import io
 import math
 import os
@@ -39,7 +40,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,9 +171,9 @@ class _Checked:
     ext: str
     width: int
     height: int
-    tensor: Any = None
+    tensor: Any = None  # the model input (search), or None (add: decoded only to check it)
     sha256: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    bbox: tuple[float, float, float, float] | None = None  # the box used, clamped to the image
 
 
 class Service:
@@ -261,9 +262,7 @@ class Service:
         finally:
             path.unlink(missing_ok=True)
         tensor = to_tensor(img, self.model.mean, self.model.std) if decode_for_model else None
-        import hashlib
-
-        return _Checked(data, name, ext, w, h, tensor, hashlib.sha256(data).hexdigest(), {"bbox": box})
+        return _Checked(data, name, ext, w, h, tensor, hashlib.sha256(data).hexdigest(), box)
 
     # -- searching ------------------------------------------------------------------------------
 
@@ -700,7 +699,7 @@ def create_app(store, config: ServerConfig | None = None):
         hits = await run_in_threadpool(service.hits, scores, ids)
         return {"results": hits, "took_ms": round((time.perf_counter() - t0) * 1000, 3),
                 "query": {"width": checked.width, "height": checked.height,
-                          "bbox": list(checked.extra["bbox"]) if checked.extra["bbox"] else None}}
+                          "bbox": list(checked.bbox) if checked.bbox else None}}
 
     @app.get("/api/images/{image_id}/similar", tags=["search"], summary="Search with an indexed image",
              dependencies=[Depends(read_auth)], responses=errors(400, 401, 403, 404, 503))
