@@ -9,9 +9,9 @@ from .metrics_log import MetricsLog, plot_training_curves, read_metrics
 from .multistage import (
     MultistageResult,
     chunks_of,
-    iter_chunks,
     deterministic_forward_problems,
     freeze_batchnorm,
+    iter_chunks,
     multistage_backward,
     plain_backward,
 )
@@ -31,6 +31,7 @@ __all__ = [
     "deterministic_forward_problems",
     "freeze_batchnorm",
     "init_distributed",
+    "iter_chunks",
     "load_config",
     "multistage_backward",
     "plain_backward",
