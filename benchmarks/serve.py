@@ -70,6 +70,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, SHARED, machine_line, write_section  # noqa: E402
 
 BEGIN, END = "<!-- serve:begin -->", "<!-- serve:end -->"
+
+
+def markers(section: str) -> tuple[str, str]:
+    """The BENCHMARKS.md markers of a section (``serve`` by default; another name for another store)."""
+    return f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
 KINDS = ("search", "similar", "list", "thumbnail", "add", "remove")
 ACTIONS = ("search", "similar", "list", "add", "remove")
 DEFAULT_MIX = "search=0.68,similar=0.15,list=0.1,add=0.05,remove=0.02"
@@ -759,7 +764,12 @@ def _ratio(a, b) -> float | None:
 def render(res: dict) -> str:
     s, a = res["store"], res["args"]
     phases = res["phases"]
-    lines = [BEGIN, "## HTTP server under load (`benchmarks/serve.py`)", "",
+    section = res.get("section", "serve")
+    begin, end = markers(section)
+    title = "## HTTP server under load (`benchmarks/serve.py`)"
+    if section != "serve":
+        title += f", {res['store'].get('images', '')} images".rstrip(", ")
+    lines = [begin, title, "",
              f"- Command: `{res['command']}`",
              f"- Machine: {res['machine']}",
              f"- Date: {res['date']}; wall time {res['wall_s'] / 60:.1f} min (load generator and server share the "
@@ -853,7 +863,7 @@ def render(res: dict) -> str:
         lines.append(txt)
         if ph.get("fallbacks"):
             lines.append(f"  ({', '.join(f'{k}: {v}' for k, v in ph['fallbacks'].items())})")
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines) + "\n"
 
 
@@ -926,12 +936,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the raw figures here")
     ap.add_argument("--write", action="store_true", help="update the serve section of BENCHMARKS.md")
     ap.add_argument("--render", default=None, metavar="JSON", help="only re-render a saved run's section")
+    ap.add_argument("--section", default="serve", help="BENCHMARKS.md section name (markers <!-- NAME:begin -->), "
+                                                       "e.g. serve-100k for a run on a padded store")
     args = ap.parse_args(argv)
     if args.render:
-        text = render(json.loads(Path(args.render).read_text()))
+        res = json.loads(Path(args.render).read_text())
+        res["section"] = args.section
+        text = render(res)
         print(text)
         if args.write:
-            write_section(text, REPO / "BENCHMARKS.md", BEGIN, END)
+            write_section(text, REPO / "BENCHMARKS.md", *markers(args.section))
         return 0
     if args.clients < 1 or args.duration <= 0:
         ap.error("--clients must be >= 1 and --duration > 0")
@@ -998,12 +1012,13 @@ def main(argv=None) -> int:
                     "server_arg": args.server_arg},
            "default_max_batch": default_max_batch, "store": store_info, "phases": phases}
     res["command"] = res["command"].strip()
+    res["section"] = args.section
     text = render(res)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     if args.write:
-        write_section(text, REPO / "BENCHMARKS.md", BEGIN, END)
+        write_section(text, REPO / "BENCHMARKS.md", *markers(args.section))
     failed = sum(len(ph.get("errors", [])) for ph in phases) + sum(len(_problems(ph)) for ph in phases)
     return 1 if failed else 0
 
