@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: demo test bench bench-search bench-postprocess clean-venv
+.PHONY: demo test bench bench-search bench-postprocess bench-train bench-finetune bench-serve clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,20 @@ bench-search: $(VENV)/.installed
 
 bench-postprocess: $(VENV)/.installed
 	$(PY) benchmarks/postprocess.py --write
+
+## Plain vs multistage training step (about 20 min on 2 CPU cores; --device cuda on a GPU).
+bench-train: $(VENV)/.installed
+	$(PY) benchmarks/train.py --write
+
+## Fine-tuning on rParis6k-mini, leave-landmarks-out (about 25 min on 2 CPU cores).
+bench-finetune: $(VENV)/.installed
+	$(PY) benchmarks/finetune.py --write
+
+## imret serve under load (about 3 min), then on a 100k-image store with the page in Chromium (about 10 min).
+bench-serve: $(VENV)/.installed
+	$(PY) benchmarks/serve.py --write
+	$(PY) benchmarks/serve.py --synthetic 100000 --threads 1 --section serve-100k --write
+	$(PY) benchmarks/page.py --write
 
 clean-venv:
 	rm -rf $(VENV)
