@@ -365,6 +365,12 @@ def test_body_limit_by_header_and_by_stream(store_path, photos):
         error_of(r, 413, "too_large")
         three = [("images", (f"{i}.jpg", jpeg_bytes(p), "image/jpeg")) for i, p in enumerate(photos[:3])]
         error_of(c.post("/api/images", files=three, headers=AUTH), 413, "too_many_files")
+    before = snapshot(store_path)
+    with make_client(store_path, token=TOKEN, max_request_bytes=8_000) as c:  # each file fits, both do not
+        two = [("images", (f"{i}.jpg", jpeg_bytes(p), "image/jpeg")) for i, p in enumerate(photos[:2])]
+        assert all(len(jpeg_bytes(p)) < 8_000 for p in photos[:2]) and sum(len(jpeg_bytes(p)) for p in photos[:2]) > 8_000
+        error_of(c.post("/api/images", files=two, headers=AUTH), 413, "too_large")
+    assert snapshot(store_path) == before
 
 
 @pytest.mark.parametrize("bbox", ["1,2,3", "a,b,c,d", "10,10,5,50", "10,10,50,10", "nan,0,10,10", "500,500,600,600",

@@ -642,6 +642,7 @@ def cmd_serve(args) -> int:
               "remove images (set IMRET_SERVE_TOKEN or --token-file, or --read-only)", file=sys.stderr)
     cfg = ServerConfig(token=token, token_reads=args.token_reads, read_only=args.read_only,
                        max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
+                       max_request_bytes=int(args.max_request_mb * 2**20),
                        max_k=args.max_k, default_k=min(args.k, args.max_k), max_batch=args.max_batch,
                        max_wait_ms=args.max_wait_ms, device=args.device)
     app = create_app(args.store, cfg)
@@ -765,6 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-only", action="store_true", help="no adds or removes (opens the store read-only)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted file (MiB)")
     p.add_argument("--max-pixels", type=int, default=50_000_000, help="largest accepted image (width x height)")
+    p.add_argument("--max-request-mb", type=float, default=200.0, help="largest add request, all files (MiB)")
     p.add_argument("-k", type=int, default=20, help="results when a request does not say")
     p.add_argument("--max-k", type=int, default=1000)
     p.add_argument("--max-batch", type=int, default=16, help="most queries per model/search batch")

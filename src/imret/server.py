@@ -67,6 +67,7 @@ class ServerConfig:
         max_upload_bytes: largest accepted file.
         max_pixels: largest accepted image (width x height, from the header).
         max_files: most files in one add request.
+        max_request_bytes: largest add request (all its files together).
         max_k: largest ``k``.
         default_k: ``k`` when a request does not say.
         max_batch: most queries per model/search batch.
@@ -82,6 +83,7 @@ class ServerConfig:
     max_upload_bytes: int = 20 * 2**20
     max_pixels: int = 50_000_000
     max_files: int = 64
+    max_request_bytes: int = 200 * 2**20
     max_k: int = 1000
     default_k: int = 20
     max_batch: int = 16
@@ -91,8 +93,8 @@ class ServerConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_bytes", "max_pixels", "max_files", "max_k", "default_k", "max_batch", "max_queue",
-                     "thumbnail_cache"):
+        for name in ("max_upload_bytes", "max_pixels", "max_files", "max_request_bytes", "max_k", "default_k",
+                     "max_batch", "max_queue", "thumbnail_cache"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -395,6 +397,7 @@ class Service:
         c = self.config
         return {"store": store, "server": {
             "max_upload_bytes": c.max_upload_bytes, "max_pixels": c.max_pixels, "max_files": c.max_files,
+            "max_request_bytes": c.max_request_bytes,
             "max_k": c.max_k, "default_k": c.default_k, "writes": not c.read_only,
             "auth": {"writes": c.token is not None, "reads": c.token_reads},
             "query_expansion": store.get("query_expansion"), "version": _version()}}
@@ -778,6 +781,7 @@ def create_app(store, config: ServerConfig | None = None):
         return await asyncio.wrap_future(service.writer.submit(work))
 
     limits = {"/api/search": config.max_upload_bytes + 65536,
-              "/api/images": config.max_files * (config.max_upload_bytes + 4096) + 65536}
+              "/api/images": min(config.max_request_bytes,
+                                 config.max_files * (config.max_upload_bytes + 4096) + 65536)}
     app.add_middleware(RequestGuard, limits=limits, multipart={"/api/search", "/api/images"})
     return app
