@@ -441,3 +441,16 @@ def test_unexpected_errors_are_json_500_and_counted(store_path, photos):
         assert "disk on fire" not in r.text  # details stay in the server log
         m = c.get("/api/metrics").json()["requests"]["GET /api/images/{image_id}/similar"]
         assert m["errors_5xx"] == 1
+
+
+def test_cli_serve_refuses_a_missing_or_locked_store(tmp_path, store_path, capsys):
+    from imret.cli import main
+
+    assert main(["serve", str(tmp_path / "nothing")]) == 1
+    assert "nothing" in capsys.readouterr().err
+    with Store.open(store_path, writable=True):  # another writer holds the store
+        assert main(["serve", str(store_path), "--port", "0"]) == 1
+        err = capsys.readouterr().err
+        assert "imret: error:" in err and "another process" in err and "--read-only" in err
+    assert main(["serve", str(store_path), "--token-reads"]) == 1  # reads need a token to exist
+    assert "token_reads needs a token" in capsys.readouterr().err

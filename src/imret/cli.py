@@ -645,7 +645,12 @@ def cmd_serve(args) -> int:
                        max_request_bytes=int(args.max_request_mb * 2**20),
                        max_k=args.max_k, default_k=min(args.k, args.max_k), max_batch=args.max_batch,
                        max_wait_ms=args.max_wait_ms, device=args.device)
-    app = create_app(args.store, cfg)
+    from .index.store import StoreLockedError
+
+    try:
+        app = create_app(args.store, cfg)
+    except StoreLockedError as e:
+        raise StoreLockedError(f"{e} (serve it with --read-only meanwhile: searches only)") from None
     n = len(app.state.service.store)
     print(f"imret: serving {args.store} ({n} images) on http://{args.host}:{args.port}/ "
           f"(API docs at /docs{', writes need the token' if token else ''}{', read-only' if args.read_only else ''})",
