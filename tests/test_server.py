@@ -454,3 +454,36 @@ def test_cli_serve_refuses_a_missing_or_locked_store(tmp_path, store_path, capsy
         assert "imret: error:" in err and "another process" in err and "--read-only" in err
     assert main(["serve", str(store_path), "--token-reads"]) == 1  # reads need a token to exist
     assert "token_reads needs a token" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not installed("faiss"), reason="faiss is not installed")
+def test_index_is_saved_on_a_schedule_and_at_shutdown_not_per_request(tmp_path, photos, extra_photos):
+    from fastapi.testclient import TestClient
+
+    from imret.server import ServerConfig, create_app
+
+    torch.manual_seed(0)
+    path = tmp_path / "faiss-store"
+    with Store.create(path, create_model("resnet18", "gem", pretrained=False), preprocessing=PRE,
+                      backend="faiss:HNSW16") as st:
+        st.add(photos, workers=0)
+        saved_rows = st.info()["backend"]["ntotal"]
+    app = create_app(path, ServerConfig(token=TOKEN, save_interval_s=3600))
+    store = app.state.service.store
+    calls = []
+    real = store.save_index
+    store.save_index = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    with TestClient(app) as c:
+        for p in extra_photos[:3]:
+            r = c.post("/api/images", files=[("images", (os.path.basename(p), jpeg_bytes(p), "image/jpeg"))],
+                       headers=AUTH)
+            assert r.status_code == 201, r.text
+        assert c.delete("/api/images/0", headers=AUTH).status_code == 200
+        assert calls == []  # not saved per request ...
+        new_id = r.json()["added"][0]["id"]
+        res = c.post("/api/search", files={"image": ("q.jpg", jpeg_bytes(extra_photos[2]), "image/jpeg")}).json()
+        assert res["results"][0]["id"] == new_id  # ... yet searched at once
+    assert calls == [1]  # saved once, at shutdown
+    with Store.open(path) as st:
+        assert st.verify() == [] and len(st) == len(photos) + 2
+        assert st._config["index"]["rows"] == len(photos) + 3 and saved_rows == len(photos)

@@ -644,7 +644,7 @@ def cmd_serve(args) -> int:
                        max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
                        max_request_bytes=int(args.max_request_mb * 2**20),
                        max_k=args.max_k, default_k=min(args.k, args.max_k), max_batch=args.max_batch,
-                       max_wait_ms=args.max_wait_ms, device=args.device)
+                       max_wait_ms=args.max_wait_ms, save_interval_s=args.save_interval, device=args.device)
     from .index.store import StoreLockedError
 
     try:
@@ -775,6 +775,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=20, help="results when a request does not say")
     p.add_argument("--max-k", type=int, default=1000)
     p.add_argument("--max-batch", type=int, default=16, help="most queries per model/search batch")
+    p.add_argument("--save-interval", type=float, default=60.0,
+                   help="seconds between saves of the search index after writes (and at shutdown)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a query waits for a batch to fill")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -74,6 +74,9 @@ class ServerConfig:
         max_wait_ms: how long a query waits for others to join its batch.
         max_queue: queries allowed to wait; beyond, 503.
         thumbnail_cache: thumbnails kept in memory (LRU).
+        save_interval_s: after adds or removes, the search index (FAISS, Milvus) is saved at
+            most this often and at shutdown, not after every request (the store's descriptors
+            are committed at once either way; the index catches up from them after a crash).
         device: where the model runs.
     """
 
@@ -90,6 +93,7 @@ class ServerConfig:
     max_wait_ms: float = 2.0
     max_queue: int = 512
     thumbnail_cache: int = 4096
+    save_interval_s: float = 60.0
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -104,6 +108,8 @@ class ServerConfig:
             raise ValueError("the API token must have at least 8 characters")
         if self.token_reads and self.token is None:
             raise ValueError("token_reads needs a token")
+        if not self.save_interval_s >= 0:
+            raise ValueError(f"save_interval_s must be >= 0, got {self.save_interval_s!r}")
 
 
 class ApiError(Exception):
@@ -202,10 +208,14 @@ class Service:
         self._thumbs: OrderedDict[tuple[int, int], tuple[bytes, str]] = OrderedDict()
         self._thumb_lock = threading.Lock()
         self._info_cache: tuple[float, dict[str, Any]] | None = None
+        self._last_save = time.monotonic()
+        self._unsaved = False
 
     def close(self) -> None:
         self.batcher.close()
         self.id_batcher.close()
+        if self._unsaved:
+            self.writer.submit(self.store.save_index)
         self.writer.shutdown(wait=True)
         self._tmp.cleanup()
 
@@ -334,6 +344,14 @@ class Service:
         return d
 
     # -- writing --------------------------------------------------------------------------------
+
+    def wrote(self) -> None:
+        """After an add or remove (on the writer thread): save the index when it is due."""
+        self._unsaved = True
+        if time.monotonic() - self._last_save >= self.config.save_interval_s:
+            self.store.save_index()
+            self._last_save = time.monotonic()
+            self._unsaved = False
 
     def save_uploads(self, files: list[_Checked]) -> list[str]:
         from .fileio import atomic_write_bytes
@@ -756,7 +774,8 @@ def create_app(store, config: ServerConfig | None = None):
 
         def work():
             paths = service.save_uploads(checked)
-            report = store.add(paths)
+            report = store.add(paths, save=False)
+            service.wrote()
             by_path = dict(zip(paths, checked))
             return {"added": [{"id": int(i), "name": service.display_name(r.path)}
                               for i, r in zip(report.added, store.records(report.added))],
@@ -772,7 +791,8 @@ def create_app(store, config: ServerConfig | None = None):
     async def remove_image(image_id: int):
         def work():
             service.live_record(image_id)
-            n = store.remove([image_id])
+            n = store.remove([image_id], save=False)
+            service.wrote()
             if n == 0:
                 raise ApiError(404, "not_found", f"image {image_id} was removed")
             service.forget_thumbnails(image_id)

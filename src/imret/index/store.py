@@ -643,6 +643,7 @@ class Store:
         *,
         commit_every: int = 64,
         save_every: int = 50_000,
+        save: bool = True,
         progress: bool = False,
         on_commit: Callable[[int], None] | None = None,
         **extract_kw: Any,
@@ -651,8 +652,11 @@ class Store:
 
         Images are committed ``commit_every`` at a time, so an interrupted call keeps what it
         committed and a rerun adds the rest. The backend index is saved every ``save_every``
-        added rows and at the end (after a crash it is brought up to date from the
-        descriptors on the next open). Unreadable files are reported, not indexed.
+        added rows and at the end, unless ``save=False`` (a server adding a few images at a
+        time saves on its own schedule: writing a large FAISS index after every small add
+        would stall it). The index is a cache of the committed descriptors either way: after a
+        crash it is brought up to date from them on the next open. Unreadable files are
+        reported, not indexed.
         ``extract_kw`` go to :func:`imret.extract.extract` (batch_size, workers, precision).
         ``on_commit(n_added_so_far)`` is called in this thread after each commit.
 
@@ -705,7 +709,8 @@ class Store:
                     report.duplicates.append((p, existing))
                 else:  # its first copy could not be read
                     report.skipped.append((p, f"same content as {seen[digest]}, which could not be indexed"))
-            self.save_index()
+            if save:
+                self.save_index()
             return report
 
     def _live_id(self, sha256: str) -> int | None:
@@ -753,8 +758,11 @@ class Store:
                 self._add_to(self._backend, vec, ids)
                 self._backend_rows = n + m
 
-    def remove(self, ids: Iterable[int]) -> int:
-        """Remove images by id; returns how many were live. Unknown ids raise ``KeyError``."""
+    def remove(self, ids: Iterable[int], *, save: bool = True) -> int:
+        """Remove images by id; returns how many were live. Unknown ids raise ``KeyError``.
+
+        The removal is committed at once; ``save=False`` leaves saving the backend index to a
+        later :meth:`save_index` (see :meth:`add`)."""
         with self._write_lock:
             self._require_writable()
             ids = [int(i) for i in ids]
@@ -779,7 +787,8 @@ class Store:
                 if self._backend is not None and self._backend_ready():
                     self._backend.remove(np.array(live, dtype=np.int64))
                     self._backend_remove_seq = seq
-            self.save_index()
+            if save:
+                self.save_index()
             return len(live)
 
     def remove_paths(self, paths: Iterable[str | os.PathLike]) -> int:
