@@ -10,18 +10,22 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMRET_SHARED", REPO.parent / "shared"))
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_line() -> str:
     """One line naming the CPU, core count, memory, OS and torch build (and the GPU if any)."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     mem = ""
     try:
         kb = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
@@ -44,3 +48,27 @@ def write_section(text: str, path: Path, begin: str, end: str) -> None:
     else:
         new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
     path.write_text(new, encoding="utf-8")
+
+
+def landmark_of(name: str) -> str:
+    """``paris_defense_000056 -> defense`` (the landmark in a revisited Oxford/Paris image name)."""
+    parts = name.split("_")
+    return parts[1] if len(parts) >= 3 else name
+
+
+def components(n: int, edges) -> list[list[int]]:
+    """Connected components of ``n`` nodes joined by ``edges`` (pairs of node indices), sorted."""
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in edges:
+        parent[root(int(i))] = root(int(j))
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(root(i), []).append(i)
+    return sorted(groups.values())

@@ -44,42 +44,20 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, SHARED, machine_line, write_section  # noqa: E402
+from _common import REPO, SHARED, components, landmark_of, machine_line, write_section  # noqa: E402
 
 BEGIN, END = "<!-- finetune:begin -->", "<!-- finetune:end -->"
 WEIGHTS = "mobilenetv2_100.coral_in1k.safetensors"
 
 
-def landmark(name: str) -> str:
-    """``paris_<landmark>_000123`` -> ``<landmark>``."""
-    parts = name.split("_")
-    return parts[1] if len(parts) >= 3 else name
-
-
 def landmark_groups(gnd: dict) -> dict[str, str]:
     """Landmark -> group name; landmarks are merged when a query's ground truth crosses them."""
-    parent: dict[str, str] = {}
-
-    def find(a: str) -> str:
-        parent.setdefault(a, a)
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for name in list(gnd["imlist"]) + list(gnd["qimlist"]):
-        find(landmark(name))
-    for qi, q in enumerate(gnd["qimlist"]):
-        g = gnd["gnd"][qi]
-        for key in ("easy", "hard", "junk"):
-            for j in g[key]:
-                a, b = find(landmark(q)), find(landmark(gnd["imlist"][j]))
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-    members: dict[str, list[str]] = {}
-    for lm in parent:
-        members.setdefault(find(lm), []).append(lm)
-    return {lm: "+".join(sorted(ms)) for ms in members.values() for lm in ms}
+    names = sorted({landmark_of(n) for n in list(gnd["imlist"]) + list(gnd["qimlist"])})
+    index = {lm: i for i, lm in enumerate(names)}
+    edges = [(index[landmark_of(q)], index[landmark_of(gnd["imlist"][j])])
+             for qi, q in enumerate(gnd["qimlist"]) for key in ("easy", "hard", "junk") for j in gnd["gnd"][qi][key]]
+    groups = components(len(names), edges)
+    return {names[i]: "+".join(names[j] for j in g) for g in groups for i in g}
 
 
 def make_folds(gnd: dict, n_folds: int) -> list[dict]:
@@ -94,14 +72,14 @@ def make_folds(gnd: dict, n_folds: int) -> list[dict]:
         g = gnd["gnd"][qi]
         for key in ("easy", "hard", "junk"):
             for j in g[key]:
-                if landmark(gnd["imlist"][j]) != landmark(q):
+                if landmark_of(gnd["imlist"][j]) != landmark_of(q):
                     crossing.add(gnd["imlist"][j])
     folds = []
     for f in range(n_folds):
         test_groups = set(groups[f::n_folds])
-        test_q = [i for i, q in enumerate(gnd["qimlist"]) if group[landmark(q)] in test_groups]
-        train = [(n, landmark(n)) for n in list(gnd["imlist"]) + list(gnd["qimlist"])
-                 if group[landmark(n)] not in test_groups and n not in crossing]
+        test_q = [i for i, q in enumerate(gnd["qimlist"]) if group[landmark_of(q)] in test_groups]
+        train = [(n, landmark_of(n)) for n in list(gnd["imlist"]) + list(gnd["qimlist"])
+                 if group[landmark_of(n)] not in test_groups and n not in crossing]
         folds.append({"fold": f, "test_groups": sorted(test_groups), "test_queries": test_q, "train": train,
                       "train_landmarks": sorted({lab for _, lab in train})})
     return folds

@@ -33,7 +33,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -55,8 +54,9 @@ from imret.expansion import alpha_database_augmentation, alpha_query_expansion, 
 from imret.extract import extract_descriptors
 from imret.whitening import Whitening, fit_learned_whitening, fit_pca_whitening
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("IMRET_SHARED", REPO.parent / "shared"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, SHARED, components, cpu_name, landmark_of, write_section  # noqa: E402
+
 CACHE = REPO / "runs" / "cache" / "postprocess"
 MODEL = "mobilenetv2_100.coral"
 WEIGHTS = "mobilenetv2_100.coral_in1k.safetensors"
@@ -79,12 +79,7 @@ LW_PCA_DIM = 128
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
     return f"{cpu}, {os.cpu_count()} logical cores{gpu}, torch {torch.__version__}, numpy {np.__version__}"
 
@@ -120,34 +115,10 @@ def cached_descriptors(
 # --------------------------------------------------------------------------- landmark folds
 
 
-def landmark_of(name: str) -> str:
-    """``paris_defense_000056 -> defense``."""
-    parts = name.split("_")
-    return parts[1] if len(parts) >= 3 else name
-
-
 def ground_truth_set(gt: RevisitopGroundTruth, i: int, kinds: Sequence[str] = ("easy", "hard", "junk")
                      ) -> set[int]:
     """Database indices in query ``i``'s ground-truth sets of the given kinds."""
     return set(np.concatenate([getattr(gt, k)[i] for k in kinds]).tolist())
-
-
-def components(n: int, edges) -> list[list[int]]:
-    """Connected components of ``n`` nodes joined by ``edges`` (pairs of node indices), sorted."""
-    parent = list(range(n))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in edges:
-        parent[root(int(i))] = root(int(j))
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(root(i), []).append(i)
-    return sorted(groups.values())
 
 
 def landmark_folds(gt: RevisitopGroundTruth) -> list[list[int]]:
@@ -374,18 +345,6 @@ def markdown(ctx: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, path: Path) -> None:
-    """Replace the text between the markers in ``path``, or append it at the end."""
-    old = path.read_text() if path.is_file() else ""
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        new = head + text + ("\n" + tail if tail else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -595,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = markdown(ctx)
     print(text)
     if args.write:
-        write_section(text, REPO / "BENCHMARKS.md")
+        write_section(text, REPO / "BENCHMARKS.md", BEGIN, END)
         print(f"wrote the section into {REPO / 'BENCHMARKS.md'}")
     if args.json:
         Path(args.json).write_text(json.dumps(ctx, indent=1, default=float))

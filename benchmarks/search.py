@@ -59,7 +59,9 @@ import torch
 
 from imret.index import create_backend, load_backend, resolve_spec, tie_aware_recall
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, cpu_name, write_section  # noqa: E402
+
 BEGIN, END = "<!-- search:begin -->", "<!-- search:end -->"
 
 TEMPLATES = {
@@ -116,11 +118,9 @@ class Descriptors:
 # -- machine ----------------------------------------------------------------------------------
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_name()
     mem = 0
     try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
         with open("/proc/meminfo") as f:
             mem = int(next(line.split()[1] for line in f if line.startswith("MemTotal"))) * 1024
     except (OSError, StopIteration):
@@ -668,17 +668,6 @@ def targets(run: dict) -> dict | None:
     return {"n": big["n"], "checks": checks}
 
 
-def write_section(text: str, path: Path) -> None:
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if BEGIN in old and END in old:
-        head, _, rest = old.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        new = head + text.rstrip("\n") + tail
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    path.write_text(new, encoding="utf-8")
-
-
 # -- main -------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -734,7 +723,7 @@ def main(argv=None) -> int:
     if args.json and not args.render:
         Path(args.json).write_text(json.dumps(run, indent=1, default=float))
     if args.write:
-        write_section(text, REPO / "BENCHMARKS.md")
+        write_section(text, REPO / "BENCHMARKS.md", BEGIN, END)
     return 0
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import subprocess
@@ -103,30 +104,26 @@ def run_step(mode: str, batch: int, size: int, chunk: int, backbone: str, device
         labels = torch.arange(n, device=dev) // 4
         loss_fn = lambda d: crit(d, labels)  # noqa: E731
         opt.zero_grad(set_to_none=True)
-        if mode == "plain":
+        if mode == "plain":  # the whole batch in memory, as plain backprop needs
             images = torch.stack([SyntheticImages(n, size)[i] for i in range(n)]).to(dev)
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated() if cuda else _proc_status("VmRSS")
-            _reset_peak_rss()
-            t0, c0 = time.perf_counter(), time.process_time()
-            plain_backward(model, images, loss_fn, autocast_dtype=amp)
-        else:
+            run = functools.partial(plain_backward, model, images, loss_fn, autocast_dtype=amp)
+        else:  # lazy: only the chunk being computed is in memory
             images = SyntheticImages(n, size)
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated() if cuda else _proc_status("VmRSS")
-            _reset_peak_rss()
-            t0, c0 = time.perf_counter(), time.process_time()
-            multistage_backward(model, images, loss_fn, chunk_size=chunk, autocast_dtype=amp)
+            run = functools.partial(multistage_backward, model, images, loss_fn, chunk_size=chunk,
+                                    autocast_dtype=amp)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if cuda else _proc_status("VmRSS")
+        _reset_peak_rss()
+        t0, c0 = time.perf_counter(), time.process_time()
+        run()
         opt.step()
         if cuda:
             torch.cuda.synchronize()
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         peak = torch.cuda.max_memory_allocated() if cuda else _proc_status("VmHWM")
-        del images
+        del images, run
         return dt, cpu, base, peak
 
     _ = step(min(batch, 2 if mode == "plain" else max(2, chunk)))  # warm-up: kernels, optimiser state

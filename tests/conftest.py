@@ -38,3 +38,16 @@ def paris_mini(shared) -> Path:
     if not (d / "gnd_rparis6k-mini.pkl").is_file():
         pytest.skip(f"rparis6k-mini not found at {d}")
     return d
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module: the test machine is small and shared, and several
+    torch threads per test oversubscribe it badly. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,8 +14,9 @@ import torch
 
 from conftest import installed
 
-pytestmark = pytest.mark.skipif(not installed("fastapi", "httpx", "multipart"),
-                                reason="the serve extra (fastapi, python-multipart) and httpx are not installed")
+pytestmark = [pytest.mark.skipif(not installed("fastapi", "httpx", "multipart"),
+                                 reason="the serve extra (fastapi, python-multipart) and httpx are not installed"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 from PIL import Image  # noqa: E402
 
@@ -25,14 +26,6 @@ from imret.synthetic import make_labelled_folder  # noqa: E402
 
 PRE = Preprocessing(image_size=96)
 TOKEN = "s3cret-token-123"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,11 @@ from imret.index.exact import exact_search
 from imret.index.store import Preprocessing, Store
 from imret.synthetic import make_labelled_folder
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PRE = Preprocessing(image_size=64)
 FAST = dict(workers=0)
 N0 = 8  # images in the store before the threads start
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

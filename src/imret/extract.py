@@ -95,6 +95,18 @@ def _check_precision(precision: str, device: torch.device) -> torch.dtype | None
     raise ValueError(f"precision {precision!r} is not supported on device type {device.type!r}; use 'fp32'")
 
 
+def _check_run(scales: Sequence[float], device, batch_size: int | None) -> tuple[torch.device, int]:
+    """Checked scales; the device; the batch size (default 1 on the CPU, 8 on GPUs)."""
+    if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
+        raise ValueError(f"scales must be positive numbers, got {list(scales)}")
+    device = torch.device(device)
+    if batch_size is None:
+        batch_size = 1 if device.type == "cpu" else 8
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return device, batch_size
+
+
 def _scaled_size(h: int, w: int, s: float) -> tuple[int, int]:
     return max(1, int(round(h * s))), max(1, int(round(w * s)))
 
@@ -186,15 +198,9 @@ def extract(
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"unknown on_error {on_error!r}; available: 'skip', 'raise'")
-    if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
-        raise ValueError(f"scales must be positive numbers, got {list(scales)}")
+    device, batch_size = _check_run(scales, device, batch_size)
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
-    device = torch.device(device)
-    if batch_size is None:
-        batch_size = 1 if device.type == "cpu" else 8
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     n = len(images)
@@ -285,13 +291,7 @@ def describe_tensors(
     already be in eval mode on ``device`` (this function does not move it, so that several
     threads may share it).
     """
-    if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
-        raise ValueError(f"scales must be positive numbers, got {list(scales)}")
-    device = torch.device(device)
-    if batch_size is None:
-        batch_size = 1 if device.type == "cpu" else 8
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device, batch_size = _check_run(scales, device, batch_size)
     amp_dtype = _check_precision(precision, device)
     power = model.multiscale_power()
     out = np.zeros((len(tensors), model.dim), dtype=np.float32)

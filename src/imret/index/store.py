@@ -1192,15 +1192,19 @@ class Store:
 
     def records(self, ids: Sequence[int]) -> list[ImageRecord]:
         """Metadata of the given ids (removed ones included); unknown ids raise ``KeyError``."""
-        out = []
-        with self._lock:
-            for i in ids:
-                r = self._db.execute("SELECT id, path, size, width, height, sha256, added FROM images WHERE id = ?",
-                                     (int(i),)).fetchone()
-                if r is None:
-                    raise KeyError(f"unknown image id {i}")
-                out.append(ImageRecord(*r))
-        return out
+        ids = [int(i) for i in ids]
+        want = sorted(set(ids))
+        found: dict[int, ImageRecord] = {}
+        with self._lock:  # one query per 900 ids (SQLite's parameter limit), not one per id
+            for start in range(0, len(want), 900):
+                chunk = want[start:start + 900]
+                rows = self._db.execute("SELECT id, path, size, width, height, sha256, added FROM images "
+                                        f"WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+                found.update((r[0], ImageRecord(*r)) for r in rows)
+        for i in ids:
+            if i not in found:
+                raise KeyError(f"unknown image id {i}")
+        return [found[i] for i in ids]
 
     def is_live(self, image_id: int) -> bool:
         """True when ``image_id`` is indexed and not removed (unknown ids are not live)."""
