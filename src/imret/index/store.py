@@ -44,12 +44,15 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import errno
+import functools
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import sqlite3
+import stat
 import threading
 import uuid
 import zlib
@@ -63,7 +66,7 @@ from ..expansion import alpha_database_augmentation, expand_with_neighbours
 from ..fileio import atomic_write_bytes, fsync_dir
 from ..whitening import Whitening
 from . import create_backend, load_backend, resolve_spec
-from .base import Backend, as_rows, parse_spec
+from .base import Backend, BackendSpec, as_rows, parse_spec
 from .exact import ExactBackend
 
 __all__ = [
@@ -93,7 +96,7 @@ _DESCRIPTORS = "descriptors.f32"
 _LOCK = "lock"
 _SCHEMA = 1
 # files the store writes under a generation number (anything else in the directory is left alone)
-_GENERATED = re.compile(r"index\.\d+|vectors\.\d+\.f32|whitening\.\d+\.npz")
+_GENERATED = re.compile(r"index\.\d+|vectors\.\d+\.f32|vectors\.\d+\.crc32|whitening\.\d+\.npz")
 
 
 class StoreError(RuntimeError):
@@ -153,6 +156,22 @@ class Preprocessing:
     draft: bool = True
     max_pixels: int | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or not 1 <= self.image_size <= 65536:
+            raise ValueError(f"image_size must be an integer in [1, 65536], got {self.image_size!r}")
+        scales = self.scales
+        if not isinstance(scales, tuple) or not scales or not all(
+                isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and 0 < s <= 8
+                for s in scales):
+            raise ValueError(f"scales must be a non-empty tuple of numbers in (0, 8], got {scales!r}")
+        if self.crop_resize not in ("image", "crop"):
+            raise ValueError(f"crop_resize must be 'image' or 'crop', got {self.crop_resize!r}")
+        if not isinstance(self.draft, bool):
+            raise ValueError(f"draft must be true or false, got {self.draft!r}")
+        if self.max_pixels is not None and (isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int)
+                                            or self.max_pixels < 1):
+            raise ValueError(f"max_pixels must be a positive integer or None, got {self.max_pixels!r}")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["scales"] = list(self.scales)
@@ -163,7 +182,9 @@ class Preprocessing:
         _reject_unknown(d, cls, "preprocessing")
         d = dict(d)
         if "scales" in d:
-            d["scales"] = tuple(float(s) for s in d["scales"])
+            if not isinstance(d["scales"], (list, tuple)):
+                raise ValueError(f"scales must be a list of numbers, got {d['scales']!r}")
+            d["scales"] = tuple(d["scales"])
         return cls(**d)
 
 
@@ -212,6 +233,49 @@ def _sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> tuple[str, in
     return h.hexdigest(), size
 
 
+class _NotAnImageFile(Exception):
+    """A path that is not a readable regular file (the reason is the message)."""
+
+
+def _hash_image_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
+    """``(sha256, size)`` of the regular file at ``path``, read once through one descriptor.
+
+    Opened non-blocking and checked with ``fstat`` *before* anything is read, so a FIFO, a
+    device (a symlink to ``/dev/zero``), a socket or a directory is refused at once instead of
+    blocking forever or being read without end; an empty file is refused too.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except IsADirectoryError:
+        raise _NotAnImageFile("a directory, not a file") from None
+    except OSError as e:
+        raise _NotAnImageFile(f"cannot read: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                    else "a socket" if stat.S_ISSOCK(st.st_mode) else "a special file")
+            raise _NotAnImageFile(f"not a regular file ({kind})")
+        if st.st_size == 0:
+            raise _NotAnImageFile("empty file")
+        h = hashlib.sha256()
+        size = 0
+        while size <= st.st_size:  # never more than the size it had when opened (+1 to see growth)
+            b = os.read(fd, min(chunk, st.st_size + 1 - size))
+            if not b:
+                break
+            h.update(b)
+            size += len(b)
+    except OSError as e:
+        raise _NotAnImageFile(f"cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if size != st.st_size:
+        raise _NotAnImageFile(f"changed size while being read ({st.st_size} -> {size} bytes)")
+    return h.hexdigest(), size
+
+
 def _image_size(path: str) -> tuple[int, int]:
     """Upright (width, height) from the header; (0, 0) when unknown."""
     try:
@@ -245,6 +309,46 @@ def _prepare_model(model: Any, device: str) -> Any:
     model.eval().to(device)
     model.to(memory_format=torch.channels_last)
     return model
+
+
+# --- errors from below: a full disk, a damaged database ------------------------------------------
+
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
+
+
+def _no_space(path: Path) -> bool:
+    """True when the file system of ``path`` has no block left for us."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (64 << 10)
+
+
+def _store_errors(fn: Callable) -> Callable:
+    """Turn what the disk and SQLite raise inside a public :class:`Store` method into a
+    :class:`StoreError` that says what happened, to which file, and what state the store is in.
+
+    Every write of the store is ordered so that an exception leaves the committed state as it
+    was (rows past the committed count are ignored and cut on the next writable open; derived
+    files are switched by renaming store.json), so "intact" below is a promise the write path
+    keeps, and the tests check it after real and simulated full disks.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(self: "Store", *args: Any, **kwargs: Any):
+        try:
+            return fn(self, *args, **kwargs)
+        except StoreError:
+            raise
+        except sqlite3.DatabaseError as e:
+            raise self._database_error(e, fn.__name__) from e
+        except OSError as e:
+            if e.errno in _FULL:
+                raise self._disk_full_error(e, fn.__name__) from e
+            raise
+
+    return wrapper
 
 
 # --- the store --------------------------------------------------------------------------------
@@ -291,6 +395,7 @@ class Store:
         self._stamp: tuple[int, int] | None = None
         self._pending_dead: set[int] = set()
         self._maps: dict[str, np.ndarray] = {}
+        self._verified: dict[str, int] = {}  # rows [0, n) of a rows file checked against their CRC32
         # see the class docstring: writers take _write_lock, then _lock for short steps
         self._lock = threading.RLock()
         self._write_lock = threading.RLock()
@@ -377,6 +482,9 @@ class Store:
             if not path.exists():
                 raise FileNotFoundError(f"no store at {path}")
             raise StoreCorruptError(f"{path} has no {_STORE_JSON}: not an imret store (or its creation was interrupted)")
+        for name in (_STORE_JSON, _SQLITE, _SQLITE + "-wal", _SQLITE + "-shm", _SQLITE + "-journal", _DESCRIPTORS, _LOCK):
+            if os.path.lexists(path / name):
+                _contained(path, path / name, f"the store's file {name!r}")
         stamp = _stamp(cfg_path)
         config = _read_config(cfg_path)
         store = cls(path, config, writable=writable, device=device, backend_options=backend_options)
@@ -433,6 +541,12 @@ class Store:
             self._db = _connect(db_path, readonly=not self.writable)
             meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as e:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            if _no_space(self.path):  # SQLite says "disk I/O error" when it cannot create its WAL
+                raise StoreError(f"no space left on the device of {self.path} to open {db_path} ({e}); "
+                                 "nothing was changed and the store is intact; free some space and try again") from None
             raise StoreCorruptError(f"{db_path} is not a readable SQLite database: {e}") from None
         if meta.get("store_id") != self._config["store_id"]:
             raise StoreCorruptError(f"{db_path} belongs to another store (id {meta.get('store_id')!r}, "
@@ -440,6 +554,7 @@ class Store:
         if meta.get("schema") != str(_SCHEMA):
             raise StoreVersionError(f"{db_path} has metadata schema {meta.get('schema')!r}; this imret reads {_SCHEMA}")
 
+    @_store_errors
     def refresh(self) -> bool:
         """Reader side: pick up a new ``store.json`` written by another process (cheap stat).
 
@@ -463,6 +578,39 @@ class Store:
                 self._backend.close()
                 self._backend = None
             return True
+
+    def _file(self, name: str, what: str = "file") -> Path:
+        """The path of the store's file ``name``, refused when it (or a symlink on the way)
+        leads outside the store directory: a store's files are untrusted input."""
+        return _contained(self.path, self.path / name, f"the store's {what} {name!r}")
+
+    def _committed_summary(self) -> str:
+        try:
+            with self._lock:
+                row = self._db.execute("SELECT (SELECT COALESCE(MAX(id) + 1, 0) FROM images) - "
+                                       "(SELECT COUNT(*) FROM images WHERE removed > 0)").fetchone()
+            return f"it holds {int(row[0])} images"
+        except Exception:  # the reason we are here may be the database itself
+            return "its committed state is unchanged"
+
+    def _disk_full_error(self, e: OSError, op: str) -> StoreError:
+        where = e.filename or self.path
+        return StoreError(f"no space left on the device of {where} ({e.strerror or e}) during {op}: nothing "
+                          f"of the failed step was committed and the store {self.path} is intact "
+                          f"({self._committed_summary()}); free some space and run it again")
+
+    def _database_error(self, e: sqlite3.DatabaseError, op: str) -> StoreError:
+        db = self.path / _SQLITE
+        text = str(e)
+        if "full" in text or ("I/O" in text and _no_space(self.path)):
+            return StoreError(f"no space left for {db} ({text}) during {op}: nothing of the failed step was "
+                              f"committed and the store {self.path} is intact; free some space and run it again")
+        if "locked" in text or "busy" in text:
+            return StoreError(f"{db} stayed locked by another process for 30 s during {op} ({text}); "
+                              "nothing was changed; try again")
+        return StoreCorruptError(f"{db} is damaged ({text}) during {op}: the image list of the store cannot be "
+                                 f"read; nothing was changed. Restore {db} from a backup, or build the store "
+                                 "again from its images")
 
     # -- facts -------------------------------------------------------------------------------
 
@@ -500,7 +648,7 @@ class Store:
                 return None
             if self._whitening is None:
                 info = self._config["whitening"]
-                f = self.path / info["file"]
+                f = self._file(info["file"], "whitening file")
                 try:
                     digest, _ = _sha256_file(f)
                 except FileNotFoundError:
@@ -510,12 +658,14 @@ class Store:
                 self._whitening = Whitening.load(f)
             return self._whitening
 
+    @_store_errors
     def n_rows(self) -> int:
         """Rows committed (live and removed): the next id."""
         with self._lock:
             row = self._db.execute("SELECT COALESCE(MAX(id) + 1, 0) FROM images").fetchone()
         return int(row[0])
 
+    @_store_errors
     def __len__(self) -> int:
         """Live images. Cheap at any size: rows committed minus rows removed (a partial index)."""
         with self._lock:
@@ -543,19 +693,25 @@ class Store:
         for name, width in ((_DESCRIPTORS, self.dim), (self._config["vectors"], self.search_dim)):
             if name is None:
                 continue
-            f = self.path / name
+            f = self._file(name, "rows file")
             if not f.is_file():
                 raise StoreCorruptError(f"{f} is missing")
             have = f.stat().st_size // (4 * width)
             if have < n:
                 raise StoreCorruptError(f"{f} holds {have} rows but the metadata lists {n} images")
-        model = self.path / self._config["model"]["file"]
+        model = self._file(self._config["model"]["file"], "model file")
         if not model.is_file():
             raise StoreCorruptError(f"the store's model file {model} is missing")
 
     # -- raw rows ----------------------------------------------------------------------------
 
-    def _matrix(self, name: str, width: int, n: int | None = None) -> np.ndarray:
+    def _matrix(self, name: str, width: int, n: int | None = None, *, check: bool = True) -> np.ndarray:
+        """A memory map of the first ``n`` rows of the rows file ``name``.
+
+        ``check``: rows not verified yet in this process are checked against their stored
+        CRC32 first (see :meth:`_check_rows`), so a damaged or edited file fails loudly
+        instead of giving wrong results. Each row is checked once per process.
+        """
         with self._lock:
             n = self.n_rows() if n is None else n
             if n == 0:
@@ -563,17 +719,87 @@ class Store:
             # committed rows never change in place (derived files get new names, new rows go
             # past the end), so a map of the first n rows stays valid, also in the hands of a
             # caller after a writer moved on; reuse it instead of mapping the file per search
-            cached = self._maps.get(name)
-            if cached is not None and cached.shape == (n, width):
-                return cached
-            m = np.memmap(self.path / name, dtype=np.float32, mode="c", shape=(n, width))
-            self._maps[name] = m
+            m = self._maps.get(name)
+            if m is None or m.shape != (n, width):
+                m = np.memmap(self._file(name, "rows file"), dtype=np.float32, mode="c", shape=(n, width))
+                self._maps[name] = m
+            if check and self._verified.get(name, 0) < n:
+                start = self._verified.get(name, 0)
+                self._check_rows(name, m, np.arange(start, n))
+                self._verified[name] = n
             return m
 
+    def _expected_crcs(self, name: str, ids: np.ndarray) -> np.ndarray | None:
+        """The CRC32 recorded for rows ``ids`` of ``name`` (None: that file has no checksums)."""
+        if name == _DESCRIPTORS:
+            out = np.zeros(ids.size, np.int64)
+            want = ids.tolist()
+            lo, hi = (int(ids.min()), int(ids.max()) + 1) if ids.size else (0, 0)
+            with self._lock:
+                if hi - lo <= 4 * ids.size:  # a range: one ordered scan
+                    got = dict(self._db.execute("SELECT id, crc32 FROM images WHERE id >= ? AND id < ?", (lo, hi)))
+                else:
+                    got = {}
+                    distinct = sorted(set(want))
+                    for start in range(0, len(distinct), 900):
+                        chunk = distinct[start:start + 900]
+                        got.update(self._db.execute(
+                            f"SELECT id, crc32 FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+            for j, i in enumerate(want):
+                out[j] = got.get(i, -1)
+            return out
+        side = _crc_sidecar(name)
+        f = self._file(side, "checksum file")
+        if not f.is_file():
+            return None  # a store written before vectors had checksums (its writer adds them)
+        have = f.stat().st_size // 4
+        sums = np.memmap(f, dtype="<u4", mode="r", shape=(have,)) if have else np.zeros(0, "<u4")
+        out = np.full(ids.size, -1, np.int64)
+        ok = ids < have
+        out[ok] = np.asarray(sums[ids[ok]], dtype=np.int64)
+        return out
+
+    def _check_rows(self, name: str, m: np.ndarray, ids: np.ndarray) -> None:
+        """Raise :class:`StoreCorruptError` naming the file when a row of ``m`` (rows ``ids``)
+        does not match the CRC32 recorded when it was written (swapped, zeroed, edited rows)."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        for lo in range(0, ids.size, 65536):
+            part = ids[lo:lo + 65536]
+            expected = self._expected_crcs(name, part)
+            if expected is None:
+                return
+            block = np.asarray(m[part[0]:part[-1] + 1]) if part[-1] - part[0] + 1 == part.size else np.asarray(m[part])
+            got = np.fromiter((zlib.crc32(r) for r in block), np.int64, count=part.size)
+            bad = part[got != expected]
+            if bad.size:
+                f = self.path / name
+                raise StoreCorruptError(
+                    f"{f} is damaged: {bad.size} row(s) do not match the checksums recorded when they were written "
+                    f"(ids {bad[:5].tolist()}{' ...' if bad.size > 5 else ''}); refusing to search with it. "
+                    f"Restore the store from a backup, or build it again from its images "
+                    f"(`imret index verify {self.path}` lists the damaged rows)")
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        """The indexed rows of ids (any shape, all >= 0) as float32 ``(ids.size, D')``; rows not
+        verified in this process yet are checked against their checksums (cheap: k per query)."""
+        with self._lock:
+            name = self._config["vectors"] or _DESCRIPTORS
+            width = self.search_dim if self._config["vectors"] else self.dim
+            m = self._matrix(name, width, check=False)
+            flat = np.asarray(ids, dtype=np.int64).ravel()
+            rows = np.asarray(m[flat], dtype=np.float32)
+            fresh = np.unique(flat[flat >= self._verified.get(name, 0)])
+            if fresh.size:
+                self._check_rows(name, m, fresh)
+            return rows
+
+    @_store_errors
     def descriptors(self, n: int | None = None) -> np.ndarray:
-        """The raw ``(N, D)`` descriptors (memory-mapped, read-only), row i = id i."""
+        """The raw ``(N, D)`` descriptors (memory-mapped, read-only), row i = id i; checked
+        against their checksums the first time a process maps them."""
         return self._matrix(_DESCRIPTORS, self.dim, n)
 
+    @_store_errors
     def vectors(self, n: int | None = None) -> np.ndarray:
         """The indexed (post-processed) ``(N, D')`` rows: the descriptors when nothing is set."""
         with self._lock:
@@ -602,7 +828,7 @@ class Store:
                 from ..weights import load_model
 
                 info = self._config["model"]  # never changes after creation
-                f = self.path / info["file"]
+                f = self._file(info["file"], "model file")
                 digest, _ = _sha256_file(f)
                 if digest != info["sha256"]:
                     raise StoreCorruptError(f"model file {f} does not match its checksum in store.json")
@@ -624,19 +850,26 @@ class Store:
             raise StoreError(f"{self.path} was opened read-only; open it with writable=True to change it")
 
     def _write_rows(self, name: str, width: int, start: int, x: np.ndarray) -> None:
-        fd = os.open(self.path / name, os.O_RDWR | os.O_CREAT, 0o644)
+        self._write_at(name, start * width * 4, np.ascontiguousarray(x, dtype=np.float32).tobytes())
+
+    def _write_at(self, name: str, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` of the store's file ``name`` and fsync it."""
+        fd = os.open(self._file(name, "rows file"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            data = np.ascontiguousarray(x, dtype=np.float32).tobytes()
-            os.pwrite(fd, data, start * width * 4)
+            view = memoryview(data)
+            while view:  # pwrite may write less than asked (signals, quotas)
+                done = os.pwrite(fd, view, offset)
+                view, offset = view[done:], offset + done
             os.fsync(fd)
         finally:
             os.close(fd)
 
     def _truncate_rows(self, name: str, width: int, n: int) -> None:
-        f = self.path / name
+        f = self._file(name, "rows file")
         if f.is_file() and f.stat().st_size > n * width * 4:
             os.truncate(f, n * width * 4)
 
+    @_store_errors
     def add(
         self,
         paths: Iterable[str | os.PathLike],
@@ -687,9 +920,9 @@ class Store:
             for p in paths:
                 p = os.path.abspath(os.fspath(p))
                 try:
-                    digest, size = _sha256_file(p)  # file I/O: no lock needed
-                except OSError as e:
-                    report.skipped.append((p, f"cannot read: {e.strerror or e}"))
+                    digest, size = _hash_image_file(p)  # file I/O: no lock needed
+                except _NotAnImageFile as e:
+                    report.skipped.append((p, str(e)))
                     continue
                 existing = self._live_id(digest)
                 if existing is not None:
@@ -745,6 +978,7 @@ class Store:
         self._write_rows(_DESCRIPTORS, self.dim, n, raw)
         if vectors_file is not None:
             self._write_rows(vectors_file, width, n, vec)
+            self._write_at(_crc_sidecar(vectors_file), n * 4, _row_crcs(vec).tobytes())
         # 2. ... then the metadata that lists them, in one transaction, and the in-memory
         # index, in one step for readers (the index is saved by save_index())
         records = [(int(i), *r) for i, r in zip(ids, meta)]
@@ -758,6 +992,7 @@ class Store:
                 self._add_to(self._backend, vec, ids)
                 self._backend_rows = n + m
 
+    @_store_errors
     def remove(self, ids: Iterable[int], *, save: bool = True) -> int:
         """Remove images by id; returns how many were live. Unknown ids raise ``KeyError``.
 
@@ -791,6 +1026,7 @@ class Store:
                 self.save_index()
             return len(live)
 
+    @_store_errors
     def remove_paths(self, paths: Iterable[str | os.PathLike]) -> int:
         """Remove the live images with these paths (absolute or relative to the cwd)."""
         with self._write_lock:
@@ -847,7 +1083,7 @@ class Store:
             if info is None:
                 self._backend = None  # not built yet: exact fallback
                 return
-            directory = self.path / info["dir"]
+            directory = self._file(info["dir"], "index directory")
             try:
                 b = load_backend(self._with_options(spec), self.search_dim, directory, root=self.path)
             except ConnectionError as e:
@@ -905,6 +1141,11 @@ class Store:
                     self._catch_up()
                 if self._backend is not None and self._backend.is_trained:
                     return self._backend
+            return self._exact_searcher()
+
+    def _exact_searcher(self) -> ExactBackend:
+        """Exact search over the stored vectors of the live rows (rebuilt when rows change)."""
+        with self._lock:
             n = self.n_rows()
             seq = self._remove_seq()
             if self._fallback is None or self._fallback._n != n or self._fallback_seq != seq:
@@ -912,6 +1153,7 @@ class Store:
                 self._fallback_seq = seq
             return self._fallback
 
+    @_store_errors
     def save_index(self, *, force: bool = False) -> None:
         """Build the backend if it is due, and persist it (atomic: new directory + store.json)."""
         with self._write_lock:
@@ -1013,12 +1255,15 @@ class Store:
         gen = int(self._config["generation"]) + 1
         name = f"index.{gen}"
         tmp = self.path / f".{name}.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        b.save(tmp)
-        fsync_dir(tmp)
-        os.replace(tmp, self.path / name)
+        _remove_entry(tmp)
+        try:
+            tmp.mkdir()
+            b.save(tmp)
+            fsync_dir(tmp)
+            os.replace(tmp, self.path / name)
+        except BaseException:
+            _remove_entry(tmp)  # a full disk leaves no half-written index behind
+            raise
         fsync_dir(self.path)
         return name, gen
 
@@ -1034,11 +1279,24 @@ class Store:
             self._config["index"] = info
             self._write_config()
         if old is not None and (info is None or old["dir"] != info["dir"]):
-            shutil.rmtree(self.path / old["dir"], ignore_errors=True)
+            _remove_entry(self._file(old["dir"], "index directory"))
 
     def _write_config(self) -> None:
         with self._lock:
             atomic_write_bytes(self.path / _STORE_JSON, json.dumps(self._config, indent=2).encode())
+
+    def _recover_crcs(self, vectors: str, n: int) -> None:
+        """Cut the checksums of ``vectors`` to ``n`` rows; rows without one (a store written
+        before vectors had checksums) get theirs from the file as it is now."""
+        f = self._file(_crc_sidecar(vectors), "checksum file")
+        have = f.stat().st_size // 4 if f.is_file() else 0
+        if have > n:
+            os.truncate(f, n * 4)
+        elif have < n:
+            m = self._matrix(vectors, self.search_dim, n, check=False)
+            for lo in range(have, n, 65536):
+                hi = min(n, lo + 65536)
+                self._write_at(f.name, lo * 4, _row_crcs(np.asarray(m[lo:hi])).tobytes())
 
     def _recover(self) -> None:
         """Writer start-up: drop leftovers of an interrupted write."""
@@ -1046,10 +1304,16 @@ class Store:
         self._truncate_rows(_DESCRIPTORS, self.dim, n)
         if self._config["vectors"] is not None:
             self._truncate_rows(self._config["vectors"], self.search_dim, n)
+            self._recover_crcs(self._config["vectors"], n)
+        self._remove_unreferenced()
+        if self._config["backend"]["spec"] is not None:
+            self._load_backend()
+
+    def _remove_unreferenced(self) -> None:
+        """Remove temporary files and generated files that store.json does not name."""
         live = {_STORE_JSON, _SQLITE, _SQLITE + "-wal", _SQLITE + "-shm", _SQLITE + "-journal", _MODEL, _DESCRIPTORS, _LOCK}
-        for key in ("vectors",):
-            if self._config[key]:
-                live.add(self._config[key])
+        if self._config["vectors"]:
+            live.update((self._config["vectors"], _crc_sidecar(self._config["vectors"])))
         if self._config["whitening"]:
             live.add(self._config["whitening"]["file"])
         if self._config["index"]:
@@ -1059,16 +1323,11 @@ class Store:
             stale = (name.startswith(".") and ".tmp" in name) or (
                 _GENERATED.fullmatch(name) is not None and name not in live)
             if stale:
-                if entry.is_dir():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    with contextlib.suppress(OSError):
-                        entry.unlink()
-        if self._config["backend"]["spec"] is not None:
-            self._load_backend()
+                _remove_entry(entry)
 
     # -- post-processing ---------------------------------------------------------------------
 
+    @_store_errors
     def configure(
         self,
         *,
@@ -1089,6 +1348,32 @@ class Store:
         """
         with self._write_lock:
             self._require_writable()
+            try:
+                self._configure(backend=backend, whitening=whitening, dba=dba, query_expansion=query_expansion)
+            except BaseException:
+                self._abandon()
+                raise
+
+    def _abandon(self) -> None:
+        """After a failed configure: back to the configuration store.json holds (the committed
+        one), and files of the attempt that it does not name are removed."""
+        try:
+            disk = _read_config(self.path / _STORE_JSON)
+        except StoreError:
+            return  # leave the files alone: the next writable open sorts them out
+        with self._lock:
+            self._config = disk
+            self._whitening = None
+            self._fallback = None
+            self._maps.clear()
+            self._building = False
+            if self._backend is not None:
+                self._backend.close()
+                self._backend = None  # reopened from the committed index on the next search
+        self._remove_unreferenced()
+
+    def _configure(self, *, backend, whitening, dba, query_expansion) -> None:
+        with self._write_lock:
             with self._lock:
                 cfg = json.loads(json.dumps(self._config))
                 n = self.n_rows()
@@ -1123,13 +1408,13 @@ class Store:
             if query_expansion is not None:
                 cfg["query_expansion"] = dataclasses.asdict(query_expansion)
             if backend is not None:
-                parse_spec(backend)
+                check_backend_spec(backend, self.path)
                 cfg["backend"] = {"requested": backend, "spec": None}
             if changed_vectors:
                 w = None
                 if cfg["whitening"] is not None:
                     w = (whitening if isinstance(whitening, Whitening)
-                         else Whitening.load(self.path / cfg["whitening"]["file"]))
+                         else Whitening.load(self._file(cfg["whitening"]["file"], "whitening file")))
                 if w is None and cfg["dba"] is None:
                     cfg["vectors"] = None
                 else:
@@ -1147,12 +1432,13 @@ class Store:
                         if k >= 1:
                             out[live] = alpha_database_augmentation(out[live], k, cfg["dba"]["alpha"])
                         cfg["dba"]["rows"] = n
-                    tmp = self.path / f".{name}.tmp"
-                    with open(tmp, "wb") as f:
-                        f.write(out.tobytes())
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, self.path / name)
+                    for fname, data in ((_crc_sidecar(name), _row_crcs(out)), (name, out)):
+                        tmp = self.path / f".{fname}.tmp"
+                        with open(tmp, "wb") as f:
+                            f.write(data.tobytes())
+                            f.flush()
+                            os.fsync(f.fileno())
+                        os.replace(tmp, self.path / fname)
                     cfg["vectors"] = name
             cfg["generation"] = gen
             rebuild = changed_vectors or backend is not None
@@ -1170,11 +1456,14 @@ class Store:
             if rebuild:
                 self._build_backend(resolve_spec(cfg["backend"]["requested"], n_hint=len(self)))
             self._write_config()
-            for old in (old_vectors, old_whitening and old_whitening["file"]):
-                if old and old not in (cfg["vectors"], cfg["whitening"] and cfg["whitening"]["file"]):
-                    with contextlib.suppress(OSError):
-                        (self.path / old).unlink()
+            for old in (old_vectors, old_vectors and _crc_sidecar(old_vectors), old_whitening and old_whitening["file"]):
+                keep = (cfg["vectors"], cfg["vectors"] and _crc_sidecar(cfg["vectors"]),
+                        cfg["whitening"] and cfg["whitening"]["file"])
+                if old and old not in keep:
+                    with contextlib.suppress(OSError, StoreCorruptError):
+                        _remove_entry(self._file(old, "old file"))
 
+    @_store_errors
     def rebuild(self) -> None:
         """Rebuild the backend index from the stored vectors (after corruption or to retrain)."""
         with self._write_lock:
@@ -1190,6 +1479,7 @@ class Store:
 
     # -- reading -----------------------------------------------------------------------------
 
+    @_store_errors
     def records(self, ids: Sequence[int]) -> list[ImageRecord]:
         """Metadata of the given ids (removed ones included); unknown ids raise ``KeyError``."""
         ids = [int(i) for i in ids]
@@ -1206,12 +1496,14 @@ class Store:
                 raise KeyError(f"unknown image id {i}")
         return [found[i] for i in ids]
 
+    @_store_errors
     def is_live(self, image_id: int) -> bool:
         """True when ``image_id`` is indexed and not removed (unknown ids are not live)."""
         with self._lock:
             row = self._db.execute("SELECT removed FROM images WHERE id = ?", (int(image_id),)).fetchone()
         return row is not None and row[0] == 0
 
+    @_store_errors
     def list(self, offset: int = 0, limit: int = 100) -> list[ImageRecord]:
         """Live images in id order, paged.
 
@@ -1234,6 +1526,7 @@ class Store:
                 out.update(self._db.execute(f"SELECT id, path FROM images WHERE id IN ({q})", chunk).fetchall())
         return out
 
+    @_store_errors
     def search_vectors(
         self,
         q: np.ndarray,
@@ -1265,6 +1558,7 @@ class Store:
                 scores, ids = self._search_once(searcher, x, int(k), exact_rescore)
         return scores, ids
 
+    @_store_errors
     def search_ids(
         self,
         ids: Sequence[int],
@@ -1294,7 +1588,12 @@ class Store:
                     raise KeyError(f"unknown image id {i}")
                 if state[i] != 0:
                     raise KeyError(f"image id {i} was removed")
-            x = np.asarray(self.descriptors()[want], dtype=np.float32)
+            with self._lock:
+                m = self._matrix(_DESCRIPTORS, self.dim, check=False)
+                x = np.asarray(m[want], dtype=np.float32)
+                fresh = np.unique(want[want >= self._verified.get(_DESCRIPTORS, 0)])
+                if fresh.size:
+                    self._check_rows(_DESCRIPTORS, m, fresh)
             return self.search_vectors(x, k, query_expansion=query_expansion)
 
     def _search_once(self, searcher: Backend, x: np.ndarray, k: int, rescore: bool):
@@ -1305,6 +1604,8 @@ class Store:
             order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
             scores = np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(scores, order, 1), -np.inf)
             ids = np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(ids, order, 1), -1)
+        if not isinstance(searcher, ExactBackend) and ids.size:
+            scores, ids = self._fill(x, k, scores, ids, rescore)
         if rescore and not isinstance(searcher, ExactBackend) and ids.size:
             true = np.einsum("qkd,qd->qk", self._gather(ids), x)
             true = np.where(ids >= 0, true, -np.inf).astype(np.float32)
@@ -1313,12 +1614,27 @@ class Store:
             ids = np.take_along_axis(ids, order, 1)
         return scores, ids
 
+    def _fill(self, x: np.ndarray, k: int, scores: np.ndarray, ids: np.ndarray, rescore: bool):
+        """Queries for which an approximate backend returned fewer than ``min(k, live)`` ids (a
+        graph index such as HNSW misses rows when k nears the number of images, more so with
+        removed rows in the graph) are answered by exact search over the stored vectors, so a
+        search never returns fewer results than it can. Rare when k is far below the live count."""
+        want = min(k, len(self))
+        short = np.flatnonzero((ids >= 0).sum(axis=1) < want)
+        if short.size == 0:
+            return scores, ids
+        s2, i2 = self._exact_searcher().search(x[short], k)
+        scores, ids = scores.copy(), ids.copy()
+        scores[short], ids[short] = s2, i2
+        return scores, ids
+
     def _gather(self, ids: np.ndarray) -> np.ndarray:
         """The indexed rows of a ``(Q, k)`` id array as ``(Q, k, D')``; padding ids (-1) give zeros."""
         valid = ids >= 0
-        rows = np.asarray(self.vectors()[np.where(valid, ids, 0).ravel()], dtype=np.float32)
+        rows = self._rows(np.where(valid, ids, 0))
         return np.where(valid[..., None], rows.reshape(*ids.shape, -1), 0.0).astype(np.float32)
 
+    @_store_errors
     def search(
         self,
         queries: Sequence[str | os.PathLike],
@@ -1345,6 +1661,7 @@ class Store:
             scores, ids = self.search_vectors(ex.descriptors, k, query_expansion=query_expansion)
             return self.hits(scores, ids)
 
+    @_store_errors
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         """Attach paths to ``(scores, ids)`` results."""
         paths = self._paths(ids)
@@ -1353,6 +1670,7 @@ class Store:
 
     # -- reporting ---------------------------------------------------------------------------
 
+    @_store_errors
     def info(self) -> dict[str, Any]:
         """Facts about the store (for ``imret index info``)."""
         disk = _disk_bytes(self.path)  # without the lock: a writer may be adding files meanwhile
@@ -1385,6 +1703,7 @@ class Store:
             out["backend"]["ntotal"] = searcher.ntotal
         return out
 
+    @_store_errors
     def verify(self) -> list[str]:
         """Full consistency check; returns the problems found (empty when the store is sound).
 
@@ -1397,7 +1716,7 @@ class Store:
             n = self.n_rows()
         if ok != "ok":
             problems.append(f"SQLite integrity check: {ok}")
-        raw = self.descriptors(n)
+        raw = self._matrix(_DESCRIPTORS, self.dim, n, check=False)
         for start in range(0, n, 4096):
             with self._lock:
                 rows = self._db.execute("SELECT id, crc32 FROM images WHERE id >= ? AND id < ? ORDER BY id",
@@ -1407,6 +1726,20 @@ class Store:
                 if zlib.crc32(block[i - start].tobytes()) != crc:
                     problems.append(f"descriptor of image {i} does not match its checksum")
         with self._lock:
+            vectors = self._config["vectors"]
+            width = self.search_dim
+        if vectors is not None:
+            m = self._matrix(vectors, width, n, check=False)
+            for start in range(0, n, 65536):
+                ids = np.arange(start, min(n, start + 65536))
+                expected = self._expected_crcs(vectors, ids)
+                if expected is None:
+                    problems.append(f"{vectors} has no checksums ({_crc_sidecar(vectors)} is missing)")
+                    break
+                got = _row_crcs(np.asarray(m[start:start + ids.size])).astype(np.int64)
+                problems.extend(f"post-processed vector of image {i} does not match its checksum"
+                                for i in ids[got != expected].tolist())
+        with self._lock:
             ids = [r[0] for r in self._db.execute("SELECT id FROM images WHERE id < ? ORDER BY id", (n,))]
             if ids != list(range(n)):
                 problems.append("image ids are not contiguous")
@@ -1415,10 +1748,35 @@ class Store:
             if dup:
                 problems.append(f"{len(dup)} contents indexed more than once")
             live = int(self._db.execute("SELECT COUNT(*) FROM images WHERE removed = 0").fetchone()[0])
-            searcher = self._searcher()
-            if searcher.ntotal != live:
-                problems.append(f"the search index holds {searcher.ntotal} vectors for {live} live images")
+            try:
+                searcher = self._searcher()
+            except StoreCorruptError as e:  # damaged rows are listed above one by one
+                if not problems:
+                    problems.append(str(e))
+            else:
+                if searcher.ntotal != live:
+                    problems.append(f"the search index holds {searcher.ntotal} vectors for {live} live images")
         return problems
+
+
+def _crc_sidecar(vectors_name: str) -> str:
+    """``vectors.<g>.crc32``: the little-endian uint32 CRC32 of each row of ``vectors.<g>.f32``."""
+    return vectors_name[: -len(".f32")] + ".crc32"
+
+
+def _row_crcs(x: np.ndarray) -> np.ndarray:
+    """CRC32 of each float32 row, as stored in ``vectors.<g>.crc32``."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return np.fromiter((zlib.crc32(r) for r in x), "<u4", count=x.shape[0])
+
+
+def _remove_entry(p: Path) -> None:
+    """Remove a file or directory of the store; a symlink is removed itself, never followed."""
+    with contextlib.suppress(OSError):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink()
 
 
 def _disk_bytes(path: Path) -> int:
@@ -1461,9 +1819,15 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
+    """Read and check ``store.json``: an untrusted file, so every value is checked here, once,
+    before anything uses it (types, ranges, and file names that stay inside the store)."""
     try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_CONFIG_BYTES + 1)
+        if len(data) > _MAX_CONFIG_BYTES:
+            raise ValueError(f"larger than {_MAX_CONFIG_BYTES} bytes")
+        config = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise StoreCorruptError(f"{path} cannot be read as JSON: {e}") from None
     if not isinstance(config, dict) or config.get("format") != STORE_FORMAT:
         raise StoreCorruptError(f"{path} is not an imret store description (format {config.get('format') if isinstance(config, dict) else None!r})")
@@ -1476,4 +1840,125 @@ def _read_config(path: Path) -> dict[str, Any]:
     missing = [k for k in required if k not in config]
     if missing:
         raise StoreCorruptError(f"{path} lacks keys {missing}")
+    try:
+        _check_config(config, path.parent)
+    except (ValueError, TypeError) as e:
+        raise StoreCorruptError(f"{path}: {e}; the store was not changed") from None
     return config
+
+
+_MAX_CONFIG_BYTES = 1 << 22
+# the names store.json may give its files: exactly what the store itself writes
+_NAME_PATTERNS = {
+    "model.file": re.compile(r"model\.safetensors"),
+    "vectors": re.compile(r"vectors\.\d{1,18}\.f32"),
+    "whitening.file": re.compile(r"whitening\.\d{1,18}\.npz"),
+    "index.dir": re.compile(r"index\.\d{1,18}"),
+}
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _int_in(value: Any, lo: int, hi: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{what} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _dict_with(value: Any, keys: set[str], what: str, optional: set[str] = frozenset()) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be an object, got {type(value).__name__}")
+    missing = keys - set(value)
+    unknown = set(value) - keys - optional
+    if missing or unknown:
+        raise ValueError(f"{what} has " + ", ".join(filter(None, (
+            missing and f"missing keys {sorted(missing)}", unknown and f"unknown keys {sorted(unknown)}"))))
+    return value
+
+
+def _check_name(value: Any, key: str) -> str:
+    """A file name from store.json: one of the names the store writes, nothing else."""
+    if not isinstance(value, str) or _NAME_PATTERNS[key].fullmatch(value) is None:
+        raise ValueError(f"{key} is {value!r}; expected a file of the store named like "
+                         f"{_NAME_PATTERNS[key].pattern.replace(chr(92), '')!r} (no directories, no '..')")
+    return value
+
+
+def _check_config(c: dict[str, Any], root: Path) -> None:
+    """Raise ``ValueError`` naming the first bad value of a parsed ``store.json``."""
+    if not isinstance(c["store_id"], str) or not re.fullmatch(r"[0-9a-f]{1,64}", c["store_id"]):
+        raise ValueError(f"store_id must be a hex string, got {c['store_id']!r}")
+    _int_in(c["dim"], 1, 1 << 20, "dim")
+    _int_in(c["generation"], 0, 10**18, "generation")
+    m = _dict_with(c["model"], {"file", "sha256", "source", "spec"}, "model")
+    _check_name(m["file"], "model.file")
+    if not isinstance(m["sha256"], str) or not _HEX64.fullmatch(m["sha256"]):
+        raise ValueError(f"model.sha256 must be 64 hex digits, got {m['sha256']!r}")
+    if not isinstance(m["source"], str) or not isinstance(m["spec"], dict):
+        raise ValueError("model.source must be a string and model.spec an object")
+    if not isinstance(c["preprocessing"], dict):
+        raise ValueError("preprocessing must be an object")
+    try:
+        Preprocessing.from_dict(c["preprocessing"])
+        if not isinstance(c["query_expansion"], dict):
+            raise ValueError("query_expansion must be an object")
+        QueryExpansion.from_dict(c["query_expansion"])
+    except StoreCorruptError as e:
+        raise ValueError(str(e)) from None
+    b = _dict_with(c["backend"], {"requested", "spec"}, "backend")
+    for key in ("requested", "spec"):
+        if b[key] is None and key == "spec":
+            continue
+        if not isinstance(b[key], str):
+            raise ValueError(f"backend.{key} must be a string, got {b[key]!r}")
+        check_backend_spec(b[key], root)
+    if c["whitening"] is not None:
+        w = _dict_with(c["whitening"], {"file", "sha256", "kind", "dim"}, "whitening")
+        _check_name(w["file"], "whitening.file")
+        if not isinstance(w["sha256"], str) or not _HEX64.fullmatch(w["sha256"]):
+            raise ValueError(f"whitening.sha256 must be 64 hex digits, got {w['sha256']!r}")
+        _int_in(w["dim"], 1, 1 << 20, "whitening.dim")
+    if c["dba"] is not None:
+        d = _dict_with(c["dba"], {"k", "alpha", "rows"}, "dba")
+        _int_in(d["k"], 1, 1 << 20, "dba.k")
+        if isinstance(d["alpha"], bool) or not isinstance(d["alpha"], (int, float)) or not 0 <= d["alpha"] < 1e6:
+            raise ValueError(f"dba.alpha must be a number in [0, 1e6), got {d['alpha']!r}")
+        if d["rows"] is not None:
+            _int_in(d["rows"], 0, 1 << 62, "dba.rows")
+    if c["vectors"] is not None:
+        _check_name(c["vectors"], "vectors")
+    if c["index"] is not None:
+        x = _dict_with(c["index"], {"dir", "rows", "remove_seq"}, "index")
+        _check_name(x["dir"], "index.dir")
+        _int_in(x["rows"], 0, 1 << 62, "index.rows")
+        _int_in(x["remove_seq"], 0, 1 << 62, "index.remove_seq")
+
+
+def check_backend_spec(spec: str, root: Path) -> BackendSpec:
+    """Parse a backend spec for the store at ``root``; a Milvus Lite file must lie inside it.
+
+    Raises ``ValueError`` naming the spec (a store never writes outside its directory, and a
+    store's own description cannot point it at someone else's database).
+    """
+    s = parse_spec(spec)
+    if s.kind == "milvus" and "://" not in s.target:
+        target = s.target
+        parts = Path(target).parts
+        if not target or Path(target).is_absolute() or target.startswith("~") or ".." in parts:
+            raise ValueError(f"backend {spec!r}: a Milvus Lite file must be a relative path inside the store "
+                             "directory, such as 'milvus:./vectors.db' (use a milvus:http://... URI for a server)")
+        _contained(root, root / target, f"backend {spec!r}")
+    return s
+
+
+def _contained(root: Path, p: Path, what: str) -> Path:
+    """``p`` when it resolves (symlinks followed) inside ``root``; else ``StoreCorruptError``."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(p)
+    if real == real_root or os.path.commonpath([real_root, real]) != real_root:
+        raise StoreCorruptError(f"{what}: {p} resolves to {real}, outside the store {real_root}; "
+                                "refusing to use it (nothing was read, written or removed)")
+    return p
