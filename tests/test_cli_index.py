@@ -127,3 +127,23 @@ def test_configure_whitening_qe_dba_and_backend(store_copy, photos, tmp_path, ca
 def test_build_refuses_existing_store(store, photos, capsys):
     assert main(["index", "build", str(photos), "--out", str(store), *MODEL]) == 1
     assert "already holds a store" in capsys.readouterr().err
+
+
+def test_build_skips_a_jpeg_whose_header_overstates_its_size(photos, tmp_path, capsys):
+    import struct
+
+    src = tmp_path / "in"
+    src.mkdir()
+    files = sorted(photos.rglob("*.jpg"))[:2]
+    for f in files:
+        shutil.copy(f, src / f.name)
+    data = bytearray(files[0].read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", 9000, 9000)  # the data holds 160x120
+    (src / "huge.jpg").write_bytes(bytes(data))
+    out = tmp_path / "store"
+    assert main(["index", "build", str(src), "--out", str(out), *MODEL, "--workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {src / 'huge.jpg'}: " in err and "9000x9000 pixels its header declares" in err
+    assert main(["index", "info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 2  # never indexed as a grey image

@@ -1,4 +1,7 @@
+import json
 import math
+import os
+import struct
 import warnings
 
 import numpy as np
@@ -7,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from imret.extract import combine_scales, extract, extract_descriptors
+from imret.extract import (
+    combine_scales,
+    extract,
+    extract_descriptors,
+    is_plain_path,
+    load_extraction,
+    read_paths_file,
+    save_extraction,
+)
 from imret.images import ImageError, load_image, to_tensor
 from imret.model import create_model
 from imret.synthetic import make_object, random_view
@@ -162,3 +173,92 @@ def test_bf16_close_to_fp32(model, photos):
     b = extract_descriptors(model, photos, image_size=128, precision="bf16")
     cos = (a * b).sum(1)
     assert cos.min() > 0.99
+
+
+def _patch_jpeg_size(src: str, dst, width: int, height: int) -> str:
+    """A copy of the JPEG ``src`` whose baseline start-of-frame header claims ``width x height``."""
+    data = bytearray(open(src, "rb").read())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    dst.write_bytes(bytes(data))
+    return str(dst)
+
+
+def test_jpeg_header_bigger_than_its_data_is_skipped_not_indexed(model, photos, tmp_path):
+    # the header says 9000x9000, the data holds 160x120: libjpeg pads the rest with grey,
+    # and the file used to come back as a descriptor of a grey 9000x9000 image
+    huge = _patch_jpeg_size(photos[0], tmp_path / "huge.jpg", 9000, 9000)
+    res = extract(model, [photos[1], huge, photos[2]], image_size=96, workers=2, max_pixels=10**9)
+    assert list(res.indices) == [0, 2] and res.paths == [photos[1], photos[2]]
+    assert [(s.index, s.path) for s in res.skipped] == [(1, huge)]
+    assert "ends before the 9000x9000 pixels its header declares" in res.skipped[0].reason
+    with pytest.raises(ImageError, match="huge.jpg"):
+        extract(model, [huge], image_size=96, on_error="raise", max_pixels=10**9)
+
+
+def test_unsupported_types_and_special_files_are_skipped_with_reasons(model, photos, tmp_path):
+    renamed = tmp_path / "photo.xyz"  # a valid JPEG, but not of a supported type by name
+    renamed.write_bytes(open(photos[0], "rb").read())
+    folder = tmp_path / "folder.jpg"
+    folder.mkdir()
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    res = extract(model, [str(renamed), photos[0], str(folder), str(empty)], image_size=96, workers=0)
+    assert list(res.indices) == [1]
+    reasons = {s.path: s.reason for s in res.skipped}
+    assert reasons[str(renamed)].startswith("unsupported image type '.xyz'; supported: ")
+    assert ".jpg" in reasons[str(renamed)]
+    assert reasons[str(folder)] == "is a directory"
+    assert "empty file" in reasons[str(empty)]
+
+
+def test_is_plain_path():
+    for plain in ("a.jpg", "dir/caf\u00e9 photo.jpg", "\u65e5\u672c.png"):
+        assert is_plain_path(plain), plain
+    for odd in ("a\nb.jpg", "a\rb.jpg", "a\tb.jpg", "a\x1b[31mb.jpg", "a\x85b.jpg", "a\u2028b.jpg",
+                "a\udcffb.jpg", "a\x7fb.jpg"):
+        assert not is_plain_path(odd), repr(odd)
+
+
+def test_save_and_load_extraction_keep_rows_and_paths_aligned(tmp_path):
+    from imret.extract import Extraction, SkippedImage
+
+    paths = ["/p/a\nb.jpg", "/p/plain.jpg", "/p/c\r\n.jpg", "/p/\u2028x.jpg", "/p/\udcff.jpg", "/p/caf\u00e9.jpg"]
+    rows = np.arange(len(paths) * 4, dtype=np.float32).reshape(len(paths), 4)
+    res = Extraction(rows, np.arange(len(paths)), paths, [SkippedImage(9, "/p/bad\n.jpg", "empty file")])
+    stale = tmp_path / "f.paths.txt"
+    stale.write_text("an older run's paths\n")
+    saved = save_extraction(tmp_path / "f.npy", res, {"model": "m"})
+    assert saved.paths_txt is None and not stale.exists()  # no old list left to misread
+    lines = saved.paths.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) - 1 == len(rows)  # one line per row, whatever the names
+    assert saved.paths.read_bytes().isascii()
+    meta = json.loads(saved.metadata.read_text())
+    assert meta["n"] == 6 and meta["dim"] == 4 and meta["model"] == "m"
+    assert meta["paths"] == "f.paths.jsonl" and meta["paths_txt"] is None
+    assert "f.paths.txt not written" in meta["paths_txt_omitted"] and "f.paths.txt not written" in saved.note
+    assert meta["skipped"] == [{"path": "/p/bad\n.jpg", "reason": "empty file"}]
+    d, back, meta2 = load_extraction(tmp_path / "f")
+    assert back == paths and meta2 == meta
+    np.testing.assert_array_equal(d, rows)
+    assert [os.fsencode(p) for p in back] == [os.fsencode(p) for p in paths]  # undecodable bytes survive
+
+    plain = Extraction(rows[:2], np.arange(2), ["/p/a.jpg", "/p/caf\u00e9.jpg"])
+    saved = save_extraction(tmp_path / "g", plain)
+    assert saved.paths_txt is not None and saved.note is None
+    assert saved.paths_txt.read_text(encoding="utf-8").splitlines() == plain.paths
+    assert read_paths_file(saved.paths) == read_paths_file(saved.paths_txt) == plain.paths
+    saved.paths.unlink()  # an extraction written before .paths.jsonl existed
+    assert load_extraction(tmp_path / "g.npy")[1] == plain.paths
+
+
+def test_load_extraction_refuses_misaligned_files(tmp_path):
+    np.save(tmp_path / "f.npy", np.zeros((3, 2), np.float32))
+    (tmp_path / "f.paths.txt").write_text("a.jpg\nb\nc.jpg\nd.jpg\n")  # a name split in two
+    with pytest.raises(ValueError, match="lists 4 paths for the 3 rows"):
+        load_extraction(tmp_path / "f.npy")
+    (tmp_path / "f.paths.jsonl").write_text('"a.jpg"\n"b\\nc.jpg"\n"d.jpg"\n')
+    assert load_extraction(tmp_path / "f.npy")[1] == ["a.jpg", "b\nc.jpg", "d.jpg"]
+    (tmp_path / "f.paths.jsonl").write_text('"a.jpg"\n3\n"d.jpg"\n')
+    with pytest.raises(ValueError, match="f.paths.jsonl:2: expected a JSON string"):
+        load_extraction(tmp_path / "f.npy")

@@ -710,3 +710,177 @@ def test_crop_resize_modes(tmp_path):
     assert load_image(p, image_size=800, bbox=box).size == (200, 200)  # never upscaled
     with pytest.raises(ValueError, match="unknown crop_resize 'fit'"):
         load_image(p, image_size=200, bbox=box, crop_resize="fit")
+
+
+# ------------------------------------------------------------ header size vs pixel data
+
+
+def _jpeg_with_size(path: Path, width: int, height: int, *, progressive: bool = False,
+                    subsampling: int = 0) -> Path:
+    """A real 60x40 JPEG whose start-of-frame header is patched to claim ``width x height``."""
+    buf = io.BytesIO()
+    _noise(60, 40).save(buf, "JPEG", quality=90, progressive=progressive, subsampling=subsampling)
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc2" if progressive else b"\xff\xc0")
+    assert struct.unpack(">HH", data[sof + 5:sof + 9]) == (40, 60)  # height, width
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
+@pytest.mark.parametrize("image_size", [None, 1024, 64])  # 1024 and 64 decode in draft mode
+def test_jpeg_header_claiming_more_pixels_than_its_data_is_refused(tmp_path, progressive, image_size):
+    # libjpeg pads the missing 9000x9000 with grey and PIL reports no error: the file
+    # used to be indexed as a grey image of the header's size
+    path = _jpeg_with_size(tmp_path / "huge.jpg", 9000, 9000, progressive=progressive)
+    with Image.open(path) as im:
+        assert im.size == (9000, 9000)
+    with pytest.raises(ImageError) as info:
+        load_image(path, image_size=image_size, max_pixels=10**9)
+    assert info.value.path == str(path)
+    assert "ends before the 9000x9000 pixels its header declares" in info.value.reason
+
+
+@pytest.mark.parametrize("subsampling, size, refused", [
+    (0, (60, 48), True),    # one 8-pixel block row more than the data holds
+    (0, (68, 40), True),    # one block column more
+    (2, (60, 56), True),    # 4:2:0: one 16-pixel MCU row more
+    (2, (60, 48), False),   # 4:2:0: 48 rows fit in the 3 MCU rows the data holds (40 -> 48)
+    (0, (60, 40), False),   # the true size
+])
+def test_baseline_jpeg_size_check_is_exact_to_the_block_row(tmp_path, subsampling, size, refused):
+    path = _jpeg_with_size(tmp_path / "p.jpg", *size, subsampling=subsampling)
+    if refused:
+        with pytest.raises(ImageError, match="pixels its header declares"):
+            load_image(path)
+    else:
+        assert load_image(path).size == size
+
+
+def _jpeg_variant(tmp: Path, name: str) -> Path:
+    rng = np.random.default_rng(7)
+    photo = Image.fromarray(rng.integers(0, 256, (75, 97, 3), dtype=np.uint8))
+    variants = {
+        "444": dict(subsampling=0),
+        "422": dict(subsampling=1),
+        "420": dict(subsampling=2),
+        "restart-markers": dict(restart_marker_blocks=1),
+        "optimized-huffman": dict(optimize=True),
+        "progressive": dict(progressive=True),
+        "low-quality": dict(quality=5),
+        "exif-rotated": dict(exif=_exif(6)),
+    }
+    path = tmp / f"{name}.jpg"
+    if name == "grey":
+        photo.convert("L").save(path, quality=80)
+    elif name == "cmyk":
+        photo.convert("CMYK").save(path, quality=80)
+    elif name == "one-pixel":
+        Image.new("RGB", (1, 1), (200, 10, 30)).save(path)
+    elif name == "flat":  # nearly no entropy-coded data at all
+        Image.new("RGB", (640, 480), (90, 90, 90)).save(path, quality=50)
+    elif name == "mpo":
+        photo.save(path, "MPO", save_all=True, append_images=[photo.rotate(90)])
+    else:
+        photo.save(path, **{"quality": 85, **variants[name]})
+    return path
+
+
+@pytest.mark.parametrize("name", ["444", "422", "420", "restart-markers", "optimized-huffman", "progressive",
+                                  "low-quality", "exif-rotated", "grey", "cmyk", "one-pixel", "flat", "mpo"])
+def test_valid_jpegs_decode_exactly_as_pil_decodes_them(tmp_path, name):
+    # the size check decodes single-scan JPEGs from their data without the end marker:
+    # every pixel must come out as PIL's own full decode of the file
+    path = _jpeg_variant(tmp_path, name)
+    want = _reference(path)
+    got = load_image(path, draft=False)
+    assert got.size == want.size
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_decoding_leaves_no_file_open(tmp_path):
+    fds = Path("/proc/self/fd")
+    if not fds.is_dir():
+        pytest.skip("needs /proc/self/fd to count open files")
+    good = _save(_noise(64, 48), tmp_path / "a.jpg")
+    png = _save(_noise(64, 48), tmp_path / "a.png")
+    gif = _save(_noise(64, 48).convert("P"), tmp_path / "a.gif", save_all=True,
+                append_images=[_noise(64, 48, 1).convert("P")])
+    bad = _jpeg_with_size(tmp_path / "huge.jpg", 9000, 9000)
+    before = len(list(fds.iterdir()))
+    for _ in range(20):
+        for p in (good, png, gif):
+            load_image(p, image_size=32)
+            open_image(p).close()
+        with pytest.raises(ImageError):
+            load_image(bad, max_pixels=10**9)
+    assert len(list(fds.iterdir())) == before
+
+
+# ------------------------------------------------------------------- supported types
+
+
+def test_image_extensions_are_exactly_what_pillow_decodes_here():
+    from PIL import features
+
+    registered = Image.registered_extensions()  # extension -> format, every plugin loaded
+    assert IMAGE_EXTENSIONS == tuple(sorted(IMAGE_EXTENSIONS))
+    for ext in IMAGE_EXTENSIONS:
+        assert ext.startswith(".") and ext == ext.lower()
+        assert registered.get(ext) in Image.OPEN, ext  # Pillow opens it
+    has_avif = "avif" in features.modules and features.check_module("avif")
+    assert (".avif" in IMAGE_EXTENSIONS) == bool(has_avif)
+    assert (".webp" in IMAGE_EXTENSIONS) == bool(features.check_module("webp"))
+    assert (".heic" in IMAGE_EXTENSIONS) == ("HEIF" in Image.OPEN)
+    for ext in (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".ppm"):
+        assert ext in IMAGE_EXTENSIONS
+
+
+def test_check_image_type_names_the_type_and_the_supported_ones(tmp_path):
+    images.check_image_type(tmp_path / "A.JPG")  # case-insensitive, no file needed
+    for name, shown in (("notes.xyz", "'.xyz'"), ("README", "(no extension)"), ("x.jpg.bak", "'.bak'")):
+        with pytest.raises(ImageError) as info:
+            images.check_image_type(tmp_path / name)
+        assert info.value.reason.startswith(f"unsupported image type {shown}; supported: ")
+        assert ".jpg" in info.value.reason and ".png" in info.value.reason
+        assert info.value.path == str(tmp_path / name)
+
+
+def test_list_images_and_evaluation_list_the_same_files(tmp_path):
+    from imret.evaluation import IMAGE_EXTENSIONS as eval_extensions
+    from imret.evaluation import load_labelled_folder
+
+    assert eval_extensions is IMAGE_EXTENSIONS  # one definition, not a copy
+    files = ["cat/a.jpg", "cat/b.PNG", "cat/c.ppm", "cat/d.gif", "cat/sub/e.jpeg", "dog/f.bmp",
+             "dog/g.tif", "dog/h.webp", "dog/i.pgm", "dog/.hidden.jpg", "dog/notes.txt"]
+    for rel in files:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    listed = list_images(tmp_path)
+    paths, labels, classes = load_labelled_folder(tmp_path)
+    assert [str(p) for p in paths] == listed
+    assert classes == ["cat", "dog"] and list(labels) == [0, 0, 0, 0, 0, 1, 1, 1, 1] == [
+        classes.index(os.path.relpath(p, tmp_path).split(os.sep)[0]) for p in listed]
+
+
+def test_avif_is_listed_by_every_listing_and_decoded(tmp_path):
+    from imret.evaluation import load_labelled_folder
+
+    from PIL import features
+
+    if not ("avif" in features.modules and features.check_module("avif")):
+        pytest.skip("this Pillow has no AVIF plugin, so .avif is not a supported type here")
+    Image.init()  # load every plugin, so Image.SAVE is complete
+    if "AVIF" not in Image.SAVE:
+        pytest.skip("this Pillow's AVIF plugin cannot encode, so no test file can be made")
+    (tmp_path / "cls").mkdir()
+    _smooth(80, 60).save(tmp_path / "cls" / "photo.avif", quality=90)
+    _noise(80, 60, 1).save(tmp_path / "cls" / "other.jpg")
+    listed = list_images(tmp_path)
+    assert [os.path.basename(p) for p in listed] == ["other.jpg", "photo.avif"]
+    assert [str(p) for p in load_labelled_folder(tmp_path)[0]] == listed
+    images.check_image_type(listed[1])
+    img = load_image(listed[1])
+    assert img.size == (80, 60) and img.mode == "RGB"
+    assert _mae(img, _smooth(80, 60)) < 8  # lossy, but the same picture

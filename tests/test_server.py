@@ -167,7 +167,7 @@ def test_similar_by_id(client, photos):
     assert r.json()["query"] == {"id": 7}
     error_of(client.get("/api/images/999/similar"), 404, "not_found")
     error_of(client.get("/api/images/abc/similar"), 422, "bad_request")
-    error_of(client.get("/api/images/7/similar?k=0"), 400, "bad_request")
+    error_of(client.get("/api/images/7/similar?k=0"), 422, "bad_request")  # out-of-range integers: 422
     error_of(client.get("/api/images/7/similar?qe=maybe"), 400, "bad_request")
 
 
@@ -480,3 +480,393 @@ def test_index_is_saved_on_a_schedule_and_at_shutdown_not_per_request(tmp_path, 
     with Store.open(path) as st:
         assert st.verify() == [] and len(st) == len(photos) + 2
         assert st._config["index"]["rows"] == len(photos) + 3 and saved_rows == len(photos)
+
+
+# -- uploads that are not indexed leave no file ---------------------------------------------------
+
+def uploaded_files(store_path):
+    return sorted(p for p in (store_path / "uploads").rglob("*") if p.is_file()) if (store_path / "uploads").exists() else []
+
+
+def test_duplicate_uploads_leave_no_orphan_files(client, store_path, photos, extra_photos):
+    new = jpeg_bytes(extra_photos[0])
+    ids = set()
+    for i in range(20):  # one new photo under 20 names: one image, one file
+        r = client.post("/api/images", files=[("images", (f"copy{i}.jpg", new, "image/jpeg"))], headers=AUTH)
+        assert r.status_code == 201, r.text
+        ids |= {a["id"] for a in r.json()["added"]} | {d["id"] for d in r.json()["duplicates"]}
+    files = uploaded_files(store_path)
+    assert len(ids) == 1 and len(files) == 1
+    with Store.open(store_path) as st:
+        assert st.records(list(ids))[0].path == str(files[0])
+    # the same 20 names in one request, and an already indexed photo (not an upload) 20 times
+    r = client.post("/api/images", files=[("images", (f"again{i}.jpg", new, "image/jpeg")) for i in range(20)],
+                    headers=AUTH)
+    assert r.status_code == 201 and len(r.json()["duplicates"]) == 20
+    for i in range(20):
+        r = client.post("/api/images", files=[("images", (f"old{i}.jpg", jpeg_bytes(photos[0]), "image/jpeg"))],
+                        headers=AUTH)
+        assert r.status_code == 201 and r.json()["duplicates"] == [{"name": f"old{i}.jpg", "id": 0}]
+    assert uploaded_files(store_path) == files
+    # the same name and content again: the duplicate's path is the indexed file's path, which stays
+    r = client.post("/api/images", files=[("images", ("copy0.jpg", new, "image/jpeg"))], headers=AUTH)
+    assert r.json()["duplicates"] == [{"name": "copy0.jpg", "id": ids.pop()}]
+    assert uploaded_files(store_path) == files and files[0].read_bytes() == new
+    # two new files with equal content in one request: one added, one duplicate, one file
+    other = jpeg_bytes(extra_photos[1])
+    r = client.post("/api/images", files=[("images", ("x.jpg", other, "image/jpeg")),
+                                          ("images", ("x.jpg", other, "image/jpeg"))], headers=AUTH)
+    assert len(r.json()["added"]) == 1 and len(r.json()["duplicates"]) == 1
+    assert len(uploaded_files(store_path)) == 2
+    with Store.open(store_path) as st:
+        assert st.verify() == []
+
+
+def test_a_failed_add_leaves_only_what_it_committed(store_path, photos, extra_photos):
+    from fastapi.testclient import TestClient
+
+    from imret.server import ServerConfig, create_app
+
+    app = create_app(store_path, ServerConfig(token=TOKEN))
+    store = app.state.service.store
+    real_add = store.add
+
+    def add_first_then_fail(paths, **kw):  # commits the first file, then the disk fills up
+        real_add(paths[:1], **kw)
+        real_pwrite = os.pwrite
+        os.pwrite = lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+        try:
+            return real_add(paths[1:], **kw)
+        finally:
+            os.pwrite = real_pwrite
+
+    files = [("images", (os.path.basename(p), jpeg_bytes(p), "image/jpeg")) for p in extra_photos[:3]]
+    with TestClient(app, raise_server_exceptions=False) as c:
+        store.add = add_first_then_fail
+        r = c.post("/api/images", files=files, headers=AUTH)
+        error_of(r, 507, "insufficient_storage")
+        assert str(store_path) not in r.text
+        store.add = real_add
+        left = uploaded_files(store_path)
+        assert len(left) == 1 and left[0].name.endswith(os.path.basename(extra_photos[0]))
+        assert c.get(f"/api/images/{len(photos)}").json()["name"] == os.path.basename(extra_photos[0])
+        # a later add of the same files works and leaves exactly the indexed ones
+        r = c.post("/api/images", files=files, headers=AUTH)
+        assert r.status_code == 201 and len(r.json()["added"]) == 2 and len(r.json()["duplicates"]) == 1
+        assert len(uploaded_files(store_path)) == 3
+
+
+def test_removing_an_uploaded_image_deletes_its_file_only(client, store_path, photos, extra_photos):
+    r = client.post("/api/images", files=[("images", ("a.jpg", jpeg_bytes(extra_photos[0]), "image/jpeg"))],
+                    headers=AUTH)
+    new_id = r.json()["added"][0]["id"]
+    assert len(uploaded_files(store_path)) == 1
+    assert client.delete(f"/api/images/{new_id}", headers=AUTH).status_code == 200
+    assert uploaded_files(store_path) == []
+    assert client.delete("/api/images/0", headers=AUTH).status_code == 200  # indexed from elsewhere: kept
+    assert os.path.isfile(photos[0])
+    r = client.post("/api/images", files=[("images", ("a.jpg", jpeg_bytes(extra_photos[0]), "image/jpeg"))],
+                    headers=AUTH)  # added again after its removal: a new image, its file back
+    assert r.json()["added"][0]["id"] == new_id + 1 and len(uploaded_files(store_path)) == 1
+    with Store.open(store_path) as st:
+        assert st.verify() == []
+
+
+# -- no server-side path in any response ----------------------------------------------------------
+
+def test_no_server_path_in_any_response(tmp_path, photos, extra_photos):
+    import tempfile
+
+    from fastapi.testclient import TestClient
+
+    from imret.index.store import AddReport
+    from imret.server import ServerConfig, create_app
+
+    torch.manual_seed(0)
+    path = tmp_path / "store"
+    weights = tmp_path / "weights" / "retrieval-net.safetensors"
+    with Store.create(path, create_model("resnet18", "gem", pretrained=False), preprocessing=PRE,
+                      model_source=str(weights)) as st:
+        st.add(photos[:6], workers=0)
+    app = create_app(path, ServerConfig())
+    store = app.state.service.store
+    real_add = store.add
+
+    def add_and_skip(paths, **kw):  # a skip reason that names the file, as an OS error does
+        report = real_add(paths[:-1], **kw)
+        return AddReport(report.added, report.duplicates,
+                         report.skipped + [(paths[-1], f"cannot read: [Errno 13] Permission denied: '{paths[-1]}'")])
+
+    secret = [str(path), str(path.resolve()), str(tmp_path), tempfile.gettempdir(), str(weights.parent)]
+    home = os.path.expanduser("~")
+    if len(home) > 1:
+        secret.append(home)
+    seen = []
+    with TestClient(app, raise_server_exceptions=False) as c:
+        def check(r):
+            seen.append(r)
+            if r.headers.get("content-type", "").startswith("application/json"):
+                for s in secret:
+                    assert s not in r.text, (r.request.url, s, r.text)
+            return r
+
+        info = check(c.get("/api/info")).json()
+        assert "path" not in info["store"] and info["store"]["model"]["source"] == weights.name
+        for url in ("/api/health", "/api/metrics", "/api/images", "/api/images/1", "/api/images/1/similar?k=3",
+                    "/api/images/99", "/api/images/-1", "/api/images/x/thumbnail", "/api/nothing", "/openapi.json"):
+            check(c.get(url))
+        check(c.post("/api/search", files={"image": ("q.jpg", jpeg_bytes(photos[1]), "image/jpeg")}))
+        check(c.post("/api/search", files={"image": ("q.jpg", b"not an image", "image/jpeg")}))
+        check(c.post("/api/search", files={"image": ("q.jpg", jpeg_bytes(photos[1])[:300], "image/jpeg")}))
+        store.add = add_and_skip
+        r = check(c.post("/api/images", files=[("images", ("new.jpg", jpeg_bytes(extra_photos[0]), "image/jpeg")),
+                                               ("images", ("dup.jpg", jpeg_bytes(photos[0]), "image/jpeg")),
+                                               ("images", ("skip.jpg", jpeg_bytes(extra_photos[1]), "image/jpeg"))]))
+        store.add = real_add
+        body = r.json()
+        assert [a["name"] for a in body["added"]] == ["new.jpg"]
+        assert body["duplicates"] == [{"name": "dup.jpg", "id": 0}]
+        assert body["skipped"][0]["name"] == "skip.jpg" and "Permission denied" in body["skipped"][0]["reason"]
+        new_id = body["added"][0]["id"]
+        for url in ("/api/images?limit=100", f"/api/images/{new_id}", f"/api/images/{new_id}/similar"):
+            check(c.get(url))
+        os.remove(store.records([new_id])[0].path)  # a file that vanished: the 404 shows no path
+        assert "cannot be read" in error_of(check(c.get(f"/api/images/{new_id}/thumbnail")), 404, "not_found")
+        check(c.delete(f"/api/images/{new_id}"))
+    assert len(seen) > 15
+
+
+def test_public_store_info_hides_milvus_paths_and_credentials():
+    from imret.server import _public_spec, _public_store_info
+
+    assert _public_spec("milvus:/srv/data/vectors.db?collection=x") == "milvus:vectors.db?collection=x"
+    assert _public_spec("milvus:http://bob:pw@db.lan:19530?token=abc&index=HNSW") == \
+        "milvus:http://db.lan:19530?index=HNSW"
+    assert _public_spec("faiss:IVF64,SQ8?nprobe=8") == "faiss:IVF64,SQ8?nprobe=8"
+    info = _public_store_info({"path": "/srv/store", "model": {"source": "/home/u/w/net.pt", "spec": {}},
+                               "backend": {"requested": "milvus:./v.db", "spec": "milvus:/srv/store/v.db"},
+                               "note": "see /srv/store/x/y.txt"})
+    assert info == {"model": {"source": "net.pt", "spec": {}},
+                    "backend": {"requested": "milvus:v.db", "spec": "milvus:v.db"}, "note": "see y.txt"}
+    assert _public_store_info({"model": {"source": "hf-hub:timm/resnet50.a1_in1k"}})["model"]["source"] == \
+        "hf-hub:timm/resnet50.a1_in1k"
+
+
+# -- error codes: every one documented, none undocumented -----------------------------------------
+
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "http-api.md")
+
+
+def test_every_error_code_the_server_can_emit_is_documented():
+    import re
+
+    import imret.server as server
+    from imret.server import ERROR_CODES, ApiError
+
+    doc = open(DOC, encoding="utf-8").read()
+    missing = [c for c in ERROR_CODES if f"`{c}`" not in doc]
+    assert missing == [], f"codes not in docs/http-api.md: {missing}"
+    src = open(server.__file__, encoding="utf-8").read()
+    used = set(re.findall(r"ApiError\(\s*\d{3},\s*\"([a-z_]+)\"", src))
+    used |= set(re.findall(r"_send_error\(\s*send,\s*\d{3},\s*\"([a-z_]+)\"", src))
+    used |= set(re.findall(r"return \"([a-z_]+)\", ", src))  # the guard's refusals
+    used |= set(re.findall(r"\"code\": \"([a-z_]+)\"", src))
+    used |= set(re.findall(r"\d{3}: \"([a-z_]+)\"", src))  # the framework-status mapping
+    assert len(used) >= 15 and used <= set(ERROR_CODES), used - set(ERROR_CODES)
+    with pytest.raises(ValueError, match="unknown error code 'error'"):
+        ApiError(400, "error", "x")
+
+
+@pytest.mark.parametrize("body,ctype", [
+    (b"whatever", "multipart/form-data"),  # no boundary
+    (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\nabc",
+     "multipart/form-data; boundary=b"),  # cut off
+    (b"garbage without any boundary", "multipart/form-data; boundary=b"),
+    (b"--b\r\nno headers here\r\n\r\nabc\r\n--b--\r\n", "multipart/form-data; boundary=b"),
+    (b"--b--\r\n", "multipart/form-data; boundary=b"),  # no fields at all
+    (b"--b\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nnot a file\r\n--b--\r\n",
+     "multipart/form-data; boundary=b"),  # the field is text, not a file
+])
+def test_multipart_refusals_have_documented_codes(client, store_path, body, ctype):
+    from imret.server import ERROR_CODES
+
+    before = snapshot(store_path)
+    for url, headers in (("/api/search", {}), ("/api/images", AUTH)):
+        r = client.post(url, content=body, headers={"Content-Type": ctype, **headers})
+        assert 400 <= r.status_code < 500, r.text
+        code = r.json()["error"]["code"]
+        assert code in ERROR_CODES and code == "bad_request", r.text
+    assert snapshot(store_path) == before
+
+
+def test_framework_refusals_have_documented_codes(client):
+    error_of(client.put("/api/images"), 405, "method_not_allowed")
+    error_of(client.get("/api/nothing"), 404, "not_found")
+    error_of(client.get("/static/nothing.js"), 404, "not_found")
+
+
+# -- upload formats: the rule of imret.images ----------------------------------------------------
+
+def image_bytes(fmt, size=(96, 72), seed=0):
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_upload_formats_are_those_of_imret_images():
+    from PIL import Image as PILImage
+
+    import imret.images
+    from imret.server import upload_formats
+
+    registered = PILImage.registered_extensions()
+    want = {registered[e] for e in imret.images.IMAGE_EXTENSIONS if e in registered}
+    got = upload_formats()
+    assert set(got) - {"MPO"} == want
+    assert all(ext in imret.images.IMAGE_EXTENSIONS and registered[ext] == fmt
+               for fmt, exts in got.items() if fmt != "MPO" for ext in exts)
+    assert got["JPEG"][0] == ".jpg"
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_avif_upload_follows_the_imret_images_rule(client, store_path, monkeypatch, listed):
+    from PIL import features
+
+    import imret.images
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF support")
+    from PIL import Image as PILImage
+
+    avif_exts = {e for e, f in PILImage.registered_extensions().items() if f == "AVIF"}  # .avif, .avifs
+    exts = tuple(e for e in imret.images.IMAGE_EXTENSIONS if e not in avif_exts)
+    monkeypatch.setattr(imret.images, "IMAGE_EXTENSIONS", exts + ((".avif",) if listed else ()))
+    avif = image_bytes("AVIF")
+    r = client.post("/api/search", files={"image": ("q.avif", avif, "image/avif")}, data={"k": "3"})
+    if listed:
+        assert r.status_code == 200, r.text
+        r = client.post("/api/images", files=[("images", ("new.avif", avif, "image/avif"))], headers=AUTH)
+        assert r.status_code == 201 and len(r.json()["added"]) == 1, r.text
+        assert [p.suffix for p in uploaded_files(store_path)] == [".avif"]
+        assert "AVIF" in client.get("/api/info").json()["server"]["upload_formats"]
+    else:
+        msg = error_of(r, 415, "unsupported_media_type")
+        assert "AVIF" in msg and "JPEG" in msg and "q.avif" in msg
+        assert "AVIF" not in client.get("/api/info").json()["server"]["upload_formats"]
+
+
+def test_every_listed_format_is_accepted(client):
+    from imret.server import upload_formats
+
+    for i, fmt in enumerate(sorted(set(upload_formats()) - {"MPO"})):
+        r = client.post("/api/search", files={"image": (f"q.{fmt.lower()}", image_bytes(fmt, seed=i), "image/x")},
+                        data={"k": "2"})
+        assert r.status_code == 200, (fmt, r.text)
+
+
+# -- where requests come from (in-process; the real-server checks are in test_server_hostile.py) --
+
+def test_foreign_origin_and_host_are_refused_in_process(client, store_path, extra_photos):
+    before = snapshot(store_path)
+    files = [("images", ("a.jpg", jpeg_bytes(extra_photos[0]), "image/jpeg"))]
+    error_of(client.post("/api/images", files=files, headers={**AUTH, "Origin": "https://evil.example"}),
+             403, "forbidden_origin")  # even with the token: the page may have it from the user's browser
+    error_of(client.get("/api/images", headers={"Origin": "https://evil.example"}), 403, "forbidden_origin")
+    error_of(client.get("/api/images", headers={"Host": "evil.example"}), 403, "forbidden_host")
+    error_of(client.delete("/api/images/1", headers={**AUTH, "Sec-Fetch-Site": "cross-site"}), 403, "forbidden_origin")
+    assert snapshot(store_path) == before
+    assert client.get("/api/images", headers={"Origin": "http://testserver"}).status_code == 200
+    assert client.get("/api/images", headers={"Sec-Fetch-Site": "same-origin"}).status_code == 200
+    r = client.post("/api/images", files=files, headers={**AUTH, "Origin": "http://testserver"})
+    assert r.status_code == 201
+
+
+def test_allowed_origins_and_hosts(store_path, photos):
+    with make_client(store_path, token=TOKEN, allowed_origins=["https://App.example.org:443"],
+                     allowed_hosts=["imret.example.org", "imret.lan:8000"]) as c:
+        ok = {"Origin": "https://app.example.org"}
+        r = c.get("/api/images/1", headers=ok)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example.org"
+        assert "origin" in r.headers["vary"].lower()
+        assert "access-control-allow-origin" not in c.get("/api/images/1").headers
+        pre = c.options("/api/images", headers={**ok, "Access-Control-Request-Method": "POST",
+                                                "Access-Control-Request-Headers": "authorization"})
+        assert pre.status_code == 204 and "POST" in pre.headers["access-control-allow-methods"]
+        assert "Authorization" in pre.headers["access-control-allow-headers"]
+        error_of(c.options("/api/images", headers={"Origin": "https://other.example",
+                                                   "Access-Control-Request-Method": "POST"}), 403, "forbidden_origin")
+        error_of(c.post("/api/images", files=[("images", ("a.jpg", jpeg_bytes(photos[0]), "image/jpeg"))],
+                        headers=ok), 401, "unauthorized")  # an allowed origin still needs the token
+        error_of(c.get("/api/images/1", headers={"Origin": "http://app.example.org"}), 403, "forbidden_origin")
+        # reads without Origin from a cross-site page (an <img>) pass once origins are configured; writes never
+        assert c.get("/api/images/1/thumbnail", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200
+        error_of(c.delete("/api/images/1", headers={**AUTH, "Sec-Fetch-Site": "cross-site"}), 403, "forbidden_origin")
+        for host, status in (("imret.example.org", 200), ("IMRET.example.org.:9999", 200), ("imret.lan:8000", 200),
+                             ("imret.lan:8001", 403), ("imret.lan", 403), ("evil.example", 403), ("testserver", 200),
+                             ("testserver:81", 403), ("", 403), ("a b", 403)):
+            assert c.get("/api/health", headers={"Host": host}).status_code == status, host
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("allowed_origins", ["https://app.example.org/path"], "not a web origin"),
+    ("allowed_origins", ["app.example.org"], "not a web origin"),
+    ("allowed_origins", ["null"], "not a web origin"),
+    ("allowed_origins", ["*"], "not a web origin"),
+    ("allowed_origins", "https://app.example.org", "list of strings"),
+    ("allowed_hosts", ["bad host"], "not a host name"),
+    ("allowed_hosts", ["::1"], "not a host name"),
+    ("allowed_hosts", ["host:99999"], "not a host name"),
+    ("allowed_hosts", ["*"], "not a host name"),
+])
+def test_server_config_rejects_bad_hosts_and_origins(field, value, match):
+    from imret.server import ServerConfig
+
+    with pytest.raises((ValueError, TypeError), match=match):
+        ServerConfig(**{field: value})
+    assert ServerConfig(allowed_hosts=["[::1]:8000", "Example.ORG."]).allowed_hosts == ("[::1]:8000", "example.org")
+
+
+@pytest.mark.parametrize("server,host,ok", [
+    (("127.0.0.1", 8000), "127.0.0.1:8000", True),
+    (("127.0.0.1", 8000), "localhost:8000", True),
+    (("127.0.0.1", 8000), "[::1]:8000", True),
+    (("127.0.0.1", 8000), "localhost", False),  # port 80 implied
+    (("127.0.0.1", 8000), "evil.example:8000", False),
+    (("127.0.0.1", 8000), "localhost.evil.example:8000", False),
+    (("::ffff:127.0.0.1", 8000), "localhost:8000", True),
+    (("192.168.1.5", 8000), "192.168.1.5:8000", True),  # bound to 0.0.0.0, reached over the LAN
+    (("192.168.1.5", 8000), "localhost:8000", False),
+    (("192.168.1.5", 8000), "imret.lan:8000", True),  # --allowed-host imret.lan
+    (("192.168.1.5", 8000), "imret.lan.:1234", True),
+    (("192.168.1.5", 8000), "box.lan:8000", False),
+    (("192.168.1.5", 80), "192.168.1.5", True),
+    (("/run/imret.sock", None), "localhost", True),  # a Unix socket
+    (("/run/imret.sock", None), "evil.example", False),
+])
+def test_host_check_follows_the_interface_a_connection_arrived_at(server, host, ok):
+    from imret.server import RequestGuard
+
+    guard = RequestGuard(None, limits={}, multipart=set(), allowed_hosts=("imret.lan",))
+    scope = {"type": "http", "method": "GET", "scheme": "http", "server": server}
+    assert guard._host_ok(scope, host) == ok
+
+
+def test_damaged_descriptors_are_an_error_not_a_wrong_answer(store_path, photos):
+    """Rows 2 and 3 swapped on disk: the old server answered a search for photo 2 with image 3 at 1.0."""
+    import numpy as np
+
+    f = store_path / "descriptors.f32"
+    x = np.fromfile(f, dtype=np.float32).reshape(len(photos), -1)
+    x[[2, 3]] = x[[3, 2]]
+    x.tofile(f)
+    from fastapi.testclient import TestClient
+
+    from imret.server import ServerConfig, create_app
+
+    with TestClient(create_app(store_path, ServerConfig(token=TOKEN)), raise_server_exceptions=False) as c:
+        r = c.post("/api/search", files={"image": ("q.jpg", jpeg_bytes(photos[2]), "image/jpeg")})
+        error_of(r, 500, "store_damaged")
+        assert str(store_path) not in r.text
+        error_of(c.get("/api/images/3/similar"), 500, "store_damaged")
+        assert c.get("/api/health").status_code == 200

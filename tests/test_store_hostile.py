@@ -228,7 +228,7 @@ def test_add_skips_fifos_devices_directories_and_empty_files_without_hanging(sto
     reasons = dict((os.path.basename(p), why) for p, why in r["skipped"])
     assert r["added"] == [] and len(r["duplicates"]) == 1
     assert "FIFO" in reasons["x.jpg"] and "device" in reasons["zero.jpg"]
-    assert "directory" in reasons["d.jpg"] and reasons["empty.jpg"] == "empty file"
+    assert "directory" in reasons["d.jpg"] and reasons["empty.jpg"].startswith("empty file")
 
 
 def test_many_empty_files_are_reported_as_empty_not_as_copies(store_copy, tmp_path):
@@ -237,7 +237,7 @@ def test_many_empty_files_are_reported_as_empty_not_as_copies(store_copy, tmp_pa
     with Store.open(store_copy, writable=True) as st:
         r = st.add([tmp_path / f"e{i}.jpg" for i in range(40)], **FAST)
     assert r.added == [] and r.duplicates == []
-    assert [why for _, why in r.skipped] == ["empty file"] * 40
+    assert len(r.skipped) == 40 and all(why.startswith("empty file") for _, why in r.skipped)
 
 
 # --- item 4: damaged rows never give silent results ---------------------------------------------

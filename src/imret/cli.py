@@ -113,14 +113,29 @@ def _extract_kwargs(args) -> dict:
     )
 
 
+def _shown(path: str) -> str:
+    """``path`` for a terminal: as it is when plain, else quoted with its control characters
+    (a newline, an escape sequence) written as escapes, so it cannot break or restyle a line."""
+    from .extract import is_plain_path
+
+    return path if is_plain_path(path) else json.dumps(path)
+
+
 def _report_skipped(skipped) -> None:
     if skipped:
         print(f"skipped {len(skipped)} image(s):", file=sys.stderr)
         for s in skipped:
-            print(f"  {s.path}: {s.reason}", file=sys.stderr)
+            print(f"  {_shown(s.path)}: {s.reason}", file=sys.stderr)
 
 
 def _collect_images(inputs: Sequence[str], list_file: str | None) -> list[str]:
+    """The image paths named by ``inputs`` (files, and folders listed by
+    :func:`imret.images.list_images`) and by ``list_file`` (see :func:`imret.extract.read_paths_file`).
+
+    Files are not checked here: a missing file, one of an unsupported type or one that is
+    not a regular file is skipped with its reason by the extraction.
+    """
+    from .extract import read_paths_file
     from .images import list_images
 
     paths: list[str] = []
@@ -133,39 +148,27 @@ def _collect_images(inputs: Sequence[str], list_file: str | None) -> list[str]:
         else:
             paths.append(item)  # a missing or bad file is reported by extraction, not here
     if list_file:
-        with open(list_file, encoding="utf-8") as f:
-            paths.extend(line.rstrip("\n") for line in f if line.strip())
+        paths.extend(read_paths_file(list_file))
     if not paths:
         raise ValueError("no input images: give folders, files, or --list FILE")
     return paths
 
 
 def cmd_extract(args) -> int:
-    import numpy as np
-
-    from .extract import extract
+    from .extract import extract, save_extraction
 
     paths = _collect_images(args.images, args.list)
     model = _build_model(args)
     t0 = time.perf_counter()
     res = extract(model, paths, **_extract_kwargs(args))
     dt = time.perf_counter() - t0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stem = out.with_suffix("") if out.suffix == ".npy" else out
-    np.save(stem.with_suffix(".npy"), res.descriptors)
-    stem.with_suffix(".paths.txt").write_text("".join(p + "\n" for p in res.paths), encoding="utf-8")
-    meta = {
-        "model": model.spec.to_dict(),
-        "scales": list(args.scales),
-        "image_size": args.image_size,
-        "n": int(len(res.paths)),
-        "dim": int(res.descriptors.shape[1]),
-        "skipped": [{"path": s.path, "reason": s.reason} for s in res.skipped],
-    }
-    stem.with_suffix(".json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    print(f"wrote {res.descriptors.shape[0]} x {res.descriptors.shape[1]} descriptors to {stem.with_suffix('.npy')} "
-          f"(paths in {stem.with_suffix('.paths.txt')}) in {dt:.1f} s, {len(paths) / max(dt, 1e-9):.2f} images/s")
+    meta = {"model": model.spec.to_dict(), "scales": list(args.scales), "image_size": args.image_size}
+    saved = save_extraction(args.out, res, meta)
+    where = f"{saved.paths}" + (f" and {saved.paths_txt}" if saved.paths_txt else "")
+    print(f"wrote {res.descriptors.shape[0]} x {res.descriptors.shape[1]} descriptors to {saved.descriptors} "
+          f"(paths in {where}) in {dt:.1f} s, {len(paths) / max(dt, 1e-9):.2f} images/s")
+    if saved.note:
+        print(f"note: {saved.note}")
     _report_skipped(res.skipped)
     return 0 if len(res.paths) else 1
 
@@ -267,7 +270,7 @@ def _print_add_report(report, dt: float) -> None:
     print(f"added {n} image(s) in {dt:.1f} s ({n / max(dt, 1e-9):.2f} images/s); "
           f"{len(report.duplicates)} already indexed (same content), {len(report.skipped)} skipped")
     for path, reason in report.skipped:
-        print(f"  skipped {path}: {reason}", file=sys.stderr)
+        print(f"  skipped {_shown(path)}: {reason}", file=sys.stderr)
 
 
 def _model_source(args) -> str:
@@ -481,14 +484,16 @@ def cmd_search(args) -> int:
         raise ValueError("a single --bbox applies to a single query; give one per query")
     if args.format in ("html", "png") and not args.out:
         raise ValueError(f"--format {args.format} writes a file: give --out FILE")
-    for q in queries:
-        if not os.path.isfile(q):
-            raise FileNotFoundError(f"query image {q!r} does not exist")
+    from .images import ImageError, open_regular_file
+
+    for q in queries:  # a missing query, a folder or a FIFO fails here, before the store opens
+        try:
+            open_regular_file(q).close()
+        except ImageError as e:
+            raise ValueError(str(e)) from None
     with Store.open(args.store, device=args.device, backend_options=_backend_options()) as store:
         qe = _query_expansion_override(args, store.query_expansion)
         t0 = time.perf_counter()
-        from .images import ImageError
-
         try:
             hits = store.search(queries, bboxes=args.bbox or None, k=args.k, query_expansion=qe, **_runtime_kwargs(args))
         except ImageError as e:
@@ -506,10 +511,10 @@ def cmd_search(args) -> int:
     elif args.format == "table":
         for i, (q, hl) in enumerate(zip(queries, hits)):
             box = f" [{','.join(f'{v:g}' for v in args.bbox[i])}]" if args.bbox else ""
-            print(f"query {q}{box}")
+            print(f"query {_shown(q)}{box}")
             print(f"  {'rank':>4}  {'score':>7}  {'id':>8}  path")
             for r, h in enumerate(hl):
-                print(f"  {r + 1:>4}  {h.score:7.4f}  {h.id:>8}  {h.path}")
+                print(f"  {r + 1:>4}  {h.score:7.4f}  {h.id:>8}  {_shown(h.path)}")
         print(f"({len(queries)} quer{'y' if len(queries) == 1 else 'ies'} in {dt:.2f} s)", file=sys.stderr)
     else:
         from . import plots
@@ -641,6 +646,7 @@ def cmd_serve(args) -> int:
         print(f"imret: warning: serving on {args.host} without an API token: anyone who can reach it may add and "
               "remove images (set IMRET_SERVE_TOKEN or --token-file, or --read-only)", file=sys.stderr)
     cfg = ServerConfig(token=token, token_reads=args.token_reads, read_only=args.read_only,
+                       allowed_hosts=tuple(args.allowed_host), allowed_origins=tuple(args.allowed_origin),
                        max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
                        max_request_bytes=int(args.max_request_mb * 2**20),
                        max_k=args.max_k, default_k=min(args.k, args.max_k), max_batch=args.max_batch,
@@ -660,14 +666,21 @@ def cmd_serve(args) -> int:
     return 0
 
 
+_LIST_HELP = ("a file of image paths: one per line (UTF-8; a name holding a line break cannot be listed so), "
+              "or a .jsonl file of one JSON string per line, such as the .paths.jsonl that extract writes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imret", description="Instance-level image retrieval")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("extract", help="descriptors of images -> .npy + .paths.txt + .json")
+    p = sub.add_parser("extract", help="descriptors of images -> .npy + .paths.jsonl (+ .paths.txt) + .json")
     p.add_argument("images", nargs="*", help="image files and/or folders (searched recursively)")
-    p.add_argument("--list", help="a text file with one image path per line")
-    p.add_argument("--out", required=True, help="output .npy (paths go to <stem>.paths.txt, metadata to <stem>.json)")
+    p.add_argument("--list", help=_LIST_HELP)
+    p.add_argument("--out", required=True,
+                   help="output .npy; row i's path is line i of <stem>.paths.jsonl (a JSON string), also written "
+                        "plain to <stem>.paths.txt unless some name holds a line break or control character; "
+                        "metadata in <stem>.json")
     _add_model_args(p)
     p.set_defaults(func=cmd_extract)
 
@@ -687,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = isub.add_parser("build", help="create a store and index photos into it")
     b.add_argument("images", nargs="*", help="image files and/or folders (searched recursively)")
-    b.add_argument("--list", help="a text file with one image path per line")
+    b.add_argument("--list", help=_LIST_HELP)
     b.add_argument("--out", required=True, help="the store directory to create")
     b.add_argument("--backend", default="exact",
                    help=f"search backend spec ({', '.join(BACKEND_KINDS)}): 'exact', 'ann', 'faiss:IVF4096,SQ8?nprobe=32', "
@@ -699,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = isub.add_parser("add", help="index more photos (files already present are skipped; resumes an interrupted add)")
     a.add_argument("store")
     a.add_argument("images", nargs="*", help="image files and/or folders")
-    a.add_argument("--list", help="a text file with one image path per line")
+    a.add_argument("--list", help=_LIST_HELP)
     a.add_argument("--commit-every", type=int, default=64, help="images per committed batch (default 64)")
     _add_runtime_args(a)
     a.set_defaults(func=cmd_index_add)
@@ -782,25 +795,101 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME[:PORT]",
+                   help="also accept this Host header: a name clients use to reach the server (LAN name, proxy, "
+                        "port mapping); repeatable. Default: the bound address only (127.0.0.1, localhost, [::1] "
+                        "at the bound port for a loopback bind)")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="SCHEME://HOST[:PORT]",
+                   help="let pages of this web origin read and write through the API (CORS; the token is still "
+                        "required for writes); repeatable. Default: only the server's own page")
     p.set_defaults(func=cmd_serve)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "threads", None):
-        import torch
+EXIT_BROKEN_PIPE = 141
+"""Exit status when the reader of stdout goes away (``imret ... | head``): 128 + SIGPIPE,
+what the shell reports for any Unix tool stopped the same way, so ``set -o pipefail``
+scripts treat imret like ``cat`` or ``grep``; not 0, because the output was cut short."""
 
-        torch.set_num_threads(args.threads)
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the flush at interpreter exit cannot fail again (and
+    print "Exception ignored ... BrokenPipeError"); buffered output is dropped."""
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as e:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (captured, closed)
+        pass
+
+
+def _stdout_is_pipe() -> bool:
+    """Whether stdout is a pipe or socket (whose reader can go away); True when unknown."""
+    import stat
+
+    try:
+        mode = os.fstat(sys.stdout.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return True
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _os_error_message(e: OSError) -> str:
+    """``<strerror>: <filename>`` (and ``-> <filename2>``) for an OS error, else its text."""
+    if e.strerror is None:
+        return str(e)
+    text = e.strerror
+    if e.filename is not None:
+        text += f": {_shown(os.fsdecode(e.filename))}"
+    if e.filename2 is not None:
+        text += f" -> {_shown(os.fsdecode(e.filename2))}"
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``imret`` with ``argv`` (default: the command line); returns the exit status.
+
+    Errors are one line on stderr, ``imret: error: ...``, exit status 1: bad arguments or
+    files (ValueError, ...), and any OS error (a full disk, a permission refused) as
+    ``<strerror>: <filename>``. When stdout's reader stops early (``| head``), imret stops
+    quietly with :data:`EXIT_BROKEN_PIPE`.
+    """
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)  # may print --help and exit: inside, for a broken pipe
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe or a full disk shows here, not at interpreter exit
+        return rc
+    except BrokenPipeError as e:
+        if not _stdout_is_pipe():  # some other pipe or socket broke: a real error
+            print(f"imret: error: {_os_error_message(e)}", file=sys.stderr)
+            return 1
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except (ValueError, RuntimeError, ImportError) as e:
         print(f"imret: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # FileNotFoundError, PermissionError, a full disk, ...
+        try:
+            sys.stdout.flush()
+        except OSError:  # the error was stdout's own (ENOSPC on a redirect): drop its buffer
+            _silence_stdout()
+        print(f"imret: error: {_os_error_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("imret: interrupted", file=sys.stderr)
         return 130
+    except SystemExit:  # argparse after --help or a usage error: its output may meet a closed pipe
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
+            return EXIT_BROKEN_PIPE
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .images import IMAGE_EXTENSIONS, list_images
 from .safepickle import load_data_pickle
 
 __all__ = [
@@ -56,10 +57,7 @@ __all__ = [
 #: Revisitop protocol names, in table order.
 PROTOCOLS: tuple[str, ...] = ("easy", "medium", "hard")
 
-#: File extensions (lower case) that :func:`load_labelled_folder` treats as images.
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-)
+# IMAGE_EXTENSIONS is imret.images' (re-exported): the one rule for what is an image.
 
 # Number of float64-sized cells one chunk of the evaluation may hold per array; bounds
 # memory to a few tens of MB whatever the number of queries and database images.
@@ -795,10 +793,11 @@ def evaluate_labelled(
 def load_labelled_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[str]]:
     """List a labelled image set stored as one sub-folder per class.
 
-    Images are the files under each class folder (searched recursively) whose extension
-    is in :data:`IMAGE_EXTENSIONS`, case-insensitive; hidden files and folders (names
-    starting with ``.``) are skipped. Classes are sorted by name and images by their path
-    relative to the class folder, so the order is deterministic.
+    Images are the files under each class folder that :func:`imret.images.list_images`
+    lists (searched recursively; extension in :data:`imret.images.IMAGE_EXTENSIONS`,
+    case-insensitive; hidden files and folders skipped), so evaluation sees exactly the
+    images every other imret command sees. Classes are sorted by name and images by
+    path, so the order is deterministic.
 
     Returns:
         ``(paths, labels, class_names)``: ``N`` paths, ``(N,)`` int64 labels indexing
@@ -821,16 +820,7 @@ def load_labelled_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarra
     labels: list[int] = []
     empty: list[str] = []
     for ci, d in enumerate(class_dirs):
-        files = sorted(
-            (
-                p
-                for p in d.rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS
-                and p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(d).parts)
-            ),
-            key=lambda p: p.relative_to(d).as_posix(),
-        )
+        files = [Path(p) for p in list_images(d)]
         if not files:
             empty.append(d.name)
         paths.extend(files)

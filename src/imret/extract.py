@@ -10,23 +10,28 @@ written into a preallocated matrix by input index, so any completion order is co
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import unicodedata
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import ImageError, load_image, to_tensor
+from .fileio import atomic_path, atomic_write_bytes
+from .images import ImageError, check_image_type, load_image, to_tensor
 from .model import RetrievalNet
 
 __all__ = [
     "SkippedImage", "Extraction", "extract", "extract_descriptors", "describe_tensors", "combine_scales", "PRECISIONS",
+    "SavedExtraction", "save_extraction", "load_extraction", "read_paths_file", "is_plain_path",
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -137,6 +142,7 @@ def _run_batch(
 
 def _decode(i: int, image, bbox, image_size: int, draft: bool, max_pixels, crop_resize, mean, std):
     try:
+        check_image_type(image)
         img = load_image(image, image_size=image_size, bbox=bbox, draft=draft, max_pixels=max_pixels, crop_resize=crop_resize)
         return i, to_tensor(img, mean, std), None
     except ImageError as e:
@@ -176,7 +182,10 @@ def extract(
     Args:
         model: a :class:`RetrievalNet`; it is put in eval mode and moved to ``device``
             (and to channels-last memory format when ``channels_last``).
-        images: image paths.
+        images: image paths. A path whose extension is not in
+            :data:`imret.images.IMAGE_EXTENSIONS` (a type this install cannot decode), or
+            that is not a regular file (a folder, FIFO or device: never opened blocking,
+            never read), is skipped with the reason, as is any file that fails to decode.
         bboxes: per image ``(x1, y1, x2, y2)`` crop in original pixels (queries of the
             revisited Oxford/Paris protocol), or None. Cropping happens before resizing;
             ``crop_resize="image"`` (default) scales the crop by the whole image's factor, as
@@ -333,3 +342,143 @@ def extract_descriptors(
             stacklevel=2,
         )
     return out
+
+
+# --- extraction files --------------------------------------------------------------------------
+
+_LINE_BREAKING = frozenset("\u2028\u2029")  # Unicode line / paragraph separators (Zl, Zp)
+
+
+def is_plain_path(path: str) -> bool:
+    """Whether ``path`` can be one line of a UTF-8 text file and read back unchanged.
+
+    Not when it holds a control character (``\\n``, ``\\r``, tab, escape, C1 controls such
+    as NEL), a Unicode line or paragraph separator (``str.splitlines`` breaks on all of
+    these), or bytes that are not UTF-8 (Python keeps them as lone surrogates).
+    """
+    for ch in path:
+        if unicodedata.category(ch) in ("Cc", "Cs") or ch in _LINE_BREAKING:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class SavedExtraction:
+    """The files :func:`save_extraction` wrote.
+
+    Attributes:
+        descriptors: ``<stem>.npy``, the ``(N, D)`` float32 rows.
+        paths: ``<stem>.paths.jsonl``, row ``i``'s path as a JSON string on line ``i``
+            (ASCII only, so no file name can break a line): the authoritative list.
+        paths_txt: ``<stem>.paths.txt``, one plain path per line, or None when some path is
+            not plain (:func:`is_plain_path`) and the file was left out.
+        metadata: ``<stem>.json``.
+        note: why ``paths_txt`` was left out, else None.
+    """
+
+    descriptors: Path
+    paths: Path
+    paths_txt: Path | None
+    metadata: Path
+    note: str | None = None
+
+
+def _extraction_stem(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.with_suffix("") if out.suffix == ".npy" else out
+
+
+def _with(stem: Path, suffix: str) -> Path:
+    return stem.with_name(stem.name + suffix)
+
+
+def save_extraction(
+    out: str | os.PathLike, extraction: Extraction, metadata: dict[str, Any] | None = None
+) -> SavedExtraction:
+    """Write ``extraction`` as ``<stem>.npy``, ``<stem>.paths.jsonl``, ``<stem>.paths.txt``
+    (plain paths only) and ``<stem>.json``, each file replaced atomically.
+
+    Row ``i`` of the ``.npy`` belongs to line ``i`` of ``.paths.jsonl`` whatever the file
+    names hold. ``.paths.txt`` is written only when every path is plain
+    (:func:`is_plain_path`); otherwise it is left out (an older one at the same stem is
+    removed, so it cannot be read against the new rows) and the metadata says why.
+
+    Args:
+        out: ``<stem>.npy`` or ``<stem>``.
+        extraction: what :func:`extract` returned.
+        metadata: more keys for ``<stem>.json`` (the model spec, scales, ...); ``n``,
+            ``dim``, ``paths``, ``paths_txt`` and ``skipped`` are filled in here.
+    """
+    stem = _extraction_stem(out)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    npy, jsonl, txt, meta_path = (_with(stem, s) for s in (".npy", ".paths.jsonl", ".paths.txt", ".json"))
+    n, dim = extraction.descriptors.shape
+    if len(extraction.paths) != n:
+        raise ValueError(f"extraction has {n} rows but {len(extraction.paths)} paths")
+    with atomic_path(npy) as tmp:
+        np.save(tmp, extraction.descriptors)
+    atomic_write_bytes(jsonl, "".join(json.dumps(p) + "\n" for p in extraction.paths).encode("ascii"))
+    odd = [p for p in extraction.paths if not is_plain_path(p)]
+    note = None
+    if odd:
+        note = (f"{txt.name} not written: {len(odd)} path(s) hold line breaks, control characters or "
+                f"bytes that are not UTF-8 (first: {json.dumps(odd[0])}); read the paths from {jsonl.name}")
+        txt.unlink(missing_ok=True)
+    else:
+        atomic_write_bytes(txt, "".join(p + "\n" for p in extraction.paths).encode("utf-8"))
+    meta = dict(metadata or {})
+    meta.update(
+        n=int(n), dim=int(dim), paths=jsonl.name, paths_txt=None if odd else txt.name,
+        skipped=[{"path": s.path, "reason": s.reason} for s in extraction.skipped],
+    )
+    if note:
+        meta["paths_txt_omitted"] = note
+    atomic_write_bytes(meta_path, (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
+    return SavedExtraction(npy, jsonl, None if odd else txt, meta_path, note)
+
+
+def read_paths_file(path: str | os.PathLike) -> list[str]:
+    """The paths listed in ``path``: a ``.jsonl`` file of one JSON string per line, or a
+    text file of one path per line (a name holding a line break cannot be in those)."""
+    path = Path(path)
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        text = f.read()
+    if path.suffix == ".jsonl":
+        out = []
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON string ({e.msg}): {line[:80]!r}") from None
+            if not isinstance(value, str):
+                raise ValueError(f"{path}:{lineno}: expected a JSON string (a path), got {type(value).__name__}")
+            out.append(value)
+        return out
+    lines = text.split("\n")
+    return [line[:-1] if line.endswith("\r") else line for line in lines if line.strip()]
+
+
+def load_extraction(out: str | os.PathLike) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    """``(descriptors, paths, metadata)`` of an extraction saved by :func:`save_extraction`
+    (or by an older imret, which wrote only ``<stem>.paths.txt``).
+
+    Raises:
+        FileNotFoundError: no ``<stem>.npy``, or neither paths file.
+        ValueError: the number of paths differs from the number of rows.
+    """
+    stem = _extraction_stem(out)
+    npy, jsonl, txt, meta_path = (_with(stem, s) for s in (".npy", ".paths.jsonl", ".paths.txt", ".json"))
+    descriptors = np.load(npy, allow_pickle=False)
+    if jsonl.is_file():
+        source = jsonl
+    elif txt.is_file():
+        source = txt
+    else:
+        raise FileNotFoundError(f"no paths file for {npy}: expected {jsonl.name} (or {txt.name})")
+    paths = read_paths_file(source)
+    if len(paths) != len(descriptors):
+        raise ValueError(f"{source} lists {len(paths)} paths for the {len(descriptors)} rows of {npy}")
+    metadata = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    return descriptors, paths, metadata

@@ -12,12 +12,22 @@ Conventions
 * A bounding box is ``(x1, y1, x2, y2)`` in pixels of the *displayed* image (after the
   EXIF orientation) at its *original* resolution, as the revisitop ``bbx`` field.
 * Any file that cannot be used raises :class:`ImageError`, which names the file.
+* A file type is supported exactly when Pillow on this install can decode it;
+  :data:`IMAGE_EXTENSIONS` lists them, and every imret listing (:func:`list_images`,
+  the labelled folders of :mod:`imret.evaluation`, the server's uploads) uses it.
+* Files are opened non-blocking and checked to be regular files before a byte is read,
+  so a FIFO, a device (a link to ``/dev/zero``) or a folder named ``x.jpg`` is refused at
+  once instead of hanging or reading without end.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import re
+import stat
+import struct
 from collections.abc import Sequence
 from numbers import Real
 
@@ -30,27 +40,54 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "RESAMPLE",
     "ImageError",
+    "check_image_type",
     "list_images",
     "load_image",
+    "open_regular_file",
     "new_size",
     "open_image",
     "to_tensor",
 ]
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".ppm",
-    ".pgm",
-    ".pbm",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".webp",
-)
-"""File extensions that :func:`list_images` treats as images (compared lower-cased)."""
+
+def _pillow_module(name: str) -> bool:
+    """Whether Pillow's optional module ``name`` (``"webp"``, ``"avif"``) is built in.
+
+    Older Pillow releases do not know every name (AVIF arrived in 11.2): unknown means no.
+    """
+    from PIL import features
+
+    return name in features.modules and bool(features.check_module(name))
+
+
+def _decodable_extensions() -> tuple[str, ...]:
+    """The extensions of the image types this Pillow install decodes, lower case, sorted.
+
+    Computed from Pillow's build information only (no file is read): JPEG needs libjpeg,
+    PNG zlib, WebP libwebp, AVIF libavif (Pillow >= 11.2); PPM/PGM/PBM, BMP, GIF and TIFF
+    are decoded by Pillow itself. HEIC/HEIF come from a plugin (pillow-heif): they are in
+    when that plugin has registered its opener with Pillow before imret.images is imported.
+    """
+    from PIL import features
+
+    groups: list[tuple[tuple[str, ...], bool]] = [
+        ((".jpg", ".jpeg"), bool(features.check_codec("jpg"))),
+        ((".png",), bool(features.check_codec("zlib"))),
+        ((".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff"), True),
+        ((".webp",), _pillow_module("webp")),
+        ((".avif", ".avifs"), _pillow_module("avif")),
+        ((".heic", ".heif"), "HEIF" in Image.OPEN),
+    ]
+    return tuple(sorted(ext for exts, ok in groups if ok for ext in exts))
+
+
+IMAGE_EXTENSIONS: tuple[str, ...] = _decodable_extensions()
+"""The file extensions (lower case, with the dot) of the image types this install
+decodes: the one rule for what imret treats as an image. :func:`list_images` lists
+files with these extensions, :mod:`imret.evaluation` lists labelled folders with it,
+and :func:`check_image_type` refuses any other type. Extensions compare lower-cased.
+``.avif``/``.avifs`` are in only when Pillow has its AVIF plugin, ``.heic``/``.heif``
+only when a HEIF plugin is registered with Pillow."""
 
 RESAMPLE = Image.Resampling.LANCZOS
 """The filter used for every downscale.
@@ -146,28 +183,29 @@ def open_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Ima
         :func:`load_image`).
 
     Raises:
-        ImageError: missing, empty, unreadable, not an image, too many pixels, or a
-            colour mode :func:`load_image` cannot convert.
+        ImageError: missing, not a regular file (a folder, FIFO, device or socket, also
+            behind a symbolic link: checked before anything is read, and the file is
+            opened non-blocking so a FIFO swapped in meanwhile cannot hang it), empty,
+            unreadable, not an image, too many pixels, or a colour mode
+            :func:`load_image` cannot convert.
     """
     path = _check_path(path)
     limit = _pixel_limit(max_pixels)
+    fp = open_regular_file(path)
     try:
-        if not os.path.exists(path):
-            raise ImageError(path, "no such file")
-        if not os.path.isfile(path):
-            kind = "a directory" if os.path.isdir(path) else "not a regular file"
-            raise ImageError(path, f"is {kind}")
-        if os.path.getsize(path) == 0:
-            raise ImageError(path, "empty file (0 bytes)")
-        img = Image.open(path)
-    except ImageError:
-        raise
+        img = Image.open(fp)
     except Image.DecompressionBombError as e:
+        fp.close()
         raise ImageError(path, f"decompression bomb refused by PIL: {e}") from e
     except UnidentifiedImageError as e:
+        fp.close()
         raise ImageError(path, "not a recognised image format") from e
     except Exception as e:  # the file boundary: anything PIL or the OS raises
+        fp.close()
         raise ImageError(path, f"cannot open ({type(e).__name__}: {e})") from e
+    # the image owns the file, as when PIL opens a path itself: PIL closes it after
+    # loading single-frame images, and close() closes it in every case
+    img._exclusive_fp = True
 
     width, height = img.size
     if limit is not None and width * height > limit:
@@ -207,6 +245,18 @@ def load_image(
     ``image_size`` (:func:`new_size`, :data:`RESAMPLE`). Multi-frame files give their
     first frame.
 
+    A file whose pixel data ends before the size its header declares is refused, not
+    padded: PIL raises for truncated files of every format, but libjpeg fills what is
+    missing with grey when the end-of-image marker comes early (a JPEG cut and closed, or
+    a header patched to claim more pixels than the data holds). Single-scan JPEGs
+    (baseline and extended sequential, most camera photos) are therefore decoded without
+    their end marker, so that data ending early is an error (exact to the 8 or 16 pixel
+    block row, whatever the draft scale); multi-scan (progressive) JPEGs are checked
+    against a lower bound of one bit per 8x8 block in each DC scan, which catches
+    headers that overstate the size grossly. (All of this holds while
+    ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` keeps its default, False: imret never sets
+    it, and a process that does makes PIL pad truncated files of every format.)
+
     Args:
         path: an image file.
         image_size: the largest allowed long side in pixels, or ``None`` for no resize.
@@ -229,7 +279,8 @@ def load_image(
 
     Raises:
         ImageError: the file cannot be used (see :func:`open_image`), its data cannot be
-            decoded (truncated, corrupt), or ``bbox`` lies outside the image.
+            decoded (corrupt, or it ends before the pixels its header declares), or
+            ``bbox`` lies outside the image.
         ValueError: ``bbox`` is malformed, empty or inverted, or ``image_size`` is not
             a positive integer.
     """
@@ -243,6 +294,8 @@ def load_image(
     src = open_image(path, max_pixels=max_pixels)
     path = os.fspath(path)
     try:
+        if src.format in ("JPEG", "MPO"):
+            src = _checked_jpeg(src, path)
         return _decode(src, path, image_size, box, draft, crop_resize)
     finally:
         src.close()
@@ -328,7 +381,7 @@ def _decode(
     # reading it decodes, so they are decoded first and decode errors read as such
     draftable = draft and src.format in ("JPEG", "MPO")
     if not draftable:
-        _load(src, path)
+        _load(src, path, (stored_w, stored_h))
     try:
         orientation = src.getexif().get(_ORIENTATION_TAG, 1)
     except Exception as e:  # the file boundary: a corrupt EXIF block
@@ -370,7 +423,7 @@ def _decode(
         drafted = src.draft("RGB", (stored_w // factor, stored_h // factor))
         if drafted is not None:  # (mode, (0, 0, width / scale, height / scale))
             scale = stored_w / drafted[1][2]
-    _load(src, path)
+    _load(src, path, (stored_w, stored_h))
 
     # the crop in decoded pixels: an integer crop that covers it, then the exact
     # sub-pixel box inside that crop for the resize
@@ -393,12 +446,230 @@ def _decode(
     return img
 
 
-def _load(img: Image.Image, path: str) -> None:
-    """Decode the pixels of ``img`` (a no-op once done)."""
+def _load(img: Image.Image, path: str, declared: tuple[int, int]) -> None:
+    """Decode the pixels of ``img`` (a no-op once done); ``declared`` is the header's
+    ``(width, height)``, named when the data ends too early."""
     try:
         img.load()
     except Exception as e:  # the file boundary: truncated or corrupt pixel data
-        raise ImageError(path, f"cannot decode ({type(e).__name__}: {e})") from e
+        reason = f"cannot decode ({type(e).__name__}: {e})"
+        if "truncated" in str(e):
+            # PIL's byte count would include the padding of _checked_jpeg: not shown
+            said = re.sub(r" \(\d+ bytes not processed\)", "", str(e))
+            reason = (f"cannot decode: the image data ends before the {declared[0]}x{declared[1]} "
+                      "pixels its header declares (a truncated file, or a header that overstates "
+                      f"the size; {type(e).__name__}: {said})")
+        raise ImageError(path, reason) from e
+
+
+# ------------------------------------------------------------------------ file opening
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages."""
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
+def open_regular_file(path: str | os.PathLike) -> io.BufferedReader:
+    """``path`` opened for binary reading once it is known to be a non-empty regular file.
+
+    The bad-file policy for anything that reads image files (decoding here, hashing in
+    the store): ``stat`` (which follows symbolic links) comes first, so a folder, FIFO or
+    device is refused without being opened (opening some devices has side effects); the
+    open is non-blocking, so a FIFO swapped in after the check cannot block it, and
+    ``fstat`` on the open file checks again what was actually opened. Reads are then
+    bounded by the file's size.
+
+    Raises:
+        ImageError: no such file, a broken symbolic link, a directory, a FIFO, a device, a
+            socket, an empty file, or the OS refused (the reason says which).
+    """
+    path = _check_path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        reason = "a broken symbolic link" if os.path.islink(path) else "no such file"
+        raise ImageError(path, reason) from None
+    except NotADirectoryError:
+        raise ImageError(path, "no such file (a parent in the path is not a directory)") from None
+    except OSError as e:
+        raise ImageError(path, f"cannot read ({e.strerror or e})") from None
+    _check_regular(path, st)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise ImageError(path, f"cannot read ({e.strerror or e})") from None
+    try:
+        _check_regular(path, os.fstat(fd))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)  # a regular file: ordinary reads from here on
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_regular(path: str, st: os.stat_result) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(path, "is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(path, f"is {_file_kind(st.st_mode)}, not a regular file")
+    if st.st_size == 0:
+        raise ImageError(path, "empty file (0 bytes)")
+
+
+def check_image_type(path: str | os.PathLike) -> None:
+    """Refuse ``path`` unless its extension is in :data:`IMAGE_EXTENSIONS`.
+
+    The same rule :func:`list_images` applies to folders, for files named one by one
+    (command lines, list files, the store): a type this install cannot decode (``.avif``
+    without Pillow's AVIF plugin, ``.heic`` without a HEIF plugin, ``.txt``) is refused by
+    name, before the file is opened.
+
+    Raises:
+        ImageError: ``unsupported image type '.xyz'; supported: .bmp, .gif, ...``.
+    """
+    path = _check_path(path)
+    ext = os.path.splitext(path)[1]
+    if ext.lower() not in IMAGE_EXTENSIONS:
+        shown = f"{ext!r}" if ext else "(no extension)"
+        raise ImageError(
+            path, f"unsupported image type {shown}; supported: {', '.join(IMAGE_EXTENSIONS)}"
+        )
+
+
+# ------------------------------------------------------------------------ JPEG data check
+
+# the end of an entropy-coded segment: 0xFF followed by anything but a stuffed zero or a
+# restart marker (RST0..RST7 sit inside the segment)
+_JPEG_SEGMENT_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+# start-of-frame markers with Huffman coding: 0xC0/0xC1 sequential, 0xC2 progressive,
+# 0xC3 lossless (arithmetic-coded frames, 0xC9..0xCB, are not checked)
+_SOF_SEQUENTIAL = (0xC0, 0xC1)
+_SOF_HUFFMAN = (0xC0, 0xC1, 0xC2, 0xC3)
+_SOF_ALL = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
+# stuffed 0xFF bytes (all one bits: no valid Huffman code) after a single scan's data, so
+# that libjpeg's read-ahead at the last block finds bytes instead of suspending, while a
+# scan whose data runs out decodes at most a couple of blocks from them, then runs dry
+_JPEG_PAD = b"\xff\x00" * 16
+
+
+def _jpeg_layout(data: bytes | bytearray):
+    """The frame and scans of the first image in JPEG ``data``, or None when the markers
+    cannot be followed (PIL then judges the file alone).
+
+    Returns ``(sof_marker, width, height, components, scans)``: ``components`` maps a
+    component id to its ``(h, v)`` sampling factors; each scan is
+    ``(component_ids, spectral_start, approx_high, data_start, data_end)``.
+    """
+    try:
+        if data[:2] != b"\xff\xd8":
+            return None
+        pos, frame, scans = 2, None, []
+        while pos + 1 < len(data):
+            if data[pos] != 0xFF:
+                return None
+            while pos + 1 < len(data) and data[pos + 1] == 0xFF:  # fill bytes
+                pos += 1
+            marker = data[pos + 1]
+            pos += 2
+            if marker == 0xD9:  # EOI
+                break
+            if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
+                continue
+            (length,) = struct.unpack_from(">H", data, pos)
+            if length < 2:
+                return None
+            segment = data[pos + 2:pos + length]
+            pos += length
+            if marker in _SOF_ALL:
+                if frame is not None:
+                    return None
+                height, width, count = struct.unpack_from(">HHB", segment, 1)
+                components = {}
+                for k in range(count):
+                    cid, hv = segment[6 + 3 * k], segment[7 + 3 * k]
+                    components[cid] = (hv >> 4, hv & 15)
+                frame = (marker, width, height, components)
+            elif marker == 0xDA:  # SOS: the entropy-coded data follows the header
+                count = segment[0]
+                ids = tuple(segment[1 + 2 * k] for k in range(count))
+                ss, ah = segment[1 + 2 * count], segment[3 + 2 * count] >> 4
+                end = _JPEG_SEGMENT_END.search(data, pos)
+                stop = len(data) if end is None else end.start()
+                scans.append((ids, ss, ah, pos, stop))
+                pos = stop
+        if frame is None or not scans:
+            return None
+        return (*frame, scans)
+    except (IndexError, struct.error):
+        return None
+
+
+def _jpeg_blocks(width: int, height: int, components: dict, cid: int) -> int:
+    """8x8 blocks of component ``cid`` in a ``width x height`` frame (without MCU padding)."""
+    hmax = max(h for h, _ in components.values())
+    vmax = max(v for _, v in components.values())
+    h, v = components[cid]
+    cw, ch = -(-width * h // hmax), -(-height * v // vmax)
+    return -(-cw // 8) * -(-ch // 8)
+
+
+def _checked_jpeg(src: Image.Image, path: str) -> Image.Image:
+    """``src`` (a JPEG opened by :func:`open_image`) reopened over its data in memory,
+    arranged so that pixel data ending before the header's size is an error (see
+    :func:`load_image`); ``src`` is closed. Files whose markers cannot be followed are
+    left to PIL as they are."""
+    width, height = src.size
+    try:
+        fp = src.fp
+        fp.seek(0)
+        data = bytearray(fp.read())  # a regular file (open_image checked): its size bounds this
+    except Exception as e:  # the file boundary
+        src.close()
+        raise ImageError(path, f"cannot read ({type(e).__name__}: {e})") from e
+    src.close()
+    layout = _jpeg_layout(data)
+    if layout is not None:
+        marker, w, h, components, scans = layout
+        ids = set(components)
+        if h > 0 and all(set(scan[0]) <= ids for scan in scans):
+            if marker in _SOF_SEQUENTIAL and len(scans) == 1 and set(scans[0][0]) == ids:
+                # one scan holds every block: without the end marker after it, libjpeg
+                # stops with "truncated" if the data ends early instead of padding grey
+                del data[scans[0][4]:]
+                data += _JPEG_PAD
+            elif marker in _SOF_HUFFMAN:
+                for k, (scan_ids, ss, ah, start, stop) in enumerate(scans):
+                    if marker == 0xC2 and (ss != 0 or ah != 0):
+                        continue  # progressive AC and refinement scans can code runs of blocks
+                    need = sum(_jpeg_blocks(w, h, components, c) for c in scan_ids)  # bits
+                    have = 8 * (stop - start)
+                    if have < need:
+                        raise ImageError(
+                            path,
+                            f"the image data ends before the {width}x{height} pixels its header "
+                            f"declares: scan {k + 1} holds {stop - start} bytes, and its "
+                            f"{need} blocks need at least {-(-need // 8)} (a truncated file, or "
+                            "a header that overstates the size)",
+                        )
+    try:
+        img = Image.open(io.BytesIO(bytes(data)), formats=["JPEG"])  # the JPEG plugin opens MPO too
+    except Exception as e:  # the file boundary
+        raise ImageError(path, f"cannot open ({type(e).__name__}: {e})") from e
+    if img.size != (width, height):  # cannot happen: the same header
+        img.close()
+        raise ImageError(path, f"header size changed on reopening ({width}x{height} -> {img.size})")
+    return img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

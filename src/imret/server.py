@@ -23,6 +23,13 @@ Design:
 - **Safety**: JSON and multipart only (nothing from a request is unpickled or evaluated),
   binding to 127.0.0.1 by default (the CLI), an optional bearer token for writes (and
   reads), request-body, upload and pixel limits, and 4xx errors that say what was wrong.
+  Before anything else runs, :class:`RequestGuard` refuses a ``Host`` that does not name the
+  bound interface (DNS rebinding) and requests from other web pages (a foreign ``Origin``, or
+  ``Sec-Fetch-Site: cross-site`` without one), so a page the user opens cannot read or write
+  through a server on their machine. No response shows a server-side filesystem path.
+- **Uploads** are accepted exactly in the formats :mod:`imret.images` accepts
+  (:data:`imret.images.IMAGE_EXTENSIONS` that this Pillow decodes); a stored upload that does
+  not end up indexed (a duplicate, a skipped file, a failed add, a removed image) is deleted.
 
 Only :func:`create_app` touches the store; nothing happens at import.
 """
@@ -31,6 +38,8 @@ Only :func:`create_app` touches the store; nothing happens at import.
 import asyncio
 import hashlib
 import io
+import ipaddress
+import logging
 import math
 import os
 import re
@@ -43,16 +52,45 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
-__all__ = ["ServerConfig", "ApiError", "create_app", "sanitise_name"]
+__all__ = ["ServerConfig", "ApiError", "ERROR_CODES", "RequestGuard", "create_app", "sanitise_name"]
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 UPLOADS = "uploads"
 _UPLOAD_NAME = re.compile(r"^[0-9a-f]{16}-(.+)$")
-_FORMAT_EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif",
-               "MPO": ".jpg"}
+MAX_ID = 2**63 - 1
+"""Largest image id, offset or other integer a request may carry (SQLite's signed 64 bits)."""
+
+ERROR_CODES: dict[str, str] = {
+    "bad_request": "a malformed request: bad parameter, form field or multipart body",
+    "bad_name": "an upload's file name has directories or control characters",
+    "empty": "an empty (0-byte) upload",
+    "unauthorized": "the API token is missing",
+    "forbidden": "the API token is wrong",
+    "forbidden_host": "the Host header does not name this server",
+    "forbidden_origin": "the request comes from another web page (Origin / Sec-Fetch-Site)",
+    "read_only": "a write to a read-only server",
+    "not_found": "an unknown or removed id, or an unknown path",
+    "method_not_allowed": "the path exists but not with this method",
+    "too_large": "an upload or request body over its limit",
+    "too_many_files": "more files than max_files in one add",
+    "too_many_pixels": "an image with more pixels than max_pixels",
+    "unsupported_media_type": "not an image in an accepted format, or a request that is not multipart",
+    "bad_image": "a truncated or corrupt image",
+    "busy": "the query queue is full",
+    "insufficient_storage": "the server's disk is full: nothing of the request was written, the store is intact",
+    "store_damaged": "a file of the store is damaged (the server log names it); nothing was changed",
+    "internal": "an unexpected server error (logged)",
+}
+"""Every error ``code`` the server answers with, and what it means (see docs/http-api.md)."""
+
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+_WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9_.-]*[a-z0-9])?|\[[0-9a-f:.]+\]")
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 @dataclass
@@ -78,6 +116,14 @@ class ServerConfig:
             most this often and at shutdown, not after every request (the store's descriptors
             are committed at once either way; the index catches up from them after a crash).
         device: where the model runs.
+        allowed_hosts: more ``Host`` header values to accept besides the bound interface
+            (``127.0.0.1``, ``localhost``, ``[::1]`` at the bound port for a loopback bind, the
+            address a connection arrived at otherwise): the names clients use to reach the
+            server, e.g. ``"imret.example.org"`` (any port) or ``"imret.lan:8000"``.
+        allowed_origins: other web origins (``"https://app.example.org"``,
+            ``"http://localhost:3000"``) whose pages may read and write through this server
+            (the token, if any, is still required); they get CORS headers. Any other
+            ``Origin`` is refused.
     """
 
     token: str | None = None
@@ -95,8 +141,13 @@ class ServerConfig:
     thumbnail_cache: int = 4096
     save_interval_s: float = 60.0
     device: str = "cpu"
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.allowed_hosts = tuple(_check_allowed_host(h) for h in _as_strings(self.allowed_hosts, "allowed_hosts"))
+        self.allowed_origins = tuple(_check_allowed_origin(o)
+                                     for o in _as_strings(self.allowed_origins, "allowed_origins"))
         for name in ("max_upload_bytes", "max_pixels", "max_files", "max_request_bytes", "max_k", "default_k",
                      "max_batch", "max_queue", "thumbnail_cache"):
             v = getattr(self, name)
@@ -112,10 +163,80 @@ class ServerConfig:
             raise ValueError(f"save_interval_s must be >= 0, got {self.save_interval_s!r}")
 
 
+def _as_strings(values, name: str) -> list[str]:
+    if isinstance(values, str):
+        raise TypeError(f"{name} must be a list of strings, got the string {values!r}")
+    values = list(values)
+    for v in values:
+        if not isinstance(v, str):
+            raise TypeError(f"{name} must hold strings, got {v!r}")
+    return values
+
+
+def _split_netloc(text: str) -> tuple[str, int | None] | None:
+    """``host[:port]`` (a Host header, an origin's host part) as ``(lower-cased host, port or
+    None)``; a trailing dot of a name is dropped, IPv6 addresses lose their brackets. None when
+    it is malformed."""
+    t = text.strip().lower()
+    m = re.fullmatch(r"(\[[^\]]*\]|[^:\[\]]*)(?::([^:]*))?", t)
+    if m is None:
+        return None
+    name, port = m.group(1), m.group(2)
+    if name.endswith(".") and not name.startswith("["):
+        name = name[:-1]
+    if not _HOST_NAME.fullmatch(name):
+        return None
+    if port is not None:
+        if not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
+            return None
+    return name.strip("[]"), None if port is None else int(port)
+
+
+def _check_allowed_host(h: str) -> str:
+    parsed = _split_netloc(h)
+    if parsed is None or h.strip() == "":
+        raise ValueError(f"allowed host {h!r} is not a host name or address with an optional port; "
+                         "expected e.g. 'imret.example.org', 'imret.lan:8000', '192.168.1.5' or '[fe80::1]:8000'")
+    name, port = parsed
+    name = f"[{name}]" if ":" in name else name
+    return name if port is None else f"{name}:{port}"
+
+
+def _normalise_origin(text: str) -> str | None:
+    """An ``Origin`` value as ``scheme://host[:port]`` (lower case, default port dropped), or None
+    when it is not an http(s) origin (``null``, a path, credentials, another scheme)."""
+    try:
+        u = urlsplit(text.strip())
+    except ValueError:
+        return None
+    if u.scheme.lower() not in ("http", "https") or u.path not in ("", "/") or u.query or u.fragment or "@" in u.netloc:
+        return None
+    parsed = _split_netloc(u.netloc)
+    if parsed is None:
+        return None
+    name, port = parsed
+    scheme = u.scheme.lower()
+    if port == {"http": 80, "https": 443}[scheme]:
+        port = None
+    name = f"[{name}]" if ":" in name else name
+    return f"{scheme}://{name}" + ("" if port is None else f":{port}")
+
+
+def _check_allowed_origin(o: str) -> str:
+    norm = _normalise_origin(o)
+    if norm is None:
+        raise ValueError(f"allowed origin {o!r} is not a web origin; expected scheme://host[:port] with scheme http "
+                         "or https and no path, e.g. 'https://app.example.org' or 'http://localhost:3000'")
+    return norm
+
+
 class ApiError(Exception):
-    """An error answered as ``{"error": {"status", "code", "message"}}``."""
+    """An error answered as ``{"error": {"status", "code", "message"}}``; ``code`` is one of
+    :data:`ERROR_CODES`."""
 
     def __init__(self, status: int, code: str, message: str):
+        if code not in ERROR_CODES:
+            raise ValueError(f"unknown error code {code!r}; known: {', '.join(sorted(ERROR_CODES))}")
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
 
@@ -126,6 +247,46 @@ def sanitise_name(name: str | None, max_len: int = 80) -> str:
     base = re.split(r"[\\/]", name or "")[-1]
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip(".")
     return base[:max_len]
+
+
+def upload_formats() -> dict[str, tuple[str, ...]]:
+    """The image formats uploads are accepted in: Pillow format name -> its extensions, the one
+    a stored upload gets by default first (the shortest: ``.jpg``, ``.tif``).
+
+    The same rule as the rest of imret: the formats of :data:`imret.images.IMAGE_EXTENSIONS`
+    that this Pillow install registers a decoder for (read when called, so AVIF is in exactly
+    when :mod:`imret.images` lists it and Pillow has the plugin). MPO (a JPEG with more frames)
+    is stored as JPEG.
+    """
+    from PIL import Image
+
+    from . import images
+
+    registered = Image.registered_extensions()  # extension -> format; loads every plugin once
+    exts: dict[str, set[str]] = {}
+    for ext in images.IMAGE_EXTENSIONS:
+        fmt = registered.get(ext.lower())
+        if fmt is not None and fmt in Image.OPEN:
+            exts.setdefault(fmt, set()).add(ext.lower())
+    out = {fmt: tuple(sorted(e, key=lambda x, f=fmt: (len(x), x != "." + f.lower(), x))) for fmt, e in exts.items()}
+    if "JPEG" in out:
+        out.setdefault("MPO", out["JPEG"])
+    return out
+
+
+def _format_list(formats: dict[str, tuple[str, ...]]) -> str:
+    return ", ".join(sorted(f for f in formats if f != "MPO")) or "none"
+
+
+_ABS_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s'\"/:,;()\[\]]+/)+([^\s'\"/:,;()\[\]]*)")
+
+
+def _hide_paths(text: str, names: dict[str, str] | None = None) -> str:
+    """``text`` (an OS or decoder message) without server-side paths: each key of ``names``
+    becomes its value, any other absolute path its last component."""
+    for path, shown in sorted((names or {}).items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(path, shown)
+    return _ABS_PATH.sub(lambda m: m.group(1), text)
 
 
 # -- request metrics ----------------------------------------------------------------------------
@@ -236,20 +397,22 @@ class Service:
         if len(data) > self.config.max_upload_bytes:
             raise ApiError(413, "too_large", f"{name}: {len(data)} bytes exceeds the limit of "
                                              f"{self.config.max_upload_bytes} bytes")
+        formats = upload_formats()
         try:
             with Image.open(io.BytesIO(data)) as im:
                 fmt, (w, h) = im.format, im.size
-                orientation = im.getexif().get(0x0112, 1) if fmt in ("JPEG", "MPO", "TIFF", "WEBP", "PNG") else 1
+                orientation = im.getexif().get(0x0112, 1) if fmt in formats else 1
         except Image.DecompressionBombError as e:
             raise ApiError(413, "too_many_pixels", f"{name}: refused as a decompression bomb ({e})") from None
         except UnidentifiedImageError:
             raise ApiError(415, "unsupported_media_type",
-                           f"{name}: not an image in a supported format ({', '.join(sorted(_FORMAT_EXT))})") from None
+                           f"{name}: not an image in an accepted format ({_format_list(formats)})") from None
         except Exception as e:  # noqa: BLE001 - anything PIL raises on a header is a bad upload
-            raise ApiError(422, "bad_image", f"{name}: cannot read the image header ({type(e).__name__}: {e})") from None
-        if fmt not in _FORMAT_EXT:
+            raise ApiError(422, "bad_image", f"{name}: cannot read the image header ({type(e).__name__}: "
+                                             f"{_hide_paths(str(e))})") from None
+        if fmt not in formats:
             raise ApiError(415, "unsupported_media_type",
-                           f"{name}: image format {fmt} is not accepted; accepted: {', '.join(sorted(_FORMAT_EXT))}")
+                           f"{name}: image format {fmt} is not accepted; accepted: {_format_list(formats)}")
         if w * h > self.config.max_pixels:
             raise ApiError(413, "too_many_pixels", f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of "
                                                    f"{self.config.max_pixels} pixels; not decoded")
@@ -261,7 +424,8 @@ class Service:
             if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:
                 raise ApiError(400, "bad_request", f"bbox {list(bbox)} lies outside the {w}x{h} image")
             box = (max(0.0, x1), max(0.0, y1), min(float(w), x2), min(float(h), y2))
-        ext = _FORMAT_EXT[fmt]
+        suffix = os.path.splitext(name)[1].lower()
+        ext = suffix if suffix in formats[fmt] else formats[fmt][0]  # the uploaded one when it fits
         path = Path(self._tmp.name) / f"{secrets.token_hex(8)}{ext}"
         path.write_bytes(data)
         try:
@@ -270,7 +434,7 @@ class Service:
                              max_pixels=min(self.config.max_pixels, self.pre.max_pixels or self.config.max_pixels),
                              crop_resize=self.pre.crop_resize)
         except ImageError as e:
-            raise ApiError(422, "bad_image", f"{name}: {e.reason}") from None
+            raise ApiError(422, "bad_image", f"{name}: {_hide_paths(e.reason, {str(path): name})}") from None
         finally:
             path.unlink(missing_ok=True)
         tensor = to_tensor(img, self.model.mean, self.model.std) if decode_for_model else None
@@ -328,10 +492,12 @@ class Service:
 
     @staticmethod
     def display_name(path: str) -> str:
-        """The file name shown for an indexed image (uploads lose their content-hash prefix)."""
-        base = os.path.basename(path)
+        """The file name shown for an indexed image: its last component only, never a
+        directory (uploads also lose their content-hash prefix)."""
+        parts = re.split(r"[\\/]", path)
+        base = parts[-1]
         m = _UPLOAD_NAME.match(base)
-        if m is not None and os.path.basename(os.path.dirname(os.path.dirname(path))) == UPLOADS:
+        if m is not None and len(parts) >= 3 and parts[-3] == UPLOADS:
             return m.group(1)
         return base
 
@@ -353,20 +519,83 @@ class Service:
             self._last_save = time.monotonic()
             self._unsaved = False
 
-    def save_uploads(self, files: list[_Checked]) -> list[str]:
+    def save_uploads(self, files: list[_Checked]) -> tuple[list[str], set[str]]:
+        """Store checked uploads under ``<store>/uploads/``; returns their absolute paths (one
+        per file) and the set of those that this call created (the others existed already)."""
         from .fileio import atomic_write_bytes
 
-        folder = self.store.path / UPLOADS
-        paths = []
-        for f in files:
-            stem = (Path(f.name).stem if f.name else "") or "image"
-            sub = folder / f.sha256[:2]
-            p = sub / f"{f.sha256[:16]}-{sanitise_name(stem, 60) or 'image'}{f.ext}"
-            if not p.is_file():
-                sub.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(p, f.data)
-            paths.append(str(p))
-        return paths
+        folder = self.uploads_dir()
+        paths, created = [], set()
+        try:
+            for f in files:
+                stem = (Path(f.name).stem if f.name else "") or "image"
+                sub = folder / f.sha256[:2]
+                p = sub / f"{f.sha256[:16]}-{sanitise_name(stem, 60) or 'image'}{f.ext}"
+                if not p.is_file():
+                    sub.mkdir(parents=True, exist_ok=True)
+                    atomic_write_bytes(p, f.data)
+                    created.add(str(p))
+                paths.append(str(p))
+        except BaseException:
+            self.delete_uploads(created)
+            raise
+        return paths, created
+
+    def uploads_dir(self) -> Path:
+        return Path(os.path.abspath(self.store.path)) / UPLOADS
+
+    def add_uploads(self, files: list[_Checked]):
+        """Save and index uploads (on the writer thread); returns the store's AddReport and the
+        saved paths. Every file this call saved that did not end up indexed (a duplicate, a
+        skipped file, or all that were not committed when the add failed) is deleted again; a
+        file an indexed image points to never is."""
+        first_new = self.store.n_rows()
+        paths, created = self.save_uploads(files)
+        report = None
+        try:
+            report = self.store.add(paths, save=False)
+        finally:
+            try:
+                # ids are given in order by the one writer: the rows from first_new on are this add's
+                new_ids = list(range(first_new, self.store.n_rows()))
+                keep = {os.path.abspath(r.path) for r in self.store.records(new_ids)}
+                if report is not None:
+                    dup_ids = sorted({int(i) for _, i in report.duplicates})
+                    keep |= {os.path.abspath(r.path) for r in self.store.records(dup_ids)}
+                self.delete_uploads(created - keep)
+            except Exception:  # noqa: BLE001 - never hide the add's own outcome behind the clean-up's
+                logging.getLogger("imret.server").exception("cannot clean up the uploads of a failed add")
+        return report, paths
+
+    def delete_uploads(self, paths) -> None:
+        """Delete stored uploads (only files under ``<store>/uploads/``) and folders left empty."""
+        root = self.uploads_dir()
+        for p in sorted(paths):
+            path = Path(os.path.abspath(p))
+            if path.parent.parent != root:
+                continue
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                logging.getLogger("imret.server").warning("cannot delete the unindexed upload %s", path)
+                continue
+            try:
+                path.parent.rmdir()  # only when empty
+            except OSError:
+                pass
+
+    def remove_image(self, image_id: int) -> None:
+        """Remove an image (on the writer thread); its stored upload, if it was one, is deleted."""
+        rec = self.live_record(image_id)
+        n = self.store.remove([image_id], save=False)
+        self.wrote()
+        if n == 0:
+            raise ApiError(404, "not_found", f"image {image_id} was removed")
+        self.forget_thumbnails(image_id)
+        # an upload's file is named by its content hash; live contents are unique, so after the
+        # removal no live image has this content, and none points to this file
+        if os.path.basename(rec.path).startswith(rec.sha256[:16] + "-"):
+            self.delete_uploads([rec.path])
 
     # -- thumbnails -------------------------------------------------------------------------------
 
@@ -383,7 +612,8 @@ class Service:
         try:
             img = load_image(rec.path, image_size=size, draft=True, max_pixels=self.config.max_pixels)
         except ImageError as e:
-            raise ApiError(404, "not_found", f"image {image_id} cannot be read any more ({e.reason})") from None
+            reason = _hide_paths(e.reason, {rec.path: self.display_name(rec.path)})
+            raise ApiError(404, "not_found", f"image {image_id} cannot be read any more ({reason})") from None
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=85, optimize=True)
         out = (buf.getvalue(), f'"{rec.sha256[:20]}-{size}"')
@@ -410,7 +640,7 @@ class Service:
     def info(self) -> dict[str, Any]:
         now = time.monotonic()
         if self._info_cache is None or now - self._info_cache[0] > 10.0:
-            self._info_cache = (now, self.store.info())
+            self._info_cache = (now, _public_store_info(self.store.info()))
         store = dict(self._info_cache[1], images=len(self.store))
         c = self.config
         return {"store": store, "server": {
@@ -418,7 +648,57 @@ class Service:
             "max_request_bytes": c.max_request_bytes,
             "max_k": c.max_k, "default_k": c.default_k, "writes": not c.read_only,
             "auth": {"writes": c.token is not None, "reads": c.token_reads},
+            "upload_formats": sorted(f for f in upload_formats() if f != "MPO"),
             "query_expansion": store.get("query_expansion"), "version": _version()}}
+
+
+def _public_store_info(info: dict[str, Any]) -> dict[str, Any]:
+    """``Store.info()`` without server-side paths: no store path, a model file shown by its
+    name, a Milvus file by its name and a Milvus server without credentials or token."""
+    out = {k: v for k, v in info.items() if k != "path"}
+    model = dict(out.get("model") or {})
+    src = model.get("source")
+    if isinstance(src, str) and src and (os.path.isabs(src) or src.startswith(("./", "../", "~", ".\\"))
+                                         or "\\" in src or os.path.exists(src)):
+        model["source"] = re.split(r"[\\/]", src.rstrip("/\\"))[-1]
+    if model:
+        out["model"] = model
+    backend = dict(out.get("backend") or {})
+    for key in ("requested", "spec", "searching_with"):
+        if isinstance(backend.get(key), str):
+            backend[key] = _public_spec(backend[key])
+    if backend:
+        out["backend"] = backend
+
+    def scrub(x):
+        if isinstance(x, dict):
+            return {k: scrub(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [scrub(v) for v in x]
+        if isinstance(x, str):
+            return _hide_paths(x)
+        return x
+
+    return scrub(out)
+
+
+def _public_spec(spec: str) -> str:
+    """A backend spec without paths or secrets: ``milvus:/srv/x/vectors.db`` -> ``milvus:vectors.db``,
+    ``milvus:http://user:pw@host:19530?token=...`` -> ``milvus:http://host:19530``."""
+    kind, sep, rest = spec.partition(":")
+    if kind.strip().lower() != "milvus" or not sep:
+        return spec
+    target, _, query = rest.partition("?")
+    if "://" in target:
+        try:
+            u = urlsplit(target)
+            target = f"{u.scheme}://{u.netloc.rpartition('@')[2]}"
+        except ValueError:
+            target = "<server>"
+    else:
+        target = re.split(r"[\\/]", target.rstrip("/\\"))[-1]
+    params = [kv for kv in query.split("&") if kv and kv.split("=", 1)[0].lower() not in ("token", "password", "user")]
+    return f"{kind}:{target}" + (f"?{'&'.join(params)}" if params else "")
 
 
 def _version() -> str:
@@ -436,9 +716,9 @@ def _parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
     try:
         vals = [float(p) for p in parts]
     except ValueError:
-        raise ApiError(400, "bad_request", f"bbox must be 4 numbers 'x1,y1,x2,y2', got {text!r}") from None
+        raise ApiError(400, "bad_request", f"bbox must be 4 numbers 'x1,y1,x2,y2', got {text[:100]!r}") from None
     if len(vals) != 4 or not all(math.isfinite(v) for v in vals):
-        raise ApiError(400, "bad_request", f"bbox must be 4 finite numbers 'x1,y1,x2,y2', got {text!r}")
+        raise ApiError(400, "bad_request", f"bbox must be 4 finite numbers 'x1,y1,x2,y2', got {text[:100]!r}")
     x1, y1, x2, y2 = vals
     if x2 <= x1 or y2 <= y1:
         raise ApiError(400, "bad_request", f"bbox {vals} is empty or inverted; expected x1 < x2 and y1 < y2")
@@ -471,20 +751,127 @@ class _BodyTooLarge(Exception):
 
 
 class RequestGuard:
-    """Pure ASGI middleware: refuses over-long bodies (by header and while streaming) and
-    non-multipart uploads before the framework parses anything."""
+    """Pure ASGI middleware, the first thing a request meets; nothing behind it runs for a
+    request it refuses.
 
-    def __init__(self, app, *, limits: dict[str, int], multipart: set[str], default_limit: int = 1 << 20):
+    - ``Host`` must name this server: the address the connection arrived at (and ``localhost``,
+      ``127.0.0.1``, ``[::1]`` when that is a loopback address) at the bound port, or one of
+      ``allowed_hosts``; else 403 ``forbidden_host`` (a DNS-rebinding page sends its own name).
+      A request without ``Host`` (HTTP/1.0; never a browser's) is not refused for it.
+    - ``Origin``, when sent, must be this server's own page (the same host and port as ``Host``,
+      or a loopback alias of it) or one of ``allowed_origins``; else 403 ``forbidden_origin``.
+      Without ``Origin``, a browser request marked ``Sec-Fetch-Site: cross-site`` or
+      ``same-site`` comes from another page: refused for writes, and for reads unless some
+      ``allowed_origins`` are configured (their ``<img>`` tags send no ``Origin``).
+    - Over-long bodies (by header and while streaming) and non-multipart uploads are refused
+      before the framework parses anything.
+    """
+
+    def __init__(self, app, *, limits: dict[str, int], multipart: set[str], default_limit: int = 1 << 20,
+                 allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = ()):
         self.app, self.limits, self.multipart, self.default_limit = app, limits, multipart, default_limit
+        self.allowed_hosts = [_split_netloc(_check_allowed_host(h)) for h in allowed_hosts]
+        self.allowed_origins = frozenset(_check_allowed_origin(o) for o in allowed_origins)
+
+    # -- where a request comes from -------------------------------------------------------------
+
+    @staticmethod
+    def _bound(scope) -> tuple[set[str], int | None]:
+        """The names of the interface this connection arrived at, and its port."""
+        server = scope.get("server") or (None, None)
+        addr, port = server[0], server[1] if len(server) > 1 else None
+        if addr is None or (port is None and ("/" in str(addr) or str(addr)[:1] in ("", "\0"))):
+            return set(_LOOPBACK_NAMES), None  # a Unix socket: only local clients
+        addr = str(addr).lower().strip("[]")
+        names = {addr}
+        try:
+            ip = ipaddress.ip_address(addr.split("%", 1)[0])
+            mapped = getattr(ip, "ipv4_mapped", None)
+            if ip.is_loopback or (mapped is not None and mapped.is_loopback):
+                names |= _LOOPBACK_NAMES
+            if mapped is not None:
+                names.add(str(mapped))
+        except ValueError:  # a name (the test client's "testserver")
+            pass
+        return names, None if port is None else int(port)
+
+    def _host_ok(self, scope, host: str) -> bool:
+        parsed = _split_netloc(host)
+        if parsed is None:
+            return False
+        name, port = parsed
+        port_or_default = port if port is not None else (443 if scope.get("scheme") == "https" else 80)
+        names, bound_port = self._bound(scope)
+        if name in names and (bound_port is None or port_or_default == bound_port):
+            return True
+        return any(name == a_name and (a_port is None or a_port == port_or_default)
+                   for a_name, a_port in self.allowed_hosts)
+
+    def _origin_is_own(self, scope, origin: str, host: str | None) -> bool:
+        """``origin`` (normalised) is a page of this server: the request's own host, or the
+        bound interface at the bound port."""
+        netloc = origin.split("://", 1)[1]
+        if host is not None and _split_netloc(netloc) == _split_netloc(host):
+            return True
+        parsed = _split_netloc(netloc)
+        if parsed is None:
+            return False
+        name, port = parsed
+        port = port if port is not None else (443 if origin.startswith("https:") else 80)
+        names, bound_port = self._bound(scope)
+        return name in names and bound_port is not None and port == bound_port
+
+    def _refusal(self, scope, headers: dict[str, str], repeated: set[str]) -> tuple[str, str] | None:
+        """``(code, message)`` when the request is refused for where it comes from."""
+        host = headers.get("host")
+        if "host" in repeated:
+            return "forbidden_host", "more than one Host header"
+        if host is not None and not self._host_ok(scope, host):
+            return "forbidden_host", (f"Host {host[:100]!r} does not name this server; if clients reach it by "
+                                      "that name, start it with --allowed-host NAME")
+        origin = headers.get("origin")
+        if "origin" in repeated:
+            return "forbidden_origin", "more than one Origin header"
+        if origin is not None:
+            norm = _normalise_origin(origin)
+            if norm is None or not (self._origin_is_own(scope, norm, host) or norm in self.allowed_origins):
+                return "forbidden_origin", (f"requests from the web page at {origin[:100]!r} are refused; only this "
+                                            "server's own page and --allowed-origin origins may use the API")
+            return None
+        site = headers.get("sec-fetch-site", "").strip().lower()
+        if site in ("cross-site", "same-site"):
+            if scope["method"] in _WRITE_METHODS or scope["method"] == "OPTIONS" or not self.allowed_origins:
+                return "forbidden_origin", (f"a request from another web page (Sec-Fetch-Site: {site}) without an "
+                                            "Origin header is refused")
+        return None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers: dict[str, str] = {}
+        repeated: set[str] = set()
+        for k, v in scope.get("headers", []):
+            name = k.decode("latin-1").lower()
+            if name in headers:
+                repeated.add(name)
+            headers[name] = v.decode("latin-1")
+        refusal = self._refusal(scope, headers, repeated)
+        if refusal is not None:
+            return await _send_error(send, 403, *refusal)
+        origin = headers.get("origin")
+        cors = None
+        if origin is not None and _normalise_origin(origin) in self.allowed_origins \
+                and not self._origin_is_own(scope, _normalise_origin(origin), headers.get("host")):
+            cors = origin.strip()
+            if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+                return await _send_preflight(send, cors)
+            send = _with_cors(send, cors)
+        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
             return await self.app(scope, receive, send)
         path = scope["path"]
         limit = self.limits.get(path, self.default_limit)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         ctype = headers.get("content-type", "")
-        if path in self.multipart and not ctype.lower().startswith("multipart/form-data"):
+        if path in self.multipart and scope["method"] == "POST" and not ctype.lower().startswith("multipart/form-data"):
             return await _send_error(send, 415, "unsupported_media_type",
                                      f"{path} takes multipart/form-data, got {ctype or 'no content type'}")
         try:
@@ -526,12 +913,37 @@ class RequestGuard:
                 await _send_error(send, 413, "too_large", f"request body exceeds the limit of {limit} bytes")
 
 
+def _with_cors(send, origin: str):
+    """``send`` that marks the response readable by the page at ``origin`` (an allowed origin)."""
+    async def cors_send(msg):
+        if msg["type"] == "http.response.start":
+            msg = dict(msg, headers=[*msg.get("headers", []),
+                                     (b"access-control-allow-origin", origin.encode("latin-1")),
+                                     (b"access-control-expose-headers", b"ETag"), (b"vary", b"Origin")])
+        await send(msg)
+
+    return cors_send
+
+
+async def _send_preflight(send, origin: str) -> None:
+    """The answer to a CORS preflight from an allowed origin."""
+    await send({"type": "http.response.start", "status": 204, "headers": [
+        (b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"),
+        (b"access-control-allow-methods", b"GET, HEAD, POST, DELETE"),
+        (b"access-control-allow-headers", b"Authorization, X-API-Token, Content-Type, If-None-Match"),
+        (b"access-control-max-age", b"600"), (b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
 async def _send_error(send, status: int, code: str, message: str) -> None:
     import json
 
+    if code not in ERROR_CODES:
+        raise ValueError(f"unknown error code {code!r}; known: {', '.join(sorted(ERROR_CODES))}")
     body = json.dumps({"error": {"status": status, "code": code, "message": message}}).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"x-content-type-options", b"nosniff")]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -542,8 +954,10 @@ def create_app(store, config: ServerConfig | None = None):
     path, opened writable unless ``config.read_only``). The app owns a path-opened store and
     closes it on shutdown."""
     from contextlib import asynccontextmanager
+    from typing import Annotated
 
     from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+    from fastapi import Path as PathParam
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
@@ -571,6 +985,11 @@ def create_app(store, config: ServerConfig | None = None):
                               "add and remove images. Errors are `{\"error\": {\"status\", \"code\", \"message\"}}`.")
     app.state.service = service
 
+    # integer parameters are bounded where they are parsed: out of range (negative, or beyond the
+    # 64 bits SQLite takes) is a 422 like any other bad parameter, never an error further down
+    ImageId = Annotated[int, PathParam(ge=0, le=MAX_ID, description=f"image id (0..{MAX_ID})")]
+    K_HELP = f"number of results (1..{config.max_k}; default {config.default_k})"
+
     err = {"model": dict, "description": "error: {\"error\": {\"status\", \"code\", \"message\"}}"}
 
     def errors(*codes: int) -> dict[int, dict]:
@@ -591,17 +1010,37 @@ def create_app(store, config: ServerConfig | None = None):
         return JSONResponse({"error": {"status": 422, "code": "bad_request", "message": "; ".join(msgs)}},
                             status_code=422)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, e: Exception):
-        import logging
+    def _internal(request: Request, e: BaseException) -> JSONResponse:
+        from .index.store import StoreCorruptError, StoreFullError
 
-        logging.getLogger("imret.server").exception("unhandled error in %s %s", request.method, request.url.path)
+        # store failures say what happened without the server's paths (the log has them)
+        if isinstance(e, StoreFullError):
+            logging.getLogger("imret.server").error("%s %s: %s", request.method, request.url.path, e)
+            return JSONResponse({"error": {"status": 507, "code": "insufficient_storage", "message":
+                                           "no space left on the server's disk: nothing of this request was "
+                                           "written and the store is intact"}}, status_code=507)
+        if isinstance(e, StoreCorruptError):
+            logging.getLogger("imret.server").error("%s %s: %s", request.method, request.url.path, e)
+            return JSONResponse({"error": {"status": 500, "code": "store_damaged", "message":
+                                           "a file of the store is damaged (the server log names it); "
+                                           "nothing was changed"}}, status_code=500)
+        logging.getLogger("imret.server").error("unhandled error in %s %s", request.method, request.url.path,
+                                                exc_info=(type(e), e, e.__traceback__))
         return JSONResponse({"error": {"status": 500, "code": "internal", "message": f"internal error "
                                        f"({type(e).__name__}); see the server log"}}, status_code=500)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        return _internal(request, e)
+
+    # the framework's own refusals (unknown path, wrong method, a multipart body it cannot parse)
+    _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                   405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type", 422: "bad_request",
+                   503: "busy"}
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "error")
+        code = _HTTP_CODES.get(e.status_code, "bad_request" if e.status_code < 500 else "internal")
         return JSONResponse({"error": {"status": e.status_code, "code": code, "message": str(e.detail)}},
                             status_code=e.status_code, headers=getattr(e, "headers", None))
 
@@ -610,7 +1049,12 @@ def create_app(store, config: ServerConfig | None = None):
         t0 = time.perf_counter()
         status = 500
         try:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception as e:  # noqa: BLE001
+                # answered here, not by the outermost error handler: that one re-raises into the
+                # server, which then drops the keep-alive connection
+                response = _internal(request, e)
             status = response.status_code
         finally:
             route = request.scope.get("route")
@@ -705,9 +1149,9 @@ def create_app(store, config: ServerConfig | None = None):
     @app.post("/api/search", tags=["search"], summary="Search with an uploaded photo",
               dependencies=[Depends(read_auth)], responses=errors(400, 401, 403, 413, 415, 422, 503))
     async def search(
-        image: UploadFile = File(..., description="the query photo (JPEG, PNG, WebP, GIF, BMP, TIFF)"),
+        image: UploadFile = File(..., description="the query photo, in a format of /api/info's upload_formats"),
         bbox: str | None = Form(None, description="crop box 'x1,y1,x2,y2' in pixels of the upright image"),
-        k: int | None = Form(None, description="number of results (1..max_k; default: default_k)"),
+        k: int | None = Form(None, ge=1, le=config.max_k, description=K_HELP),
         qe: str | None = Form(None, description="query expansion 'true'/'false' (default: the store's setting)"),
     ):
         t0 = time.perf_counter()
@@ -723,8 +1167,9 @@ def create_app(store, config: ServerConfig | None = None):
                           "bbox": list(checked.bbox) if checked.bbox else None}}
 
     @app.get("/api/images/{image_id}/similar", tags=["search"], summary="Search with an indexed image",
-             dependencies=[Depends(read_auth)], responses=errors(400, 401, 403, 404, 503))
-    async def similar(image_id: int, k: int | None = Query(None), qe: str | None = Query(None)):
+             dependencies=[Depends(read_auth)], responses=errors(400, 401, 403, 404, 422, 503))
+    async def similar(image_id: ImageId, k: int | None = Query(None, ge=1, le=config.max_k, description=K_HELP),
+                      qe: str | None = Query(None)):
         t0 = time.perf_counter()
         kk = _check_k(k, config)
         use_qe = _parse_bool(qe, "qe")
@@ -735,7 +1180,7 @@ def create_app(store, config: ServerConfig | None = None):
 
     @app.get("/api/images", tags=["images"], summary="Live images in id order, paged",
              dependencies=[Depends(read_auth)], responses=errors(401, 403, 422))
-    async def list_images(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)):
+    async def list_images(offset: int = Query(0, ge=0, le=MAX_ID), limit: int = Query(50, ge=1, le=500)):
         def work():
             recs = store.list(offset, limit)
             return {"total": len(store), "offset": offset, "limit": limit,
@@ -745,7 +1190,7 @@ def create_app(store, config: ServerConfig | None = None):
 
     @app.get("/api/images/{image_id}", tags=["images"], summary="One image's record",
              dependencies=[Depends(read_auth)], responses=errors(401, 403, 404, 422))
-    async def get_image(image_id: int):
+    async def get_image(image_id: ImageId):
         rec = await run_in_threadpool(service.live_record, image_id)
         return service._image_fields(rec)
 
@@ -753,7 +1198,7 @@ def create_app(store, config: ServerConfig | None = None):
              dependencies=[Depends(read_auth)], responses={200: {"content": {"image/jpeg": {}}},
                                                             **errors(401, 403, 404, 422)},
              response_class=Response)
-    async def thumbnail(request: Request, image_id: int, size: int = Query(256, ge=32, le=1024)):
+    async def thumbnail(request: Request, image_id: ImageId, size: int = Query(256, ge=32, le=1024)):
         data, etag = await run_in_threadpool(service.thumbnail, image_id, size)
         headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
         if request.headers.get("if-none-match") == etag:
@@ -773,29 +1218,26 @@ def create_app(store, config: ServerConfig | None = None):
             checked.append(await run_in_threadpool(service.check_upload, data, f.filename, decode_for_model=False))
 
         def work():
-            paths = service.save_uploads(checked)
-            report = store.add(paths, save=False)
+            report, paths = service.add_uploads(checked)
             service.wrote()
             by_path = dict(zip(paths, checked))
+            shown = {p: f.name for p, f in by_path.items()}
+
+            def name(p):
+                return by_path[p].name if p in by_path else service.display_name(p)
+
             return {"added": [{"id": int(i), "name": service.display_name(r.path)}
                               for i, r in zip(report.added, store.records(report.added))],
-                    "duplicates": [{"name": by_path[p].name if p in by_path else os.path.basename(p), "id": int(i)}
-                                   for p, i in report.duplicates],
-                    "skipped": [{"name": by_path[p].name if p in by_path else os.path.basename(p), "reason": why}
-                                for p, why in report.skipped]}
+                    "duplicates": [{"name": name(p), "id": int(i)} for p, i in report.duplicates],
+                    "skipped": [{"name": name(p), "reason": _hide_paths(why, shown)} for p, why in report.skipped]}
 
         return await asyncio.wrap_future(service.writer.submit(work))
 
     @app.delete("/api/images/{image_id}", tags=["images"], summary="Remove an image",
                 dependencies=[Depends(write_auth)], responses=errors(401, 403, 404, 422))
-    async def remove_image(image_id: int):
+    async def remove_image(image_id: ImageId):
         def work():
-            service.live_record(image_id)
-            n = store.remove([image_id], save=False)
-            service.wrote()
-            if n == 0:
-                raise ApiError(404, "not_found", f"image {image_id} was removed")
-            service.forget_thumbnails(image_id)
+            service.remove_image(image_id)
             return {"removed": image_id}
 
         return await asyncio.wrap_future(service.writer.submit(work))
@@ -803,5 +1245,6 @@ def create_app(store, config: ServerConfig | None = None):
     limits = {"/api/search": config.max_upload_bytes + 65536,
               "/api/images": min(config.max_request_bytes,
                                  config.max_files * (config.max_upload_bytes + 4096) + 65536)}
-    app.add_middleware(RequestGuard, limits=limits, multipart={"/api/search", "/api/images"})
+    app.add_middleware(RequestGuard, limits=limits, multipart={"/api/search", "/api/images"},
+                       allowed_hosts=config.allowed_hosts, allowed_origins=config.allowed_origins)
     return app

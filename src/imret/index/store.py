@@ -52,7 +52,6 @@ import os
 import re
 import shutil
 import sqlite3
-import stat
 import threading
 import uuid
 import zlib
@@ -77,6 +76,7 @@ __all__ = [
     "StoreVersionError",
     "StoreCorruptError",
     "StoreLockedError",
+    "StoreFullError",
     "Hit",
     "AddReport",
     "ImageRecord",
@@ -109,6 +109,10 @@ class StoreVersionError(StoreError):
 
 class StoreCorruptError(StoreError):
     """A file of the store is missing, truncated or inconsistent with the others."""
+
+
+class StoreFullError(StoreError):
+    """The disk is full: the failed step was not committed and the store is intact."""
 
 
 class StoreLockedError(StoreError):
@@ -234,45 +238,39 @@ def _sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> tuple[str, in
 
 
 class _NotAnImageFile(Exception):
-    """A path that is not a readable regular file (the reason is the message)."""
+    """A path the store will not index (the reason is the message)."""
 
 
 def _hash_image_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
-    """``(sha256, size)`` of the regular file at ``path``, read once through one descriptor.
+    """``(sha256, size)`` of the image file at ``path``, read once through one descriptor.
 
-    Opened non-blocking and checked with ``fstat`` *before* anything is read, so a FIFO, a
-    device (a symlink to ``/dev/zero``), a socket or a directory is refused at once instead of
-    blocking forever or being read without end; an empty file is refused too.
+    The library's bad-file policy (:func:`imret.images.open_regular_file`) comes first: a FIFO,
+    a device (a symlink to ``/dev/zero``), a socket, a directory or an empty file is refused
+    before anything is read, so an add never blocks or reads without end; a type this install
+    cannot decode is refused by name. Reads stop at the size the file had when it was opened.
     """
+    from ..images import ImageError, check_image_type, open_regular_file
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except IsADirectoryError:
-        raise _NotAnImageFile("a directory, not a file") from None
-    except OSError as e:
-        raise _NotAnImageFile(f"cannot read: {e.strerror or e}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
-                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-                    else "a socket" if stat.S_ISSOCK(st.st_mode) else "a special file")
-            raise _NotAnImageFile(f"not a regular file ({kind})")
-        if st.st_size == 0:
-            raise _NotAnImageFile("empty file")
+        check_image_type(path)
+        f = open_regular_file(path)
+    except ImageError as e:
+        raise _NotAnImageFile(e.reason) from None
+    with f:
+        expected = os.fstat(f.fileno()).st_size
         h = hashlib.sha256()
         size = 0
-        while size <= st.st_size:  # never more than the size it had when opened (+1 to see growth)
-            b = os.read(fd, min(chunk, st.st_size + 1 - size))
-            if not b:
-                break
-            h.update(b)
-            size += len(b)
-    except OSError as e:
-        raise _NotAnImageFile(f"cannot read: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
-    if size != st.st_size:
-        raise _NotAnImageFile(f"changed size while being read ({st.st_size} -> {size} bytes)")
+        try:
+            while size <= expected:  # +1 byte past the size: growth is noticed, never followed
+                b = f.read(min(chunk, expected + 1 - size))
+                if not b:
+                    break
+                h.update(b)
+                size += len(b)
+        except OSError as e:
+            raise _NotAnImageFile(f"cannot read ({e.strerror or e})") from None
+    if size != expected:
+        raise _NotAnImageFile(f"changed size while being read ({expected} -> {size} bytes)")
     return h.hexdigest(), size
 
 
@@ -395,7 +393,10 @@ class Store:
         self._stamp: tuple[int, int] | None = None
         self._pending_dead: set[int] = set()
         self._maps: dict[str, np.ndarray] = {}
-        self._verified: dict[str, int] = {}  # rows [0, n) of a rows file checked against their CRC32
+        # per rows file: which rows this process has checked against their CRC32 (each row is
+        # checked once: at the first exact search of the whole matrix, or when it is re-scored)
+        self._verified: dict[str, np.ndarray] = {}
+        self._checked_upto: dict[str, int] = {}  # ... and the prefix of rows known to be all checked
         # see the class docstring: writers take _write_lock, then _lock for short steps
         self._lock = threading.RLock()
         self._write_lock = threading.RLock()
@@ -545,7 +546,7 @@ class Store:
                 self._db.close()
                 self._db = None
             if _no_space(self.path):  # SQLite says "disk I/O error" when it cannot create its WAL
-                raise StoreError(f"no space left on the device of {self.path} to open {db_path} ({e}); "
+                raise StoreFullError(f"no space left on the device of {self.path} to open {db_path} ({e}); "
                                  "nothing was changed and the store is intact; free some space and try again") from None
             raise StoreCorruptError(f"{db_path} is not a readable SQLite database: {e}") from None
         if meta.get("store_id") != self._config["store_id"]:
@@ -595,7 +596,7 @@ class Store:
 
     def _disk_full_error(self, e: OSError, op: str) -> StoreError:
         where = e.filename or self.path
-        return StoreError(f"no space left on the device of {where} ({e.strerror or e}) during {op}: nothing "
+        return StoreFullError(f"no space left on the device of {where} ({e.strerror or e}) during {op}: nothing "
                           f"of the failed step was committed and the store {self.path} is intact "
                           f"({self._committed_summary()}); free some space and run it again")
 
@@ -603,7 +604,7 @@ class Store:
         db = self.path / _SQLITE
         text = str(e)
         if "full" in text or ("I/O" in text and _no_space(self.path)):
-            return StoreError(f"no space left for {db} ({text}) during {op}: nothing of the failed step was "
+            return StoreFullError(f"no space left for {db} ({text}) during {op}: nothing of the failed step was "
                               f"committed and the store {self.path} is intact; free some space and run it again")
         if "locked" in text or "busy" in text:
             return StoreError(f"{db} stayed locked by another process for 30 s during {op} ({text}); "
@@ -723,10 +724,9 @@ class Store:
             if m is None or m.shape != (n, width):
                 m = np.memmap(self._file(name, "rows file"), dtype=np.float32, mode="c", shape=(n, width))
                 self._maps[name] = m
-            if check and self._verified.get(name, 0) < n:
-                start = self._verified.get(name, 0)
-                self._check_rows(name, m, np.arange(start, n))
-                self._verified[name] = n
+            if check and self._checked_upto.get(name, 0) < n:
+                self._check_rows(name, m, np.arange(self._checked_upto.get(name, 0), n))
+                self._checked_upto[name] = n
             return m
 
     def _expected_crcs(self, name: str, ids: np.ndarray) -> np.ndarray | None:
@@ -763,6 +763,16 @@ class Store:
         """Raise :class:`StoreCorruptError` naming the file when a row of ``m`` (rows ``ids``)
         does not match the CRC32 recorded when it was written (swapped, zeroed, edited rows)."""
         ids = np.asarray(ids, dtype=np.int64).ravel()
+        done = self._verified.get(name)
+        if done is None or done.size < m.shape[0]:
+            grown = np.zeros(max(m.shape[0], 2 * (0 if done is None else done.size)), bool)
+            if done is not None:
+                grown[:done.size] = done
+            done = self._verified[name] = grown
+        ids = ids[~done[ids]]
+        if ids.size == 0:
+            return
+        ids = np.unique(ids)  # sorted: a run of consecutive ids is read as one slice
         for lo in range(0, ids.size, 65536):
             part = ids[lo:lo + 65536]
             expected = self._expected_crcs(name, part)
@@ -778,6 +788,7 @@ class Store:
                     f"(ids {bad[:5].tolist()}{' ...' if bad.size > 5 else ''}); refusing to search with it. "
                     f"Restore the store from a backup, or build it again from its images "
                     f"(`imret index verify {self.path}` lists the damaged rows)")
+            done[part] = True
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
         """The indexed rows of ids (any shape, all >= 0) as float32 ``(ids.size, D')``; rows not
@@ -788,9 +799,7 @@ class Store:
             m = self._matrix(name, width, check=False)
             flat = np.asarray(ids, dtype=np.int64).ravel()
             rows = np.asarray(m[flat], dtype=np.float32)
-            fresh = np.unique(flat[flat >= self._verified.get(name, 0)])
-            if fresh.size:
-                self._check_rows(name, m, fresh)
+            self._check_rows(name, m, flat)
             return rows
 
     @_store_errors
@@ -1591,9 +1600,7 @@ class Store:
             with self._lock:
                 m = self._matrix(_DESCRIPTORS, self.dim, check=False)
                 x = np.asarray(m[want], dtype=np.float32)
-                fresh = np.unique(want[want >= self._verified.get(_DESCRIPTORS, 0)])
-                if fresh.size:
-                    self._check_rows(_DESCRIPTORS, m, fresh)
+                self._check_rows(_DESCRIPTORS, m, want)
             return self.search_vectors(x, k, query_expansion=query_expansion)
 
     def _search_once(self, searcher: Backend, x: np.ndarray, k: int, rescore: bool):
