@@ -91,11 +91,19 @@ def subset_gnd(gnd: dict, queries: list[int]) -> dict:
 
 
 def describe(model, gt, root: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
-    from imret.extract import extract_descriptors
+    from imret.retrieval import Encoder
 
-    db = extract_descriptors(model, gt.db_paths(root), image_size=size, workers=2)
-    q = extract_descriptors(model, gt.query_paths(root), image_size=size, bboxes=list(gt.bbx), workers=2)
+    enc = Encoder(model, image_size=size, workers=2)
+    db = enc.encode(gt.db_paths(root), on_error="raise").descriptors
+    q = enc.encode(gt.query_paths(root), list(gt.bbx), on_error="raise").descriptors
     return q, db
+
+
+def scores(q: np.ndarray, db: np.ndarray) -> np.ndarray:
+    """``(Nq, Ndb)`` scores through the pipeline the store and ``imret eval`` use (exact, no post-processing)."""
+    from imret.retrieval import Retriever
+
+    return Retriever().index(db).search(vectors=q, k=len(db)).dense(len(db))
 
 
 def result_row(res) -> dict:
@@ -212,14 +220,14 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             untuned_q, untuned_db = describe(trainer.model, gt_all, root, args.test_size)
             print(f"  untuned extraction {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-        untuned_fold = result_row(evaluate_revisitop_scores(untuned_q[fold["test_queries"]] @ untuned_db.T, gt_fold))
+        untuned_fold = result_row(evaluate_revisitop_scores(scores(untuned_q[fold["test_queries"]], untuned_db), gt_fold))
         t0 = time.perf_counter()
         result = trainer.fit()
         train_s = time.perf_counter() - t0
         tuned = trainer.model.eval()
         q, db = describe(tuned, gt_fold, root, args.test_size)
-        tuned_scores[fold["test_queries"]] = q @ db.T
-        tuned_fold = result_row(evaluate_revisitop_scores(q @ db.T, gt_fold))
+        tuned_scores[fold["test_queries"]] = scores(q, db)
+        tuned_fold = result_row(evaluate_revisitop_scores(tuned_scores[fold["test_queries"]], gt_fold))
         history = [{"epoch": h.epoch, "loss": h.loss, "map_medium": None if h.map_medium is None else 100 * h.map_medium,
                     "gem_p": h.gem_p, "images_per_s": h.images_per_s} for h in result.history]
         fold_runs.append({**{k: fold[k] for k in ("fold", "test_groups", "train_landmarks")},
@@ -228,7 +236,7 @@ def main(argv=None) -> int:
                           "history": history, "train_s": train_s, "steps": result.steps})
         print(f"  untuned {untuned_fold} -> tuned {tuned_fold} ({train_s:.0f} s training)", file=sys.stderr, flush=True)
 
-    untuned = result_row(evaluate_revisitop_scores(untuned_q @ untuned_db.T, gt_all))
+    untuned = result_row(evaluate_revisitop_scores(scores(untuned_q, untuned_db), gt_all))
     tuned = result_row(evaluate_revisitop_scores(tuned_scores, gt_all))
     plot_curves(fold_runs, untuned, out / "curves.png")
     wall = time.perf_counter() - t_start

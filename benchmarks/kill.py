@@ -122,7 +122,7 @@ def check(store: Path, must_have: set[str], must_not_have: set[str]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=64)
-    ap.add_argument("--photos", type=int, default=48)
+    ap.add_argument("--photos", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
@@ -140,10 +140,11 @@ def main() -> int:
     photos = sorted(str(p) for p in folder.rglob("*.jpg"))
     torch.manual_seed(0)
     store = work / "store"
-    Store.create(store, create_model("resnet18", "gem", pretrained=False),
-                 preprocessing=Preprocessing(image_size=64)).close()
+    with Store.create(store, create_model("resnet18", "gem", pretrained=False),
+                      preprocessing=Preprocessing(image_size=64)) as st:  # a start big enough to whiten
+        st.add(photos[: args.photos // 2], workers=0)
+    must_have: set[str] = set(photos[: args.photos // 2])
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    must_have: set[str] = set()
     must_not_have: set[str] = set()
     tally: Counter = Counter()
     killed_by_op: Counter = Counter()
@@ -155,7 +156,7 @@ def main() -> int:
         with Store.open(store) as st:
             live = {r.path: r.id for r in st.list(0, 1_000_000)}
         if op == "add":
-            arg = rng.sample(photos, rng.randint(2, 12))
+            arg = rng.sample(photos, rng.randint(4, 16))
         elif op == "remove":
             if not live:
                 op, arg = "add", rng.sample(photos, 6)

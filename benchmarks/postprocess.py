@@ -50,8 +50,9 @@ from imret.evaluation import (
     load_revisitop,
     random_baseline_revisitop,
 )
-from imret.expansion import alpha_database_augmentation, alpha_query_expansion, average_query_expansion
+from imret.expansion import QueryExpansion
 from imret.extract import extract_descriptors
+from imret.retrieval import Retriever
 from imret.whitening import Whitening, fit_learned_whitening, fit_pca_whitening
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -218,15 +219,15 @@ class Step:
     looked: bool = False  # a setting chosen after seeing results on this set
 
 
-def retrieve(q: np.ndarray, db: np.ndarray, step: Step) -> np.ndarray:
-    """``(Nq, Ndb)`` similarities after the step's database augmentation and query expansion."""
-    if step.dba is not None:
-        db = alpha_database_augmentation(db, step.dba[0], step.dba[1])
-    if step.aqe_k:
-        q = average_query_expansion(q, db, step.aqe_k)
-    if step.qe is not None:
-        q = alpha_query_expansion(q, db, step.qe[0], step.qe[1])
-    return q @ db.T
+def retrieve(q: np.ndarray, db: np.ndarray, step: Step, whitening: Whitening | None = None) -> np.ndarray:
+    """``(Nq, Ndb)`` scores of the step's pipeline (whitening, αDBA, AQE / αQE), run by
+    :class:`imret.retrieval.Retriever`, the pipeline the store and ``imret eval`` use."""
+    if step.aqe_k and step.qe is not None:
+        raise ValueError(f"step {step.name!r} asks for both AQE and αQE")
+    qe = (QueryExpansion("aqe", step.aqe_k) if step.aqe_k else
+          QueryExpansion("alpha", step.qe[0], float(step.qe[1])) if step.qe is not None else QueryExpansion())
+    r = Retriever(whitening=whitening, dba=step.dba, query_expansion=qe).index(db)
+    return r.search(vectors=q, k=len(db)).dense(len(db))
 
 
 def step_scores(q: np.ndarray, db: np.ndarray, folds: list[list[int]], whitenings: list[Whitening] | None,
@@ -236,7 +237,7 @@ def step_scores(q: np.ndarray, db: np.ndarray, folds: list[list[int]], whitening
         return retrieve(q, db, step)
     scores = np.empty((len(q), len(db)), dtype=np.float32)
     for fold, w in zip(folds, whitenings):
-        scores[fold] = retrieve(w.apply(q[fold]), w.apply(db), step)
+        scores[fold] = retrieve(q[fold], db, step, w)
     return scores
 
 

@@ -26,12 +26,58 @@ an ``(Nq, N)`` score matrix is never held at once. Which of several neighbours t
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["average_query_expansion", "alpha_query_expansion", "alpha_database_augmentation", "expand_with_neighbours"]
+__all__ = [
+    "QE_METHODS",
+    "QueryExpansion",
+    "average_query_expansion",
+    "alpha_query_expansion",
+    "alpha_database_augmentation",
+    "expand_with_neighbours",
+]
+
+QE_METHODS = ("none", "aqe", "alpha")
+
+@dataclass(frozen=True)
+class QueryExpansion:
+    """Query expansion applied at search time: ``none``, AQE (Chum et al.) or αQE (Radenović
+    et al.) with the top ``k`` results and weight exponent ``alpha`` (ignored by AQE)."""
+
+    method: str = "none"
+    k: int = 2
+    alpha: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.method not in QE_METHODS:
+            raise ValueError(f"unknown query expansion {self.method!r}; available: {', '.join(QE_METHODS)}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"query expansion k must be a positive integer, got {self.k!r}")
+        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha)
+                or self.alpha < 0):
+            raise ValueError(f"query expansion alpha must be a finite number >= 0, got {self.alpha!r}")
+
+    @property
+    def weight_alpha(self) -> float:
+        """The exponent of the neighbour weights: 0 for AQE (every neighbour weighs 1)."""
+        return 0.0 if self.method == "aqe" else float(self.alpha)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QueryExpansion":
+        """From a saved dict; unknown keys are refused, naming the valid ones."""
+        if not isinstance(d, dict):
+            raise ValueError(f"query expansion must be a mapping, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)} in query_expansion; valid: {sorted(names)}")
+        return cls(**d)
+
 
 # Elements of float32 scratch per chunk (score block or gathered neighbours): 64 MiB.
 _CHUNK_ELEMENTS = 1 << 24

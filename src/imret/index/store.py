@@ -61,7 +61,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..expansion import alpha_database_augmentation, expand_with_neighbours
+from ..expansion import QE_METHODS, QueryExpansion, alpha_database_augmentation
+from ..retrieval import expand_and_search, search_stage
 from ..fileio import atomic_write_bytes, fsync_dir
 from ..whitening import Whitening
 from . import create_backend, load_backend, resolve_spec
@@ -87,7 +88,6 @@ __all__ = [
 
 STORE_FORMAT = "imret.store"
 STORE_VERSION = 1
-QE_METHODS = ("none", "aqe", "alpha")
 
 _STORE_JSON = "store.json"
 _SQLITE = "meta.sqlite"
@@ -189,28 +189,6 @@ class Preprocessing:
             if not isinstance(d["scales"], (list, tuple)):
                 raise ValueError(f"scales must be a list of numbers, got {d['scales']!r}")
             d["scales"] = tuple(d["scales"])
-        return cls(**d)
-
-
-@dataclass(frozen=True)
-class QueryExpansion:
-    """Query expansion applied at search time: none, AQE (Chum et al.) or αQE (Radenović et al.)."""
-
-    method: str = "none"
-    k: int = 2
-    alpha: float = 3.0
-
-    def __post_init__(self) -> None:
-        if self.method not in QE_METHODS:
-            raise ValueError(f"unknown query expansion {self.method!r}; available: {', '.join(QE_METHODS)}")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"query expansion k must be a positive integer, got {self.k!r}")
-        if not (isinstance(self.alpha, (int, float)) and self.alpha >= 0):
-            raise ValueError(f"query expansion alpha must be >= 0, got {self.alpha!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QueryExpansion":
-        _reject_unknown(d, cls, "query_expansion")
         return cls(**d)
 
 
@@ -1556,15 +1534,14 @@ class Store:
             qe = self.query_expansion if query_expansion is None else query_expansion
             x = self.postprocess(q)
             searcher = self._searcher()
-            scores, ids = self._search_once(searcher, x, int(k), exact_rescore)
-            if qe.method != "none" and len(self) > 0:
-                if ids.shape[1] < qe.k:
-                    s2, i2 = self._search_once(searcher, x, qe.k, exact_rescore)
-                else:
-                    s2, i2 = scores, ids
-                x = expand_with_neighbours(x, self._gather(i2[:, : qe.k]), s2[:, : qe.k],
-                                           0.0 if qe.method == "aqe" else qe.alpha)
-                scores, ids = self._search_once(searcher, x, int(k), exact_rescore)
+            n_live = len(self)
+
+            def stage(xq: np.ndarray, kq: int):
+                return search_stage(xq, kq, searcher, n_live=n_live, rows=self._gather if exact_rescore else None,
+                                    exact=self._exact_searcher,
+                                    raw_search=lambda a, b: self._first_stage(searcher, a, b))
+
+            scores, ids = expand_and_search(x, int(k), stage, self._gather, qe, n_live)
         return scores, ids
 
     @_store_errors
@@ -1603,7 +1580,9 @@ class Store:
                 self._check_rows(_DESCRIPTORS, m, want)
             return self.search_vectors(x, k, query_expansion=query_expansion)
 
-    def _search_once(self, searcher: Backend, x: np.ndarray, k: int, rescore: bool):
+    def _first_stage(self, searcher: Backend, x: np.ndarray, k: int):
+        """The backend's top k, without the removals a shared engine has not applied yet (a
+        reader of a Milvus collection filters them out itself)."""
         dead = self._pending_dead if searcher is self._backend else set()
         scores, ids = searcher.search(x, k + len(dead))
         if dead:
@@ -1611,28 +1590,6 @@ class Store:
             order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
             scores = np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(scores, order, 1), -np.inf)
             ids = np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(ids, order, 1), -1)
-        if not isinstance(searcher, ExactBackend) and ids.size:
-            scores, ids = self._fill(x, k, scores, ids, rescore)
-        if rescore and not isinstance(searcher, ExactBackend) and ids.size:
-            true = np.einsum("qkd,qd->qk", self._gather(ids), x)
-            true = np.where(ids >= 0, true, -np.inf).astype(np.float32)
-            order = np.argsort(-true, axis=1, kind="stable")
-            scores = np.take_along_axis(true, order, 1)
-            ids = np.take_along_axis(ids, order, 1)
-        return scores, ids
-
-    def _fill(self, x: np.ndarray, k: int, scores: np.ndarray, ids: np.ndarray, rescore: bool):
-        """Queries for which an approximate backend returned fewer than ``min(k, live)`` ids (a
-        graph index such as HNSW misses rows when k nears the number of images, more so with
-        removed rows in the graph) are answered by exact search over the stored vectors, so a
-        search never returns fewer results than it can. Rare when k is far below the live count."""
-        want = min(k, len(self))
-        short = np.flatnonzero((ids >= 0).sum(axis=1) < want)
-        if short.size == 0:
-            return scores, ids
-        s2, i2 = self._exact_searcher().search(x[short], k)
-        scores, ids = scores.copy(), ids.copy()
-        scores[short], ids[short] = s2, i2
         return scores, ids
 
     def _gather(self, ids: np.ndarray) -> np.ndarray:
@@ -1913,7 +1870,7 @@ def _check_config(c: dict[str, Any], root: Path) -> None:
         if not isinstance(c["query_expansion"], dict):
             raise ValueError("query_expansion must be an object")
         QueryExpansion.from_dict(c["query_expansion"])
-    except StoreCorruptError as e:
+    except (StoreCorruptError, TypeError) as e:
         raise ValueError(str(e)) from None
     b = _dict_with(c["backend"], {"requested", "spec"}, "backend")
     for key in ("requested", "spec"):

@@ -613,11 +613,13 @@ class Trainer:
 
     def _validate(self) -> dict[str, float]:
         from ..evaluation import evaluate_revisitop_scores
+        from ..retrieval import Retriever
 
         gt, size = self.gt, self.config.validation.image_size
-        db = self._describe(gt.db_paths(self.val_root), size)
-        q = self._describe(gt.query_paths(self.val_root), size, bboxes=list(gt.bbx))
-        res = evaluate_revisitop_scores((q @ db.T).float().cpu().numpy(), gt)
+        db = self._describe(gt.db_paths(self.val_root), size).float().cpu().numpy()
+        q = self._describe(gt.query_paths(self.val_root), size, bboxes=list(gt.bbx)).float().cpu().numpy()
+        ranked = Retriever().index(db).search(vectors=q, k=len(db))  # the pipeline imret eval and the store use
+        res = evaluate_revisitop_scores(ranked.dense(len(db)), gt)
         return {"easy": res.easy.map, "medium": res.medium.map, "hard": res.hard.map}
 
     # ------------------------------------------------------------------------- training

@@ -1,0 +1,351 @@
+"""One retrieval pipeline: encoder → whitening → αDBA → backend → exact re-score → query
+expansion → re-rankers → ranked results.
+
+Every caller that turns queries into rankings goes through this module: :class:`Retriever`
+for a database held in memory (evaluation, benchmarks, the trainer's validation), and
+:class:`imret.index.store.Store`, which keeps the same steps over its files (it supplies
+the searcher and the stored rows, and uses :func:`search_stage` and :func:`expand_and_search`).
+
+The steps, for raw model descriptors ``x`` (``(Q, D)`` rows, L2-normalised):
+
+1. whitening (optional; :class:`imret.whitening.Whitening`): ``x -> W(x)``, also applied to
+   the database rows;
+2. αDBA (optional, database side, Radenović et al. / Gordo et al.): every database row is
+   replaced by the α-weighted mean of itself and its ``k`` nearest database rows, once, when
+   the database is indexed;
+3. the backend (:mod:`imret.index`): exact, FAISS or Milvus top-k by inner product;
+4. approximate candidates are re-scored exactly with the stored float32 rows, and a query
+   for which an approximate backend found fewer than ``min(k, N)`` rows is answered exactly;
+5. query expansion (optional; :class:`imret.expansion.QueryExpansion`): AQE / αQE with the
+   top results, then one more search with the expanded query;
+6. re-rankers (optional; any :class:`Reranker`), in order, on the final candidates.
+
+Results are :class:`SearchResult` ``(scores, ids)``, both ``(Q, k)``: float32 cosines in
+decreasing order and int64 ids, padded with ``-inf`` / ``-1``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from .expansion import QueryExpansion, alpha_database_augmentation, expand_with_neighbours
+from .index import create_backend
+from .index.base import Backend, as_rows, parse_spec
+from .index.exact import ExactBackend
+from .whitening import Whitening
+
+__all__ = [
+    "SearchResult",
+    "Encoder",
+    "Reranker",
+    "Retriever",
+    "search_stage",
+    "expand_and_search",
+    "rescore",
+    "fill_short",
+]
+
+SearchFn = Callable[[np.ndarray, int], "tuple[np.ndarray, np.ndarray]"]
+RowsFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Ranked results of a batch of queries: ``scores`` float32 and ``ids`` int64, ``(Q, k)``,
+    padded with ``-inf`` / ``-1``. Unpacks as ``scores, ids = result``."""
+
+    scores: np.ndarray
+    ids: np.ndarray
+
+    def __iter__(self):
+        yield self.scores
+        yield self.ids
+
+    def dense(self, n: int) -> np.ndarray:
+        """The ``(Q, n)`` score matrix over ids ``0..n-1``: found ids get their score, the
+        rest ``-inf`` (what the revisitop evaluation takes, ranked the same way)."""
+        out = np.full((self.ids.shape[0], n), -np.inf, np.float32)
+        q, j = np.nonzero(self.ids >= 0)
+        out[q, self.ids[q, j]] = self.scores[q, j]
+        return out
+
+
+@runtime_checkable
+class Reranker(Protocol):
+    """A last stage that reorders (and may re-score or drop) each query's candidates.
+
+    ``rerank(x, scores, ids, images=None)`` gets the post-processed query rows ``(Q, D')``,
+    the current ``(Q, k)`` results and, when the search started from images, their paths and
+    boxes; it returns new ``(scores, ids)`` of the same shape, padded with ``-inf`` / ``-1``.
+    """
+
+    def rerank(self, x: np.ndarray, scores: np.ndarray, ids: np.ndarray,
+               images: Sequence[tuple[str, Any]] | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+# --- the pure steps, shared with the store ------------------------------------------------------
+
+
+def fill_short(x: np.ndarray, k: int, scores: np.ndarray, ids: np.ndarray, n_live: int,
+               exact: Callable[[], Backend]) -> tuple[np.ndarray, np.ndarray]:
+    """Answer exactly the queries for which an approximate backend returned fewer than
+    ``min(k, n_live)`` ids (a graph index such as HNSW misses rows when k nears the number of
+    rows, more so with removed rows left in its graph). ``exact()`` gives the exact searcher
+    (built only when needed)."""
+    want = min(k, n_live)
+    short = np.flatnonzero((ids >= 0).sum(axis=1) < want)
+    if short.size == 0:
+        return scores, ids
+    s2, i2 = exact().search(x[short], k)
+    scores, ids = scores.copy(), ids.copy()
+    scores[short], ids[short] = s2, i2
+    return scores, ids
+
+
+def rescore(x: np.ndarray, scores: np.ndarray, ids: np.ndarray, rows: RowsFn) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosines of the candidates (``rows(ids)`` gives their ``(Q, k, D')`` stored rows,
+    zeros for padding) and the candidates re-ordered by them (stable for ties)."""
+    if ids.size == 0:
+        return scores, ids
+    true = np.einsum("qkd,qd->qk", rows(ids), x)
+    true = np.where(ids >= 0, true, -np.inf).astype(np.float32)
+    order = np.argsort(-true, axis=1, kind="stable")
+    return np.take_along_axis(true, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def search_stage(x: np.ndarray, k: int, searcher: Backend, *, n_live: int, rows: RowsFn | None,
+                 exact: Callable[[], Backend] | None = None,
+                 raw_search: SearchFn | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One search of post-processed queries ``x``: the backend's top k, then for an
+    approximate backend the short queries answered exactly (:func:`fill_short`) and the
+    candidates re-scored with the stored rows (:func:`rescore`; ``rows=None`` skips it).
+
+    ``raw_search`` replaces ``searcher.search`` (the store filters removals a shared engine
+    has not applied yet there)."""
+    scores, ids = (raw_search or searcher.search)(x, k)
+    if isinstance(searcher, ExactBackend):
+        return scores, ids
+    if exact is not None and ids.size:
+        scores, ids = fill_short(x, k, scores, ids, n_live, exact)
+    if rows is not None:
+        scores, ids = rescore(x, scores, ids, rows)
+    return scores, ids
+
+
+def expand_and_search(x: np.ndarray, k: int, search: SearchFn, rows: RowsFn, qe: QueryExpansion,
+                      n_live: int) -> tuple[np.ndarray, np.ndarray]:
+    """Search, then query expansion (when ``qe.method != "none"``): each query is replaced
+    by the (α-weighted) mean of itself and its top ``qe.k`` rows, and searched again.
+    ``search(x, k)`` is one search stage; ``rows(ids)`` gives stored rows ``(Q, k, D')``."""
+    scores, ids = search(x, k)
+    if qe.method == "none" or n_live == 0:
+        return scores, ids
+    s2, i2 = (scores, ids) if ids.shape[1] >= qe.k else search(x, qe.k)
+    top_s, top_i = s2[:, : qe.k], i2[:, : qe.k]
+    x2 = expand_with_neighbours(x, rows(top_i), np.where(top_i >= 0, top_s, 0.0), qe.weight_alpha)
+    return search(x2, k)
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    return int(k)
+
+
+# --- the encoder --------------------------------------------------------------------------------
+
+
+@dataclass
+class Encoder:
+    """A model and how images become its descriptors: ``encode(paths) -> (N, D)`` rows.
+
+    The extraction settings (long side ``image_size``, ``scales`` combined by the GeM power
+    mean, ``crop_resize`` convention for query boxes, JPEG ``draft`` decoding, ``max_pixels``)
+    are part of the descriptor's meaning, so a database and its queries share one encoder;
+    the run-time ones (``device``, ``precision``, ``batch_size``, ``workers``) are not.
+    """
+
+    model: Any
+    image_size: int = 1024
+    scales: tuple[float, ...] = (1.0,)
+    crop_resize: str = "image"
+    draft: bool = True
+    max_pixels: int | None = None
+    device: str = "cpu"
+    precision: str = "fp32"
+    batch_size: int | None = None
+    workers: int = 2
+    progress: bool = False
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.dim)
+
+    def encode(self, images: Sequence[str | os.PathLike], bboxes=None, *, on_error: str = "skip"):
+        """Descriptors of ``images`` (paths; queries may have ``(x1, y1, x2, y2)`` boxes):
+        an :class:`imret.extract.Extraction` (rows in input order of the files that could be
+        read; the rest in ``skipped`` with the reason, or an error with ``on_error="raise"``)."""
+        from .extract import extract
+
+        return extract(self.model, [os.fspath(p) for p in images], bboxes=bboxes, scales=self.scales,
+                       image_size=self.image_size, crop_resize=self.crop_resize, draft=self.draft,
+                       max_pixels=self.max_pixels, device=self.device, precision=self.precision,
+                       batch_size=self.batch_size, workers=self.workers, on_error=on_error,
+                       progress=self.progress)
+
+
+# --- the retriever --------------------------------------------------------------------------
+
+
+@dataclass
+class Retriever:
+    """The whole pipeline over a database held in memory (see the module docstring).
+
+    Build it with the post-processing, index the database's raw descriptors (or images),
+    then search with query descriptors or images::
+
+        r = Retriever(encoder=Encoder(model, image_size=1024), whitening=w, dba=(2, 3.0),
+                      backend="exact", query_expansion=QueryExpansion("alpha", 2, 3.0))
+        r.index(db_descriptors)                    # or r.index_images(paths)
+        scores, ids = r.search(vectors=q, k=100)   # or r.search(images=paths, bboxes=boxes)
+
+    Attributes:
+        encoder: turns images into raw descriptors (needed only to index or search images).
+        whitening: applied to database and query descriptors (None: none).
+        dba: ``(k, alpha)`` of αDBA over the database (None: none).
+        backend: a backend spec string (``exact``, ``ann``, ``faiss:...``, ``milvus:...``) or a
+            :class:`~imret.index.base.Backend` to fill.
+        query_expansion: applied at search time (``QueryExpansion()`` is none).
+        rescore: re-score an approximate backend's candidates with the stored rows.
+        rerankers: last stages, applied in order.
+    """
+
+    encoder: Encoder | None = None
+    whitening: Whitening | None = None
+    dba: tuple[int, float] | None = None
+    backend: str | Backend = "exact"
+    query_expansion: QueryExpansion = field(default_factory=QueryExpansion)
+    rescore: bool = True
+    rerankers: Sequence[Reranker] = ()
+
+    def __post_init__(self) -> None:
+        if self.dba is not None:
+            k, alpha = self.dba
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or not alpha >= 0:
+                raise ValueError(f"dba must be (k >= 1, alpha >= 0), got {self.dba!r}")
+        if isinstance(self.backend, str):
+            parse_spec(self.backend)  # fail early, naming the valid kinds
+        for r in self.rerankers:
+            if not isinstance(r, Reranker):
+                raise TypeError(f"re-rankers need a rerank(x, scores, ids, images=None) method, got {r!r}")
+        self._vectors: np.ndarray | None = None
+        self._ids: np.ndarray | None = None
+        self._row_of: np.ndarray | None = None
+        self._searcher: Backend | None = None
+        self._exact: ExactBackend | None = None
+
+    # -- the database ---------------------------------------------------------------------
+
+    def postprocess(self, x: np.ndarray) -> np.ndarray:
+        """Whitening of raw descriptors ``(N, D)`` (queries or database rows)."""
+        dim = self.whitening.input_dim if self.whitening is not None else (
+            self.encoder.dim if self.encoder is not None else None)
+        x = as_rows(x, dim, "descriptors")
+        return x if self.whitening is None else self.whitening.apply(x).astype(np.float32)
+
+    def index(self, descriptors: np.ndarray, ids: np.ndarray | None = None) -> "Retriever":
+        """Index the database's raw descriptors ``(N, D)`` (ids default to ``0..N-1``): whiten,
+        αDBA, then fill the backend (trained on the rows when it needs training). Replaces
+        what was indexed before. Returns ``self``."""
+        v = self.postprocess(descriptors)
+        n = v.shape[0]
+        ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64).ravel()
+        if ids.shape != (n,) or (n and ids.min() < 0) or np.unique(ids).size != n:
+            raise ValueError(f"ids must be {n} distinct non-negative integers, got shape {ids.shape}")
+        if self.dba is not None and n > 1:
+            v = alpha_database_augmentation(v, min(int(self.dba[0]), n - 1), float(self.dba[1]))
+        self._vectors = np.ascontiguousarray(v, dtype=np.float32)
+        self._ids = ids
+        self._row_of = np.full(int(ids.max()) + 1 if n else 0, -1, np.int64)
+        self._row_of[ids] = np.arange(n)
+        self._exact = ExactBackend.from_matrix(self._vectors, ids=ids)
+        if isinstance(self.backend, Backend):
+            b = self.backend
+        else:
+            b = create_backend(self.backend, v.shape[1], n_hint=n)
+        if isinstance(b, ExactBackend) and b.ntotal == 0:
+            self._searcher = self._exact
+            return self
+        if not b.is_trained:
+            if n < b.min_train_size:
+                raise ValueError(f"backend {b.spec!r} needs {b.min_train_size} rows to train; the database has {n}")
+            b.train(self._vectors)
+        b.add(self._vectors, ids)
+        self._searcher = b
+        return self
+
+    def index_images(self, images: Sequence[str | os.PathLike], **encode_kw: Any):
+        """Encode and index database images (ids are their positions in ``images``; files
+        that cannot be read are left out). Returns the :class:`~imret.extract.Extraction`."""
+        ex = self._encoder().encode(images, **encode_kw)
+        self.index(ex.descriptors, np.asarray(ex.indices, dtype=np.int64))
+        return ex
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """The indexed (whitened, augmented) database rows ``(N, D')``, in index order."""
+        self._require_index()
+        return self._vectors
+
+    def __len__(self) -> int:
+        return 0 if self._ids is None else int(self._ids.size)
+
+    # -- searching ------------------------------------------------------------------------
+
+    def _encoder(self) -> Encoder:
+        if self.encoder is None:
+            raise ValueError("this Retriever has no encoder: give Retriever(encoder=Encoder(model, ...)) "
+                             "to index or search images, or pass descriptors (vectors=...)")
+        return self.encoder
+
+    def _require_index(self) -> None:
+        if self._searcher is None:
+            raise ValueError("nothing indexed yet: call index(descriptors) or index_images(paths) first")
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        valid = ids >= 0
+        rows = self._vectors[self._row_of[np.where(valid, ids, self._ids[0])].ravel()]
+        return np.where(valid[..., None], rows.reshape(*ids.shape, -1), 0.0).astype(np.float32)
+
+    def _stage(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return search_stage(x, k, self._searcher, n_live=len(self), rows=self._rows if self.rescore else None,
+                            exact=lambda: self._exact)
+
+    def search(self, images: Sequence[str | os.PathLike] | None = None, *, bboxes=None,
+               vectors: np.ndarray | None = None, k: int = 10,
+               query_expansion: QueryExpansion | None = None) -> SearchResult:
+        """Rank the database for each query: query ``images`` (paths, optional boxes; encoded
+        with the encoder, a file that cannot be read raises :class:`~imret.images.ImageError`)
+        or raw model descriptors ``vectors`` ``(Q, D)``. ``query_expansion`` overrides the
+        retriever's for this call."""
+        k = _check_k(k)
+        self._require_index()
+        if (images is None) == (vectors is None):
+            raise ValueError("give exactly one of images=... or vectors=...")
+        shown = None
+        if images is not None:
+            paths = [os.fspath(p) for p in images]
+            ex = self._encoder().encode(paths, bboxes, on_error="raise")
+            vectors = ex.descriptors
+            shown = list(zip(paths, bboxes if bboxes is not None else [None] * len(paths)))
+        x = self.postprocess(np.asarray(vectors, dtype=np.float32))
+        qe = self.query_expansion if query_expansion is None else query_expansion
+        scores, ids = expand_and_search(x, k, self._stage, self._rows, qe, len(self))
+        for r in self.rerankers:
+            scores, ids = r.rerank(x, scores, ids, images=shown)
+        return SearchResult(np.ascontiguousarray(scores, np.float32), np.ascontiguousarray(ids, np.int64))
