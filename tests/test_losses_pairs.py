@@ -14,8 +14,7 @@ from imret.losses import (
     tuples_to_pairs,
     tuples_to_triplets,
 )
-from imret.losses.contrastive import all_pairs
-from imret.losses.triplet import all_triplets
+from imret.mining import all_pairs, all_triplets
 
 DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -117,11 +116,11 @@ def test_tuples_to_pairs_reproduces_cirtorch_tuple_loss():
         tuples_to_pairs(2, 1)
 
 
-def test_all_pairs():
+def test_all_pairs_once_each():
     labels = torch.tensor([0, 1, 0, 2])
-    i, j, y = all_pairs(labels)
-    assert list(zip(i.tolist(), j.tolist())) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
-    assert y.tolist() == [False, True, False, False, False, False]
+    a1, p, a2, n = all_pairs(labels, both_orders=False)
+    assert list(zip(a1.tolist(), p.tolist())) == [(0, 2)]
+    assert list(zip(a2.tolist(), n.tolist())) == [(0, 1), (0, 3), (1, 2), (1, 3), (2, 3)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -25,6 +25,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from ._checks import positive_int
+
 __all__ = ["BatcherClosed", "BatcherFull", "BatchStats", "MicroBatcher"]
 
 T = TypeVar("T")
@@ -73,12 +75,10 @@ class MicroBatcher(Generic[T, R]):
 
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_batch: int = 16, max_wait_ms: float = 2.0,
                  max_queue: int = 1024, name: str = "imret-batcher"):
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        positive_int(max_batch, "max_batch")
         if not max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
-        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
-            raise ValueError(f"max_queue must be a positive integer, got {max_queue!r}")
+        positive_int(max_queue, "max_queue")
         self.fn = fn
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0

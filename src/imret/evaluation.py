@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import positive_int
 from .images import IMAGE_EXTENSIONS, list_images
 from .safepickle import load_data_pickle
 
@@ -447,10 +448,10 @@ def _check_ranks(ranks: Any, n_queries: int, n_db: int) -> np.ndarray:
 
 def _check_kappas(kappas: Iterable[int], what: str = "kappas") -> tuple[int, ...]:
     out = tuple(kappas)
-    for k in out:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"{what} must be positive integers, got {out!r}")
-    return tuple(int(k) for k in out)
+    try:
+        return tuple(positive_int(k, what) for k in out)
+    except ValueError:
+        raise ValueError(f"{what} must be positive integers, got {out!r}") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -653,8 +654,7 @@ def random_baseline_revisitop(
         kappas: the ``k`` of mP@k.
     """
     kappas = _check_kappas(kappas)
-    if isinstance(n_trials, bool) or not isinstance(n_trials, (int, np.integer)) or n_trials < 1:
-        raise ValueError(f"n_trials must be a positive integer, got {n_trials!r}")
+    positive_int(n_trials, "n_trials")
     rng = np.random.default_rng(seed)
     n_q, n_db = gt.n_queries, gt.n_db
     sets = {p: revisitop_protocol(gt, p) for p in PROTOCOLS}

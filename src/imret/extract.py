@@ -28,13 +28,13 @@ import torch.nn.functional as F
 from .fileio import atomic_path, atomic_write_bytes
 from .images import ImageError, check_image_type, load_image, to_tensor
 from .model import RetrievalNet
+from .precision import PRECISIONS, autocast_dtype
 
 __all__ = [
     "SkippedImage", "Extraction", "extract", "extract_descriptors", "describe_tensors", "combine_scales", "PRECISIONS",
     "SavedExtraction", "save_extraction", "load_extraction", "read_paths_file", "is_plain_path",
 ]
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 BBox = tuple[float, float, float, float]
 
 
@@ -83,21 +83,7 @@ def combine_scales(descs: Sequence[torch.Tensor], power: float = 1.0) -> torch.T
 
 
 def _check_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; available: {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        if precision == "bf16" and not torch.cuda.is_bf16_supported():
-            raise ValueError("precision 'bf16' is not supported by this GPU; use 'fp16' or 'fp32'")
-        return torch.bfloat16 if precision == "bf16" else torch.float16
-    if device.type == "cpu":
-        if precision == "fp16":
-            raise ValueError("precision 'fp16' is for GPUs; on the CPU use 'bf16' (if supported) or 'fp32'")
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            raise ValueError("this CPU has no native bf16 support (AVX512-BF16/AMX); use precision 'fp32'")
-        return torch.bfloat16
-    raise ValueError(f"precision {precision!r} is not supported on device type {device.type!r}; use 'fp32'")
+    return autocast_dtype(precision, device)
 
 
 def _check_run(scales: Sequence[float], device, batch_size: int | None) -> tuple[torch.device, int]:

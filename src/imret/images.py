@@ -41,12 +41,14 @@ __all__ = [
     "RESAMPLE",
     "ImageError",
     "check_image_type",
+    "exif_orientation",
     "list_images",
     "load_image",
     "open_regular_file",
     "new_size",
     "open_image",
     "to_tensor",
+    "upright_size",
 ]
 
 
@@ -328,6 +330,23 @@ def to_tensor(
     pixels *= scale
     pixels -= offset
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) of an open image; 1 when missing, unreadable or out of range
+    (as PIL's ``exif_transpose`` reads it). The one place imret reads it."""
+    try:
+        value = img.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # the file boundary: a corrupt EXIF block reads as "no rotation" here
+        return 1
+    return value if isinstance(value, int) and value in _TRANSPOSE else 1
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of an open image as displayed, after its EXIF orientation
+    (orientations 5-8 swap the sides), from the header alone."""
+    w, h = img.size
+    return (h, w) if exif_orientation(img) in (5, 6, 7, 8) else (w, h)
 
 
 def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[str]:

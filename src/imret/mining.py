@@ -426,11 +426,17 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None, *, metric:
 
 
 @torch.no_grad()
-def all_pairs(labels: ArrayLike) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every positive pair ``(a1, p)`` (``a1 != p``, same label, both orders) and every
-    negative pair ``(a2, n)`` (different labels, both orders) of a batch, as index tensors."""
+def all_pairs(labels: ArrayLike, *, both_orders: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every positive pair ``(a1, p)`` (``a1 != p``, same label) and every negative pair
+    ``(a2, n)`` (different labels) of a batch, as index tensors ordered by first index, then
+    second. ``both_orders=False`` keeps each unordered pair once (``a1 < p``, ``a2 < n``): the
+    pairs a contrastive loss over "every pair of the batch" sums over. The one home of
+    all-pairs selection (the losses use it when given labels)."""
     lab = _batch_labels(labels)
     same, diff = _label_masks(lab)
+    if not both_orders:
+        upper = torch.ones_like(same).triu(1)
+        same, diff = same & upper, diff & upper
     a1, p = torch.nonzero(same, as_tuple=True)
     a2, n = torch.nonzero(diff, as_tuple=True)
     _check_pair_output(a1, p, a2, n, lab)
@@ -439,15 +445,24 @@ def all_pairs(labels: ArrayLike) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 @torch.no_grad()
 def all_triplets(labels: ArrayLike) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every triplet ``(a, p, n)`` of a batch: ``a != p`` share a label, ``n`` has another.
+    """Every triplet ``(a, p, n)`` of a batch: ``a != p`` share a label, ``n`` has another;
+    ordered by anchor, then positive, then negative. The one home of all-triplets selection.
 
-    There are up to ``B^3`` of them; the mask is built in ``O(B^3)`` memory.
+    Their number grows as ``B^3`` for a batch of a few classes (use a miner for large
+    batches); memory is linear in their number (no ``B^3`` mask).
     """
     lab = _batch_labels(labels)
     same, diff = _label_masks(lab)
-    a, p, n = torch.nonzero(same[:, :, None] & diff[:, None, :], as_tuple=True)
-    _check_triplet_output(a, p, n, lab)
-    return a, p, n
+    a, p = same.nonzero(as_tuple=True)  # ordered by anchor, then positive
+    reps = diff.sum(1)[a]  # one triplet per negative of the anchor
+    # each row's negatives first, ascending (a stable sort of "is not a negative")
+    neg_order = torch.argsort((~diff).to(torch.int8), dim=1, stable=True)
+    a_t, p_t = a.repeat_interleave(reps), p.repeat_interleave(reps)
+    starts = torch.cumsum(reps, 0) - reps
+    within = torch.arange(a_t.numel(), device=lab.device) - starts.repeat_interleave(reps)
+    n_t = neg_order[a_t, within]
+    _check_triplet_output(a_t, p_t, n_t, lab)
+    return a_t, p_t, n_t
 
 
 @torch.no_grad()

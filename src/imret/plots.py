@@ -21,6 +21,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ._checks import positive_int
 from .evaluation import (
     PROTOCOLS,
     LabelledResult,
@@ -188,8 +189,7 @@ def revisitop_marks(
         (ignored by the protocol) or ``"neg"``. Ranks are the raw positions, junk included.
     """
     protocol = _protocol_name(protocol)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = positive_int(k, "k")
     r = _check_ranks(ranks, gt.n_queries, gt.n_db)[:, :k]
     ok, junk = revisitop_protocol(gt, protocol)
     marks = []
@@ -298,8 +298,7 @@ def draw_topk_grid(
         ``Path(path)``; the image size is :func:`topk_grid_size` ``(Nq, k, thumb)``.
     """
     n_q = len(query_images)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = positive_int(k, "k")
     if isinstance(thumb, bool) or not isinstance(thumb, (int, np.integer)) or thumb < 16:
         raise ValueError(f"thumb must be an integer >= 16 pixels, got {thumb!r}")
     if len(ranked_db_images) != n_q:

@@ -33,6 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ._checks import non_negative_float, positive_int
 from .expansion import QueryExpansion, alpha_database_augmentation, expand_with_neighbours
 from .index import create_backend
 from .index.base import Backend, as_rows, parse_spec
@@ -152,9 +153,7 @@ def expand_and_search(x: np.ndarray, k: int, search: SearchFn, rows: RowsFn, qe:
 
 
 def _check_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    return int(k)
+    return positive_int(k, "k")
 
 
 # --- the encoder --------------------------------------------------------------------------------
@@ -235,9 +234,9 @@ class Retriever:
 
     def __post_init__(self) -> None:
         if self.dba is not None:
-            k, alpha = self.dba
-            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or not alpha >= 0:
-                raise ValueError(f"dba must be (k >= 1, alpha >= 0), got {self.dba!r}")
+            if not isinstance(self.dba, (tuple, list)) or len(self.dba) != 2:
+                raise ValueError(f"dba must be a pair (k, alpha), got {self.dba!r}")
+            self.dba = (positive_int(self.dba[0], "dba k"), non_negative_float(self.dba[1], "dba alpha"))
         if isinstance(self.backend, str):
             parse_spec(self.backend)  # fail early, naming the valid kinds
         for r in self.rerankers:

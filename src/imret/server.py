@@ -386,7 +386,7 @@ class Service:
         """Check an uploaded file and decode it as the store's model input; ApiError if bad."""
         from PIL import Image, UnidentifiedImageError
 
-        from .images import ImageError, load_image, to_tensor
+        from .images import ImageError, exif_orientation, load_image, to_tensor
 
         if filename and (re.search(r"[\\/\x00-\x1f\x7f]", filename) or filename.strip() in (".", "..")):
             raise ApiError(400, "bad_name", f"file name {filename!r} is not a plain file name (no directories, "
@@ -401,7 +401,7 @@ class Service:
         try:
             with Image.open(io.BytesIO(data)) as im:
                 fmt, (w, h) = im.format, im.size
-                orientation = im.getexif().get(0x0112, 1) if fmt in formats else 1
+                orientation = exif_orientation(im) if fmt in formats else 1
         except Image.DecompressionBombError as e:
             raise ApiError(413, "too_many_pixels", f"{name}: refused as a decompression bomb ({e})") from None
         except UnidentifiedImageError:

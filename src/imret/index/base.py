@@ -26,6 +26,8 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
+from .._checks import positive_int
+
 __all__ = [
     "BACKEND_KINDS",
     "Backend",
@@ -173,8 +175,7 @@ class Backend(abc.ABC):
 
 
 def _check_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    positive_int(k, "k")
     return int(k)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._checks import positive_int
 from .base import Backend, _check_k, as_ids, as_rows, pad_results
 
 __all__ = ["ExactBackend", "exact_search"]
@@ -98,8 +99,7 @@ class ExactBackend(Backend):
     supports_remove = True
 
     def __init__(self, dim: int, *, spec: str = "exact", block_rows: int | None = None):
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        positive_int(dim, "dim")
         self.dim = int(dim)
         self.spec = spec
         self.block_rows = block_rows

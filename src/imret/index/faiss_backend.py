@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import positive_int
 from .base import Backend, _check_k, as_ids, as_rows, pad_results
 
 __all__ = ["FaissBackend", "default_ann_spec", "FAISS_PARAMS"]
@@ -230,8 +231,7 @@ class FaissBackend(Backend):
         self._attach(index)
 
     def _setup(self, dim: int, factory: str, params: dict[str, Any] | None) -> None:
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        positive_int(dim, "dim")
         if not isinstance(factory, str) or not factory.strip():
             raise ValueError("faiss backend needs an index-factory string, e.g. 'HNSW32' or 'IVF4096,SQ8'; "
                              f"got {factory!r}")

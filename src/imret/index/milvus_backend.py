@@ -52,6 +52,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from .._checks import positive_int
 from .base import Backend, BackendSpec, _check_k, as_ids, as_rows
 
 __all__ = ["INDEX_TYPES", "LITE_INDEX_TYPES", "MAX_TOPK", "PARAMS", "MilvusBackend", "MilvusConfig",
@@ -232,8 +233,7 @@ class MilvusBackend(Backend):
 
     def __init__(self, dim: int, target: str, params: dict[str, str] | None = None, *,
                  root: Path | None = None, _open: bool = False):
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        positive_int(dim, "dim")
         self.dim = int(dim)
         self._client = None
         self._written = False  # rows inserted or deleted since the last flush

@@ -61,6 +61,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from .._checks import positive_int
 from ..expansion import QE_METHODS, QueryExpansion, alpha_database_augmentation
 from ..retrieval import expand_and_search, search_stage
 from ..fileio import atomic_write_bytes, fsync_dir
@@ -254,13 +255,13 @@ def _hash_image_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
 
 def _image_size(path: str) -> tuple[int, int]:
     """Upright (width, height) from the header; (0, 0) when unknown."""
-    try:
-        from PIL import Image
+    from PIL import Image
 
+    from ..images import upright_size
+
+    try:
         with Image.open(path) as im:
-            w, h = im.size
-            orientation = im.getexif().get(0x0112, 1)
-        return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+            return upright_size(im)
     except Exception:  # the extraction step reports unreadable files
         return 0, 0
 
@@ -1527,8 +1528,7 @@ class Store:
         Returns ``(scores, ids)`` ``(Q, k)``, padded with -inf / -1. Approximate backends'
         candidates are re-scored with the stored float32 vectors (``exact_rescore``).
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        positive_int(k, "k")
         with self._lock:
             self.refresh()
             qe = self.query_expansion if query_expansion is None else query_expansion

@@ -28,7 +28,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["contrastive_loss", "ContrastiveLoss", "tuples_to_pairs", "all_pairs"]
+from ..mining import all_pairs
+
+__all__ = ["contrastive_loss", "ContrastiveLoss", "tuples_to_pairs"]
 
 REDUCTIONS = ("mean", "sum", "mean_nonzero", "none")
 
@@ -140,15 +142,6 @@ def _dist_from_sq(d2: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 # ----------------------------------------------------------------------------- pairs
 
 
-def all_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every unordered pair ``i < j`` of a batch: ``(i, j, is_positive)``, positive when the labels are equal."""
-    labels = torch.as_tensor(labels)
-    n = labels.numel()
-    labels = _check_labels(labels, n)
-    i, j = torch.triu_indices(n, n, offset=1, device=labels.device)
-    return i, j, labels[i] == labels[j]
-
-
 def tuples_to_pairs(
     num_tuples: int, tuple_size: int, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,8 +169,8 @@ def _resolve_pairs(x: torch.Tensor, labels, pairs) -> tuple[torch.Tensor, torch.
     n = x.shape[0]
     if (labels is None) == (pairs is None):
         raise ValueError("give exactly one of labels (all pairs of the batch) or pairs=(i, j, is_positive)")
-    if pairs is None:
-        return all_pairs(_check_labels(labels, n).to(x.device))
+    if pairs is None:  # every unordered pair of the batch, selected where all selections live
+        pairs = all_pairs(_check_labels(labels, n).to(x.device), both_orders=False)
     if not isinstance(pairs, (tuple, list)) or len(pairs) not in (3, 4):
         raise ValueError(
             "pairs must be (anchor, other, is_positive) or a miner's (anchor_p, positive, anchor_n, negative)"

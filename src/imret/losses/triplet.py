@@ -22,6 +22,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..mining import all_triplets
+
 from .contrastive import (
     _check_descriptors,
     _check_index,
@@ -35,32 +37,7 @@ from .contrastive import (
     _reduce,
 )
 
-__all__ = ["triplet_loss", "TripletLoss", "all_triplets", "tuples_to_triplets"]
-
-
-def all_triplets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every valid triplet ``(a, p, n)`` of a batch: ``labels[p] == labels[a]``, ``p != a``, ``labels[n] != labels[a]``.
-
-    Triplets are ordered by anchor, then positive, then negative. Their number grows as ``N^3``
-    for a batch of a few classes: use a miner for large batches.
-    """
-    labels = torch.as_tensor(labels)
-    n = labels.numel()
-    labels = _check_labels(labels, n)
-    same = labels[:, None] == labels[None, :]
-    pos = same & ~torch.eye(n, dtype=torch.bool, device=labels.device)
-    neg = ~same
-    a, p = pos.nonzero(as_tuple=True)  # ordered by anchor, then positive
-    n_neg = neg.sum(1)  # negatives of each anchor
-    # negatives of each anchor first in its row (stable: ascending index among them)
-    neg_order = torch.argsort((~neg).to(torch.int8), dim=1, stable=True)
-    reps = n_neg[a]
-    a_t = a.repeat_interleave(reps)
-    p_t = p.repeat_interleave(reps)
-    starts = torch.cumsum(reps, 0) - reps
-    within = torch.arange(a_t.numel(), device=labels.device) - starts.repeat_interleave(reps)
-    n_t = neg_order[a_t, within]
-    return a_t, p_t, n_t
+__all__ = ["triplet_loss", "TripletLoss", "tuples_to_triplets"]
 
 
 def tuples_to_triplets(

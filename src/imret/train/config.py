@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..precision import PRECISIONS
+
 __all__ = [
     "ModelConfig",
     "DataConfig",
@@ -31,7 +33,6 @@ LOSSES = ("contrastive", "triplet", "ap", "arcface")
 DATA_KINDS = ("folder", "csv", "sfm120k")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "exponential", "cosine", "step")
-PRECISIONS = ("fp32", "bf16", "fp16")
 STRATEGIES = ("epoch", "batch_hard", "semihard", "all")
 
 # YAML 1.1 (PyYAML) reads "1e-6" (no dot) as a string; a float field accepts such text

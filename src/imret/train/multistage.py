@@ -25,6 +25,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from .._checks import positive_int
+from ..precision import autocast
+
 __all__ = [
     "MultistageResult",
     "multistage_backward",
@@ -55,8 +58,7 @@ def iter_chunks(images: Images, chunk_size: int) -> Iterator[tuple[int, int, tor
     are consumed, so a lazy one (a dataset that decodes and augments on ``__getitem__``) holds
     only one chunk in memory at a time.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    positive_int(chunk_size, "chunk_size")
     if isinstance(images, torch.Tensor):
         if images.dim() != 4:
             raise ValueError(f"images must be (N, C, H, W) or a list of (C, H, W), got shape {tuple(images.shape)}")
@@ -103,9 +105,7 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return autocast(device, dtype)
 
 
 def freeze_batchnorm(model: nn.Module, *, affine: bool = True) -> nn.Module:

@@ -74,6 +74,7 @@ from ..images import RESAMPLE
 from ..losses import create_loss, tuples_to_pairs, tuples_to_triplets
 from ..mining import batch_hard_triplets, epoch_tuples, hard_pairs, sample_epoch, semi_hard_triplets
 from ..model import RetrievalNet, create_model
+from ..precision import autocast_dtype
 from ..weights import save_model
 from .config import DataConfig, LossConfig, ModelConfig, TrainConfig, save_config
 from .distributed import DistInfo, all_gather_rows, barrier, broadcast_object, broadcast_parameters
@@ -189,15 +190,9 @@ def _resolve_device(name: str, dist: DistInfo) -> torch.device:
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "fp32":
-        return None
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ValueError("precision fp16 needs a CUDA device (it trains with a gradient scaler); on the CPU use bf16 or fp32")
-        return torch.float16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("precision bf16 is not supported by this GPU; use fp16 or fp32")
-    return torch.bfloat16
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device (it trains with a gradient scaler); on the CPU use bf16 or fp32")
+    return autocast_dtype(precision, device)
 
 
 def load_training_images(data: DataConfig) -> LabelledImages:
