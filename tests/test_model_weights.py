@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -197,10 +198,73 @@ def test_shared_mobilenet_weights_load(mobilenet_weights):
     ref.eval()
     with torch.no_grad():
         torch.testing.assert_close(m.trunk.forward_features(X), ref.forward_features(X))
-    # without pad_type="same" (plain timm name) the strict load still works but features differ
-    plain = create_model("mobilenetv2_100", "gem", weights=str(mobilenet_weights))
-    with torch.no_grad():
-        assert not torch.allclose(plain.trunk.forward_features(X), ref.forward_features(X), atol=1e-3)
+    assert m.weights_sha256 == json.loads(mobilenet_weights.with_suffix(".json").read_text())["weights_sha256"]
+    # without pad_type="same" (plain timm name) the keys and shapes fit but the features
+    # would differ: the file is recognised and refused, naming the preset to use
+    with pytest.raises(ValueError, match=r"preset 'mobilenetv2_100.coral'.*Conv2dSame.*input mean.*--model mobilenetv2_100.coral"):
+        create_model("mobilenetv2_100", "gem", weights=str(mobilenet_weights))
+    plain = create_model("mobilenetv2_100", "gem")
+    with pytest.raises(ValueError, match="mobilenetv2_100.coral"):
+        load_weights(plain, mobilenet_weights)
+    assert plain.weights_sha256 is None
+    v1 = mobilenet_weights.parent / "mobilenetv1_100.coral_in1k.safetensors"
+    if v1.is_file():
+        with pytest.raises(ValueError, match="--model mobilenetv1_100.coral"):
+            create_model("mobilenetv1_100", "gem", weights=str(v1))
+        assert create_model("mobilenetv1_100.coral", "gem", weights=str(v1)).dim == 1024
+
+
+def test_weights_metadata_and_sidecar_are_checked(tmp_path):
+    """Files outside the registry: safetensors metadata naming the timm model and its
+    arguments, and a .json beside the file giving its mean/std, are checked too."""
+    import timm
+
+    src = timm.create_model("mobilenetv2_100", num_classes=0, pad_type="same").state_dict()
+    f = tmp_path / "mnv2.safetensors"
+    save_file({k: v.contiguous() for k, v in src.items()}, str(f),
+              metadata={"timm_model": "mobilenetv2_100", "timm_kwargs": json.dumps({"num_classes": 1001, "pad_type": "same"})})
+    with pytest.raises(ValueError, match=r"timm model 'mobilenetv2_100' with \{'pad_type': 'same'\}.*--model mobilenetv2_100.coral"):
+        create_model("mobilenetv2_100", weights=str(f))
+    m = create_model("mobilenetv2_100.coral", weights=str(f))
+    assert m.weights_sha256 == imret.weights.file_sha256(f)
+    create_model("mobilenetv2_100", weights=str(f), backbone_kwargs={"pad_type": "same"})  # the same model, spelled out
+
+    # a sidecar that describes this file (same SHA-256): its mean/std must be the model's
+    g = tmp_path / "plain.pth"
+    torch.save(timm.create_model("mobilenetv2_100", num_classes=0).state_dict(), g)
+    side = {"weights_sha256": imret.weights.file_sha256(g), "mean": [0.5] * 3, "std": [0.5] * 3}
+    g.with_suffix(".json").write_text(json.dumps(side))
+    with pytest.raises(ValueError, match=r"input mean \(0.5, 0.5, 0.5\) for these weights but \(0.485"):
+        create_model("mobilenetv2_100", weights=str(g))
+    create_model("mobilenetv2_100", weights=str(g), mean=(0.5,) * 3, std=(0.5,) * 3)
+    # a sidecar of another file is not about this one
+    g.with_suffix(".json").write_text(json.dumps(dict(side, weights_sha256="0" * 64)))
+    create_model("mobilenetv2_100", weights=str(g))
+
+
+def test_checkpoint_into_a_different_trunk_is_an_error(tmp_path):
+    """A whole-network checkpoint whose trunk needs TF padding, loaded into a model built
+    without it: same keys and shapes, refused."""
+    m = create_model("mobilenetv2_100.coral", "gem")
+    save_model(m, tmp_path / "coral.safetensors")
+    with pytest.raises(ValueError, match=r"'mobilenetv2_100.coral' network whose trunk differs.*Conv2dSame.*load_model"):
+        create_model("mobilenetv2_100", "gem", weights=str(tmp_path / "coral.safetensors"))
+    assert load_model(tmp_path / "coral.safetensors").spec.backbone == "mobilenetv2_100.coral"
+
+
+def test_weights_sha256_names_the_loaded_file(tmp_path):
+    m = create_model("resnet18", "gem")
+    assert m.weights_sha256 is None  # random weights
+    save_model(m, tmp_path / "a.pt")
+    torch.save(m.trunk.state_dict(), tmp_path / "trunk.pth")
+    assert load_model(tmp_path / "a.pt").weights_sha256 == imret.weights.file_sha256(tmp_path / "a.pt")
+    assert load_weights(m, tmp_path / "trunk.pth").weights_sha256 == imret.weights.file_sha256(tmp_path / "trunk.pth")
+    import hashlib
+
+    assert imret.weights.file_sha256(tmp_path / "a.pt") == hashlib.sha256((tmp_path / "a.pt").read_bytes()).hexdigest()
+    # the spec is unchanged: old checkpoints and stores keep loading, new ones add no key
+    assert set(ModelSpec().to_dict()) == {"backbone", "pool", "pool_kwargs", "whitening", "l2_before_whiten",
+                                          "backbone_kwargs", "mean", "std"}
 
 
 def test_preset_without_download_fails_clearly():

