@@ -14,6 +14,7 @@ Only this module (and the server) prints, reads the environment or exits.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -190,51 +191,209 @@ def _dataset_kind(path: str) -> tuple[str, Path]:
     raise ValueError(f"dataset {path!r} is neither a gnd_*.pkl file, a folder with one, a CSV of path,label, nor a folder of class folders")
 
 
+def _eval_whitening(args, encoder, db_desc):
+    """The whitening ``imret eval`` applies, and a line saying what it was learned on."""
+    import numpy as np
+
+    from .whitening import Whitening, fit_learned_whitening, fit_pca_whitening
+
+    if args.whiten_file:
+        w = Whitening.load(args.whiten_file)
+        return w, f"{w.kind} from {args.whiten_file}"
+    if args.whiten in (None, "none"):
+        return None, None
+    if args.whiten == "pca":
+        if args.whiten_on in (None, "database"):
+            w = fit_pca_whitening(db_desc, args.whiten_dim, power=args.whiten_power)
+            return w, f"PCA on the {len(db_desc)} database images (unsupervised, transductive)"
+        from .images import list_images
+
+        paths = list_images(args.whiten_on) if os.path.isdir(args.whiten_on) else _collect_images([], args.whiten_on)
+        ex = encoder.encode(paths)
+        _report_skipped(ex.skipped)
+        w = fit_pca_whitening(ex.descriptors, args.whiten_dim, power=args.whiten_power)
+        return w, f"PCA on {len(ex.indices)} images of {args.whiten_on}"
+    # lw: matching pairs of images given by path
+    if not args.pairs:
+        raise ValueError("--whiten lw needs --pairs CSV ('a,b' image paths per line: matching pairs to learn from)")
+    pairs, names = [], {}
+    base = os.path.dirname(os.path.abspath(args.pairs))
+    with open(args.pairs, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = [t.strip() for t in line.split(",")]
+            if len(parts) != 2:
+                raise ValueError(f"{args.pairs}:{lineno}: expected 'a,b' (two image paths), got {line!r}")
+            pairs.append([names.setdefault(os.path.join(base, t), len(names)) for t in parts])
+    if not pairs:
+        raise ValueError(f"{args.pairs} holds no pairs")
+    ex = encoder.encode(list(names), on_error="raise")
+    w = fit_learned_whitening(ex.descriptors, np.array(pairs, dtype=np.int64), args.whiten_dim)
+    return w, f"Lw from {len(pairs)} matching pairs of {len(names)} images ({args.pairs})"
+
+
+def _store_ranks(args, gt, root, qpaths, bboxes):
+    """Rank an existing store for the queries of ``gt``: ``(ranks, gt with the store's other
+    images appended as distractors, skipped, pipeline description)``."""
+    import numpy as np
+
+    from . import evaluation as ev
+    from .images import ImageError
+    from .index.store import Store
+
+    with Store.open(args.store, device=args.device) as store:
+        records = store.list(0, 1 << 62)
+        by_path = {r.path: r.id for r in records}
+        by_stem = {}
+        for r in records:
+            by_stem.setdefault(Path(r.path).stem, []).append(r.id)
+        gt_of: dict[int, int] = {}
+        missing = []
+        for i, pth in enumerate(gt.db_paths(root)):
+            sid = by_path.get(os.path.abspath(pth))
+            if sid is None and len(by_stem.get(gt.imlist[i], [])) == 1:
+                sid = by_stem[gt.imlist[i]][0]
+            if sid is None:
+                missing.append(gt.imlist[i])
+            else:
+                gt_of[sid] = i
+        if missing:
+            raise ValueError(f"{len(missing)} database image(s) of {gt.name} are not in the store {args.store} "
+                             f"(e.g. {missing[0]!r}); add them with `imret index add {args.store} {root}`")
+        distractors = [r for r in records if r.id not in gt_of]
+        for j, r in enumerate(distractors):
+            gt_of[r.id] = gt.n_db + j
+        full = ev.RevisitopGroundTruth(gt.name, list(gt.imlist) + [Path(r.path).stem for r in distractors],
+                                       list(gt.qimlist), list(gt.bbx), gt.easy, gt.hard, gt.junk)
+        qe = _query_expansion_override(args, store.query_expansion)
+        ranks = np.empty((gt.n_queries, len(records)), np.int64)
+        skipped = []
+        for qi, (qp, box) in enumerate(zip(qpaths, bboxes or [None] * len(qpaths))):
+            try:
+                hits = store.search([qp], bboxes=[box], k=len(records), query_expansion=qe, **_runtime_kwargs(args))[0]
+            except ImageError as e:  # an unreadable query ranks nothing first, as in the plain evaluation
+                skipped.append(e)
+                ranks[qi] = np.arange(len(records))
+                continue
+            ranks[qi] = [gt_of[h.id] for h in hits]
+        info = store.info()
+        pipeline = {"store": os.path.abspath(args.store), "whitening": info["whitening"], "dba": info["dba"],
+                    "query_expansion": info["query_expansion"] if qe is None else dataclasses.asdict(qe),
+                    "backend": info["backend"]["spec"] or info["backend"]["requested"],
+                    "distractors": len(distractors)}
+    return ranks, full, skipped, pipeline
+
+
+def _pipeline_words(p: dict) -> str:
+    """The post-processing of an evaluation, in words (for its title)."""
+    words = []
+    w = p.get("whitening")
+    if w:
+        words.append(f"{w.get('kind', 'whitening')} whitening" + (f" {w['dim']}-D" if w.get("dim") else ""))
+    if p.get("dba"):
+        words.append(f"aDBA k={p['dba']['k']}")
+    qe = p.get("query_expansion") or {}
+    if qe.get("method", "none") != "none":
+        words.append(f"{'AQE' if qe['method'] == 'aqe' else 'aQE'} k={qe['k']}")
+    if p.get("backend") and p["backend"] != "exact":
+        words.append(f"backend {p['backend']}")
+    return ", ".join(words)
+
+
 def cmd_eval(args) -> int:
     import numpy as np
 
     from . import evaluation as ev
-    from .extract import extract
+    from .expansion import QueryExpansion
+    from .retrieval import Encoder, Retriever
 
     kind, src = _dataset_kind(args.dataset)
-    model = _build_model(args)
-    kw = _extract_kwargs(args)
+    post = [o for o, v in (("--whiten", args.whiten), ("--whiten-file", args.whiten_file),
+                           ("--dba-k", args.dba_k), ("--backend", args.backend)) if v is not None]
+    if args.store and post:
+        raise ValueError(f"{', '.join(post)}: a store is evaluated with its own settings; change them with "
+                         "`imret index configure` (only --qe overrides them here)")
+    if args.store and kind != "revisitop":
+        raise ValueError("--store evaluates revisitop datasets (gnd_*.pkl); for labelled sets pass the images")
+    if kind != "revisitop" and (args.dba_k or args.qe or args.backend):
+        raise ValueError("--qe, --dba-k and --backend apply to revisitop datasets (queries against a database); "
+                         "a labelled set is evaluated all-vs-all (--whiten applies)")
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    pipeline: dict = {}
+    weights_sha256 = None
     if kind == "revisitop":
         gt = ev.load_revisitop(src)
         root = Path(args.images) if args.images else src.parent / "jpg"
         qpaths, dbpaths = gt.query_paths(root), gt.db_paths(root)
-        db = extract(model, dbpaths, **kw)
-        q = extract(model, qpaths, bboxes=None if args.no_crop else list(gt.bbx), **kw)
-        skipped = q.skipped + db.skipped
-        scores = np.full((gt.n_queries, gt.n_db), -np.inf, dtype=np.float32)
-        sub = q.descriptors @ db.descriptors.T
-        scores[np.ix_(q.indices, db.indices)] = sub
-        result = ev.evaluate_revisitop_scores(scores, gt)
+        bboxes = None if args.no_crop else list(gt.bbx)
+        if args.store:
+            ranks, gt_eval, skipped, pipeline = _store_ranks(args, gt, root, qpaths, bboxes)
+            result = ev.evaluate_revisitop(ranks, gt_eval)
+            model = None
+        else:
+            model = _build_model(args)
+            weights_sha256 = getattr(model, "weights_sha256", None)
+            encoder = Encoder(model, **_extract_kwargs(args))
+            db = encoder.encode(dbpaths)
+            q = encoder.encode(qpaths, bboxes)
+            skipped = q.skipped + db.skipped
+            w, learned_on = _eval_whitening(args, encoder, db.descriptors)
+            qe = _query_expansion_override(args, QueryExpansion()) or QueryExpansion()
+            dba = None if not args.dba_k else (args.dba_k, args.dba_alpha)
+            r = Retriever(encoder=encoder, whitening=w, dba=dba, backend=args.backend or "exact", query_expansion=qe)
+            r.index(db.descriptors, np.asarray(db.indices, dtype=np.int64))
+            scores = np.full((gt.n_queries, gt.n_db), -np.inf, dtype=np.float32)
+            if len(q.indices):
+                scores[np.asarray(q.indices)] = r.search(vectors=q.descriptors, k=gt.n_db).dense(gt.n_db)
+            ranks = ev.rank_by_similarity(scores)
+            gt_eval = gt
+            result = ev.evaluate_revisitop_scores(scores, gt)
+            pipeline = {"whitening": None if w is None else {"kind": w.kind, "dim": w.dim, "learned_on": learned_on},
+                        "dba": None if dba is None else {"k": dba[0], "alpha": dba[1]},
+                        "query_expansion": dataclasses.asdict(qe), "backend": args.backend or "exact"}
         baseline = ev.random_baseline_revisitop(gt, n_trials=100, seed=0)
-        ranks = ev.rank_by_similarity(scores)
     else:
+        model = _build_model(args)
+        weights_sha256 = getattr(model, "weights_sha256", None)
+        encoder = Encoder(model, **_extract_kwargs(args))
         paths, labels, classes = ev.load_labelled_csv(src) if kind == "csv" else ev.load_labelled_folder(src)
-        res = extract(model, paths, **kw)
+        res = encoder.encode(paths)
         skipped = res.skipped
-        result = ev.evaluate_labelled(res.descriptors, labels[res.indices])
+        w, learned_on = _eval_whitening(args, encoder, res.descriptors)
+        x = res.descriptors if w is None else Retriever(whitening=w).postprocess(res.descriptors)
+        result = ev.evaluate_labelled(x, labels[res.indices])
+        pipeline = {"whitening": None if w is None else {"kind": w.kind, "dim": w.dim, "learned_on": learned_on}}
         baseline = None
     dt = time.perf_counter() - t0
     _report_skipped(skipped)
-    title = f"{Path(args.dataset).name}: {model.spec.backbone} + {model.spec.pool}, {args.image_size} px, scales {','.join(f'{s:g}' for s in args.scales)}"
+    if args.store:
+        title = f"{Path(args.dataset).name}: store {args.store}"
+        if pipeline.get("distractors"):
+            title += f" (+{pipeline['distractors']} distractors)"
+    else:
+        title = (f"{Path(args.dataset).name}: {model.spec.backbone} + {model.spec.pool}, {args.image_size} px, "
+                 f"scales {','.join(f'{s:g}' for s in args.scales)}")
+    steps = _pipeline_words(pipeline)
+    if steps:
+        title += f"; {steps}"
     print(title)
     print(ev.format_table(result, baseline))
     print(f"({dt:.1f} s)")
     if out:
+        top = min(100, ranks.shape[1]) if kind == "revisitop" else 0
         payload = {
             "dataset": str(args.dataset),
-            "model": model.spec.to_dict(),
-            "weights_sha256": model.weights_sha256,
-            "image_size": args.image_size,
-            "scales": list(args.scales),
+            "model": model.spec.to_dict() if model is not None else None,
+            "weights_sha256": weights_sha256,
+            "image_size": args.image_size if model is not None else None,
+            "scales": list(args.scales) if model is not None else None,
+            "pipeline": pipeline,
+            "ranking": ([[gt_eval.imlist[j] for j in row[:top]] for row in ranks] if kind == "revisitop" else None),
             "seconds": dt,
             "result": result.to_dict(),
             "baseline_random": baseline.to_dict() if baseline is not None else None,
@@ -248,7 +407,7 @@ def cmd_eval(args) -> int:
                 plots.plot_ap_per_query(result, out / "ap_per_query.png", title=title)
             except ImportError as e:
                 print(f"note: no AP chart ({e})", file=sys.stderr)
-            if kind == "revisitop":
+            if kind == "revisitop" and not pipeline.get("distractors"):
                 plots.draw_revisitop_topk(ranks, gt, root, out / "topk.png", k=args.topk)
         print(f"results in {out}")
     return 0
@@ -702,6 +861,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-crop", action="store_true", help="do not crop queries to their bounding box")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--topk", type=int, default=10, help="results per query in topk.png (default 10)")
+    p.add_argument("--store", help="evaluate this store (its model, preprocessing, whitening, DBA, query "
+                                   "expansion and backend); its images not in the dataset count as distractors")
+    pp = p.add_argument_group("post-processing (the pipeline of imret.retrieval.Retriever, as in a store)")
+    pp.add_argument("--whiten", choices=["none", "pca", "lw"], help="PCA whitening learned on --whiten-on, or "
+                    "learned whitening (Lw) from --pairs")
+    pp.add_argument("--whiten-on", help="what PCA whitening is learned on: 'database' (the evaluation's own database "
+                    "images: unsupervised but transductive; the default) or another folder / list of images")
+    pp.add_argument("--whiten-file", help="apply a saved whitening (.npz written by imret.whitening.Whitening.save)")
+    pp.add_argument("--whiten-dim", type=int, default=None, help="output dimension of the whitening (default: full)")
+    pp.add_argument("--whiten-power", type=float, default=0.5, help="PCA eigenvalue power (default 0.5)")
+    pp.add_argument("--pairs", help="CSV of matching image pairs 'a,b' (paths, relative to the CSV) for --whiten lw")
+    pp.add_argument("--qe", choices=["none", "aqe", "alpha"], help="query expansion (with --store: override)")
+    pp.add_argument("--qe-k", type=int, default=None, help="neighbours used by query expansion (default 2)")
+    pp.add_argument("--qe-alpha", type=float, default=None, help="alpha of alpha-QE (default 3)")
+    pp.add_argument("--dba-k", type=int, default=None, help="alpha-DBA neighbours over the database")
+    pp.add_argument("--dba-alpha", type=float, default=3.0, help="alpha of alpha-DBA (default 3)")
+    pp.add_argument("--backend", help="search backend spec (exact, ann, faiss:..., milvus:...; default exact)")
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
 
