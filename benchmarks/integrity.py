@@ -126,7 +126,8 @@ def render(rows: list[dict], machine: str, command: str) -> str:
                      f"{c['p50_ms'] / u['p50_ms']:.2f}x |")
     lines += ["", "The one-off check at the first exact search reads every row once more (zlib CRC32, about "
               "3.5 GB/s on this CPU) plus the expected checksums from SQLite; after that, exact queries pay nothing. "
-              "An approximate backend pays for k rows per query.", END]
+              "An approximate backend checks the re-scored rows it has not checked before in this process (at "
+              "first nearly all k of them; fewer as a long-running server has seen more rows).", END]
     return "\n".join(lines) + "\n"
 
 

@@ -674,3 +674,50 @@ def test_labelled_to_dict_and_table(tmp_path):
     assert d["kind"] == "labelled" and d["ap"][2] is None and d["n_excluded"] == 2
     table = format_table(r)
     assert "R@5" in table and "100.00" in table
+
+
+# --------------------------------------------------------------------------------------
+# Recall@k (place-recognition style): a positive among the first k, junk removed
+# --------------------------------------------------------------------------------------
+
+
+def _recall_loop(ranks, gt, protocol, kappas):
+    ok_sets, junk_sets = revisitop_protocol(gt, protocol)
+    out = []
+    for q in range(gt.n_queries):
+        ok, junk = set(ok_sets[q].tolist()), set(junk_sets[q].tolist())
+        if not ok:
+            out.append([math.nan] * len(kappas))
+            continue
+        kept = [i for i in ranks[q].tolist() if i not in junk or i in ok]
+        first = next(r for r, i in enumerate(kept, 1) if i in ok)
+        out.append([float(first <= k) for k in kappas])
+    return np.array(out)
+
+
+def test_recall_at_k_matches_a_loop():
+    for seed in range(5):
+        gt = toy_gt(n_db=30, n_q=7, seed=seed)
+        ranks = np.stack([np.random.default_rng(seed * 10 + q).permutation(30) for q in range(7)])
+        res = evaluate_revisitop(ranks, gt, kappas=(1, 3, 10))
+        for p in ("easy", "medium", "hard"):
+            ref = _recall_loop(ranks, gt, p, (1, 3, 10))
+            got = res.protocol(p)
+            np.testing.assert_array_equal(np.isnan(got.hit_at_k), np.isnan(ref))
+            np.testing.assert_allclose(np.nan_to_num(got.hit_at_k, nan=-1), np.nan_to_num(ref, nan=-1))
+            valid = ~np.isnan(ref[:, 0])
+            for t, k in enumerate((1, 3, 10)):
+                if valid.any():
+                    assert got.recall_at_k[k] == pytest.approx(ref[valid, t].mean())
+
+
+def test_recall_at_k_by_hand_and_in_the_table():
+    # the ranking of the AP example above: the first positive is at junk-free rank 1 ... here 2
+    gt = RevisitopGroundTruth("hand", [f"d{i}" for i in range(10)], ["q"], [None],
+                              [np.array([2, 0, 4])], [np.array([], np.int64)], [np.array([7, 9])])
+    ranks = np.array([[5, 2, 7, 0, 9, 3, 1, 4, 6, 8]])
+    r = evaluate_revisitop(ranks, gt, kappas=(1, 2, 5)).easy
+    assert r.recall_at_k == {1: 0.0, 2: 1.0, 5: 1.0}
+    base = random_baseline_revisitop(gt, n_trials=4000, seed=0, kappas=(1,)).easy
+    assert base.recall_at_k[1] == pytest.approx(3 / 8, abs=0.03)  # 3 positives among 8 non-junk items
+    assert "R@1" in format_table(evaluate_revisitop(ranks, gt, kappas=(1, 2, 5)))

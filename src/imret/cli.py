@@ -51,6 +51,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("extraction")
     e.add_argument("--image-size", type=int, default=1024, help="long side in pixels, never upscaled (default 1024)")
     e.add_argument("--scales", type=_scales, default=(1.0,), help="comma-separated scales, e.g. '1,1/sqrt2,1/2' (default 1)")
+    e.add_argument("--min-size", type=int, default=None,
+                   help="enlarge images whose short side is smaller to this many pixels (default: none; smaller "
+                        "inputs than 96 px give a warning)")
     _add_runtime_args(p)
 
 
@@ -111,6 +114,7 @@ def _extract_kwargs(args) -> dict:
         device=args.device,
         precision=args.precision,
         progress=not args.no_progress,
+        min_size=getattr(args, "min_size", None),
     )
 
 
@@ -455,7 +459,7 @@ def cmd_index_build(args) -> int:
 
     paths = _collect_images(args.images, args.list)
     model = _build_model(args)
-    pre = Preprocessing(image_size=args.image_size, scales=tuple(args.scales))
+    pre = Preprocessing(image_size=args.image_size, scales=tuple(args.scales), min_size=args.min_size)
     t0 = time.perf_counter()
     with Store.create(args.out, model, model_source=_model_source(args), preprocessing=pre,
                       backend=args.backend, device=args.device, backend_options=_backend_options()) as store:

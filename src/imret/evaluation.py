@@ -261,6 +261,10 @@ class ProtocolResult:
         n_empty: number of queries without positives (excluded from the means).
         precision_at_k: ``(Nq, len(mp_at_k))`` per-query precision@k, NaN rows for
             empty queries; columns follow the order of ``mp_at_k``.
+        recall_at_k: ``{k: share of queries with a positive among their first k}``
+            (junk removed first; place-recognition "Recall@k"), same queries.
+        hit_at_k: ``(Nq, len(recall_at_k))`` per query, 1.0 when a positive is in its first
+            k (a fraction for a random baseline), NaN rows for empty queries.
     """
 
     map: float
@@ -268,6 +272,8 @@ class ProtocolResult:
     ap: np.ndarray
     n_empty: int
     precision_at_k: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    recall_at_k: dict[int, float] = field(default_factory=dict)
+    hit_at_k: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (NaN becomes ``None``)."""
@@ -277,6 +283,8 @@ class ProtocolResult:
             "ap": _array_to_list(self.ap),
             "n_empty": int(self.n_empty),
             "precision_at_k": _array_to_list(self.precision_at_k),
+            "recall_at_k": {int(k): _nan_to_none(v) for k, v in self.recall_at_k.items()},
+            "hit_at_k": _array_to_list(self.hit_at_k),
         }
 
 
@@ -478,7 +486,8 @@ def _score_ranked(
         n_pos: ``(c,)`` number of positives of each query (the AP denominator).
 
     Returns:
-        ``ap (c,)`` and ``prec (c, len(kappas))``, NaN rows where ``n_pos == 0``.
+        ``ap (c,)``, ``prec (c, len(kappas))`` and ``hit (c, len(kappas))`` (1.0 when a
+        positive has a junk-free rank <= k), NaN rows where ``n_pos == 0``.
     """
     c, k_len = ranked_ok.shape
     # 0-based rank after junk removal: position minus the junk strictly before it (an
@@ -498,25 +507,33 @@ def _score_ranked(
     pos1 = r + 1  # 1-based junk-free ranks of retrieved positives
     max_pos = np.zeros(c, dtype=np.int64)
     np.maximum.at(max_pos, rows, pos1)
+    first_pos = np.full(c, np.iinfo(np.int64).max)
+    np.minimum.at(first_pos, rows, pos1)
     prec = np.full((c, len(kappas)), np.nan)
+    hit = np.full((c, len(kappas)), np.nan)
     for t, kappa in enumerate(kappas):
         kq = np.minimum(max_pos, kappa)
         hits = np.bincount(rows, weights=pos1 <= kq[rows], minlength=c)
         p = np.where(kq > 0, hits / np.maximum(kq, 1), 0.0)
         prec[~empty, t] = p[~empty]
-    return ap, prec
+        hit[~empty, t] = (first_pos <= kappa)[~empty]
+    return ap, prec, hit
 
 
-def _protocol_result(ap: np.ndarray, prec: np.ndarray, kappas: tuple[int, ...]) -> ProtocolResult:
+def _protocol_result(ap: np.ndarray, prec: np.ndarray, kappas: tuple[int, ...],
+                     hit: np.ndarray | None = None) -> ProtocolResult:
     valid = ~np.isnan(ap)
     n_valid = int(valid.sum())
+    hit = np.full_like(prec, np.nan) if hit is None else hit
     if n_valid:
         m = float(ap[valid].mean())
         mp = {k: float(prec[valid, t].mean()) for t, k in enumerate(kappas)}
+        rk = {k: float(hit[valid, t].mean()) for t, k in enumerate(kappas)}
     else:
         m = math.nan
         mp = {k: math.nan for k in kappas}
-    return ProtocolResult(m, mp, ap, int(ap.shape[0] - n_valid), prec)
+        rk = {k: math.nan for k in kappas}
+    return ProtocolResult(m, mp, ap, int(ap.shape[0] - n_valid), prec, rk, hit)
 
 
 def evaluate_ranking(
@@ -584,16 +601,18 @@ def _evaluate_sets(
     n_pos = np.array([len(s) for s in ok_sets], dtype=np.int64)
     ap = np.full(n_q, np.nan)
     prec = np.full((n_q, len(kappas)), np.nan)
+    hit = np.full((n_q, len(kappas)), np.nan)
     step = max(1, _CHUNK_CELLS // max(n_db, 1))
     for start in range(0, n_q, step):
         rows = range(start, min(start + step, n_q))
         chunk = ranks[rows.start : rows.stop]
         ranked_ok = np.take_along_axis(_membership(ok_sets, rows, n_db), chunk, axis=1)
         ranked_junk = np.take_along_axis(_membership(junk_sets, rows, n_db), chunk, axis=1)
-        a, p = _score_ranked(ranked_ok, ranked_junk, n_pos[rows.start : rows.stop], kappas)
+        a, p, h = _score_ranked(ranked_ok, ranked_junk, n_pos[rows.start : rows.stop], kappas)
         ap[rows.start : rows.stop] = a
         prec[rows.start : rows.stop] = p
-    return _protocol_result(ap, prec, kappas)
+        hit[rows.start : rows.stop] = h
+    return _protocol_result(ap, prec, kappas, hit)
 
 
 def evaluate_revisitop(
@@ -666,11 +685,12 @@ def random_baseline_revisitop(
     }
     ap_sum = {p: np.zeros(n_q) for p in PROTOCOLS}
     prec_sum = {p: np.zeros((n_q, len(kappas))) for p in PROTOCOLS}
+    hit_sum = {p: np.zeros((n_q, len(kappas))) for p in PROTOCOLS}
     ranks = np.tile(np.arange(n_db, dtype=np.int64), (n_q, 1))
     for _ in range(int(n_trials)):
         rng.permuted(ranks, axis=1, out=ranks)
         for p, (is_ok, is_junk, n_pos) in masks.items():
-            a, pr = _score_ranked(
+            a, pr, h = _score_ranked(
                 np.take_along_axis(is_ok, ranks, axis=1),
                 np.take_along_axis(is_junk, ranks, axis=1),
                 n_pos,
@@ -678,8 +698,9 @@ def random_baseline_revisitop(
             )
             ap_sum[p] += a
             prec_sum[p] += pr
+            hit_sum[p] += h
     res = {
-        p: _protocol_result(ap_sum[p] / n_trials, prec_sum[p] / n_trials, kappas)
+        p: _protocol_result(ap_sum[p] / n_trials, prec_sum[p] / n_trials, kappas, hit_sum[p] / n_trials)
         for p in PROTOCOLS
     }
     return RevisitopResult(
@@ -934,6 +955,7 @@ def _format_revisitop(result: RevisitopResult, baseline: Any) -> str:
         prs = [r.protocol(p) for p in PROTOCOLS]
         rows = [("mAP" + suffix, [_pct(x.map) for x in prs])]
         rows += [(f"mP@{k}" + suffix, [_pct(x.mp_at_k[k]) for x in prs]) for k in r.kappas]
+        rows += [(f"R@{k}" + suffix, [_pct(x.recall_at_k.get(k, math.nan)) for x in prs]) for k in r.kappas]
         return rows
 
     rows = rows_of(result, "")

@@ -24,7 +24,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from ._checks import positive_int
 from .fileio import atomic_path, atomic_write_bytes
 from .images import ImageError, check_image_type, load_image, to_tensor
 from .model import RetrievalNet
@@ -56,12 +58,15 @@ class Extraction:
         indices: ``(M,)`` int64 positions of those images in the input list.
         paths: the M paths (``str(image)`` for inputs that are not paths).
         skipped: the inputs that failed, in input order.
+        small: input positions of images that reached the network with a side under
+            :data:`SMALL_SIDE` pixels (after ``min_size``).
     """
 
     descriptors: np.ndarray
     indices: np.ndarray
     paths: list[str]
     skipped: list[SkippedImage] = field(default_factory=list)
+    small: list[int] = field(default_factory=list)  # input positions whose network input had a side < SMALL_SIDE
 
 
 def combine_scales(descs: Sequence[torch.Tensor], power: float = 1.0) -> torch.Tensor:
@@ -126,11 +131,31 @@ def _run_batch(
     return combine_scales(descs, power)
 
 
-def _decode(i: int, image, bbox, image_size: int, draft: bool, max_pixels, crop_resize, mean, std):
+SMALL_SIDE = 96
+"""Network inputs with a shorter side than this are reported (:func:`extract` warns): at the
+usual stride 32 they leave a feature map of 2 x 2 cells or less for pooling."""
+
+
+def upscale_to(img: Image.Image, min_size: int | None) -> Image.Image:
+    """``img`` enlarged (bicubic, aspect kept) so that its short side is ``min_size``, when
+    it is smaller; unchanged otherwise or when ``min_size`` is None."""
+    if min_size is None:
+        return img
+    w, h = img.size
+    short = min(w, h)
+    if short >= min_size:
+        return img
+    f = min_size / short
+    size = (min_size, round(h * f)) if w == short else (round(w * f), min_size)
+    return img.resize(size, Image.Resampling.BICUBIC)
+
+
+def _decode(i: int, image, bbox, image_size: int, draft: bool, max_pixels, crop_resize, mean, std,
+            min_size: int | None = None):
     try:
         check_image_type(image)
         img = load_image(image, image_size=image_size, bbox=bbox, draft=draft, max_pixels=max_pixels, crop_resize=crop_resize)
-        return i, to_tensor(img, mean, std), None
+        return i, to_tensor(upscale_to(img, min_size), mean, std), None
     except ImageError as e:
         return i, None, e
 
@@ -162,6 +187,7 @@ def extract(
     crop_resize: str = "image",
     on_error: str = "skip",
     progress: bool = False,
+    min_size: int | None = None,
 ) -> Extraction:
     """Extract L2-normalised descriptors of ``images`` (paths), skipping or raising on bad files.
 
@@ -190,6 +216,11 @@ def extract(
         on_error: ``"skip"`` reports bad files in ``Extraction.skipped``; ``"raise"`` raises
             the first :class:`~imret.images.ImageError`.
         progress: show a tqdm progress bar (stderr).
+        min_size: enlarge images whose short side (after the crop and ``image_size``) is
+            smaller, to this many pixels (bicubic). Without it, inputs with a short side
+            under :data:`SMALL_SIDE` are described as they are and a ``UserWarning`` says how
+            many (their descriptors pool a map of a few cells only); the result's ``small``
+            lists them either way.
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"unknown on_error {on_error!r}; available: 'skip', 'raise'")
@@ -202,6 +233,8 @@ def extract(
     if bboxes is not None and len(bboxes) != n:
         raise ValueError(f"got {len(bboxes)} bboxes for {n} images")
     amp_dtype = _check_precision(precision, device)
+    if min_size is not None:
+        min_size = positive_int(min_size, "min_size")
 
     model.eval().to(device)
     if channels_last:
@@ -232,9 +265,10 @@ def extract(
 
     jobs = (
         (_decode, i, images[i], None if bboxes is None else bboxes[i], image_size, draft, max_pixels, crop_resize,
-         model.mean, model.std)
+         model.mean, model.std, min_size)
         for i in range(n)
     )
+    small: list[int] = []
     executor = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
     try:
         results = _prefetch(executor, jobs, 2 * workers + batch_size) if executor else (job[0](*job[1:]) for job in jobs)
@@ -246,6 +280,8 @@ def extract(
                 bar.update(1)
                 continue
             key = tuple(tensor.shape[-2:])
+            if min(key) < SMALL_SIDE:
+                small.append(i)
             buckets.setdefault(key, []).append((i, tensor))
             pending += 1
             if len(buckets[key]) >= batch_size:
@@ -260,11 +296,17 @@ def extract(
         bar.close()
 
     indices = np.flatnonzero(ok)
+    if small and min_size is None:
+        first = os.fspath(images[small[0]])
+        warnings.warn(f"{len(small)} image(s) reach the network with a side under {SMALL_SIDE} px (e.g. {first!r}): "
+                      "their descriptors pool a feature map of a few cells; pass min_size= (imret: --min-size) "
+                      "to enlarge them", UserWarning, stacklevel=2)
     return Extraction(
         descriptors=out[indices],
         indices=indices.astype(np.int64),
         paths=[os.fspath(images[i]) for i in indices],
         skipped=sorted(skipped, key=lambda s: s.index),
+        small=sorted(small),
     )
 
 

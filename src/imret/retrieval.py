@@ -164,7 +164,8 @@ class Encoder:
     """A model and how images become its descriptors: ``encode(paths) -> (N, D)`` rows.
 
     The extraction settings (long side ``image_size``, ``scales`` combined by the GeM power
-    mean, ``crop_resize`` convention for query boxes, JPEG ``draft`` decoding, ``max_pixels``)
+    mean, ``crop_resize`` convention for query boxes, JPEG ``draft`` decoding, ``max_pixels``,
+    ``min_size`` enlargement of small images)
     are part of the descriptor's meaning, so a database and its queries share one encoder;
     the run-time ones (``device``, ``precision``, ``batch_size``, ``workers``) are not.
     """
@@ -175,6 +176,7 @@ class Encoder:
     crop_resize: str = "image"
     draft: bool = True
     max_pixels: int | None = None
+    min_size: int | None = None
     device: str = "cpu"
     precision: str = "fp32"
     batch_size: int | None = None
@@ -193,7 +195,7 @@ class Encoder:
 
         return extract(self.model, [os.fspath(p) for p in images], bboxes=bboxes, scales=self.scales,
                        image_size=self.image_size, crop_resize=self.crop_resize, draft=self.draft,
-                       max_pixels=self.max_pixels, device=self.device, precision=self.precision,
+                       max_pixels=self.max_pixels, min_size=self.min_size, device=self.device, precision=self.precision,
                        batch_size=self.batch_size, workers=self.workers, on_error=on_error,
                        progress=self.progress)
 

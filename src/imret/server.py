@@ -386,6 +386,7 @@ class Service:
         """Check an uploaded file and decode it as the store's model input; ApiError if bad."""
         from PIL import Image, UnidentifiedImageError
 
+        from .extract import upscale_to
         from .images import ImageError, exif_orientation, load_image, to_tensor
 
         if filename and (re.search(r"[\\/\x00-\x1f\x7f]", filename) or filename.strip() in (".", "..")):
@@ -437,7 +438,7 @@ class Service:
             raise ApiError(422, "bad_image", f"{name}: {_hide_paths(e.reason, {str(path): name})}") from None
         finally:
             path.unlink(missing_ok=True)
-        tensor = to_tensor(img, self.model.mean, self.model.std) if decode_for_model else None
+        tensor = to_tensor(upscale_to(img, self.pre.min_size), self.model.mean, self.model.std) if decode_for_model else None
         return _Checked(data, name, ext, w, h, tensor, hashlib.sha256(data).hexdigest(), box)
 
     # -- searching ------------------------------------------------------------------------------

@@ -160,6 +160,7 @@ class Preprocessing:
     crop_resize: str = "image"
     draft: bool = True
     max_pixels: int | None = None
+    min_size: int | None = None  # enlarge smaller images to this short side (see imret.extract.extract)
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or not 1 <= self.image_size <= 65536:
@@ -176,6 +177,9 @@ class Preprocessing:
         if self.max_pixels is not None and (isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int)
                                             or self.max_pixels < 1):
             raise ValueError(f"max_pixels must be a positive integer or None, got {self.max_pixels!r}")
+        if self.min_size is not None and (isinstance(self.min_size, bool) or not isinstance(self.min_size, int)
+                                          or not 1 <= self.min_size <= 65536):
+            raise ValueError(f"min_size must be an integer in [1, 65536] or None, got {self.min_size!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -830,7 +834,7 @@ class Store:
         pre = self.preprocessing
         return extract(self.model, list(paths), bboxes=bboxes, scales=pre.scales, image_size=pre.image_size,
                        crop_resize=pre.crop_resize, draft=pre.draft, max_pixels=pre.max_pixels,
-                       device=self.device, on_error="skip", progress=progress, **kw)
+                       min_size=pre.min_size, device=self.device, on_error="skip", progress=progress, **kw)
 
     # -- writing -----------------------------------------------------------------------------
 
