@@ -67,6 +67,19 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_postprocess_args(g) -> None:
+    """The post-processing options `imret eval` and `imret index configure` share."""
+    g.add_argument("--whiten-dim", type=int, default=None, help="output dimension of the whitening (default: full)")
+    g.add_argument("--whiten-power", type=float, default=0.5,
+                   help="PCA eigenvalue power: 0.5 full whitening, 0 rotation only (default 0.5)")
+    g.add_argument("--qe", choices=["none", "aqe", "alpha"],
+                   help="query expansion at search time (imret eval --store: overrides the store's)")
+    g.add_argument("--qe-k", type=int, default=None, help="neighbours used by query expansion (default 2)")
+    g.add_argument("--qe-alpha", type=float, default=None, help="alpha of alpha-QE (default 3)")
+    g.add_argument("--dba-k", type=int, default=None, help="alpha-DBA neighbours over the database (0: none)")
+    g.add_argument("--dba-alpha", type=float, default=3.0, help="alpha of alpha-DBA (default 3)")
+
+
 def _add_model_only_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="resnet50", help="backbone preset or timm CNN name, or an imret/cirtorch/dirtorch checkpoint file (default: resnet50)")
@@ -873,14 +886,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--whiten-on", help="what PCA whitening is learned on: 'database' (the evaluation's own database "
                     "images: unsupervised but transductive; the default) or another folder / list of images")
     pp.add_argument("--whiten-file", help="apply a saved whitening (.npz written by imret.whitening.Whitening.save)")
-    pp.add_argument("--whiten-dim", type=int, default=None, help="output dimension of the whitening (default: full)")
-    pp.add_argument("--whiten-power", type=float, default=0.5, help="PCA eigenvalue power (default 0.5)")
     pp.add_argument("--pairs", help="CSV of matching image pairs 'a,b' (paths, relative to the CSV) for --whiten lw")
-    pp.add_argument("--qe", choices=["none", "aqe", "alpha"], help="query expansion (with --store: override)")
-    pp.add_argument("--qe-k", type=int, default=None, help="neighbours used by query expansion (default 2)")
-    pp.add_argument("--qe-alpha", type=float, default=None, help="alpha of alpha-QE (default 3)")
-    pp.add_argument("--dba-k", type=int, default=None, help="alpha-DBA neighbours over the database")
-    pp.add_argument("--dba-alpha", type=float, default=3.0, help="alpha of alpha-DBA (default 3)")
+    _add_postprocess_args(pp)
     pp.add_argument("--backend", help="search backend spec (exact, ann, faiss:..., milvus:...; default exact)")
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
@@ -924,14 +931,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("store")
     c.add_argument("--backend", help="new backend spec; the index is rebuilt")
     c.add_argument("--whiten", choices=["none", "pca", "lw"], help="fit PCA whitening on the indexed descriptors, or learned whitening (Lw) from --pairs")
-    c.add_argument("--whiten-dim", type=int, default=None, help="output dimension of the whitening (default: full)")
-    c.add_argument("--whiten-power", type=float, default=0.5, help="PCA eigenvalue power: 0.5 full whitening, 0 rotation only (default 0.5)")
     c.add_argument("--pairs", help="CSV of matching pairs 'a,b' (image ids or indexed paths) for --whiten lw")
-    c.add_argument("--qe", choices=["none", "aqe", "alpha"], help="query expansion applied at search time")
-    c.add_argument("--qe-k", type=int, default=None, help="neighbours used by query expansion (default 2)")
-    c.add_argument("--qe-alpha", type=float, default=None, help="alpha of alpha-QE (default 3)")
-    c.add_argument("--dba-k", type=int, default=None, help="alpha-DBA neighbours over the database (0 turns it off)")
-    c.add_argument("--dba-alpha", type=float, default=3.0, help="alpha of alpha-DBA (default 3)")
+    _add_postprocess_args(c)
     c.set_defaults(func=cmd_index_configure)
 
     rb = isub.add_parser("rebuild", help="rebuild the search index from the stored vectors")
