@@ -50,25 +50,6 @@ def write_section(text: str, path: Path, begin: str, end: str) -> None:
     path.write_text(new, encoding="utf-8")
 
 
-def landmark_of(name: str) -> str:
-    """``paris_defense_000056 -> defense`` (the landmark in a revisited Oxford/Paris image name)."""
-    parts = name.split("_")
-    return parts[1] if len(parts) >= 3 else name
-
-
-def components(n: int, edges) -> list[list[int]]:
-    """Connected components of ``n`` nodes joined by ``edges`` (pairs of node indices), sorted."""
-    parent = list(range(n))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in edges:
-        parent[root(int(i))] = root(int(j))
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(root(i), []).append(i)
-    return sorted(groups.values())
+# the leave-one-landmark-out helpers live in the library (imret eval uses them too)
+from imret.evaluation import connected_components as components  # noqa: E402,F401
+from imret.evaluation import landmark_of  # noqa: E402,F401

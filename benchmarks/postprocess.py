@@ -29,7 +29,6 @@ import argparse
 import copy
 import datetime
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -47,6 +46,11 @@ from imret.evaluation import (
     RevisitopGroundTruth,
     RevisitopResult,
     evaluate_revisitop_scores,
+    fold_name,
+    ground_truth_set,
+    held_out_pairs,
+    landmark_folds,
+    landmark_of,
     load_revisitop,
     random_baseline_revisitop,
 )
@@ -56,7 +60,7 @@ from imret.retrieval import Retriever
 from imret.whitening import Whitening, fit_learned_whitening, fit_pca_whitening
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, SHARED, components, cpu_name, landmark_of, write_section  # noqa: E402
+from _common import REPO, SHARED, components, cpu_name, write_section  # noqa: E402
 
 CACHE = REPO / "runs" / "cache" / "postprocess"
 MODEL = "mobilenetv2_100.coral"
@@ -114,55 +118,6 @@ def cached_descriptors(
 
 
 # --------------------------------------------------------------------------- landmark folds
-
-
-def ground_truth_set(gt: RevisitopGroundTruth, i: int, kinds: Sequence[str] = ("easy", "hard", "junk")
-                     ) -> set[int]:
-    """Database indices in query ``i``'s ground-truth sets of the given kinds."""
-    return set(np.concatenate([getattr(gt, k)[i] for k in kinds]).tolist())
-
-
-def landmark_folds(gt: RevisitopGroundTruth) -> list[list[int]]:
-    """Queries grouped into landmarks: same landmark in the file name, or sharing any
-    easy / hard / junk image (connected components), so no image is shared across folds."""
-    sets = [ground_truth_set(gt, i) for i in range(gt.n_queries)]
-    edges = [(i, j) for i, j in itertools.combinations(range(gt.n_queries), 2)
-             if landmark_of(gt.qimlist[i]) == landmark_of(gt.qimlist[j]) or sets[i] & sets[j]]
-    return components(gt.n_queries, edges)
-
-
-def fold_name(gt: RevisitopGroundTruth, fold: Sequence[int]) -> str:
-    return "+".join(sorted({landmark_of(gt.qimlist[i]) for i in fold}))
-
-
-@dataclass
-class TrainingPairs:
-    """Lw training data of one fold: database images and matching pairs among them."""
-
-    images: np.ndarray  # (n,) database indices of the images in some pair
-    pairs: np.ndarray  # (2P, 2) indices into ``images``, both orders of each unordered pair
-    n_pairs: int  # P, unordered pairs
-    landmarks: str  # the landmarks the pairs come from
-
-
-def training_pairs(gt: RevisitopGroundTruth, folds: list[list[int]], held: int) -> TrainingPairs:
-    """Database-database positive pairs (both images easy/hard for one query) of every fold
-    but ``held``; images in any ground-truth set of the held-out queries are left out."""
-    banned = set().union(*(ground_truth_set(gt, i) for i in folds[held]))
-    unordered: set[tuple[int, int]] = set()
-    for f, fold in enumerate(folds):
-        if f == held:
-            continue
-        for i in fold:
-            positives = sorted(ground_truth_set(gt, i, ("easy", "hard")) - banned)
-            unordered.update(itertools.combinations(positives, 2))
-    if not unordered:
-        raise ValueError(f"no training pairs outside fold {fold_name(gt, folds[held])}")
-    flat = np.array(sorted(unordered), dtype=np.int64)
-    images, local = np.unique(flat, return_inverse=True)
-    local = local.reshape(-1, 2)
-    names = ", ".join(fold_name(gt, fold) for f, fold in enumerate(folds) if f != held)
-    return TrainingPairs(images, np.concatenate([local, local[:, ::-1]]), len(flat), names)
 
 
 def within_class_rank(x: np.ndarray, pairs: np.ndarray) -> int:
@@ -369,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gt = load_revisitop(gnd)
     q, db, extract_s = cached_descriptors(gt, data, weights, (1.0,), args.image_size, use_cache=not args.no_cache)
     folds = landmark_folds(gt)
-    pairs = [training_pairs(gt, folds, f) for f in range(len(folds))]
+    pairs = [held_out_pairs(gt, folds, f) for f in range(len(folds))]
 
     # ---- whitenings: one for all queries (PCA on the database) or one per fold (Lw)
     global_w: dict[str, Whitening] = {}

@@ -105,3 +105,50 @@ def test_store_evaluation_refuses_what_it_cannot_honour(dataset, tmp_path, capsy
     assert main(["eval", str(dataset), "--store", str(store), "--no-plots"]) == 1
     assert "not in the store" in capsys.readouterr().err
     shutil.rmtree(store)
+
+
+def test_leave_one_landmark_out_lw_matches_the_folds_written_out(dataset, tmp_path):
+    """Each query's Lw is learned only on db-db pairs of the other landmarks (here each
+    synthetic query is its own landmark) and never on an image of its own ground truth."""
+    from imret.evaluation import ground_truth_set
+    from imret.whitening import fit_learned_whitening
+
+    got = run_eval([str(dataset), "--whiten", "lw", "--whiten-on", "landmarks"], tmp_path / "o")
+    gt = load_revisitop(dataset)
+    torch.manual_seed(0)
+    enc = Encoder(create_model("resnet18", "gem", pretrained=False), image_size=96, workers=0)
+    db = enc.encode(gt.db_paths(dataset.parent / "jpg"), on_error="raise").descriptors
+    q = enc.encode(gt.query_paths(dataset.parent / "jpg"), list(gt.bbx), on_error="raise").descriptors
+    scores = np.empty((gt.n_queries, gt.n_db), np.float32)
+    for i in range(gt.n_queries):
+        banned = ground_truth_set(gt, i)
+        pairs = sorted({(a, b) for j in range(gt.n_queries) if j != i
+                        for a in ground_truth_set(gt, j, ("easy", "hard")) - banned
+                        for b in ground_truth_set(gt, j, ("easy", "hard")) - banned if a < b})
+        images = sorted({a for p in pairs for a in p})
+        local = {g: k for k, g in enumerate(images)}
+        p = np.array([(local[a], local[b]) for a, b in pairs] + [(local[b], local[a]) for a, b in pairs])
+        w = fit_learned_whitening(db[images], p, eps=1e-6)
+        scores[i] = w.apply(q[i:i + 1]) @ w.apply(db).T
+    ref = evaluate_revisitop_scores(scores, gt)
+    assert maps(got) == pytest.approx([ref.easy.map, ref.medium.map, ref.hard.map], abs=1e-6)
+    learned = got["pipeline"]["whitening"]["learned_on"]
+    assert len(learned) == gt.n_queries and all("held out" in f["learned_on"] for f in learned)
+
+
+def test_landmark_folds_of_rparis6k_mini(paris_mini):
+    """The four groups BENCHMARKS.md reports, and held-out pairs that never touch the held-out
+    queries' ground truth."""
+    from imret.evaluation import fold_name, ground_truth_set, held_out_pairs, landmark_folds
+
+    gt = load_revisitop(paris_mini / "gnd_rparis6k-mini.pkl")
+    folds = landmark_folds(gt)
+    assert sorted(fold_name(gt, f) for f in folds) == ["defense", "eiffel+invalides", "louvre", "moulinrouge"]
+    reported = {"defense": (186, 4281), "eiffel+invalides": (138, 3016), "louvre": (187, 4237),
+                "moulinrouge": (188, 4282)}  # BENCHMARKS.md, post-processing section: images, unordered pairs
+    for f, fold in enumerate(folds):
+        fp = held_out_pairs(gt, folds, f)
+        assert (len(fp.images), fp.n_pairs) == reported[fold_name(gt, fold)]
+        banned = set().union(*(ground_truth_set(gt, i) for i in fold))
+        assert not banned & set(fp.images.tolist())
+        assert fp.pairs.shape == (2 * fp.n_pairs, 2)

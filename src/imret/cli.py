@@ -231,6 +231,8 @@ def _eval_whitening(args, encoder, db_desc):
         w = fit_pca_whitening(ex.descriptors, args.whiten_dim, power=args.whiten_power)
         return w, f"PCA on {len(ex.indices)} images of {args.whiten_on}"
     # lw: matching pairs of images given by path
+    if args.whiten_on not in (None, "pairs"):
+        raise ValueError(f"--whiten lw learns from --pairs or --whiten-on landmarks, not {args.whiten_on!r}")
     if not args.pairs:
         raise ValueError("--whiten lw needs --pairs CSV ('a,b' image paths per line: matching pairs to learn from)")
     pairs, names = [], {}
@@ -247,8 +249,35 @@ def _eval_whitening(args, encoder, db_desc):
     if not pairs:
         raise ValueError(f"{args.pairs} holds no pairs")
     ex = encoder.encode(list(names), on_error="raise")
-    w = fit_learned_whitening(ex.descriptors, np.array(pairs, dtype=np.int64), args.whiten_dim)
+    w = fit_learned_whitening(ex.descriptors, np.array(pairs, dtype=np.int64), args.whiten_dim, eps=args.whiten_eps)
     return w, f"Lw from {len(pairs)} matching pairs of {len(names)} images ({args.pairs})"
+
+
+def _landmark_whitenings(args, gt, db):
+    """Leave-one-landmark-out Lw: the queries fall into landmark folds
+    (:func:`imret.evaluation.landmark_folds`); each fold's queries get an Lw learned on
+    database-database matching pairs of the other folds only, none of whose images is in a
+    ground-truth set of the held-out queries (:func:`imret.evaluation.held_out_pairs`).
+    Returns ``[(query indices, whitening, what it was learned on), ...]``."""
+    import numpy as np
+
+    from . import evaluation as ev
+    from .whitening import fit_learned_whitening
+
+    row_of = {int(i): r for r, i in enumerate(db.indices)}
+    out = []
+    folds = ev.landmark_folds(gt)
+    if len(folds) < 2:
+        raise ValueError(f"--whiten-on landmarks needs queries of two or more landmarks; {gt.name} has one")
+    for f, fold in enumerate(folds):
+        fp = ev.held_out_pairs(gt, folds, f)
+        present = np.array([int(i) in row_of for i in fp.images])  # images that could be read
+        local = np.cumsum(present) - 1  # their positions among the present ones
+        pairs = fp.pairs[present[fp.pairs].all(axis=1)]
+        x = db.descriptors[[row_of[int(i)] for i in fp.images[present]]]
+        w = fit_learned_whitening(x, local[pairs], args.whiten_dim, eps=args.whiten_eps)
+        out.append((fold, w, f"Lw from {fp.n_pairs} db-db pairs of {fp.landmarks} (held out: {ev.fold_name(gt, fold)})"))
+    return out
 
 
 def _store_ranks(args, gt, root, qpaths, bboxes):
@@ -359,18 +388,31 @@ def cmd_eval(args) -> int:
             db = encoder.encode(dbpaths)
             q = encoder.encode(qpaths, bboxes)
             skipped = q.skipped + db.skipped
-            w, learned_on = _eval_whitening(args, encoder, db.descriptors)
+            if args.whiten == "lw" and args.whiten_on == "landmarks":
+                folds = _landmark_whitenings(args, gt, db)
+            else:
+                w, learned_on = _eval_whitening(args, encoder, db.descriptors)
+                folds = [(list(range(gt.n_queries)), w, learned_on)]
             qe = _query_expansion_override(args, QueryExpansion()) or QueryExpansion()
             dba = None if not args.dba_k else (args.dba_k, args.dba_alpha)
-            r = Retriever(encoder=encoder, whitening=w, dba=dba, backend=args.backend or "exact", query_expansion=qe)
-            r.index(db.descriptors, np.asarray(db.indices, dtype=np.int64))
             scores = np.full((gt.n_queries, gt.n_db), -np.inf, dtype=np.float32)
-            if len(q.indices):
-                scores[np.asarray(q.indices)] = r.search(vectors=q.descriptors, k=gt.n_db).dense(gt.n_db)
+            row_of_query = {int(i): r for r, i in enumerate(q.indices)}
+            for queries, w, _ in folds:  # one whitening per fold of queries (one fold unless leave-one-out)
+                r = Retriever(encoder=encoder, whitening=w, dba=dba, backend=args.backend or "exact",
+                              query_expansion=qe)
+                r.index(db.descriptors, np.asarray(db.indices, dtype=np.int64))
+                mine = [i for i in queries if i in row_of_query]
+                if mine:
+                    x = q.descriptors[[row_of_query[i] for i in mine]]
+                    scores[mine] = r.search(vectors=x, k=gt.n_db).dense(gt.n_db)
             ranks = ev.rank_by_similarity(scores)
             gt_eval = gt
             result = ev.evaluate_revisitop_scores(scores, gt)
-            pipeline = {"whitening": None if w is None else {"kind": w.kind, "dim": w.dim, "learned_on": learned_on},
+            ws = [(f, w, on) for f, w, on in folds if w is not None]
+            pipeline = {"whitening": None if not ws else {
+                            "kind": ws[0][1].kind, "dim": ws[0][1].dim,
+                            "learned_on": ws[0][2] if len(ws) == 1 else [
+                                {"queries": [gt.qimlist[i] for i in f], "learned_on": on} for f, _, on in ws]},
                         "dba": None if dba is None else {"k": dba[0], "alpha": dba[1]},
                         "query_expansion": dataclasses.asdict(qe), "backend": args.backend or "exact"}
         baseline = ev.random_baseline_revisitop(gt, n_trials=100, seed=0)
@@ -883,8 +925,12 @@ def build_parser() -> argparse.ArgumentParser:
     pp = p.add_argument_group("post-processing (the pipeline of imret.retrieval.Retriever, as in a store)")
     pp.add_argument("--whiten", choices=["none", "pca", "lw"], help="PCA whitening learned on --whiten-on, or "
                     "learned whitening (Lw) from --pairs")
-    pp.add_argument("--whiten-on", help="what PCA whitening is learned on: 'database' (the evaluation's own database "
-                    "images: unsupervised but transductive; the default) or another folder / list of images")
+    pp.add_argument("--whiten-on", help="what the whitening is learned on. pca: 'database' (the evaluation's own "
+                    "database images: unsupervised but transductive; the default) or another folder / list of "
+                    "images. lw: 'landmarks' (leave-one-landmark-out: each landmark's queries use an Lw learned on "
+                    "matching database pairs of the other landmarks only), or the images of --pairs (default)")
+    pp.add_argument("--whiten-eps", type=float, default=1e-6,
+                    help="Lw ridge, relative to the mean eigenvalue of the intra-class covariance (default 1e-6)")
     pp.add_argument("--whiten-file", help="apply a saved whitening (.npz written by imret.whitening.Whitening.save)")
     pp.add_argument("--pairs", help="CSV of matching image pairs 'a,b' (paths, relative to the CSV) for --whiten lw")
     _add_postprocess_args(pp)

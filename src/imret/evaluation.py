@@ -20,6 +20,7 @@ Metrics are fractions in ``[0, 1]``; only :func:`format_table` shows percentages
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -37,6 +38,13 @@ from .safepickle import load_data_pickle
 __all__ = [
     "PROTOCOLS",
     "IMAGE_EXTENSIONS",
+    "FoldPairs",
+    "connected_components",
+    "fold_name",
+    "ground_truth_set",
+    "held_out_pairs",
+    "landmark_folds",
+    "landmark_of",
     "RevisitopGroundTruth",
     "ProtocolResult",
     "RevisitopResult",
@@ -113,6 +121,91 @@ class RevisitopGroundTruth:
     def db_paths(self, root: str | os.PathLike, ext: str = ".jpg") -> list[Path]:
         """Database image files ``root / (name + ext)``, in index order (length ``Ndb``)."""
         return [Path(root) / f"{n}{ext}" for n in self.imlist]
+
+
+def landmark_of(name: str) -> str:
+    """The landmark in a revisited Oxford/Paris image name: ``paris_defense_000056 -> defense``,
+    ``all_souls_000013 -> souls`` (the second ``_`` field); a name without two ``_`` is its own."""
+    parts = name.split("_")
+    return parts[1] if len(parts) >= 3 else name
+
+
+def connected_components(n: int, edges: Iterable[tuple[int, int]]) -> list[list[int]]:
+    """Connected components of nodes ``0..n-1`` joined by ``edges``, each sorted, in order of
+    their smallest node."""
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in edges:
+        parent[root(int(i))] = root(int(j))
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(root(i), []).append(i)
+    return sorted(groups.values())
+
+
+def ground_truth_set(gt: "RevisitopGroundTruth", i: int, kinds: Sequence[str] = ("easy", "hard", "junk")) -> set[int]:
+    """Database indices in query ``i``'s ground-truth sets of the given kinds."""
+    return set(np.concatenate([getattr(gt, k)[i] for k in kinds]).tolist())
+
+
+def landmark_folds(gt: "RevisitopGroundTruth") -> list[list[int]]:
+    """Queries grouped into landmarks for leave-one-landmark-out protocols: same landmark in
+    the file name (:func:`landmark_of`), or sharing any easy / hard / junk image (connected
+    components), so that no database image belongs to two folds."""
+    sets = [ground_truth_set(gt, i) for i in range(gt.n_queries)]
+    edges = [(i, j) for i in range(gt.n_queries) for j in range(i + 1, gt.n_queries)
+             if landmark_of(gt.qimlist[i]) == landmark_of(gt.qimlist[j]) or sets[i] & sets[j]]
+    return connected_components(gt.n_queries, edges)
+
+
+@dataclass
+class FoldPairs:
+    """Training data of one held-out fold: database images and matching pairs among them.
+
+    Attributes:
+        images: ``(n,)`` database indices of the images in some pair.
+        pairs: ``(2P, 2)`` indices into ``images``, both orders of each unordered pair.
+        n_pairs: ``P``, the unordered pairs.
+        landmarks: the landmarks the pairs come from, ``"+"``-joined per fold, ``", "`` between folds.
+    """
+
+    images: np.ndarray
+    pairs: np.ndarray
+    n_pairs: int
+    landmarks: str
+
+
+def fold_name(gt: "RevisitopGroundTruth", fold: Sequence[int]) -> str:
+    """The landmarks of a fold's queries, ``"+"``-joined (``eiffel+invalides``)."""
+    return "+".join(sorted({landmark_of(gt.qimlist[i]) for i in fold}))
+
+
+def held_out_pairs(gt: "RevisitopGroundTruth", folds: list[list[int]], held: int) -> FoldPairs:
+    """Database-database matching pairs (both images easy/hard for one query) of every fold
+    but ``held``, leaving out every image in any ground-truth set of the held-out queries:
+    what a learned whitening may see when it is evaluated on fold ``held``."""
+    banned = set().union(*(ground_truth_set(gt, i) for i in folds[held]))
+    unordered: set[tuple[int, int]] = set()
+    for f, fold in enumerate(folds):
+        if f == held:
+            continue
+        for i in fold:
+            positives = sorted(ground_truth_set(gt, i, ("easy", "hard")) - banned)
+            unordered.update(itertools.combinations(positives, 2))
+    if not unordered:
+        raise ValueError(f"no training pairs outside the fold {fold_name(gt, folds[held])}: "
+                         "leave-one-landmark-out needs at least two landmark groups with positives")
+    flat = np.array(sorted(unordered), dtype=np.int64)
+    images, local = np.unique(flat, return_inverse=True)
+    local = local.reshape(-1, 2)
+    names = ", ".join(fold_name(gt, fold) for f, fold in enumerate(folds) if f != held)
+    return FoldPairs(images, np.concatenate([local, local[:, ::-1]]), len(flat), names)
 
 
 def _ground_truth_problem(gt: RevisitopGroundTruth) -> str | None:
