@@ -11,7 +11,7 @@ import torch
 from conftest import installed
 
 import imret.index.store as store_module
-import imret.weights
+import imret.models.factory
 from imret import create_model
 from imret.index.exact import exact_search
 from imret.index.store import Preprocessing, Store
@@ -256,7 +256,7 @@ def test_concurrent_first_use_loads_model_and_backend_once(tmp_path, photos, mod
         st.add(photos[:6], **FAST)
         x = np.asarray(st.descriptors()).copy()
     loads = {"model": 0, "backend": 0}
-    real_model, real_backend = imret.weights.load_model, store_module.load_backend
+    real_model, real_backend = imret.models.factory.load_model, store_module.load_backend
 
     def slow(kind, real):
         def load(*a, **kw):
@@ -265,7 +265,7 @@ def test_concurrent_first_use_loads_model_and_backend_once(tmp_path, photos, mod
             return real(*a, **kw)
         return load
 
-    monkeypatch.setattr(imret.weights, "load_model", slow("model", real_model))
+    monkeypatch.setattr(imret.models.factory, "load_model", slow("model", real_model))
     monkeypatch.setattr(store_module, "load_backend", slow("backend", real_backend))
     with Store.open(path) as st:
         start = threading.Barrier(4)

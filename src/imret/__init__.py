@@ -4,12 +4,22 @@ Importing imret does no I/O and sets no global state; timm and the optional back
 imported when first used.
 """
 
-from .backbones import WeightsUnavailableError, list_backbones
 from .extract import Extraction, extract, extract_descriptors
 from .images import ImageError
-from .model import ModelSpec, RetrievalNet, create_model, create_model_from_spec
-from .pooling import create_pool, list_pools
-from .weights import load_model, load_weights, save_model
+from .models import (
+    ModelSpec,
+    RetrievalNet,
+    WeightsUnavailableError,
+    create_model,
+    create_model_from_spec,
+    create_pool,
+    list_backbones,
+    list_heads,
+    list_pools,
+    load_model,
+    load_weights,
+    save_model,
+)
 
 __version__ = "0.1.0"
 
@@ -25,6 +35,7 @@ __all__ = [
     "create_model_from_spec",
     "create_pool",
     "list_backbones",
+    "list_heads",
     "list_pools",
     "load_model",
     "load_weights",

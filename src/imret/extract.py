@@ -29,7 +29,7 @@ from PIL import Image
 from ._checks import positive_int
 from .fileio import atomic_path, atomic_write_bytes
 from .images import ImageError, check_image_type, load_image, to_tensor
-from .model import RetrievalNet
+from .models.net import RetrievalNet
 from .precision import PRECISIONS, autocast_dtype
 
 __all__ = [

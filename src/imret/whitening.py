@@ -16,7 +16,7 @@ whitening. Descriptors are ``(N, C)`` float32 rows in and ``(N, D_out)`` float32
   descriptors.
 
 Fitting runs in float64. The fitted :class:`Whitening` stores float32 arrays (the precision
-at which descriptors and :meth:`imret.model.RetrievalNet.set_whitening` use them), saves to
+at which descriptors and :meth:`imret.models.RetrievalNet.set_whitening` use them), saves to
 a pickle-free ``.npz`` and folds into a model with
 ``net.set_whitening(w.projection, w.mean)``.
 """
@@ -129,7 +129,7 @@ class Whitening:
         why the model must L2-normalise before whitening (``spec.l2_before_whiten``).
 
         Args:
-            model: a :class:`imret.model.RetrievalNet`; changed in place.
+            model: a :class:`imret.models.RetrievalNet`; changed in place.
             replace: allow replacing an existing whitening layer. Off by default: a whitening
                 fitted on an already-whitened model's output cannot be folded (there is an L2
                 normalisation between the two), and replacing it silently would be wrong.

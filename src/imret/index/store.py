@@ -402,13 +402,13 @@ class Store:
         exist_ok: bool = False,
         backend_options: dict[str, str] | None = None,
     ) -> "Store":
-        """Create an empty store for ``model`` (a :class:`~imret.model.RetrievalNet`).
+        """Create an empty store for ``model`` (a :class:`~imret.models.RetrievalNet`).
 
         ``backend`` is a spec string (see :mod:`imret.index.base`); ``ann`` is resolved from the
         number of images the first time the index is built. The model is saved into the store,
         so the store is self-contained; ``model_source`` records where it came from.
         """
-        from ..weights import save_model
+        from ..models.checkpoints import save_model
 
         path = Path(path)
         spec = parse_spec(backend)  # validate early
@@ -818,7 +818,7 @@ class Store:
             return model
         with self._model_lock:  # not _lock: searches by vector go on while the model loads
             if self._model is None:
-                from ..weights import load_model
+                from ..models.factory import load_model
 
                 info = self._config["model"]  # never changes after creation
                 f = self._file(info["file"], "model file")

@@ -73,9 +73,8 @@ from ..fileio import atomic_path
 from ..images import RESAMPLE
 from ..losses import create_loss, tuples_to_pairs, tuples_to_triplets
 from ..mining import batch_hard_triplets, epoch_tuples, hard_pairs, sample_epoch, semi_hard_triplets
-from ..model import RetrievalNet, create_model
+from ..models import RetrievalNet, create_model, save_model
 from ..precision import autocast_dtype
-from ..weights import save_model
 from .config import DataConfig, LossConfig, ModelConfig, TrainConfig, save_config
 from .distributed import DistInfo, all_gather_rows, barrier, broadcast_object, broadcast_parameters
 from .metrics_log import MetricsLog
