@@ -152,3 +152,30 @@ def test_landmark_folds_of_rparis6k_mini(paris_mini):
         banned = set().union(*(ground_truth_set(gt, i) for i in fold))
         assert not banned & set(fp.images.tolist())
         assert fp.pairs.shape == (2 * fp.n_pairs, 2)
+
+
+def test_lw_from_a_pairs_file_and_a_saved_whitening(dataset, tmp_path):
+    """--whiten lw --pairs CSV learns Lw on those images (paths relative to the CSV); the same
+    whitening saved and applied with --whiten-file gives the same evaluation."""
+    from imret.whitening import Whitening
+
+    gt = load_revisitop(dataset)
+    jpg = dataset.parent / "jpg"
+    pos = [sorted(gt.easy[i].tolist() + gt.hard[i].tolist()) for i in range(gt.n_queries)]
+    lines = [f"jpg/{gt.imlist[p[0]]}.jpg,jpg/{gt.imlist[b]}.jpg" for p in pos for b in p[1:]]
+    pairs = dataset.parent / "pairs.csv"
+    pairs.write_text("# matching pairs\n" + "\n".join(lines) + "\n")
+    got = run_eval([str(dataset), "--whiten", "lw", "--pairs", str(pairs)], tmp_path / "lw")
+    assert got["pipeline"]["whitening"]["learned_on"].startswith(f"Lw from {len(lines)} matching pairs")
+    # the same Lw, fitted here and applied from a file
+    torch.manual_seed(0)
+    enc = Encoder(create_model("resnet18", "gem", pretrained=False), image_size=96, workers=0)
+    names = {}
+    idx = [[names.setdefault(str(jpg / a.split("/")[1]), len(names)) for a in line.split(",")] for line in lines]
+    from imret.whitening import fit_learned_whitening
+
+    w = fit_learned_whitening(enc.encode(list(names), on_error="raise").descriptors, np.array(idx))
+    w.save(tmp_path / "w.npz")
+    again = run_eval([str(dataset), "--whiten-file", str(tmp_path / "w.npz")], tmp_path / "file")
+    assert maps(again) == pytest.approx(maps(got), abs=1e-9) and again["ranking"] == got["ranking"]
+    assert isinstance(Whitening.load(tmp_path / "w.npz"), Whitening)

@@ -237,15 +237,8 @@ def _eval_whitening(args, encoder, db_desc):
         raise ValueError("--whiten lw needs --pairs CSV ('a,b' image paths per line: matching pairs to learn from)")
     pairs, names = [], {}
     base = os.path.dirname(os.path.abspath(args.pairs))
-    with open(args.pairs, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = [t.strip() for t in line.split(",")]
-            if len(parts) != 2:
-                raise ValueError(f"{args.pairs}:{lineno}: expected 'a,b' (two image paths), got {line!r}")
-            pairs.append([names.setdefault(os.path.join(base, t), len(names)) for t in parts])
+    for _, parts in _pair_lines(args.pairs, "two image paths"):
+        pairs.append([names.setdefault(os.path.join(base, t), len(names)) for t in parts])
     if not pairs:
         raise ValueError(f"{args.pairs} holds no pairs")
     ex = encoder.encode(list(names), on_error="raise")
@@ -597,12 +590,8 @@ def cmd_index_info(args) -> int:
     return 0 if not problems else 2
 
 
-def _read_pairs(path: str, store) -> "object":
-    """Matching pairs for Lw from a CSV of ``a,b`` per line (image ids or indexed paths)."""
-    import numpy as np
-
-    by_path = {}
-    pairs = []
+def _pair_lines(path: str, what: str):
+    """``(line number, [a, b])`` for each ``a,b`` line of a pairs CSV (blank and ``#`` lines skipped)."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
@@ -610,19 +599,29 @@ def _read_pairs(path: str, store) -> "object":
                 continue
             parts = [t.strip() for t in line.split(",")]
             if len(parts) != 2:
-                raise ValueError(f"{path}:{lineno}: expected 'a,b' (two image ids or paths), got {line!r}")
-            ids = []
-            for t in parts:
-                if t.isdigit():
-                    ids.append(int(t))
-                    continue
-                if not by_path:
-                    by_path = {r.path: r.id for r in store.list(0, 1 << 62)}
-                key = os.path.abspath(t)
-                if key not in by_path:
-                    raise ValueError(f"{path}:{lineno}: {t!r} is not an indexed image")
-                ids.append(by_path[key])
-            pairs.append(ids)
+                raise ValueError(f"{path}:{lineno}: expected 'a,b' ({what}), got {line!r}")
+            yield lineno, parts
+
+
+def _read_pairs(path: str, store) -> "object":
+    """Matching pairs for Lw from a CSV of ``a,b`` per line (image ids or indexed paths)."""
+    import numpy as np
+
+    by_path = {}
+    pairs = []
+    for lineno, parts in _pair_lines(path, "two image ids or paths"):
+        ids = []
+        for t in parts:
+            if t.isdigit():
+                ids.append(int(t))
+                continue
+            if not by_path:
+                by_path = {r.path: r.id for r in store.list(0, 1 << 62)}
+            key = os.path.abspath(t)
+            if key not in by_path:
+                raise ValueError(f"{path}:{lineno}: {t!r} is not an indexed image")
+            ids.append(by_path[key])
+        pairs.append(ids)
     if not pairs:
         raise ValueError(f"{path} holds no pairs")
     return np.array(pairs, dtype=np.int64)

@@ -20,20 +20,4 @@ from .models.pooling import (
     rmac_regions,
     spoc,
 )
-
-__all__ = [
-    "mac",
-    "spoc",
-    "gem",
-    "rmac_regions",
-    "regional_pool",
-    "rmac",
-    "rgem",
-    "MAC",
-    "SPoC",
-    "GeM",
-    "RMAC",
-    "RGeM",
-    "create_pool",
-    "list_pools",
-]
+from .models.pooling import __all__  # noqa: F401 - the same public names
