@@ -1,10 +1,13 @@
-"""Helpers shared by the benchmark scripts: the machine line and the BENCHMARKS.md sections."""
+"""Helpers shared by the benchmark scripts: the machine line, the BENCHMARKS.md sections and
+the end of a run (print, write the section, dump the figures)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMRET_SHARED", REPO.parent / "shared"))
@@ -48,6 +51,18 @@ def write_section(text: str, path: Path, begin: str, end: str) -> None:
     else:
         new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
     path.write_text(new, encoding="utf-8")
+
+
+def publish(text: str, begin: str, end: str, *, write: bool = False, json_path: str | Path | None = None,
+            data: Any = None) -> None:
+    """The end of every benchmark: print the markdown ``text``; with ``write``, put it into
+    BENCHMARKS.md between ``begin`` and ``end`` (:func:`write_section`); with ``json_path``,
+    also write ``data`` there as JSON (numbers that JSON lacks, such as NumPy floats, as floats)."""
+    print(text)
+    if write:
+        write_section(text, REPO / "BENCHMARKS.md", begin, end)
+    if json_path:
+        Path(json_path).write_text(json.dumps(data, indent=1, default=float))
 
 
 # the leave-one-landmark-out helpers live in the library (imret eval uses them too)

@@ -22,7 +22,6 @@ import argparse
 import datetime as dt
 import hashlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, cpu_name, machine_line, write_section  # noqa: E402
+from _common import REPO, machine_line, publish  # noqa: E402
 
 DIM = 1280
 BEGIN = "<!-- integrity:begin -->"
@@ -163,9 +162,7 @@ def main() -> int:
         rows.append(res)
     command = "python benchmarks/integrity.py " + " ".join(a for a in sys.argv[1:] if a != "--write")
     text = render(rows, machine_line(), command.strip())
-    print(text)
-    if args.write:
-        write_section(text, REPO / "BENCHMARKS.md", BEGIN, END)
+    publish(text, BEGIN, END, write=args.write)
     return 0
 
 

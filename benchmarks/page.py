@@ -33,7 +33,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, SHARED, machine_line, write_section  # noqa: E402
+from _common import REPO, SHARED, machine_line, publish  # noqa: E402
 
 BEGIN, END = "<!-- page:begin -->", "<!-- page:end -->"
 DEFAULT_STORE = REPO / "runs" / "bench-serve" / "store-512px-hold30-exact-syn100000-64x48"
@@ -180,9 +180,7 @@ def main(argv=None) -> int:
         lines.append(f"| {k} | {1000 * statistics.median(v):.0f} | {1000 * max(v):.0f} | {t} |")
     lines.append(END)
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        write_section(text, REPO / "BENCHMARKS.md", BEGIN, END)
+    publish(text, BEGIN, END, write=args.write)
     return 0
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, SHARED, machine_line, write_section  # noqa: E402
+from _common import REPO, SHARED, machine_line, publish  # noqa: E402
 
 CACHE = REPO / "runs" / "cache" / "quality"
 BEGIN = "<!-- quality:begin -->"
@@ -89,17 +89,18 @@ def evaluate(q, db, gt, *, lw: bool = False, qe: bool = False, dba: bool = False
 def render(rows: list[dict], extra: list[dict], best: str, machine: str, command: str, minutes: float) -> str:
     out = [BEGIN, "## Retrieval quality of real ImageNet backbones (`benchmarks/quality.py`)", "",
            f"`{command}` — {dt.date.today().isoformat()}, {machine}; {minutes:.0f} min (extraction dominates; "
-           "descriptors cached in runs/cache/quality/).", "",
+           "descriptors cached in runs/cache/quality/, so a rerun may take its rows from earlier runs; no speed "
+           "figures here: see `benchmarks/extract.py`).", "",
            "rParis6k-mini (12 queries cropped to their boxes, 238 database images), GeM p = 3, no fine-tuning; "
            "every row ranked by `imret.retrieval.Retriever`. MobileNetV2: the shared TF-slim weights "
            "(int8-derived). EfficientNet-Lite0/1/2: the original fp32 ImageNet weights from pip (`imret[weights]`). "
            "Three scales: 1, 1/√2, 1/2, GeM power mean. Medium mP@10 and Recall@1 in the last columns.", "",
-           "| backbone | size | scales | D | Easy | Medium | Hard | M mP@10 | M R@1 | extraction (s) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| backbone | size | scales | D | Easy | Medium | Hard | M mP@10 | M R@1 |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["metrics"]
         out.append(f"| {r['backbone']} | {r['size']} | {r['scales']} | {r['dim']} | {m['easy']:.2f} | {m['medium']:.2f} | "
-                   f"{m['hard']:.2f} | {m['mp10']:.2f} | {m['r1']:.2f} | {r['seconds']:.0f} |")
+                   f"{m['hard']:.2f} | {m['mp10']:.2f} | {m['r1']:.2f} |")
     out += ["", f"Post-processing on the best row by Medium mAP ({best}; chosen on this set). Lw: learned whitening "
             "(Radenović et al.), leave-one-landmark-out: each landmark group's queries use an Lw fitted on "
             "database-database pairs of the other groups only (eps 1e-6, full dimension). αQE / αDBA: k = 2, α = 3, "
@@ -145,9 +146,7 @@ def main() -> int:
              {"name": "+ Lw + αDBA + αQE", "metrics": evaluate(q, db, gt, lw=True, qe=True, dba=True)}]
     command = "python benchmarks/quality.py " + " ".join(a for a in sys.argv[1:] if a != "--write")
     text = render(rows, extra, label, machine_line(), command.strip(), (time.perf_counter() - t0) / 60)
-    print(text)
-    if args.write:
-        write_section(text, REPO / "BENCHMARKS.md", BEGIN, END)
+    publish(text, BEGIN, END, write=args.write)
     return 0
 
 

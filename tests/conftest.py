@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,75 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --- generated photos, the tiny model and built stores, shared by the store and retrieval tests ---
+
+
+@pytest.fixture(scope="session")
+def make_photos(tmp_path_factory):
+    """Factory: ``make_photos(n_classes, per_class, size, seed=0)`` -> the sorted paths of
+    :func:`imret.synthetic.make_labelled_folder` photos, written once per session for each set
+    of arguments (tests read them; none writes into their folder)."""
+    from imret.synthetic import make_labelled_folder
+
+    made: dict[tuple, list[str]] = {}
+
+    def make(n_classes: int, per_class: int, size: tuple[int, int], seed: int = 0) -> list[str]:
+        key = (n_classes, per_class, tuple(size), seed)
+        if key not in made:
+            root = make_labelled_folder(tmp_path_factory.mktemp("photos"), n_classes=n_classes,
+                                        per_class=per_class, size=tuple(size), seed=seed)
+            made[key] = sorted(str(p) for p in root.rglob("*.jpg"))
+        return list(made[key])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """An untrained ResNet-18 + GeM (seed 0, 512-D): weights are never changed by the tests
+    that share it (stores save it, extraction only puts it in eval mode)."""
+    import torch
+
+    from imret import create_model
+
+    torch.manual_seed(0)
+    return create_model("resnet18", "gem", pretrained=False)
+
+
+@pytest.fixture(scope="session")
+def make_store(tmp_path_factory, tiny_model):
+    """Factory: ``make_store(photos, preprocessing, commit_every=64)`` -> the directory of a
+    closed exact-search store of ``tiny_model`` holding ``photos``, built once per session for
+    each set of arguments. Shared: open it read-only, or change a copy (``copy_store``)."""
+    from imret.index.store import Store
+
+    made: dict[tuple, Path] = {}
+
+    def make(photos, preprocessing, *, commit_every: int = 64) -> Path:
+        key = (tuple(photos), preprocessing, commit_every)
+        if key not in made:
+            path = tmp_path_factory.mktemp("built") / "store"
+            with Store.create(path, tiny_model, preprocessing=preprocessing) as st:
+                st.add(photos, commit_every=commit_every, workers=0)
+            made[key] = path
+        return made[key]
+
+    return make
+
+
+@pytest.fixture
+def copy_store(tmp_path):
+    """Factory: ``copy_store(path)`` -> a copy of the store at ``path`` in this test's
+    ``tmp_path`` (``tmp_path / "store"``), for a test that changes it."""
+
+    def copy(src: Path) -> Path:
+        dst = tmp_path / "store"
+        n = 1
+        while dst.exists():
+            dst, n = tmp_path / f"store-{n}", n + 1
+        shutil.copytree(src, dst)
+        return dst
+
+    return copy

@@ -2,16 +2,13 @@
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import installed
 
-from imret import create_model
 from imret.expansion import QueryExpansion, alpha_database_augmentation, expand_with_neighbours
 from imret.index.exact import ExactBackend
 from imret.index.store import Preprocessing, Store
 from imret.retrieval import Encoder, Retriever, SearchResult, expand_and_search, fill_short, rescore
-from imret.synthetic import make_labelled_folder
 from imret.whitening import fit_pca_whitening
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -155,28 +152,21 @@ class Reverse:
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    root = make_labelled_folder(tmp_path_factory.mktemp("ph"), n_classes=4, per_class=4, size=(96, 80))
-    return sorted(str(p) for p in root.rglob("*.jpg"))
+def photos(make_photos):
+    return make_photos(n_classes=4, per_class=4, size=(96, 80))
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return create_model("resnet18", "gem", pretrained=False)
-
-
-def test_images_rerankers_and_the_store_give_the_same_rankings(tmp_path, photos, model):
+def test_images_rerankers_and_the_store_give_the_same_rankings(tmp_path, photos, tiny_model):
     """Retriever over images == Store over the same images and settings (whitening + αQE)."""
     pre = Preprocessing(image_size=64)
-    enc = Encoder(model, image_size=64, workers=0)
+    enc = Encoder(tiny_model, image_size=64, workers=0)
     ex = enc.encode(photos)
     w = fit_pca_whitening(ex.descriptors, dim=8)
     qe = QueryExpansion("alpha", 2, 3.0)
     r = Retriever(encoder=enc, whitening=w, query_expansion=qe)
     r.index_images(photos)
     mine = r.search(images=photos[:3], bboxes=[None, (5, 5, 60, 50), None], k=6)
-    with Store.create(tmp_path / "s", model, preprocessing=pre) as st:
+    with Store.create(tmp_path / "s", tiny_model, preprocessing=pre) as st:
         st.add(photos, workers=0)
         st.configure(whitening=w, query_expansion=qe)
         hits = st.search(photos[:3], bboxes=[None, (5, 5, 60, 50), None], k=6, workers=0)

@@ -6,11 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import installed
 
-from imret import create_model
 from imret.expansion import alpha_database_augmentation, alpha_query_expansion
 from imret.index.exact import exact_search
 from imret.index.store import (
@@ -22,7 +20,6 @@ from imret.index.store import (
     StoreLockedError,
     StoreVersionError,
 )
-from imret.synthetic import make_labelled_folder
 from imret.whitening import fit_pca_whitening
 
 PRE = Preprocessing(image_size=96)
@@ -30,35 +27,23 @@ FAST = dict(workers=0)
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    root = make_labelled_folder(tmp_path_factory.mktemp("photos"), n_classes=4, per_class=5, size=(160, 120))
-    return sorted(str(p) for p in root.rglob("*.jpg"))
+def photos(make_photos):
+    return make_photos(n_classes=4, per_class=5, size=(160, 120))
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return create_model("resnet18", "gem", pretrained=False)
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, photos, model):
+def built(make_store, photos):
     """A store with all photos, closed; tests copy it before changing it."""
-    path = tmp_path_factory.mktemp("built") / "store"
-    with Store.create(path, model, preprocessing=PRE) as st:
-        st.add(photos, commit_every=6, **FAST)
-    return path
+    return make_store(photos, PRE, commit_every=6)
 
 
 @pytest.fixture
-def store_copy(built, tmp_path):
-    dst = tmp_path / "store"
-    shutil.copytree(built, dst)
-    return dst
+def store_copy(copy_store, built):
+    return copy_store(built)
 
 
-def test_add_assigns_ids_in_order_and_dedupes_by_content(tmp_path, photos, model):
-    with Store.create(tmp_path / "s", model, preprocessing=PRE) as st:
+def test_add_assigns_ids_in_order_and_dedupes_by_content(tmp_path, photos, tiny_model):
+    with Store.create(tmp_path / "s", tiny_model, preprocessing=PRE) as st:
         r = st.add(photos[:7], commit_every=3, **FAST)
         assert r.added == list(range(7)) and not r.duplicates and not r.skipped
         copy = tmp_path / "copy.jpg"
@@ -73,10 +58,10 @@ def test_add_assigns_ids_in_order_and_dedupes_by_content(tmp_path, photos, model
         assert st.verify() == []
 
 
-def test_unreadable_files_are_reported_not_indexed(tmp_path, photos, model):
+def test_unreadable_files_are_reported_not_indexed(tmp_path, photos, tiny_model):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-    with Store.create(tmp_path / "s", model, preprocessing=PRE) as st:
+    with Store.create(tmp_path / "s", tiny_model, preprocessing=PRE) as st:
         r = st.add([photos[0], str(bad), str(tmp_path / "missing.jpg")], **FAST)
         assert r.added == [0]
         assert {p for p, _ in r.skipped} == {str(bad), str(tmp_path / "missing.jpg")}
@@ -142,15 +127,15 @@ def test_read_only_and_lock(store_copy, photos):
         pass
 
 
-def test_create_refuses_existing_directory(built, tmp_path, model):
+def test_create_refuses_existing_directory(built, tmp_path, tiny_model):
     with pytest.raises(FileExistsError, match="already holds a store"):
-        Store.create(built, model)
+        Store.create(built, tiny_model)
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "f").write_text("hi")
     with pytest.raises(FileExistsError, match="not empty"):
-        Store.create(tmp_path / "x", model)
+        Store.create(tmp_path / "x", tiny_model)
     with pytest.raises(ValueError, match="unknown backend"):
-        Store.create(tmp_path / "y", model, backend="annoy")
+        Store.create(tmp_path / "y", tiny_model, backend="annoy")
 
 
 def _edit_config(path, **changes):
@@ -259,9 +244,9 @@ def test_tampered_whitening_is_detected(store_copy):
         Store.open(store_copy)
 
 
-def test_a_reader_follows_a_writer_in_another_handle(tmp_path, photos, model):
+def test_a_reader_follows_a_writer_in_another_handle(tmp_path, photos, tiny_model):
     path = tmp_path / "s"
-    with Store.create(path, model, preprocessing=PRE) as w:
+    with Store.create(path, tiny_model, preprocessing=PRE) as w:
         w.add(photos[:4], **FAST)
         with Store.open(path) as r:
             x = np.asarray(w.descriptors()).copy()
@@ -282,13 +267,12 @@ def _approx_backends():
 
 
 @pytest.mark.parametrize("backend", _approx_backends())
-def test_other_backends_agree_with_exact_through_the_store(tmp_path, built, photos, backend):
+def test_other_backends_agree_with_exact_through_the_store(copy_store, built, photos, backend):
     """Same results as exact search (these indexes are exhaustive at this size), across
     adds, removes and reopening; an IVF index searches exactly until it can be trained."""
     with Store.open(built) as ref:
         x = np.asarray(ref.descriptors()).copy()
-    path = tmp_path / "s"
-    shutil.copytree(built, path)
+    path = copy_store(built)
     with Store.open(path, writable=True) as st:
         st.remove([1])
         st.configure(backend=backend)
@@ -315,11 +299,10 @@ def test_other_backends_agree_with_exact_through_the_store(tmp_path, built, phot
         np.testing.assert_array_equal(st.search_vectors(x, 5)[1], exact_search(x, x, 5, alive=alive)[1])
 
 
-def test_ivf_trains_once_enough_rows_exist(tmp_path, model):
+def test_ivf_trains_once_enough_rows_exist(tmp_path, tiny_model, make_photos):
     pytest.importorskip("faiss")
-    root = make_labelled_folder(tmp_path / "many", n_classes=9, per_class=9, size=(64, 48), seed=3)
-    files = sorted(str(p) for p in root.rglob("*.jpg"))
-    with Store.create(tmp_path / "s", model, preprocessing=Preprocessing(image_size=48),
+    files = make_photos(n_classes=9, per_class=9, size=(64, 48), seed=3)
+    with Store.create(tmp_path / "s", tiny_model, preprocessing=Preprocessing(image_size=48),
                       backend="faiss:IVF2,Flat?nprobe=2") as st:
         st.add(files[:40], **FAST)
         assert st.info()["backend"]["searching_with"].startswith("exact")

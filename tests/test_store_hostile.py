@@ -13,14 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import REPO, installed
 
-from imret import create_model
 from imret.cli import main
 from imret.index.store import Preprocessing, Store, StoreCorruptError, StoreError
-from imret.synthetic import make_labelled_folder
 from imret.whitening import fit_pca_whitening
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -31,23 +28,13 @@ D = 512
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    root = make_labelled_folder(tmp_path_factory.mktemp("photos"), n_classes=4, per_class=5, size=(96, 80))
-    return sorted(str(p) for p in root.rglob("*.jpg"))
+def photos(make_photos):
+    return make_photos(n_classes=4, per_class=5, size=(96, 80))
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return create_model("resnet18", "gem", pretrained=False)
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, photos, model):
-    path = tmp_path_factory.mktemp("built") / "store"
-    with Store.create(path, model, preprocessing=PRE) as st:
-        st.add(photos, **FAST)
-    return path
+def built(make_store, photos):
+    return make_store(photos, PRE)
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +52,13 @@ def built_ann(tmp_path_factory, built):
 
 
 @pytest.fixture
-def store_copy(built, tmp_path):
-    shutil.copytree(built, tmp_path / "store")
-    return tmp_path / "store"
+def store_copy(copy_store, built):
+    return copy_store(built)
 
 
 @pytest.fixture
-def ann_copy(built_ann, tmp_path):
-    shutil.copytree(built_ann, tmp_path / "store")
-    return tmp_path / "store"
+def ann_copy(copy_store, built_ann):
+    return copy_store(built_ann)
 
 
 @pytest.fixture
@@ -301,6 +286,35 @@ def test_vectors_checksums_follow_adds_and_survive_reopening(ann_copy, photos, t
         assert st.verify() == []
 
 
+def test_vector_checksums_are_mapped_once_and_follow_adds(ann_copy, photos, tmp_path, monkeypatch):
+    """Approximate searches map the checksum file once, not once per search; after an add it
+    is mapped again, so the new rows are checked (a damaged new row is caught, a sound one is
+    not mistaken for damage)."""
+    from PIL import Image
+
+    import imret.index.store as store_module
+
+    maps = []
+    real = store_module._map_checksums
+    monkeypatch.setattr(store_module, "_map_checksums", lambda f, n: maps.append(n) or real(f, n))
+    n = len(photos)
+    extra = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    Image.new("RGB", (90, 70), (200, 10, 30)).save(extra[0])
+    Image.new("RGB", (90, 70), (10, 30, 200)).save(extra[1])
+    with Store.open(ann_copy, writable=True) as st:
+        q = np.asarray(st.descriptors()[[3]])
+        st.search_vectors(q, k=3)  # re-scores (and checks) 3 rows ...
+        st.search_vectors(q, k=n)  # ... then all of them: the rest are checked with the same map
+        assert maps == [n]
+        assert st.add(extra, **FAST).added == [n, n + 1]
+        vectors = ann_copy / st._config["vectors"]
+        _zero_row(vectors, 16, n + 1)
+        assert st.search_ids([n], k=1)[1][0, 0] == n  # row n: checked against the appended checksums
+        assert maps == [n, n + 2]
+        with pytest.raises(StoreCorruptError, match=rf"{vectors.name} is damaged.*ids \[{n + 1}\]"):
+            st.search_vectors(np.asarray(st.descriptors()[[n + 1]]), k=1)
+
+
 def test_a_store_without_vector_checksums_gets_them_from_its_writer(ann_copy):
     cfg = json.loads((ann_copy / "store.json").read_text())
     side = ann_copy / cfg["vectors"].replace(".f32", ".crc32")
@@ -378,7 +392,7 @@ def _fill(disk: Path) -> Path:
     return filler
 
 
-def test_a_real_full_disk(tmp_path, model, photos, capsys):
+def test_a_real_full_disk(tmp_path, tiny_model, photos, capsys):
     """A tmpfs filled to the last byte (root only; elsewhere the simulated tests above stand):
     while the store is open (the add's own writes fail), and before it is opened."""
     disk = tmp_path / "disk"
@@ -386,7 +400,7 @@ def test_a_real_full_disk(tmp_path, model, photos, capsys):
         pytest.skip("needs root and tmpfs to make a real full disk")
     try:
         store = disk / "store"
-        with Store.create(store, model, preprocessing=PRE) as st:
+        with Store.create(store, tiny_model, preprocessing=PRE) as st:
             st.add(photos[:5], **FAST)
             _fill(disk)
             with pytest.raises(StoreError, match="no space left") as e:
@@ -427,12 +441,11 @@ def test_a_damaged_sqlite_page_gives_a_clear_error(store_copy, capsys):
 
 
 @pytest.mark.skipif(not installed("faiss"), reason="faiss-cpu is not installed")
-def test_hnsw_after_removals_returns_k_results_whenever_k_fits(tmp_path, model):
+def test_hnsw_after_removals_returns_k_results_whenever_k_fits(tmp_path, tiny_model, make_photos):
     """HNSW misses rows when k nears the number of images (more so with tombstones): up to 18 of
     60 were missing. A search must return min(k, live) results."""
-    root = make_labelled_folder(tmp_path / "ph", n_classes=8, per_class=10, size=(96, 80))
-    files = sorted(str(p) for p in root.rglob("*.jpg"))
-    with Store.create(tmp_path / "s", model, preprocessing=PRE, backend="faiss:HNSW32?efSearch=16") as st:
+    files = make_photos(n_classes=8, per_class=10, size=(96, 80))
+    with Store.create(tmp_path / "s", tiny_model, preprocessing=PRE, backend="faiss:HNSW32?efSearch=16") as st:
         st.add(files, **FAST)
         st.remove(list(range(0, 80, 4)))
         live = len(st)

@@ -6,16 +6,13 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import installed
 
 import imret.index.store as store_module
 import imret.models.factory
-from imret import create_model
 from imret.index.exact import exact_search
 from imret.index.store import Preprocessing, Store
-from imret.synthetic import make_labelled_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -25,15 +22,8 @@ N0 = 8  # images in the store before the threads start
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    root = make_labelled_folder(tmp_path_factory.mktemp("photos"), n_classes=4, per_class=6, size=(96, 72))
-    return sorted(str(p) for p in root.rglob("*.jpg"))
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return create_model("resnet18", "gem", pretrained=False)
+def photos(make_photos):
+    return make_photos(n_classes=4, per_class=6, size=(96, 72))
 
 
 def _writes(photos):
@@ -65,10 +55,10 @@ def _backends():
 
 
 @pytest.mark.parametrize("backend", _backends())
-def test_searches_during_adds_and_removes(tmp_path, photos, model, backend):
+def test_searches_during_adds_and_removes(tmp_path, photos, tiny_model, backend):
     writes = _writes(photos)
     # the reference: the same operations, one after the other
-    with Store.create(tmp_path / "ref", model, preprocessing=PRE, backend=backend) as ref:
+    with Store.create(tmp_path / "ref", tiny_model, preprocessing=PRE, backend=backend) as ref:
         ref.add(photos[:N0], **FAST)
         for op, arg in writes:
             _apply(ref, op, arg)
@@ -76,7 +66,7 @@ def test_searches_during_adds_and_removes(tmp_path, photos, model, backend):
         ref_live = [r.id for r in ref.list(0, 1000)]
         ref_x = np.asarray(ref.descriptors()).copy()
 
-    st = Store.create(tmp_path / "s", model, preprocessing=PRE, backend=backend)
+    st = Store.create(tmp_path / "s", tiny_model, preprocessing=PRE, backend=backend)
     st.add(photos[:N0], **FAST)
     q = np.asarray(st.descriptors()).copy()  # queries: the first images' descriptors
     removing = threading.Event()  # set before the first removal starts
@@ -176,8 +166,8 @@ def test_searches_during_adds_and_removes(tmp_path, photos, model, backend):
         st.close()
 
 
-def test_searches_are_answered_while_an_add_extracts(tmp_path, photos, model, monkeypatch):
-    st = Store.create(tmp_path / "s", model, preprocessing=PRE)
+def test_searches_are_answered_while_an_add_extracts(tmp_path, photos, tiny_model, monkeypatch):
+    st = Store.create(tmp_path / "s", tiny_model, preprocessing=PRE)
     st.add(photos[:6], **FAST)
     x = np.asarray(st.descriptors()).copy()
     entered, release = threading.Event(), threading.Event()
@@ -228,8 +218,8 @@ def test_searches_are_answered_while_an_add_extracts(tmp_path, photos, model, mo
     st.close()
 
 
-def test_search_ids(tmp_path, photos, model):
-    with Store.create(tmp_path / "s", model, preprocessing=PRE) as st:
+def test_search_ids(tmp_path, photos, tiny_model):
+    with Store.create(tmp_path / "s", tiny_model, preprocessing=PRE) as st:
         st.add(photos[:6], **FAST)
         x = np.asarray(st.descriptors()).copy()
         s, i = st.search_ids([3, 0, 3], k=4)
@@ -249,10 +239,10 @@ def test_search_ids(tmp_path, photos, model):
             st.search_ids([1], k=0)
 
 
-def test_concurrent_first_use_loads_model_and_backend_once(tmp_path, photos, model, monkeypatch):
+def test_concurrent_first_use_loads_model_and_backend_once(tmp_path, photos, tiny_model, monkeypatch):
     backend = "faiss:HNSW8" if installed("faiss") else "exact"
     path = tmp_path / "s"
-    with Store.create(path, model, preprocessing=PRE, backend=backend) as st:
+    with Store.create(path, tiny_model, preprocessing=PRE, backend=backend) as st:
         st.add(photos[:6], **FAST)
         x = np.asarray(st.descriptors()).copy()
     loads = {"model": 0, "backend": 0}

@@ -4,7 +4,8 @@ expansion → re-rankers → ranked results.
 Every caller that turns queries into rankings goes through this module: :class:`Retriever`
 for a database held in memory (evaluation, benchmarks, the trainer's validation), and
 :class:`imret.index.store.Store`, which keeps the same steps over its files (it supplies
-the searcher and the stored rows, and uses :func:`search_stage` and :func:`expand_and_search`).
+the searcher and the stored rows, and uses :func:`postprocess`, :func:`search_stage` and
+:func:`expand_and_search`).
 
 The steps, for raw model descriptors ``x`` (``(Q, D)`` rows, L2-normalised):
 
@@ -45,6 +46,7 @@ __all__ = [
     "Encoder",
     "Reranker",
     "Retriever",
+    "postprocess",
     "search_stage",
     "expand_and_search",
     "rescore",
@@ -90,6 +92,16 @@ class Reranker(Protocol):
 
 
 # --- the pure steps, shared with the store ------------------------------------------------------
+
+
+def postprocess(x: np.ndarray, whitening: Whitening | None, *, dim: int | None = None,
+                name: str = "descriptors") -> np.ndarray:
+    """Raw descriptors ``(N, D)`` (queries or database rows) as the rows the backend holds:
+    float32, checked (finite; ``D == dim`` when given), whitened when ``whitening`` is set
+    (``(N, D) -> (N, D')``, L2-normalised). The one implementation of this step, for the
+    :class:`Retriever` and the store."""
+    x = as_rows(x, dim, name)
+    return x if whitening is None else whitening.apply(x)
 
 
 def fill_short(x: np.ndarray, k: int, scores: np.ndarray, ids: np.ndarray, n_live: int,
@@ -256,8 +268,7 @@ class Retriever:
         """Whitening of raw descriptors ``(N, D)`` (queries or database rows)."""
         dim = self.whitening.input_dim if self.whitening is not None else (
             self.encoder.dim if self.encoder is not None else None)
-        x = as_rows(x, dim, "descriptors")
-        return x if self.whitening is None else self.whitening.apply(x).astype(np.float32)
+        return postprocess(x, self.whitening, dim=dim)
 
     def index(self, descriptors: np.ndarray, ids: np.ndarray | None = None) -> "Retriever":
         """Index the database's raw descriptors ``(N, D)`` (ids default to ``0..N-1``): whiten,

@@ -52,6 +52,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import threading
 import uuid
 import zlib
@@ -63,11 +64,11 @@ import numpy as np
 
 from .._checks import positive_int
 from ..expansion import QE_METHODS, QueryExpansion, alpha_database_augmentation
-from ..retrieval import expand_and_search, search_stage
+from ..retrieval import expand_and_search, postprocess, search_stage
 from ..fileio import atomic_write_bytes, fsync_dir
 from ..whitening import Whitening
 from . import create_backend, load_backend, resolve_spec
-from .base import Backend, BackendSpec, as_rows, parse_spec
+from .base import Backend, BackendSpec, parse_spec
 from .exact import ExactBackend
 
 __all__ = [
@@ -345,7 +346,7 @@ class Store:
     Thread safety: one ``Store`` may be shared by the threads of a process. Keep one
     writable store per directory and process (a second writable open fails with
     :class:`StoreLockedError`). Any number of threads may call the reading methods
-    (:meth:`search`, :meth:`search_vectors`, :meth:`search_ids`, :meth:`hits`,
+    (:meth:`search`, :meth:`search_vectors`, :meth:`search_ids`, :meth:`encode`, :meth:`hits`,
     :meth:`records`, :meth:`list`, :meth:`info`, :meth:`n_rows`, ``len``,
     :meth:`descriptors`, :meth:`vectors`, ...) while another thread writes (:meth:`add`,
     :meth:`remove`, :meth:`remove_paths`, :meth:`configure`, :meth:`rebuild`,
@@ -380,6 +381,8 @@ class Store:
         # checked once: at the first exact search of the whole matrix, or when it is re-scored)
         self._verified: dict[str, np.ndarray] = {}
         self._checked_upto: dict[str, int] = {}  # ... and the prefix of rows known to be all checked
+        # per checksum sidecar: (size, mtime, inode) of the file when it was mapped, and the map
+        self._sums: dict[str, tuple[tuple[int, int, int], np.ndarray]] = {}
         # see the class docstring: writers take _write_lock, then _lock for short steps
         self._lock = threading.RLock()
         self._write_lock = threading.RLock()
@@ -558,7 +561,7 @@ class Store:
             self._config, self._stamp = config, stamp
             self._whitening = None
             self._fallback = None
-            self._maps.clear()
+            self._drop_maps()
             if self._backend is not None:
                 self._backend.close()
                 self._backend = None
@@ -713,6 +716,37 @@ class Store:
                 self._checked_upto[name] = n
             return m
 
+    def _drop_maps(self) -> None:
+        """Forget the memory maps of rows files and checksum files (their files were replaced)."""
+        with self._lock:
+            self._maps.clear()
+            self._sums.clear()
+
+    def _checksums(self, name: str) -> np.ndarray | None:
+        """The CRC32 sidecar of the rows file ``name`` as a uint32 array (None: it has none).
+
+        Mapped once per version of the file: a search costs a ``stat``, and the file is mapped
+        again only when its size, mtime or inode changed (an ``add`` appended checksums,
+        recovery cut them, ``configure`` wrote a new file of that name, another process did).
+        """
+        side = _crc_sidecar(name)
+        with self._lock:
+            try:
+                st = os.stat(self.path / side)
+            except FileNotFoundError:
+                st = None
+            key = None if st is None else (st.st_size, st.st_mtime_ns, st.st_ino)
+            cached = self._sums.get(side)
+            if key is not None and cached is not None and cached[0] == key:
+                return cached[1]
+            self._sums.pop(side, None)
+            f = self._file(side, "checksum file")  # a symlink out of the store is refused, even a dangling one
+            if st is None or not stat.S_ISREG(st.st_mode):
+                return None  # a store written before vectors had checksums (its writer adds them)
+            sums = _map_checksums(f, st.st_size // 4)
+            self._sums[side] = (key, sums)
+            return sums
+
     def _expected_crcs(self, name: str, ids: np.ndarray) -> np.ndarray | None:
         """The CRC32 recorded for rows ``ids`` of ``name`` (None: that file has no checksums)."""
         if name == _DESCRIPTORS:
@@ -732,14 +766,11 @@ class Store:
             for j, i in enumerate(want):
                 out[j] = got.get(i, -1)
             return out
-        side = _crc_sidecar(name)
-        f = self._file(side, "checksum file")
-        if not f.is_file():
-            return None  # a store written before vectors had checksums (its writer adds them)
-        have = f.stat().st_size // 4
-        sums = np.memmap(f, dtype="<u4", mode="r", shape=(have,)) if have else np.zeros(0, "<u4")
+        sums = self._checksums(name)
+        if sums is None:
+            return None
         out = np.full(ids.size, -1, np.int64)
-        ok = ids < have
+        ok = ids < sums.shape[0]
         out[ok] = np.asarray(sums[ids[ok]], dtype=np.int64)
         return out
 
@@ -802,10 +833,9 @@ class Store:
             return self._matrix(name, self.search_dim, n)
 
     def postprocess(self, x: np.ndarray) -> np.ndarray:
-        """Apply the store's whitening to raw descriptors (queries or new rows)."""
-        w = self.whitening
-        x = as_rows(x, self.dim)
-        return x if w is None else w.apply(x).astype(np.float32)
+        """Apply the store's whitening to raw descriptors (queries or new rows): the same
+        step as :meth:`imret.retrieval.Retriever.postprocess` (:func:`imret.retrieval.postprocess`)."""
+        return postprocess(x, self.whitening, dim=self.dim, name="x")
 
     # -- model -------------------------------------------------------------------------------
 
@@ -827,6 +857,14 @@ class Store:
                     raise StoreCorruptError(f"model file {f} does not match its checksum in store.json")
                 self._model = _prepare_model(load_model(f, device=self.device), self.device)
             return self._model
+
+    def encode(self, images: Sequence[str | os.PathLike], bboxes=None, **extract_kw: Any):
+        """Descriptors of query ``images`` (paths, optional ``(x1, y1, x2, y2)`` boxes) as the
+        store extracts them (its model and preprocessing): an :class:`imret.extract.Extraction`
+        whose ``skipped`` lists the files that could not be read, with the reason.
+        ``extract_kw`` are run-time settings (batch_size, workers, precision). Runs without
+        the store's lock; pass the rows to :meth:`search_vectors`."""
+        return self._extract([os.fspath(p) for p in images], bboxes, **extract_kw)
 
     def _extract(self, paths: Sequence[str], bboxes=None, *, progress: bool = False, **kw: Any):
         from ..extract import extract
@@ -1283,6 +1321,8 @@ class Store:
         before vectors had checksums) get theirs from the file as it is now."""
         f = self._file(_crc_sidecar(vectors), "checksum file")
         have = f.stat().st_size // 4 if f.is_file() else 0
+        with self._lock:
+            self._sums.pop(f.name, None)  # the file changes here: map it again when it is next read
         if have > n:
             os.truncate(f, n * 4)
         elif have < n:
@@ -1358,7 +1398,7 @@ class Store:
             self._config = disk
             self._whitening = None
             self._fallback = None
-            self._maps.clear()
+            self._drop_maps()
             self._building = False
             if self._backend is not None:
                 self._backend.close()
@@ -1416,8 +1456,7 @@ class Store:
                     raw = self.descriptors(n)
                     out = np.empty((n, width), np.float32)
                     for start in range(0, n, 65536):
-                        x = np.asarray(raw[start:start + 65536])
-                        out[start:start + 65536] = x if w is None else w.apply(x)
+                        out[start:start + 65536] = postprocess(np.asarray(raw[start:start + 65536]), w, dim=self.dim)
                     if cfg["dba"] is not None and n > 1:
                         alive = self._alive_mask(n)
                         live = np.flatnonzero(alive)
@@ -1440,7 +1479,7 @@ class Store:
                 self._config = cfg
                 self._whitening = None
                 self._fallback = None
-                self._maps.clear()
+                self._drop_maps()
                 if rebuild:
                     cfg["backend"]["spec"] = None
                     if self._backend is not None:
@@ -1621,8 +1660,7 @@ class Store:
         """
         from ..images import ImageError
 
-        paths = [os.fspath(p) for p in queries]
-        ex = self._extract(paths, bboxes, **extract_kw)
+        ex = self.encode(queries, bboxes, **extract_kw)
         if ex.skipped:
             s = ex.skipped[0]
             raise ImageError(s.path, s.reason)
@@ -1731,6 +1769,11 @@ class Store:
 def _crc_sidecar(vectors_name: str) -> str:
     """``vectors.<g>.crc32``: the little-endian uint32 CRC32 of each row of ``vectors.<g>.f32``."""
     return vectors_name[: -len(".f32")] + ".crc32"
+
+
+def _map_checksums(path: Path, n: int) -> np.ndarray:
+    """The first ``n`` checksums of a ``vectors.<g>.crc32`` file, memory-mapped read-only."""
+    return np.memmap(path, dtype="<u4", mode="r", shape=(n,)) if n else np.zeros(0, "<u4")
 
 
 def _row_crcs(x: np.ndarray) -> np.ndarray:
@@ -1874,12 +1917,12 @@ def _check_config(c: dict[str, Any], root: Path) -> None:
     if not isinstance(c["preprocessing"], dict):
         raise ValueError("preprocessing must be an object")
     try:
-        Preprocessing.from_dict(c["preprocessing"])
-        if not isinstance(c["query_expansion"], dict):
-            raise ValueError("query_expansion must be an object")
-        QueryExpansion.from_dict(c["query_expansion"])
-    except (StoreCorruptError, TypeError) as e:
+        Preprocessing.from_dict(c["preprocessing"])  # bad values raise ValueError themselves
+    except StoreCorruptError as e:  # unknown keys (_reject_unknown)
         raise ValueError(str(e)) from None
+    if not isinstance(c["query_expansion"], dict):
+        raise ValueError("query_expansion must be an object")
+    QueryExpansion.from_dict(c["query_expansion"])  # ValueError naming the bad key or value
     b = _dict_with(c["backend"], {"requested", "spec"}, "backend")
     for key in ("requested", "spec"):
         if b[key] is None and key == "spec":
