@@ -96,7 +96,7 @@ def test_scale_parser():
 def test_models_listing(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    assert "mobilenetv2_100.coral" in out and "rgem" in out
+    assert "mobilenetv2_100.coral" in out and "rgem" in out and "heads (--head):" in out and "dolg " in out
 
 
 def test_extract_name_with_newline_keeps_rows_and_paths_aligned(labelled, tmp_path, capsys):

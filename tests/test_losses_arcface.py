@@ -176,8 +176,8 @@ def test_validation_errors():
 
 
 def test_list_and_create_losses():
-    assert list_losses() == ["ap", "arcface", "contrastive", "triplet"]
-    assert list_losses("*t*") == ["contrastive", "triplet"]
+    assert list_losses() == ["ap", "arcface", "contrastive", "curricularface", "triplet"]
+    assert list_losses("*t*") == ["contrastive", "triplet"] and list_losses("c*") == ["contrastive", "curricularface"]
     assert isinstance(create_loss("Contrastive", margin=0.85), losses.ContrastiveLoss)
     assert create_loss("contrastive", margin=0.85).margin == 0.85
     assert isinstance(create_loss("triplet"), losses.TripletLoss)
@@ -188,7 +188,7 @@ def test_list_and_create_losses():
 
 
 def test_create_loss_errors_list_the_choices():
-    with pytest.raises(ValueError, match="unknown loss 'lifted'; available: ap, arcface, contrastive, triplet"):
+    with pytest.raises(ValueError, match="unknown loss 'lifted'; available: ap, arcface, contrastive, curricularface, triplet"):
         create_loss("lifted")
     with pytest.raises(ValueError, match="bad arguments .* for loss 'arcface'"):
         create_loss("arcface", dim=8)
@@ -201,7 +201,7 @@ def test_every_registered_loss_trains_on_a_small_batch(name):
     g = torch.Generator().manual_seed(0)
     x = F.normalize(torch.randn(12, 8, generator=g), dim=1).requires_grad_()
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
-    loss_fn = create_loss(name, dim=8, num_classes=4) if name == "arcface" else create_loss(name)
+    loss_fn = create_loss(name, dim=8, num_classes=4) if name in ("arcface", "curricularface") else create_loss(name)
     loss = loss_fn(x, labels)
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.item() > 0
     loss.backward()

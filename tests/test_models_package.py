@@ -122,9 +122,9 @@ def test_no_import_cycle_in_imret():
 
 
 def test_model_package_layers():
-    """spec <- backbones, pooling <- heads <- net <- checkpoints <- factory <- __init__, and only
-    base modules of imret from outside the package."""
-    rank = {"spec": 0, "pooling": 1, "backbones": 1, "heads": 2, "net": 3, "checkpoints": 4, "factory": 5}
+    """spec <- backbones, pooling <- heads <- dolg <- net <- checkpoints <- factory <- __init__, and
+    only base modules of imret from outside the package."""
+    rank = {"spec": 0, "pooling": 1, "backbones": 1, "heads": 2, "dolg": 3, "net": 4, "checkpoints": 5, "factory": 6}
     graph = import_graph(SRC, "imret")
     models = {m: deps for m, deps in graph.items() if m.startswith("imret.models")}
     assert set(models) == {"imret.models"} | {f"imret.models.{n}" for n in rank}
@@ -216,7 +216,7 @@ def test_every_head_builds(name):
 
 def test_registries_name_the_choices():
     assert "global" in list_heads() and list_heads("glob*") == ["global"]
-    with pytest.raises(ValueError, match=r"unknown head 'dolgg'; available: .*global"):
+    with pytest.raises(ValueError, match=r"unknown head 'dolgg'; available: dolg, global"):
         create_model("test_resnet", head="dolgg")
     with pytest.raises(ValueError, match="unknown head"):
         head_levels("nope")
@@ -355,12 +355,14 @@ def test_spec_without_head_reads_as_global_and_writes_as_before():
 @pytest.mark.parametrize("name", ["resnet18", "tf_efficientnet_lite0", "mobilenetv2_100"])
 @pytest.mark.parametrize("size", [(97, 131), (64, 64), (33, 47)])
 def test_multi_level_backbone_maps(name, size):
-    """Two levels: channels as timm's feature_info says, strides 16 and 32, ceil(H / r) x ceil(W / r)."""
+    """Two levels: the stride-16 stage as timm's feature_info says, then the final map;
+    ceil(H / r) x ceil(W / r)."""
     torch.manual_seed(0)
     trunk, levels = create_backbone(name, (-2, -1))
     assert levels.multi_level and levels.out_indices == (-2, -1)
     info = trunk.feature_info
-    assert levels.channels == tuple(info.channels()) and levels.reductions == tuple(info.reduction()) == (16, 32)
+    assert levels.stages == (len(info) - 2, None)
+    assert levels.channels == (info[-2]["num_chs"], trunk_channels(trunk)) and levels.reductions == (16, 32)
     trunk.eval()
     h, w = size
     with torch.inference_mode():
@@ -371,34 +373,47 @@ def test_multi_level_backbone_maps(name, size):
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv2_100"])
-def test_multi_level_last_map_vs_forward_features(name):
-    """ResNet's last stage is its forward_features map; MobileNet's forward_features adds
-    conv_head (1280 channels), which timm's stages leave out (320)."""
+def test_multi_level_maps_are_the_stages_and_the_final_map(name):
+    """The trunk is the whole model whatever the levels (same weights); its final map is
+    forward_features (MobileNet: after conv_head, 1280 channels), the others are the
+    stage outputs, compared with forward hooks on the stage modules."""
     torch.manual_seed(0)
     whole, _ = create_trunk(name)
-    trunk, levels = create_backbone(name, (-2, -1))
-    missing = set(whole.state_dict()) - set(trunk.state_dict())
-    assert set(trunk.state_dict()) <= set(whole.state_dict())
-    trunk.load_state_dict({k: v for k, v in whole.state_dict().items() if k not in missing})
+    trunk, levels = create_backbone(name, (1, -2, -1))
+    assert list(trunk.state_dict()) == list(whole.state_dict())
+    trunk.load_state_dict(whole.state_dict())
     whole.eval(), trunk.eval()
+    seen = {}
+    for idx in (1, len(whole.feature_info) - 2):
+        mod = whole.get_submodule(whole.feature_info[idx]["module"])
+        mod.register_forward_hook(lambda m, a, out, idx=idx: seen.__setitem__(idx, out))
     x = torch.randn(1, 3, 96, 80)
     with torch.inference_mode():
-        last, full = trunk(x)[-1], whole.forward_features(x)
-    if name == "resnet18":
-        assert not missing and levels.channels[-1] == trunk_channels(whole) == 512
-        torch.testing.assert_close(last, full)
-    else:
-        assert {k.split(".")[0] for k in missing} == {"conv_head", "bn2"}
-        assert levels.channels[-1] == 320 and trunk_channels(whole) == 1280
+        full = whole.forward_features(x)
+        maps = feature_maps(trunk, levels, x)
+    torch.testing.assert_close(maps[0], seen[1], rtol=0, atol=0)
+    torch.testing.assert_close(maps[1], seen[len(whole.feature_info) - 2], rtol=0, atol=0)
+    torch.testing.assert_close(maps[2], full, rtol=0, atol=0)
+    assert levels.channels[-1] == trunk_channels(whole) == (512 if name == "resnet18" else 1280)
+
+
+def test_levels_without_the_final_map_stop_early():
+    trunk, levels = create_backbone("resnet18", (-3, -2))
+    assert levels.stages == (2, 3) and levels.channels == (128, 256) and levels.reductions == (8, 16)
+    with torch.inference_mode():
+        a, b = feature_maps(trunk.eval(), levels, torch.randn(1, 3, 64, 64))
+    assert a.shape == (1, 128, 8, 8) and b.shape == (1, 256, 4, 4)
 
 
 def test_bad_levels_are_errors():
-    with pytest.raises(ValueError, match=r"cannot give the feature maps of stages \(7,\)"):
+    with pytest.raises(ValueError, match=r"cannot give the feature maps of stages \(7,\).*valid: -5\.\.4"):
         create_backbone("test_resnet", (7,))
     with pytest.raises(ValueError, match="at least one stage"):
         create_backbone("test_resnet", ())
     with pytest.raises(ValueError, match="must not repeat"):
         create_backbone("test_resnet", (-1, -1))
+    with pytest.raises(ValueError, match="same stage twice"):
+        create_backbone("test_resnet", (4, -1))
 
 
 class _TwoLevelHead(Head):
@@ -429,14 +444,14 @@ def two_level_head(monkeypatch):
 def test_a_two_level_head_fits_the_net_and_checkpoints(two_level_head, tmp_path):
     torch.manual_seed(0)
     net = create_model("mobilenetv2_100", head=two_level_head, head_kwargs={"scale": 2.0})
-    assert net.feature_levels.channels == (96, 320) and net.dim == 416
+    assert net.feature_levels.channels == (96, 1280) and net.dim == 1376
     assert net.pool is None and net.whiten is None and net.multiscale_power() == 1.0
     x = torch.randn(2, 3, 67, 83)
     with torch.inference_mode():
         y = net(x)
-    _check_descriptors(y, 2, 416)
+    _check_descriptors(y, 2, 1376)
     with pytest.raises(TypeError, match="no whitening layer"):
-        net.set_whitening(torch.eye(4, 416))
+        net.set_whitening(torch.eye(4, 1376))
 
     # checkpoints: the head's spec and its own key layout (head.*) round-trip
     for suffix in (".pt", ".safetensors"):
@@ -452,10 +467,11 @@ def test_a_two_level_head_fits_the_net_and_checkpoints(two_level_head, tmp_path)
     with torch.inference_mode():
         torch.testing.assert_close(other(x), y)
 
-    # a backbone file of the whole trunk (with conv_head, bn2) fills the two-level trunk
+    # a backbone file of the whole trunk (with conv_head, bn2) fills the two-level trunk, all of it
     whole, _ = create_trunk("mobilenetv2_100")
     torch.save(whole.state_dict(), tmp_path / "trunk.pth")
     load_weights(net, tmp_path / "trunk.pth")
+    assert set(net.trunk.state_dict()) == set(whole.state_dict())
     for k, v in net.trunk.state_dict().items():
         assert torch.equal(v, whole.state_dict()[k]), k
     bad = {**whole.state_dict(), "extra.weight": torch.zeros(1)}

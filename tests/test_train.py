@@ -76,6 +76,8 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     ("triplet", {"mining": {"strategy": "batch_hard"}, "multistage": True, "chunk_size": 2}),
     ("ap", {"multistage": True, "chunk_size": 4, "optim": {"schedule": "cosine", "warmup_epochs": 1}}),
     ("arcface", {"model": {"whitening": 32}, "optim": {"name": "sgd", "lr": 0.01}}),
+    ("curricularface", {"model": {"head": "dolg", "head_kwargs": {"dim": 24, "local_dim": 16}}, "multistage": True,
+                        "chunk_size": 3, "optim": {"name": "sgd", "lr": 0.01}}),
 ])
 def test_cli_trains_each_loss(data, tmp_path, capsys, loss, extra):
     out = tmp_path / "run"
@@ -110,6 +112,10 @@ def test_cli_trains_each_loss(data, tmp_path, capsys, loss, extra):
     assert max_diff(model.state_dict(), ck["model"]) == 0.0
     if loss == "arcface":
         assert ck["loss"]["weight"].shape == (4, 32) and model.dim == 32
+    if loss == "curricularface":  # a DOLG model, rebuilt from the file alone; t moved off 0 and was saved
+        assert model.spec.head == "dolg" and model.dim == 24 and model.head.local_dim == 16
+        assert ck["loss"]["weight"].shape == (4, 24) and float(ck["loss"]["t"]) != 0.0
+        assert "dolg head" in printed.out
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(model(x).norm(dim=1), torch.ones(2), atol=1e-5)
@@ -354,3 +360,21 @@ def test_distributed_helpers_on_one_process():
         init_distributed({"WORLD_SIZE": "two"})
     with pytest.raises(ValueError, match="bad rank"):
         DistInfo(rank=2, world_size=2)
+
+
+def test_dolg_config_loads_and_trains(data, tmp_path, capsys):
+    """configs/train_dolg.yaml: the DOLG recipe (CurricularFace, SGD, cosine), run on tiny data."""
+    cfg = load_config(REPO / "configs" / "train_dolg.yaml")
+    assert cfg.model.head == "dolg" and cfg.loss.name == "curricularface" and cfg.loss.margin == 0.15
+    assert cfg.model.head_kwargs["atrous_rates"] == [3, 6, 9] and cfg.optim.schedule == "cosine"
+    rc = main(["train", str(REPO / "configs" / "train_dolg.yaml"), "--no-progress", "--out", str(tmp_path / "run"),
+               "--device", "cpu", "--set", "epochs=1", "--set", "model.backbone=mobilenetv2_100",
+               "--set", "model.pretrained=false", "--set", "model.head_kwargs.local_dim=16",
+               "--set", "model.head_kwargs.dim=8", "--set", "data.kind=folder", f"--set=data.root={data['images']}",
+               "--set", "data.image_size=64", "--set", "data.workers=0", "--set", "precision=fp32",
+               "--set", "optim.warmup_epochs=0", "--set", "mining.classes_per_batch=2", "--set", "mining.per_class=3",
+               f"--set=validation.gnd={data['gnd']}", "--set", "validation.image_size=64"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    model = load_model(tmp_path / "run" / "model_best.safetensors")
+    assert model.spec.head == "dolg" and model.dim == 8 and model.head.fusion == "orthogonal"

@@ -13,6 +13,10 @@ def test_round_trip_and_defaults(tmp_path):
     again = load_config(tmp_path / "c.yaml")
     assert again == cfg and again.to_dict() == cfg.to_dict()
     assert TrainConfig() == config_from_dict({})
+    dolg = config_from_dict({"model": {"head": "dolg", "head_kwargs": {"fusion": "concat", "atrous_rates": [2, 4]}}})
+    assert dolg.model.head_kwargs == {"fusion": "concat", "atrous_rates": [2, 4]}
+    save_config(dolg, tmp_path / "d.yaml")
+    assert load_config(tmp_path / "d.yaml") == dolg
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -24,6 +28,9 @@ def test_round_trip_and_defaults(tmp_path):
     ({"optim": {"lr": -1}}, "optim.lr must be > 0"),
     ({"multistage": True, "model": {"freeze_batchnorm": False}}, "freeze_batchnorm"),
     ({"model": []}, "model: expected a mapping"),
+    ({"loss": {"name": "focal"}}, "available: contrastive, triplet, ap, arcface, curricularface"),
+    ({"model": {"head": "dolgg"}}, "model.head: unknown value 'dolgg'; available: dolg, global"),
+    ({"model": {"head_kwargs": [1, 2]}}, "model.head_kwargs: expected a mapping with string keys"),
 ])
 def test_errors_name_the_key_and_the_choices(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -26,10 +26,15 @@ __all__ = ["main"]
 
 
 def _scales(text: str) -> tuple[float, ...]:
+    from .extract import SCALE_PRESETS
+
+    if text.strip().lower() in SCALE_PRESETS:
+        return SCALE_PRESETS[text.strip().lower()]
     try:
         vals = tuple(float(eval_scale(t)) for t in text.replace(" ", "").split(",") if t)
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"bad --scales {text!r}: expected numbers like '1,0.7071,0.5' or '1,1/sqrt2,1/2'")
+        raise argparse.ArgumentTypeError(f"bad --scales {text!r}: expected numbers like '1,0.7071,0.5' or '1,1/sqrt2,1/2', "
+                                         "or a preset: ms3 (1, 1/sqrt2, 1/2; cirtorch), dolg5 (1/sqrt8 .. sqrt2; DOLG)")
     if not vals or any(v <= 0 for v in vals):
         raise argparse.ArgumentTypeError(f"bad --scales {text!r}: scales must be positive")
     return vals
@@ -50,7 +55,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     _add_model_only_args(p)
     e = p.add_argument_group("extraction")
     e.add_argument("--image-size", type=int, default=1024, help="long side in pixels, never upscaled (default 1024)")
-    e.add_argument("--scales", type=_scales, default=(1.0,), help="comma-separated scales, e.g. '1,1/sqrt2,1/2' (default 1)")
+    e.add_argument("--scales", type=_scales, default=(1.0,),
+                   help="comma-separated scales, e.g. '1,1/sqrt2,1/2', or a preset: ms3 (those three), dolg5 "
+                        "(1/sqrt8, 1/2, 1/sqrt2, 1, sqrt2; DOLG's test scales) (default 1)")
     e.add_argument("--min-size", type=int, default=None,
                    help="enlarge images whose short side is smaller to this many pixels (default: none; smaller "
                         "inputs than 96 px give a warning)")
@@ -86,10 +93,31 @@ def _add_model_only_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pool", default="gem", help="pooling: mac, spoc, gem, rmac, rgem (default: gem)")
     g.add_argument("--gem-p", type=float, default=None, help="GeM exponent (default 3)")
     g.add_argument("--whitening", type=int, default=None, help="add a whitening layer of this output dimension")
+    g.add_argument("--head", default="global",
+                   help="head on the trunk: global (pooling [+ whitening]) or dolg (local + global branches, "
+                        "orthogonal fusion; Yang et al.) (default: global; a checkpoint says its own)")
+    g.add_argument("--head-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the head, repeatable, e.g. --head-arg dim=512 --head-arg fusion=concat")
     g.add_argument("--weights", default=None, help="local weights file (safetensors / torch state dict / checkpoint)")
     g.add_argument("--no-pretrained", action="store_true", help="random weights when no --weights (default: download ImageNet weights)")
     g.add_argument("--seed", type=int, default=0, help="seed for randomly initialised layers (default 0)")
     g.add_argument("--trust-pickle", action="store_true", help="allow arbitrary pickled objects in torch checkpoint files")
+
+
+def _head_kwargs(items: list[str]) -> dict:
+    """``["dim=512", "atrous_rates=[3, 6, 9]"]`` -> ``{"dim": 512, "atrous_rates": [3, 6, 9]}`` (YAML values)."""
+    import yaml
+
+    out = {}
+    for text in items:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"bad --head-arg {text!r}: expected KEY=VALUE, e.g. dim=512 or fusion=concat")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            raise ValueError(f"bad --head-arg {text!r}: {e}") from None
+    return out
 
 
 def _build_model(args):
@@ -102,6 +130,8 @@ def _build_model(args):
     if os.path.isfile(args.model):
         if args.weights is not None:
             raise ValueError(f"--model {args.model!r} is a checkpoint that carries its weights; drop --weights or pass a backbone name")
+        if args.head != "global" or args.head_arg:
+            raise ValueError(f"--model {args.model!r} is a checkpoint that says its own head; drop --head / --head-arg")
         return load_model(args.model, trust_pickle=args.trust_pickle)
     pool_kwargs = {} if args.gem_p is None else {"p": args.gem_p}
     model = create_model(
@@ -110,6 +140,8 @@ def _build_model(args):
         pretrained=args.weights is None and not args.no_pretrained,
         whitening=args.whitening,
         pool_kwargs=pool_kwargs,
+        head=args.head,
+        head_kwargs=_head_kwargs(args.head_arg),
     )
     if args.weights is not None:
         from .weights import load_weights
@@ -273,13 +305,15 @@ def _landmark_whitenings(args, gt, db):
     return out
 
 
+_EVAL_SCORES = 1 << 23  # scores (queries x store images) per search of `imret eval --store`
+
+
 def _store_ranks(args, gt, root, qpaths, bboxes):
     """Rank an existing store for the queries of ``gt``: ``(ranks, gt with the store's other
     images appended as distractors, skipped, pipeline description)``."""
     import numpy as np
 
     from . import evaluation as ev
-    from .images import ImageError
     from .index.store import Store
 
     with Store.open(args.store, device=args.device) as store:
@@ -307,16 +341,21 @@ def _store_ranks(args, gt, root, qpaths, bboxes):
         full = ev.RevisitopGroundTruth(gt.name, list(gt.imlist) + [Path(r.path).stem for r in distractors],
                                        list(gt.qimlist), list(gt.bbx), gt.easy, gt.hard, gt.junk)
         qe = _query_expansion_override(args, store.query_expansion)
-        ranks = np.empty((gt.n_queries, len(records)), np.int64)
-        skipped = []
-        for qi, (qp, box) in enumerate(zip(qpaths, bboxes or [None] * len(qpaths))):
-            try:
-                hits = store.search([qp], bboxes=[box], k=len(records), query_expansion=qe, **_runtime_kwargs(args))[0]
-            except ImageError as e:  # an unreadable query ranks nothing first, as in the plain evaluation
-                skipped.append(e)
-                ranks[qi] = np.arange(len(records))
-                continue
-            ranks[qi] = [gt_of[h.id] for h in hits]
+        n = len(records)
+        position = np.full(max(gt_of, default=-1) + 1, -1, np.int64)  # store id -> position in `full`
+        position[list(gt_of)] = list(gt_of.values())
+        # the queries are extracted in one call and searched in chunks of at most _EVAL_SCORES
+        # scores; an unreadable query ranks nothing first, as in the plain evaluation
+        q = store.encode(qpaths, bboxes, **_runtime_kwargs(args))
+        skipped = list(q.skipped)
+        ranks = np.tile(np.arange(n, dtype=np.int64), (gt.n_queries, 1))
+        rows = np.asarray(q.indices, dtype=np.int64)
+        chunk = max(1, _EVAL_SCORES // max(n, 1))
+        for lo in range(0, rows.size, chunk):
+            _, ids = store.search_vectors(q.descriptors[lo:lo + chunk], n, query_expansion=qe)
+            if (ids < 0).any():
+                raise ValueError(f"the store {args.store} returned fewer than its {n} images for a query")
+            ranks[rows[lo:lo + chunk]] = position[ids]
         info = store.info()
         pipeline = {"store": os.path.abspath(args.store), "whitening": info["whitening"], "dba": info["dba"],
                     "query_expansion": info["query_expansion"] if qe is None else dataclasses.asdict(qe),
@@ -570,7 +609,8 @@ def cmd_index_info(args) -> int:
         qe = info["query_expansion"]
         print(f"store      {info['path']} ({info['format']}, created {info['created']})")
         print(f"images     {info['images']} ({info['removed']} removed)")
-        print(f"model      {spec['backbone']} + {spec['pool']}, {info['dim']}-D; from {info['model']['source'] or '?'}")
+        head = "" if spec.get("head", "global") == "global" else f" ({spec['head']} head)"
+        print(f"model      {spec['backbone']} + {spec['pool']}{head}, {info['dim']}-D; from {info['model']['source'] or '?'}")
         if info["model"].get("weights_sha256"):
             print(f"weights    sha256 {info['model']['weights_sha256']}")
         print(f"images in  {pre['image_size']} px, scales {','.join(f'{s:g}' for s in pre['scales'])}, crops scaled by {pre['crop_resize']}")
@@ -768,6 +808,11 @@ def cmd_models(args) -> int:
     print("poolings:")
     for n, d in pool_descriptions().items():
         print(f"  {n:8s} {d}")
+    from .models.heads import head_descriptions
+
+    print("heads (--head):")
+    for n, d in head_descriptions().items():
+        print(f"  {n:8s} {d}")
     return 0
 
 
@@ -808,7 +853,7 @@ def cmd_train(args) -> int:
 
     from .train.config import config_from_dict, load_config
     from .train.distributed import cleanup, init_distributed
-    from .train.trainer import Trainer
+    from .train.trainer import Trainer, describe_model_config
 
     d = load_config(args.config).to_dict()
     for text in args.set:
@@ -840,7 +885,7 @@ def cmd_train(args) -> int:
         trainer = Trainer(cfg, dist=info, progress=not args.no_progress, on_epoch=report)
         if info.is_main:
             mode = "multistage" if cfg.multistage else "plain"
-            print(f"training {cfg.model.backbone} + {cfg.model.pool} with the {cfg.loss.name} loss on {len(trainer.images)} "
+            print(f"training {describe_model_config(cfg.model)} with the {cfg.loss.name} loss on {len(trainer.images)} "
                   f"images, {info.world_size} process(es) on {trainer.device}, {mode} backward, {cfg.precision}"
                   + (f", resuming after epoch {trainer.start_epoch}" if cfg.resume else ""), flush=True)
         result = trainer.fit()

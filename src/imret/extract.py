@@ -33,11 +33,17 @@ from .models.net import RetrievalNet
 from .precision import PRECISIONS, autocast_dtype
 
 __all__ = [
-    "SkippedImage", "Extraction", "extract", "extract_descriptors", "describe_tensors", "combine_scales", "PRECISIONS",
+    "SCALE_PRESETS", "SkippedImage", "Extraction", "extract", "extract_descriptors", "describe_tensors", "combine_scales", "PRECISIONS",
     "SavedExtraction", "save_extraction", "load_extraction", "read_paths_file", "is_plain_path",
 ]
 
 BBox = tuple[float, float, float, float]
+
+# Named multi-scale settings: factors applied to the ``image_size`` input.
+SCALE_PRESETS: dict[str, tuple[float, ...]] = {
+    "ms3": (1.0, 2 ** -0.5, 0.5),  # cirtorch's multi-scale test (Radenovic et al.)
+    "dolg5": (8 ** -0.5, 0.5, 2 ** -0.5, 1.0, 2 ** 0.5),  # DOLG's test scales, 0.354 .. 1.414 (Yang et al.)
+}
 
 
 @dataclass(frozen=True)

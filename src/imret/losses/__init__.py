@@ -1,8 +1,9 @@
-"""Training losses on ``(N, D)`` descriptors: contrastive, triplet, quantised AP, ArcFace.
+"""Training losses on ``(N, D)`` descriptors: contrastive, triplet, quantised AP, ArcFace, CurricularFace.
 
 Each loss is a pure function and a thin ``nn.Module``; :func:`create_loss` builds a module by
 name. Metric losses (contrastive, triplet, AP) expect L2-normalised descriptors (their margins and
-the AP bins assume distances in ``[0, 2]`` / cosines in ``[-1, 1]``); ArcFace normalises itself.
+the AP bins assume distances in ``[0, 2]`` / cosines in ``[-1, 1]``); ArcFace and CurricularFace
+normalise themselves.
 
 ==============  ===========================================  ====================================
 name            inputs                                       paper, defaults
@@ -11,6 +12,7 @@ contrastive     labels, or pairs / :func:`tuples_to_pairs`   Radenović et al. T
 triplet         labels, or triplets / tuples_to_triplets     Gordo et al. IJCV 2017, m=0.1
 ap              labels                                       Revaud et al. ICCV 2019, M=20 bins
 arcface         labels (class indices), owns W (C, D)        Deng et al. CVPR 2019, s=30, m=0.15
+curricularface  labels (class indices), owns W (C, D), t     Huang et al. CVPR 2020, s=30, m=0.15
 ==============  ===========================================  ====================================
 
 Importing this package does no I/O.
@@ -25,6 +27,7 @@ from torch import nn
 
 from .ap import APLoss, ap_loss, ap_per_query, bin_centers, quantized_ap
 from .arcface import ArcFaceLoss, arcface_logits, arcface_loss
+from .curricularface import CurricularFaceLoss, curricular_logits, curricularface_loss
 from .contrastive import ContrastiveLoss, contrastive_loss, tuples_to_pairs
 from .triplet import TripletLoss, triplet_loss, tuples_to_triplets
 
@@ -43,6 +46,9 @@ __all__ = [
     "arcface_logits",
     "arcface_loss",
     "ArcFaceLoss",
+    "curricular_logits",
+    "curricularface_loss",
+    "CurricularFaceLoss",
     "create_loss",
     "list_losses",
     "loss_descriptions",
@@ -53,6 +59,8 @@ _LOSSES: dict[str, tuple[Callable[..., nn.Module], str]] = {
     "triplet": (TripletLoss, "triplet margin loss, squared distances (margin 0.1; Gordo et al., IJCV 2017)"),
     "ap": (APLoss, "listwise quantised-AP loss (20 bins over [-1, 1]; Revaud et al., ICCV 2019)"),
     "arcface": (ArcFaceLoss, "additive angular margin softmax, needs dim and num_classes (s 30, m 0.15; Deng et al.)"),
+    "curricularface": (CurricularFaceLoss, "ArcFace with adaptively weighted hard negatives, needs dim and "
+                       "num_classes (s 30, m 0.15; Huang et al.; DOLG's head)"),
 }
 
 

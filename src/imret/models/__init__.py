@@ -3,7 +3,9 @@ checkpoints, and the factory that joins them.
 
 Dependencies point one way, and a test keeps them so::
 
-    spec  <-  backbones, pooling  <-  heads  <-  net  <-  checkpoints  <-  factory
+    spec  <-  backbones, pooling  <-  heads  <-  dolg  <-  net  <-  checkpoints  <-  factory
+
+(``heads`` names the DOLG head by its import path and imports it when it is first built.)
 
 Importing this package imports torch but not timm, and does no I/O.
 """
@@ -20,6 +22,7 @@ from .backbones import (
 )
 from .checkpoints import check_weights_fit, file_sha256, load_weights, read_checkpoint, read_weights_file, save_model
 from .factory import create_model, create_model_from_spec, load_model
+from .dolg import DOLGHead
 from .heads import GlobalHead, Head, create_head, head_levels, list_heads
 from .net import RetrievalNet
 from .pooling import create_pool, list_pools
@@ -27,6 +30,7 @@ from .spec import ModelSpec
 
 __all__ = [
     "BackbonePreset",
+    "DOLGHead",
     "FeatureLevels",
     "GlobalHead",
     "Head",

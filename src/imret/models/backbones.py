@@ -1,9 +1,10 @@
 """CNN trunks from timm: unpooled feature maps of any timm CNN, plus named presets.
 
 A trunk gives a head one or several feature maps (:class:`FeatureLevels`,
-:func:`create_backbone`, :func:`feature_maps`). A head that reads only the last map gets the
-trunk's ``forward_features`` output, as imret always did; a head that reads several stages
-(DOLG: the stage before the last and the last) gets timm's ``features_only`` model.
+:func:`create_backbone`, :func:`feature_maps`). The trunk is always the whole timm model
+without its classifier; a head that reads only the final map gets ``forward_features``, as
+imret always did, and a head that reads several stages (DOLG: the stride-16 stage and the
+final map) gets them from timm's ``forward_intermediates`` in the same pass.
 
 A preset fixes the timm model name, the constructor arguments and the preprocessing that
 go with a set of weights (for example the TF-ported MobileNets need ``pad_type="same"`` and
@@ -257,13 +258,12 @@ def _pip_hint(preset: BackbonePreset) -> str:
 
 
 def create_trunk(
-    name: str, pretrained: bool = False, *, out_indices: Sequence[int] | None = None, **kwargs
+    name: str, pretrained: bool = False, **kwargs
 ) -> tuple[nn.Module, BackbonePreset]:
     """Build the fully convolutional trunk of ``name``: a timm model without classifier or pooling.
 
-    Without ``out_indices``: call ``trunk.forward_features(x)`` for the ``(B, C, H', W')``
-    feature map. With ``out_indices`` (timm stage indices, negative counts from the end): the
-    trunk is timm's ``features_only`` model and ``trunk(x)`` returns one map per index.
+    Call ``trunk.forward_features(x)`` for the final ``(B, C, H', W')`` feature map
+    (:func:`create_backbone` and :func:`feature_maps` read several stages).
     With ``pretrained=True`` timm downloads the weights into its cache (Hugging Face hub);
     offline with nothing cached this raises :class:`WeightsUnavailableError` that says how
     to pass a local file instead. (:func:`imret.create_model` looks for the preset's pip
@@ -272,10 +272,7 @@ def create_trunk(
     import timm
 
     preset = get_preset(name)
-    if out_indices is None:
-        create_kwargs = {**preset.create_kwargs, **kwargs, "num_classes": 0, "global_pool": ""}
-    else:
-        create_kwargs = {**preset.create_kwargs, **kwargs, "features_only": True, "out_indices": tuple(out_indices)}
+    create_kwargs = {**preset.create_kwargs, **kwargs, "num_classes": 0, "global_pool": ""}
     if pretrained and not preset.downloadable:
         raise WeightsUnavailableError(
             f"backbone {name!r} has no downloadable weights ({preset.note}); "
@@ -286,11 +283,6 @@ def create_trunk(
     except TypeError as e:
         raise ValueError(f"bad backbone arguments {kwargs} for {name!r}: {e}") from e
     except Exception as e:
-        if out_indices is not None and isinstance(e, IndexError):
-            raise ValueError(
-                f"backbone {name!r} cannot give the feature maps of stages {tuple(out_indices)} "
-                f"(timm features_only): {type(e).__name__}: {e}"
-            ) from e
         if not pretrained:
             raise
         raise WeightsUnavailableError(
@@ -300,7 +292,7 @@ def create_trunk(
             "create_model(..., pretrained=False, weights='file.safetensors') or the CLI's --weights FILE."
         ) from e
     # timm's pooling-less models keep a head that is Identity; make sure forward_features exists.
-    if out_indices is None and not hasattr(trunk, "forward_features"):
+    if not hasattr(trunk, "forward_features"):
         raise ValueError(f"timm model {preset.timm_name!r} has no forward_features(); it is not usable as a trunk")
     return trunk, preset
 
@@ -337,9 +329,9 @@ class FeatureLevels:
     """Which feature maps a trunk gives its head: ``(B, C_i, H / r_i, W / r_i)`` for each i.
 
     Attributes:
-        out_indices: timm stage indices of the maps (negative counts from the end), or None
-            for the one map of ``trunk.forward_features`` (the whole trunk, including a final
-            1x1 convolution such as MobileNet's ``conv_head``, which timm's stages leave out).
+        out_indices: the levels (see :func:`create_backbone`: ``-1`` is the trunk's final map,
+            other values timm stage indices), or None for the final map alone.
+        stages: the non-negative timm stage index of each level (``None`` for the final map).
         channels: ``C_i``, found by a dry run.
         reductions: ``r_i``, the stride of each map (timm's ``feature_info``); None where
             timm does not say.
@@ -348,10 +340,11 @@ class FeatureLevels:
     out_indices: tuple[int, ...] | None
     channels: tuple[int, ...]
     reductions: tuple[int | None, ...]
+    stages: tuple[int | None, ...] = (None,)
 
     @property
     def multi_level(self) -> bool:
-        """True for a timm ``features_only`` trunk (called as ``trunk(x)``)."""
+        """True when the head reads more than the final map (``forward_intermediates``)."""
         return self.out_indices is not None
 
 
@@ -383,53 +376,87 @@ def trunk_channels(trunk: nn.Module) -> int:
     return int(_dry_run(trunk, lambda t, x: t.forward_features(x))[-1].shape[1])
 
 
-def _reductions(trunk: nn.Module, n: int) -> tuple[int | None, ...]:
+def _stage_info(trunk: nn.Module) -> list[dict]:
     info = getattr(trunk, "feature_info", None)
-    if hasattr(info, "reduction"):  # a features_only model: one entry per returned map
-        return tuple(int(r) for r in info.reduction())
-    if isinstance(info, (list, tuple)) and info and isinstance(info[-1], dict) and "reduction" in info[-1]:
-        return (int(info[-1]["reduction"]),) * n  # forward_features: the last stage's stride
-    return (None,) * n
+    if isinstance(info, (list, tuple)) and info and all(isinstance(i, dict) for i in info):
+        return list(info)
+    return []
 
 
-def describe_levels(trunk: nn.Module, out_indices: Sequence[int] | None = None) -> FeatureLevels:
-    """The :class:`FeatureLevels` of a trunk from :func:`create_trunk` with these ``out_indices``."""
+def _resolve_stages(trunk: nn.Module, name: str, levels: tuple[int, ...]) -> tuple[int | None, ...]:
+    """The timm stage index of each level (None for the final map, level -1 or the last stage)."""
+    n = len(_stage_info(trunk))
+    if n == 0 or not hasattr(trunk, "forward_intermediates"):
+        raise ValueError(
+            f"backbone {name!r} cannot give the feature maps of stages {levels}: its timm model has no "
+            "feature_info / forward_intermediates (only the final map, levels (-1,), is available)"
+        )
+    out: list[int | None] = []
+    for lv in levels:
+        i = n + lv if lv < 0 else lv
+        if not 0 <= i < n:
+            raise ValueError(
+                f"backbone {name!r} cannot give the feature maps of stages {levels}: {lv} is not a stage "
+                f"index; valid: -{n}..{n - 1} ({n} stages; -1 is the final map)"
+            )
+        out.append(None if i == n - 1 else i)
+    if len(set(out)) != len(out):
+        raise ValueError(f"levels {levels} name the same stage twice (for {name!r}, {n - 1} and -1 are both the final map)")
+    return tuple(out)
+
+
+def describe_levels(trunk: nn.Module, out_indices: Sequence[int] | None = None, *, name: str = "") -> FeatureLevels:
+    """The :class:`FeatureLevels` of a trunk from :func:`create_trunk` read at ``out_indices``."""
     if out_indices is None:
         channels = (trunk_channels(trunk),)
-    else:
-        channels = tuple(int(m.shape[1]) for m in _dry_run(trunk, lambda t, x: t(x)))
-        if len(channels) != len(out_indices):
-            raise ValueError(f"trunk returned {len(channels)} maps for stages {tuple(out_indices)}")
-    oi = None if out_indices is None else tuple(int(i) for i in out_indices)
-    return FeatureLevels(oi, channels, _reductions(trunk, len(channels)))
+        info = _stage_info(trunk)
+        red = int(info[-1]["reduction"]) if info and "reduction" in info[-1] else None
+        return FeatureLevels(None, channels, (red,), (None,))
+    oi = tuple(int(i) for i in out_indices)
+    stages = _resolve_stages(trunk, name or type(trunk).__name__, oi)
+    levels = FeatureLevels(oi, (), (), stages)
+    channels = tuple(int(m.shape[1]) for m in _dry_run(trunk, lambda t, x: feature_maps(t, levels, x)))
+    info = _stage_info(trunk)
+    last = len(info) - 1
+    reductions = tuple(
+        (int(info[last if s is None else s]["reduction"]) if "reduction" in info[last if s is None else s] else None)
+        for s in stages
+    )
+    return FeatureLevels(oi, channels, reductions, stages)
 
 
 def create_backbone(
     name: str, levels: Sequence[int] = LAST_MAP, *, pretrained: bool = False, **kwargs
 ) -> tuple[nn.Module, FeatureLevels]:
-    """Build the trunk of ``name`` that gives the feature maps of the stages ``levels``.
+    """Build the trunk of ``name`` that gives the feature maps ``levels``.
 
-    ``levels`` are timm stage indices, negative from the end: ``(-1,)`` (a head on the last
-    map) builds the trunk of :func:`create_trunk` without ``out_indices`` and uses its
-    ``forward_features`` map, so existing models and their weights are unchanged; anything
-    else, e.g. ``(-2, -1)`` (DOLG: strides 16 and 32), builds timm's ``features_only`` model
-    with ``out_indices=levels``. In that mode ``-1`` is the last *stage* as timm's
-    ``feature_info`` lists it, which for MobileNet / EfficientNet is before ``conv_head``.
-    ``kwargs`` go to timm (see :func:`create_trunk`). Returns ``(trunk, levels)``; read the
-    maps with :func:`feature_maps`.
+    ``levels`` index the trunk's stages as timm's ``feature_info`` lists them (negative from
+    the end), with one rule: the last stage, ``-1``, is the trunk's *final* map, the output
+    of ``forward_features`` (for MobileNet / EfficientNet that includes the 1x1 ``conv_head``,
+    1280 channels, which the last stage proper lacks). ``(-1,)``: a head on the final map.
+    ``(-2, -1)`` (DOLG): the stride-16 stage and the final stride-32 map. The trunk is always
+    the whole timm model without classifier, so weights load into it the same way whatever
+    the levels; several maps come from its ``forward_intermediates``. ``kwargs`` go to timm
+    (see :func:`create_trunk`). Returns ``(trunk, levels)``; read the maps with :func:`feature_maps`.
     """
     levels = tuple(int(i) for i in levels)
     if not levels:
         raise ValueError("levels must name at least one stage, e.g. (-1,) or (-2, -1)")
     if len(set(levels)) != len(levels):
         raise ValueError(f"levels must not repeat a stage, got {levels}")
-    out_indices = None if levels == LAST_MAP else levels
-    trunk, _ = create_trunk(name, pretrained, out_indices=out_indices, **kwargs)
-    return trunk, describe_levels(trunk, out_indices)
+    trunk, _ = create_trunk(name, pretrained, **kwargs)
+    return trunk, describe_levels(trunk, None if levels == LAST_MAP else levels, name=name)
 
 
 def feature_maps(trunk: nn.Module, levels: FeatureLevels, x: torch.Tensor) -> list[torch.Tensor]:
     """``(B, 3, H, W) -> [(B, C_i, h_i, w_i)]``: the maps ``levels`` describes, in its order."""
     if levels.out_indices is None:
         return [trunk.forward_features(x)]
-    return list(trunk(x))
+    inner = sorted({s for s in levels.stages if s is not None})
+    final_needed = None in levels.stages
+    if final_needed:
+        final, maps = trunk.forward_intermediates(x, indices=inner, intermediates_only=False) if inner else (trunk.forward_features(x), [])
+    else:
+        final, maps = None, trunk.forward_intermediates(x, indices=inner, intermediates_only=True, stop_early=True)
+    by_stage = dict(zip(inner, maps))
+    return [final if s is None else by_stage[s] for s in levels.stages]

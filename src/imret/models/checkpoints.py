@@ -169,8 +169,7 @@ def load_weights(model: RetrievalNet, path: str | os.PathLike, *, trust_pickle: 
     """Load a local weights file into ``model`` strictly (formats: see the module docstring).
 
     A whole-network file must match the model's architecture; a backbone file fills the
-    trunk (its classifier keys, if any, are dropped, and so are the layers after the last
-    stage of a multi-level trunk, e.g. MobileNet's ``conv_head``). cirtorch/dirtorch checkpoints and
+    trunk (its classifier keys, if any, are dropped). cirtorch/dirtorch checkpoints and
     lukemelas-style EfficientNets are converted. A file that is known to need another model
     definition (see :func:`check_weights_fit`) is an error. Sets ``model.weights_sha256``
     to the file's SHA-256. Returns ``model``.
@@ -183,18 +182,14 @@ def load_weights(model: RetrievalNet, path: str | os.PathLike, *, trust_pickle: 
         check_weights_fit(model, path, sha256=sha, metadata=meta)
         sd = _strip_prefix(_strip_prefix(sd, "module."), "model.")
         trunk_keys = set(model.trunk.state_dict())
-        # a multi-level trunk stops at its last stage: the whole trunk's later layers are unused
-        whole = _expected_trunk(model.spec.backbone, model.spec.backbone_kwargs) if model.feature_levels.multi_level else None
         if _is_lukemelas_efficientnet(sd):
-            sd = convert_lukemelas_efficientnet(sd, whole if whole is not None else model.trunk)
-        unused = set(whole.state_dict()) - trunk_keys if whole is not None else set()
+            sd = convert_lukemelas_efficientnet(sd, model.trunk)
         drop = tuple(_classifier_prefixes(model.trunk))
-        sd = {k: v for k, v in sd.items()
-              if k in trunk_keys or not (k in unused or (drop and k.startswith(drop)))}
+        sd = {k: v for k, v in sd.items() if k in trunk_keys or not (drop and k.startswith(drop))}
         load_state_strict(model.trunk, sd, what + " (backbone weights)")
     else:
         if spec is not None:
-            expected = _expected_trunk(spec.backbone, spec.backbone_kwargs, out_indices=model.feature_levels.out_indices)
+            expected = _expected_trunk(spec.backbone, spec.backbone_kwargs)
             problem = _trunk_difference(expected, model.trunk)
             if problem:
                 raise ValueError(
@@ -212,11 +207,10 @@ _MEAN_STD_TOLERANCE = 5e-3  # 128/255 and 0.5 are the same TF preprocessing with
 
 
 def _expected_trunk(
-    timm_name_or_preset: str, kwargs: dict[str, Any], *, timm_name: bool = False, out_indices: tuple[int, ...] | None = None
+    timm_name_or_preset: str, kwargs: dict[str, Any], *, timm_name: bool = False
 ) -> nn.Module | None:
     """The trunk a preset (or a timm model with ``kwargs``) builds, on the meta device when
-    possible (no memory, no initialisation); None when it cannot be built here. With
-    ``out_indices``: timm's ``features_only`` trunk of those stages."""
+    possible (no memory, no initialisation); None when it cannot be built here."""
     import timm
 
     if timm_name:
@@ -227,10 +221,7 @@ def _expected_trunk(
         except ValueError:
             return None
         name, create_kwargs = preset.timm_name, {**preset.create_kwargs, **kwargs}
-    if out_indices is None:
-        create_kwargs.update(num_classes=0, global_pool="")
-    else:
-        create_kwargs.update(features_only=True, out_indices=tuple(out_indices))
+    create_kwargs.update(num_classes=0, global_pool="")
     for device in ("meta", "cpu"):
         try:
             with torch.device(device):
@@ -296,7 +287,7 @@ def check_weights_fit(
     suggest: list[str] = []
     known = preset_for_weights(sha)
     if known is not None:
-        expected = _expected_trunk(known.name, {}, out_indices=model.feature_levels.out_indices)
+        expected = _expected_trunk(known.name, {})
         problems += [_trunk_difference(expected, model.trunk),
                      _mean_std_gap(known.mean, known.std, model.mean, model.std)]
         suggest = [known.name]
@@ -311,8 +302,7 @@ def check_weights_fit(
                 kwargs = None
             if isinstance(kwargs, dict):
                 kwargs = {k: v for k, v in kwargs.items() if k not in ("num_classes", "global_pool", "pretrained")}
-                expected = _expected_trunk(meta["timm_model"], kwargs, timm_name=True,
-                                           out_indices=model.feature_levels.out_indices)
+                expected = _expected_trunk(meta["timm_model"], kwargs, timm_name=True)
                 problems.append(_trunk_difference(expected, model.trunk))
                 suggest = _presets_like(meta["timm_model"], kwargs)
                 source = f"weights for timm model {meta['timm_model']!r} with {kwargs} (the file's metadata)"

@@ -9,16 +9,18 @@ without being built (:meth:`Head.levels_for`).
 - ``"global"``, :class:`GlobalHead`: pooling -> L2 -> [whitening -> L2] on the last map; the
   GeM network of Radenović et al. (TPAMI 2018) and, with R-MAC and whitening, the R-MAC
   network of Gordo et al. (IJCV 2017).
-- DOLG (Yang et al., ICCV 2021) goes here next: ``levels = (-2, -1)``, a local branch
-  (multi-atrous convolutions + self-attention) on the stride-16 map, GeM + FC on the
-  stride-32 map, orthogonal fusion of the two, pooling and an output FC. Register it in
-  ``_HEADS`` below; the trunk, the spec (``head``, ``head_kwargs``), checkpoints and
-  extraction need no change.
+- ``"dolg"``, :class:`~imret.models.dolg.DOLGHead` (Yang et al., ICCV 2021): ``levels =
+  (-2, -1)``, a local branch (multi-atrous convolutions + self-attention) on the stride-16
+  map, GeM + FC on the final map, orthogonal fusion of the two, pooling and an output FC.
+
+A head defined in another module (which imports :class:`Head` from here) is registered by
+its import path, ``"module:Class"``, and imported when first built.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib
 from typing import Any, Sequence
 
 import torch
@@ -145,9 +147,11 @@ class GlobalHead(Head):
         return f"in_channels={self.in_channels}, dim={self.dim}, l2_before_whiten={self.l2_before_whiten}"
 
 
-_HEADS: dict[str, tuple[type[Head], str]] = {
+_HEADS: dict[str, tuple[type[Head] | str, str]] = {
     "global": (GlobalHead, "pooling -> L2 -> [whitening -> L2] on the last feature map (GeM / R-MAC networks)"),
-    # "dolg": (DOLGHead, "local (stride 16) and global (stride 32) branches, orthogonal fusion; Yang et al., ICCV 2021"),
+    "dolg": ("imret.models.dolg:DOLGHead",
+             "local (stride 16, multi-atrous + attention) and global (GeM + FC) branches, orthogonal fusion, FC; "
+             "Yang et al., ICCV 2021"),
 }
 
 
@@ -165,7 +169,11 @@ def _head_class(name: str) -> type[Head]:
     key = str(name).lower()
     if key not in _HEADS:
         raise ValueError(f"unknown head {name!r}; available: {', '.join(list_heads())}")
-    return _HEADS[key][0]
+    cls = _HEADS[key][0]
+    if isinstance(cls, str):
+        module, _, attr = cls.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+    return cls
 
 
 def head_levels(name: str, **kwargs: Any) -> tuple[int, ...]:

@@ -67,7 +67,8 @@ class RetrievalNet(nn.Module):
     ``features(x)`` is the last of those maps.
 
     Attributes:
-        trunk: the timm model (``forward_features`` for one map, ``features_only`` for several).
+        trunk: the timm model without classifier (``forward_features`` for the final map,
+            ``forward_intermediates`` for several).
         head: a :class:`~imret.models.heads.Head`.
         feature_levels: the maps the trunk gives the head (:class:`~imret.models.backbones.FeatureLevels`).
         spec: the :class:`ModelSpec` (mean/std filled in from the backbone preset).

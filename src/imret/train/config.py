@@ -29,7 +29,8 @@ __all__ = [
     "save_config",
 ]
 
-LOSSES = ("contrastive", "triplet", "ap", "arcface")
+LOSSES = ("contrastive", "triplet", "ap", "arcface", "curricularface")
+CLASSIFICATION_LOSSES = ("arcface", "curricularface")  # own (num_classes, D) weights
 DATA_KINDS = ("folder", "csv", "sfm120k")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "exponential", "cosine", "step")
@@ -48,6 +49,8 @@ class ModelConfig:
     weights: str | None = None  # local weights or imret checkpoint to start from
     whitening: int | None = None  # learnable whitening layer of this dimension
     freeze_batchnorm: bool = True  # BatchNorm with running statistics (needed by multistage)
+    head: str = "global"  # global (pooling [+ whitening]) | dolg (imret.models.list_heads())
+    head_kwargs: dict[str, Any] = field(default_factory=dict)  # the head's own options, e.g. dolg: {dim: 512, fusion: orthogonal}
 
 
 @dataclass
@@ -64,24 +67,24 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "contrastive"  # contrastive | triplet | ap | arcface
-    margin: float | None = None  # contrastive / triplet / arcface margin (None: the loss's default)
+    name: str = "contrastive"  # contrastive | triplet | ap | arcface | curricularface
+    margin: float | None = None  # contrastive / triplet / arcface / curricularface margin (None: the loss's default)
     bins: int = 20  # AP loss: number of quantisation bins M
     tie_aware: bool = False  # AP loss: tie-aware variant
     class_balanced: bool = True  # AP loss: per-query class-balancing weights
-    scale: float = 30.0  # ArcFace scale s
+    scale: float = 30.0  # ArcFace / CurricularFace scale s
 
 
 @dataclass
 class MiningConfig:
     # contrastive / triplet: "epoch" mines hard negatives once per epoch into (query, positive,
     # n_1..n_k) tuples (cirtorch); "batch_hard" | "semihard" (triplet) | "all" mine inside
-    # class-balanced batches. ap and arcface always train on class-balanced batches.
+    # class-balanced batches. ap, arcface and curricularface always train on class-balanced batches.
     strategy: str = "epoch"
     queries: int = 2000  # tuples per epoch (contrastive/triplet with tuples)
     pool: int = 20000  # random pool in which hard negatives are mined each epoch
     negatives: int = 5  # hard negatives per query, at most one per class
-    classes_per_batch: int = 16  # class-balanced batches (ap / arcface / in-batch mining), per process
+    classes_per_batch: int = 16  # class-balanced batches (ap / arcface / curricularface / in-batch mining), per process
     per_class: int = 4  # images per class in a batch
 
 
@@ -134,6 +137,9 @@ class TrainConfig:
         _choice("optim.schedule", self.optim.schedule, SCHEDULES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("mining.strategy", self.mining.strategy, STRATEGIES)
+        from ..models.heads import list_heads
+
+        _choice("model.head", self.model.head, tuple(list_heads()))
         if self.mining.strategy == "semihard" and self.loss.name != "triplet":
             raise ValueError(f"mining.strategy: semihard needs loss.name: triplet, got {self.loss.name!r}")
         for name in ("epochs", "batch_size", "accumulate", "chunk_size", "log_every"):
@@ -149,7 +155,7 @@ class TrainConfig:
         if self.data.stream and not self.multistage:
             raise ValueError("data.stream: true needs multistage: true (the batch is read twice, chunk by chunk)")
         if self.data.stream and self.loss.name in ("contrastive", "triplet") and self.mining.strategy == "epoch":
-            raise ValueError("data.stream: true works with in-batch losses (ap, arcface, or mining.strategy other "
+            raise ValueError("data.stream: true works with in-batch losses (ap, arcface, curricularface, or mining.strategy other "
                              "than epoch), not with mined tuples")
         if self.loss.bins < 2:
             raise ValueError(f"loss.bins must be >= 2, got {self.loss.bins}")
@@ -199,6 +205,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"{where}: expected a string, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"{where}: expected a mapping with string keys, got {value!r}")
+        return dict(value)
     return value
 
 

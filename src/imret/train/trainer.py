@@ -8,7 +8,7 @@ Two ways to form a training step, chosen by the loss and ``mining.strategy``:
   :func:`imret.mining.epoch_tuples` mines ``k`` hard negatives per query. A step processes
   ``batch_size`` tuples ``(q, p, n_1..n_k)`` per process, the loss runs over
   :func:`~imret.losses.tuples_to_pairs` / :func:`~imret.losses.tuples_to_triplets`.
-* **Class-balanced batches** (ap, arcface, and contrastive / triplet with an in-batch
+* **Class-balanced batches** (ap, arcface, curricularface, and contrastive / triplet with an in-batch
   strategy): ``mining.classes_per_batch x per_class`` square crops per process and step.
 
 With ``multistage: true`` the whole batch is back-propagated in three stages
@@ -28,7 +28,7 @@ descriptors are all-gathered, rank 0 mines and broadcasts the tuples. Validation
 describes a slice of the database and queries, the descriptors are all-gathered, every rank
 computes the same mAP (so all agree on the best model); rank 0 writes files and logs.
 Parameters of the loss (ArcFace's class weights) are not inside DDP: their gradient, computed
-from the gathered batch, is already the same on every rank.
+from the gathered batch, is already the same on every rank (and so is CurricularFace's running t).
 
 Files in ``out``: ``config.yaml`` (the resolved config), ``checkpoint_last.pt`` (everything
 needed for an exact resume, written atomically), ``model_epoch{N}.safetensors`` and
@@ -75,7 +75,7 @@ from ..losses import create_loss, tuples_to_pairs, tuples_to_triplets
 from ..mining import batch_hard_triplets, epoch_tuples, hard_pairs, sample_epoch, semi_hard_triplets
 from ..models import RetrievalNet, create_model, save_model
 from ..precision import autocast_dtype
-from .config import DataConfig, LossConfig, ModelConfig, TrainConfig, save_config
+from .config import CLASSIFICATION_LOSSES, DataConfig, LossConfig, ModelConfig, TrainConfig, save_config
 from .distributed import DistInfo, all_gather_rows, barrier, broadcast_object, broadcast_parameters
 from .metrics_log import MetricsLog
 from .multistage import chunks_of, freeze_batchnorm, multistage_backward
@@ -209,6 +209,13 @@ def load_training_images(data: DataConfig) -> LabelledImages:
     return load_sfm120k(data.pkl, data.root, "train")
 
 
+def describe_model_config(m: ModelConfig) -> str:
+    """``"resnet50 + gem"``, or with another head ``"resnet50 + dolg head (gem)"``."""
+    if m.head == "global":
+        return f"{m.backbone} + {m.pool}"
+    return f"{m.backbone} + {m.head} head ({m.pool})"
+
+
 def build_model(m: ModelConfig) -> RetrievalNet:
     """The network a :class:`ModelConfig` describes (GeM p initialised to ``gem_p``)."""
     pool_kwargs = {"p": m.gem_p} if m.pool in ("gem", "rgem") else {}
@@ -219,17 +226,19 @@ def build_model(m: ModelConfig) -> RetrievalNet:
         weights=m.weights,
         whitening=m.whitening,
         pool_kwargs=pool_kwargs,
+        head=m.head,
+        head_kwargs=m.head_kwargs,
     )
 
 
 def build_loss(c: LossConfig, dim: int, num_classes: int) -> nn.Module:
     """The loss module of a :class:`LossConfig` (ArcFace owns ``(num_classes, dim)`` weights)."""
     kw: dict[str, Any] = {}
-    if c.name in ("contrastive", "triplet", "arcface") and c.margin is not None:
+    if c.name in ("contrastive", "triplet") + CLASSIFICATION_LOSSES and c.margin is not None:
         kw["margin"] = c.margin
     if c.name == "ap":
         kw.update(bins=c.bins, tie_aware=c.tie_aware, class_balanced=c.class_balanced)
-    if c.name == "arcface":
+    if c.name in CLASSIFICATION_LOSSES:
         kw.update(dim=dim, num_classes=num_classes, scale=c.scale)
     return create_loss(c.name, **kw)
 
@@ -529,7 +538,7 @@ class Trainer:
             if cfg.loss.name == "contrastive":
                 return lambda d: loss(d, pairs=tuples_to_pairs(d.shape[0] // size, size, d.device))
             return lambda d: loss(d, triplets=tuples_to_triplets(d.shape[0] // size, size, d.device))
-        if cfg.loss.name in ("ap", "arcface"):
+        if cfg.loss.name == "ap" or cfg.loss.name in CLASSIFICATION_LOSSES:
             return lambda d: loss(d, labels)
         strategy = cfg.mining.strategy
         if cfg.loss.name == "triplet":
@@ -682,7 +691,7 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
-        title = f"{cfg.model.backbone} + {cfg.model.pool}, {cfg.loss.name} loss"
+        title = f"{describe_model_config(cfg.model)}, {cfg.loss.name} loss"
         writer = MetricsLog(self.out, enabled=main, keep_epochs=self.start_epoch if cfg.resume else None, title=title)
         if self._pending_rng is not None:  # exact resume: the random streams continue where they stopped
             _set_rng_state(self._pending_rng, self.device)
