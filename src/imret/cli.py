@@ -4,7 +4,7 @@
     imret eval DATASET [--out DIR]              revisited Oxford/Paris or a labelled set
     imret index build PHOTOS... --out STORE     a persistent index (see imret.index.store)
     imret index add|remove|info|configure|rebuild STORE ...
-    imret search STORE QUERY... [--bbox ...]    ranked (score, id, path): table, JSON, HTML, PNG
+    imret search STORE QUERY... [--csv ...]     ranked (score, id, path): table, JSON(L), CSV, HTML, PNG
     imret models                                backbone presets and poolings
     imret train CONFIG.yaml [--resume] [--set k=v]  fine-tune a network (torchrun for several processes)
 
@@ -134,15 +134,10 @@ def _build_model(args):
             raise ValueError(f"--model {args.model!r} is a checkpoint that says its own head; drop --head / --head-arg")
         return load_model(args.model, trust_pickle=args.trust_pickle)
     pool_kwargs = {} if args.gem_p is None else {"p": args.gem_p}
-    model = create_model(
-        args.model,
-        args.pool,
-        pretrained=args.weights is None and not args.no_pretrained,
-        whitening=args.whitening,
-        pool_kwargs=pool_kwargs,
-        head=args.head,
-        head_kwargs=_head_kwargs(args.head_arg),
-    )
+    head_kwargs = _head_kwargs(args.head_arg)
+    pretrained = args.weights is None and not args.no_pretrained
+    model = create_model(args.model, args.pool, pretrained=pretrained, whitening=args.whitening,
+                         pool_kwargs=pool_kwargs, head=args.head, head_kwargs=head_kwargs)
     if args.weights is not None:
         from .weights import load_weights
 
@@ -380,6 +375,59 @@ def _pipeline_words(p: dict) -> str:
     return ", ".join(words)
 
 
+def _check_eval_options(args, kind: str) -> None:
+    """The post-processing options of ``imret eval``, checked before the model is built or an
+    image is read: values, files, and which options go together."""
+    from .expansion import QueryExpansion
+
+    if args.backend is not None:
+        from .index import check_spec
+
+        check_spec(args.backend)
+    _query_expansion_override(args, QueryExpansion())  # --qe-k / --qe-alpha values
+    if args.dba_k is not None and args.dba_k < 0:
+        raise ValueError(f"--dba-k must be >= 0 (0: no DBA), got {args.dba_k}")
+    if args.dba_alpha < 0:
+        raise ValueError(f"--dba-alpha must be >= 0, got {args.dba_alpha}")
+    if args.whiten_dim is not None and args.whiten_dim < 1:
+        raise ValueError(f"--whiten-dim must be >= 1, got {args.whiten_dim}")
+    if args.whiten_file:
+        if args.whiten not in (None, "none"):
+            raise ValueError(f"--whiten-file applies a saved whitening; drop --whiten {args.whiten} (or --whiten-file)")
+        from .whitening import Whitening
+
+        Whitening.load(args.whiten_file)  # a missing or bad file fails here
+    if args.whiten_on is not None and args.whiten not in ("pca", "lw"):
+        raise ValueError(f"--whiten-on {args.whiten_on!r} says what --whiten pca or --whiten lw learns on; "
+                         "give --whiten pca or --whiten lw")
+    if args.pairs is not None and args.whiten != "lw":
+        raise ValueError("--pairs gives the matching pairs --whiten lw learns from; give --whiten lw")
+    if args.whiten == "pca" and args.whiten_on not in (None, "database"):
+        if not os.path.exists(args.whiten_on):
+            raise ValueError(f"--whiten-on {args.whiten_on!r}: expected 'database', a folder of images or a list "
+                             "file of image paths; it does not exist")
+        _collect_images([args.whiten_on] if os.path.isdir(args.whiten_on) else [],
+                        None if os.path.isdir(args.whiten_on) else args.whiten_on)
+    if args.whiten == "lw":
+        if args.whiten_on not in (None, "pairs", "landmarks"):
+            raise ValueError(f"--whiten lw learns from --pairs or --whiten-on landmarks, not {args.whiten_on!r}")
+        if args.whiten_on == "landmarks":
+            if kind != "revisitop":
+                raise ValueError("--whiten-on landmarks needs a revisitop dataset (landmark queries with ground truth)")
+        elif not args.pairs:
+            raise ValueError("--whiten lw needs --pairs CSV ('a,b' image paths per line: matching pairs to learn from) "
+                             "or --whiten-on landmarks")
+        else:
+            base = os.path.dirname(os.path.abspath(args.pairs))
+            lines = list(_pair_lines(args.pairs, "two image paths"))
+            if not lines:
+                raise ValueError(f"{args.pairs} holds no pairs")
+            for lineno, parts in lines:
+                for t in parts:
+                    if not os.path.isfile(os.path.join(base, t)):
+                        raise ValueError(f"{args.pairs}:{lineno}: no image {t!r} (paths are relative to the CSV's folder)")
+
+
 def cmd_eval(args) -> int:
     import numpy as np
 
@@ -387,6 +435,7 @@ def cmd_eval(args) -> int:
     from .expansion import QueryExpansion
     from .retrieval import Encoder, Retriever
 
+    # everything that can be checked without the model first: the dataset, then the options
     kind, src = _dataset_kind(args.dataset)
     post = [o for o, v in (("--whiten", args.whiten), ("--whiten-file", args.whiten_file),
                            ("--dba-k", args.dba_k), ("--backend", args.backend)) if v is not None]
@@ -398,6 +447,23 @@ def cmd_eval(args) -> int:
     if kind != "revisitop" and (args.dba_k or args.qe or args.backend):
         raise ValueError("--qe, --dba-k and --backend apply to revisitop datasets (queries against a database); "
                          "a labelled set is evaluated all-vs-all (--whiten applies)")
+    if kind != "revisitop" and args.images:
+        raise ValueError("--images names the image folder of a revisitop dataset; a labelled set names its images itself")
+    _check_eval_options(args, kind)
+    if kind == "revisitop":
+        gt = ev.load_revisitop(src)
+        root = Path(args.images) if args.images else src.parent / "jpg"
+        if not root.is_dir():
+            raise ValueError(f"the image folder of {gt.name}, {root}, is not a folder; "
+                             + ("check --images" if args.images else "pass the images with --images DIR"))
+        qpaths, dbpaths = gt.query_paths(root), gt.db_paths(root)
+        if not any(os.path.isfile(p) for p in (*qpaths, *dbpaths)):
+            raise ValueError(f"none of the {len(qpaths) + len(dbpaths)} images of {gt.name} is in {root} "
+                             f"(e.g. {os.path.basename(dbpaths[0]) if dbpaths else '?'}); pass their folder with --images DIR")
+        if args.whiten == "lw" and args.whiten_on == "landmarks" and len(ev.landmark_folds(gt)) < 2:
+            raise ValueError(f"--whiten-on landmarks needs queries of two or more landmarks; {gt.name} has one")
+    else:
+        paths, labels, classes = ev.load_labelled_csv(src) if kind == "csv" else ev.load_labelled_folder(src)
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -405,9 +471,6 @@ def cmd_eval(args) -> int:
     pipeline: dict = {}
     weights_sha256 = None
     if kind == "revisitop":
-        gt = ev.load_revisitop(src)
-        root = Path(args.images) if args.images else src.parent / "jpg"
-        qpaths, dbpaths = gt.query_paths(root), gt.db_paths(root)
         bboxes = None if args.no_crop else list(gt.bbx)
         if args.store:
             ranks, gt_eval, skipped, pipeline = _store_ranks(args, gt, root, qpaths, bboxes)
@@ -452,7 +515,6 @@ def cmd_eval(args) -> int:
         model = _build_model(args)
         weights_sha256 = getattr(model, "weights_sha256", None)
         encoder = Encoder(model, **_extract_kwargs(args))
-        paths, labels, classes = ev.load_labelled_csv(src) if kind == "csv" else ev.load_labelled_folder(src)
         res = encoder.encode(paths)
         skipped = res.skipped
         w, learned_on = _eval_whitening(args, encoder, res.descriptors)
@@ -513,6 +575,11 @@ def _backend_options() -> dict:
     return {"token": token} if token else {}
 
 
+def _holder(args) -> dict[str, str]:
+    """What a writing command tells another process that finds the store locked."""
+    return {"command": f"imret index {args.index_command}"}
+
+
 def _runtime_kwargs(args) -> dict:
     return dict(batch_size=args.batch_size, workers=args.workers, precision=args.precision)
 
@@ -542,11 +609,16 @@ def _model_source(args) -> str:
 
 
 def cmd_index_build(args) -> int:
-    from .index.store import Preprocessing, Store
+    from .index import check_spec
+    from .index.store import Preprocessing, Store, check_new_store_dir
 
+    # every argument before the model is built or an image read (the store checks the
+    # backend again with the model's dimension, before the first image)
+    check_spec(args.backend)
+    check_new_store_dir(args.out)
+    pre = Preprocessing(image_size=args.image_size, scales=tuple(args.scales), min_size=args.min_size)
     paths = _collect_images(args.images, args.list)
     model = _build_model(args)
-    pre = Preprocessing(image_size=args.image_size, scales=tuple(args.scales), min_size=args.min_size)
     t0 = time.perf_counter()
     with Store.create(args.out, model, model_source=_model_source(args), preprocessing=pre,
                       backend=args.backend, device=args.device, backend_options=_backend_options()) as store:
@@ -561,7 +633,8 @@ def cmd_index_add(args) -> int:
 
     paths = _collect_images(args.images, args.list)
     t0 = time.perf_counter()
-    with Store.open(args.store, writable=True, device=args.device, backend_options=_backend_options()) as store:
+    with Store.open(args.store, writable=True, device=args.device, backend_options=_backend_options(),
+                    holder=_holder(args)) as store:
         report = store.add(paths, commit_every=args.commit_every, progress=not args.no_progress, **_runtime_kwargs(args))
         _print_add_report(report, time.perf_counter() - t0)
         print(f"store {args.store}: {len(store)} images")
@@ -573,7 +646,7 @@ def cmd_index_remove(args) -> int:
 
     if not args.ids and not args.path:
         raise ValueError("give image ids and/or --path PATH to remove")
-    with Store.open(args.store, writable=True, backend_options=_backend_options()) as store:
+    with Store.open(args.store, writable=True, backend_options=_backend_options(), holder=_holder(args)) as store:
         try:
             n = store.remove(args.ids) if args.ids else 0
             if args.path:
@@ -681,17 +754,38 @@ def _query_expansion_override(args, current):
 def cmd_index_configure(args) -> int:
     import numpy as np
 
+    from .index import check_spec
     from .index.store import Store
     from .whitening import fit_learned_whitening, fit_pca_whitening
 
-    with Store.open(args.store, writable=True, backend_options=_backend_options()) as store:
+    # every option before any vector is computed (the store checks the backend again with
+    # the dimension of its search vectors)
+    if args.backend is not None:
+        check_spec(args.backend)
+    if args.whiten == "lw" and not args.pairs:
+        raise ValueError("--whiten lw needs --pairs CSV (matching image pairs, 'a,b' per line)")
+    if args.pairs and args.whiten != "lw":
+        raise ValueError("--pairs gives the matching pairs --whiten lw learns from; give --whiten lw")
+    if args.whiten_dim is not None and args.whiten_dim < 1:
+        raise ValueError(f"--whiten-dim must be >= 1, got {args.whiten_dim}")
+    if args.dba_k is not None and (args.dba_k < 0 or args.dba_alpha < 0):
+        raise ValueError(f"--dba-k must be >= 0 (0: none) and --dba-alpha >= 0, got {args.dba_k} and {args.dba_alpha}")
+    with Store.open(args.store, writable=True, backend_options=_backend_options(), holder=_holder(args)) as store:
         kw: dict = {}
+        qe = _query_expansion_override(args, store.query_expansion)
+        if qe is not None:
+            kw["query_expansion"] = qe
         if args.backend is not None:
             kw["backend"] = args.backend
+        if args.dba_k is not None:
+            kw["dba"] = None if args.dba_k == 0 else (args.dba_k, args.dba_alpha)
+        if args.whiten is None and not kw:
+            raise ValueError("nothing to configure: give --backend, --whiten, --dba-k or --qe options")
         if args.whiten is not None:
             if args.whiten == "none":
                 kw["whitening"] = None
             else:
+                pairs = _read_pairs(args.pairs, store) if args.whiten == "lw" else None
                 n = store.n_rows()
                 raw = np.asarray(store.descriptors(n))
                 live = np.array([r.id for r in store.list(0, 1 << 62)], dtype=np.int64)
@@ -699,18 +793,8 @@ def cmd_index_configure(args) -> int:
                     kw["whitening"] = fit_pca_whitening(raw[live], args.whiten_dim, power=args.whiten_power)
                     print(f"PCA whitening fitted on {live.size} indexed descriptors")
                 else:
-                    if not args.pairs:
-                        raise ValueError("--whiten lw needs --pairs CSV (matching image pairs, 'a,b' per line)")
-                    pairs = _read_pairs(args.pairs, store)
                     kw["whitening"] = fit_learned_whitening(raw, pairs, args.whiten_dim)
                     print(f"learned whitening fitted on {len(pairs)} matching pairs")
-        if args.dba_k is not None:
-            kw["dba"] = None if args.dba_k == 0 else (args.dba_k, args.dba_alpha)
-        qe = _query_expansion_override(args, store.query_expansion)
-        if qe is not None:
-            kw["query_expansion"] = qe
-        if not kw:
-            raise ValueError("nothing to configure: give --backend, --whiten, --dba-k or --qe options")
         t0 = time.perf_counter()
         store.configure(**kw)
         print(f"configured {args.store} in {time.perf_counter() - t0:.1f} s: backend {store.backend_spec}, "
@@ -721,7 +805,7 @@ def cmd_index_configure(args) -> int:
 def cmd_index_rebuild(args) -> int:
     from .index.store import Store
 
-    with Store.open(args.store, writable=True, backend_options=_backend_options()) as store:
+    with Store.open(args.store, writable=True, backend_options=_backend_options(), holder=_holder(args)) as store:
         t0 = time.perf_counter()
         store.rebuild()
         print(f"rebuilt the {store.backend_spec} index of {len(store)} images in {time.perf_counter() - t0:.1f} s")
@@ -738,57 +822,170 @@ def _bbox(text: str) -> tuple[float, float, float, float]:
     return vals  # type: ignore[return-value]
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _read_query_csv(path: str) -> list[tuple[str, tuple[float, float, float, float] | None]]:
+    """The queries of a CSV: ``path`` or ``path,x1,y1,x2,y2`` per row (a crop box in pixels;
+    empty box fields: no box), an optional header row whose first field is ``path``, blank
+    rows and rows starting with ``#`` skipped. Relative paths are relative to the CSV's folder."""
+    import csv
+
+    base = os.path.dirname(path)
+    out: list[tuple[str, tuple[float, float, float, float] | None]] = []
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(f)
+        first = True
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
+                continue
+            if first and row[0].strip().lower() == "path":
+                first = False
+                continue
+            first = False
+            if len(row) not in (1, 5):
+                raise ValueError(f"{where}: expected 'path' or 'path,x1,y1,x2,y2', got {len(row)} fields: {row!r}")
+            name = row[0].strip()
+            if not name:
+                raise ValueError(f"{where}: the path is empty")
+            box = None
+            if len(row) == 5 and any(c.strip() for c in row[1:]):
+                try:
+                    box = _bbox(",".join(c.strip() for c in row[1:]))
+                except argparse.ArgumentTypeError as e:
+                    raise ValueError(f"{where}: {str(e).replace('--bbox ', 'box ')}") from None
+            out.append((name if os.path.isabs(name) else os.path.join(base, name), box))
+    return out
+
+
+def _collect_queries(args) -> tuple[list[str], list | None]:
+    """The query paths of ``imret search`` (files and folders, ``--list``, ``--csv``, in that
+    order) and their boxes (None when no query has one)."""
+    queries = _collect_images(args.queries, args.list) if (args.queries or args.list) else []
+    boxes: list = [None] * len(queries)
+    if args.bbox:
+        named_one_by_one = not args.list and not any(os.path.isdir(q) for q in args.queries)
+        if not named_one_by_one or args.csv:
+            raise ValueError("--bbox gives the boxes of query files named one by one; for folders and lists, "
+                             "give the boxes in --csv FILE (path,x1,y1,x2,y2 per row)")
+        if len(args.bbox) != len(queries):
+            raise ValueError(f"give one --bbox per query file ({len(queries)}); got {len(args.bbox)}")
+        boxes = list(args.bbox)
+    if args.csv:
+        rows = _read_query_csv(args.csv)
+        if not rows:
+            raise ValueError(f"{args.csv} lists no queries")
+        queries += [p for p, _ in rows]
+        boxes += [b for _, b in rows]
+    if not queries:
+        raise ValueError("no queries: give image files, folders, --list FILE or --csv FILE")
+    return queries, (boxes if any(b is not None for b in boxes) else None)
+
+
+_ROW_FIELDS = ("query", "rank", "id", "path", "score")
+
+
+def _write_text(text: str, out: str | None) -> None:
+    """``text`` to the file ``out`` (names that are not UTF-8 written back as the bytes they
+    were), or to stdout."""
+    if out:
+        with open(out, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+            f.write(text)
+        return
+    try:
+        sys.stdout.write(text)
+    except UnicodeEncodeError:
+        raise ValueError("a path is not valid UTF-8 and cannot be written to this terminal; write the results "
+                         "with --out FILE (paths kept byte for byte) or use --format json or jsonl") from None
+
+
+def _search_csv(results) -> str:
+    import csv
+    import io
+
+    boxed = any(r.bbox is not None for r in results)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(_ROW_FIELDS + (("x1", "y1", "x2", "y2") if boxed else ()))
+    for r in results:
+        box = [f"{v:g}" for v in r.bbox] if r.bbox is not None else ["", "", "", ""]
+        for rank, h in enumerate(r, 1):
+            w.writerow([r.query, rank, h.id, h.path, repr(h.score)] + (box if boxed else []))
+    return buf.getvalue()
+
+
+def _search_jsonl(results) -> str:
+    lines = []
+    for r in results:
+        for rank, h in enumerate(r, 1):
+            row = {"query": r.query, "rank": rank, "id": h.id, "path": h.path, "score": h.score}
+            if r.bbox is not None:
+                row["bbox"] = list(r.bbox)
+            lines.append(json.dumps(row) + "\n")
+    return "".join(lines)
+
+
 def cmd_search(args) -> int:
     from .index.store import Store
 
-    queries = list(args.queries)
-    if args.bbox and len(args.bbox) not in (1, len(queries)):
-        raise ValueError(f"give one --bbox per query ({len(queries)}) or one for a single query; got {len(args.bbox)}")
-    if args.bbox and len(args.bbox) == 1 and len(queries) > 1:
-        raise ValueError("a single --bbox applies to a single query; give one per query")
     if args.format in ("html", "png") and not args.out:
         raise ValueError(f"--format {args.format} writes a file: give --out FILE")
-    from .images import ImageError, open_regular_file
-
-    for q in queries:  # a missing query, a folder or a FIFO fails here, before the store opens
-        try:
-            open_regular_file(q).close()
-        except ImageError as e:
-            raise ValueError(str(e)) from None
+    queries, boxes = _collect_queries(args)
     with Store.open(args.store, device=args.device, backend_options=_backend_options()) as store:
         qe = _query_expansion_override(args, store.query_expansion)
         t0 = time.perf_counter()
-        try:
-            hits = store.search(queries, bboxes=args.bbox or None, k=args.k, query_expansion=qe, **_runtime_kwargs(args))
-        except ImageError as e:
-            raise ValueError(str(e)) from None
+        # one extraction of all queries, searched in batches; unreadable ones come back with .error
+        results = store.search(queries, bboxes=boxes, k=args.k, query_expansion=qe, on_error="skip",
+                               progress=not args.no_progress and len(queries) > 1, **_runtime_kwargs(args))
         dt = time.perf_counter() - t0
+    failed = [r for r in results if r.error is not None]
+    done = [r for r in results if r.error is None]
+    if failed:
+        print(f"skipped {len(failed)} of {len(results)} quer{'y' if len(results) == 1 else 'ies'}:", file=sys.stderr)
+        for r in failed:
+            print(f"  {_shown(r.query)}: {r.error}", file=sys.stderr)
+    if not done:
+        raise ValueError(f"none of the {len(results)} quer{'y' if len(results) == 1 else 'ies'} could be read "
+                         "(reasons above)")
     if args.format == "json":
-        payload = [{"query": q, "bbox": list(args.bbox[i]) if args.bbox else None,
-                    "results": [{"rank": r + 1, "score": h.score, "id": h.id, "path": h.path} for r, h in enumerate(hl)]}
-                   for i, (q, hl) in enumerate(zip(queries, hits))]
-        text = json.dumps(payload, indent=1)
-        if args.out:
-            Path(args.out).write_text(text + "\n", encoding="utf-8")
-        else:
-            print(text)
+        payload = [{"query": r.query, "bbox": None if r.bbox is None else list(r.bbox),
+                    "results": [{"rank": rank, "score": h.score, "id": h.id, "path": h.path}
+                                for rank, h in enumerate(r, 1)]}
+                   for r in done]
+        _write_text(json.dumps(payload, indent=1) + "\n", args.out)
+    elif args.format == "jsonl":
+        _write_text(_search_jsonl(done), args.out)
+    elif args.format == "csv":
+        _write_text(_search_csv(done), args.out)
     elif args.format == "table":
-        for i, (q, hl) in enumerate(zip(queries, hits)):
-            box = f" [{','.join(f'{v:g}' for v in args.bbox[i])}]" if args.bbox else ""
-            print(f"query {_shown(q)}{box}")
-            print(f"  {'rank':>4}  {'score':>7}  {'id':>8}  path")
-            for r, h in enumerate(hl):
-                print(f"  {r + 1:>4}  {h.score:7.4f}  {h.id:>8}  {_shown(h.path)}")
-        print(f"({len(queries)} quer{'y' if len(queries) == 1 else 'ies'} in {dt:.2f} s)", file=sys.stderr)
+        lines = []
+        for r in done:
+            box = f" [{','.join(f'{v:g}' for v in r.bbox)}]" if r.bbox is not None else ""
+            lines.append(f"query {_shown(r.query)}{box}")
+            lines.append(f"  {'rank':>4}  {'score':>7}  {'id':>8}  path")
+            lines += [f"  {rank:>4}  {h.score:7.4f}  {h.id:>8}  {_shown(h.path)}" for rank, h in enumerate(r, 1)]
+        _write_text("\n".join(lines) + "\n", args.out)
     else:
         from . import plots
 
-        boxes = list(args.bbox) if args.bbox else None
+        qboxes = [r.bbox for r in done] if any(r.bbox is not None for r in done) else None
         if args.format == "png":
-            plots.draw_topk_grid(queries, [[h.path for h in hl] for hl in hits], None, args.out, k=args.k,
-                                 query_boxes=boxes, captions=[[f"{h.score:.3f}" for h in hl] for hl in hits])
+            plots.draw_topk_grid([r.query for r in done], [[h.path for h in r] for r in done], None, args.out,
+                                 k=args.k, query_boxes=qboxes, captions=[[f"{h.score:.3f}" for h in r] for r in done])
         else:
-            plots.write_results_html(queries, hits, args.out, query_boxes=boxes)
+            plots.write_results_html([r.query for r in done], done, args.out, query_boxes=qboxes)
+    n = len(done)
+    print(f"({n} quer{'y' if n == 1 else 'ies'} in {dt:.2f} s)", file=sys.stderr)
+    if args.out:
         print(f"wrote {args.out}")
     return 0
 
@@ -926,8 +1123,9 @@ def cmd_serve(args) -> int:
                        max_wait_ms=args.max_wait_ms, save_interval_s=args.save_interval, device=args.device)
     from .index.store import StoreLockedError
 
+    host = f"[{args.host}]" if ":" in args.host else args.host
     try:
-        app = create_app(args.store, cfg)
+        app = create_app(args.store, cfg, url=f"http://{host}:{args.port}/")
     except StoreLockedError as e:
         raise StoreLockedError(f"{e} (serve it with --read-only meanwhile: searches only)") from None
     n = len(app.state.service.store)
@@ -993,7 +1191,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default="exact",
                    help=f"search backend spec ({', '.join(BACKEND_KINDS)}): 'exact', 'ann', 'faiss:IVF4096,SQ8?nprobe=32', "
                         "'faiss:HNSW32', 'milvus:./vectors.db', 'milvus:http://host:19530' (default exact)")
-    b.add_argument("--commit-every", type=int, default=64, help="images per committed batch (default 64)")
+    b.add_argument("--commit-every", type=_positive_int, default=64, help="images per committed batch (default 64)")
     _add_model_args(b)
     b.set_defaults(func=cmd_index_build)
 
@@ -1001,7 +1199,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("store")
     a.add_argument("images", nargs="*", help="image files and/or folders")
     a.add_argument("--list", help=_LIST_HELP)
-    a.add_argument("--commit-every", type=int, default=64, help="images per committed batch (default 64)")
+    a.add_argument("--commit-every", type=_positive_int, default=64, help="images per committed batch (default 64)")
     _add_runtime_args(a)
     a.set_defaults(func=cmd_index_add)
 
@@ -1029,13 +1227,28 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("store")
     rb.set_defaults(func=cmd_index_rebuild)
 
-    p = sub.add_parser("search", help="search a store with query images")
+    p = sub.add_parser(
+        "search", help="search a store with query images: files, folders, --list, --csv",
+        description="Search a store with query images. All queries are extracted in one batch and searched "
+                    "together. A query that cannot be read is skipped with the reason on stderr; the exit "
+                    "status is 1 only when none of them could be searched.")
     p.add_argument("store")
-    p.add_argument("queries", nargs="+", help="query image files")
-    p.add_argument("--bbox", type=_bbox, action="append", help="query crop x1,y1,x2,y2 in pixels (one per query)")
-    p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
-    p.add_argument("--format", choices=["table", "json", "html", "png"], default="table", help="output (default table)")
-    p.add_argument("--out", help="output file (needed for html and png; json goes to stdout without it)")
+    p.add_argument("queries", nargs="*",
+                   help="query image files and/or folders (a folder's images, recursively and sorted, as "
+                        "`imret index add` lists them)")
+    p.add_argument("--list", help=_LIST_HELP)
+    p.add_argument("--csv", help="a CSV of queries, one per row: path, or path,x1,y1,x2,y2 (a crop box in pixels); "
+                                 "an optional header row (path,x1,y1,x2,y2); relative paths are relative to the "
+                                 "CSV's folder")
+    p.add_argument("--bbox", type=_bbox, action="append",
+                   help="query crop x1,y1,x2,y2 in pixels, one per query file named on the command line "
+                        "(boxes of many queries: --csv)")
+    p.add_argument("-k", type=_positive_int, default=10, help="results per query (default 10)")
+    p.add_argument("--format", choices=["table", "json", "jsonl", "csv", "html", "png"], default="table",
+                   help="table (default); json (one document); jsonl or csv: one row per query and rank with "
+                        "query, rank, id, path, score (and the query's box when it has one); html or png: "
+                        "thumbnails (need --out)")
+    p.add_argument("--out", help="output file (needed for html and png; the other formats go to stdout without it)")
     p.add_argument("--qe", choices=["none", "aqe", "alpha"], help="override the store's query expansion")
     p.add_argument("--qe-k", type=int, default=None)
     p.add_argument("--qe-alpha", type=float, default=None)

@@ -19,7 +19,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,7 +28,16 @@ from PIL import Image
 
 from ._checks import positive_int
 from .fileio import atomic_path, atomic_write_bytes
-from .images import ImageError, check_image_type, load_image, to_tensor
+from .images import (
+    ImageError,
+    check_image_input,
+    check_image_type,
+    image_label,
+    image_list,
+    load_image,
+    prepare_image,
+    to_tensor,
+)
 from .models.net import RetrievalNet
 from .precision import PRECISIONS, autocast_dtype
 
@@ -38,6 +47,7 @@ __all__ = [
 ]
 
 BBox = tuple[float, float, float, float]
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 # Named multi-scale settings: factors applied to the ``image_size`` input.
 SCALE_PRESETS: dict[str, tuple[float, ...]] = {
@@ -62,7 +72,8 @@ class Extraction:
     Attributes:
         descriptors: ``(M, D)`` float32, one L2-normalised row per image that worked.
         indices: ``(M,)`` int64 positions of those images in the input list.
-        paths: the M paths (``str(image)`` for inputs that are not paths).
+        paths: the M paths (for images given in memory, their label, such as
+            ``<PIL image #3: 640x480 RGB>``; see :func:`imret.images.image_label`).
         skipped: the inputs that failed, in input order.
         small: input positions of images that reached the network with a side under
             :data:`SMALL_SIDE` pixels (after ``min_size``).
@@ -159,8 +170,13 @@ def upscale_to(img: Image.Image, min_size: int | None) -> Image.Image:
 def _decode(i: int, image, bbox, image_size: int, draft: bool, max_pixels, crop_resize, mean, std,
             min_size: int | None = None):
     try:
-        check_image_type(image)
-        img = load_image(image, image_size=image_size, bbox=bbox, draft=draft, max_pixels=max_pixels, crop_resize=crop_resize)
+        if isinstance(image, str):
+            check_image_type(image)
+            img = load_image(image, image_size=image_size, bbox=bbox, draft=draft, max_pixels=max_pixels,
+                             crop_resize=crop_resize)
+        else:  # a PIL image or an RGB array (checked by extract)
+            img = prepare_image(image, image_size=image_size, bbox=bbox, crop_resize=crop_resize,
+                                name=image_label(image, i))
         return i, to_tensor(upscale_to(img, min_size), mean, std), None
     except ImageError as e:
         return i, None, e
@@ -178,7 +194,7 @@ def _prefetch(pool: ThreadPoolExecutor, jobs, depth: int) -> Iterator:
 
 def extract(
     model: RetrievalNet,
-    images: Sequence[str | os.PathLike],
+    images: Sequence[ImageInput],
     *,
     bboxes: Sequence[BBox | None] | None = None,
     scales: Sequence[float] = (1.0,),
@@ -195,12 +211,15 @@ def extract(
     progress: bool = False,
     min_size: int | None = None,
 ) -> Extraction:
-    """Extract L2-normalised descriptors of ``images`` (paths), skipping or raising on bad files.
+    """Extract L2-normalised descriptors of ``images``, skipping or raising on bad files.
 
     Args:
         model: a :class:`RetrievalNet`; it is put in eval mode and moved to ``device``
             (and to channels-last memory format when ``channels_last``).
-        images: image paths. A path whose extension is not in
+        images: image paths, or images in memory: ``PIL.Image.Image`` objects or
+            ``H x W x 3`` uint8 RGB arrays (used as they are, without EXIF orientation; see
+            :func:`imret.images.prepare_image`), in any mix. Anything else raises
+            ``TypeError`` before any work. A path whose extension is not in
             :data:`imret.images.IMAGE_EXTENSIONS` (a type this install cannot decode), or
             that is not a regular file (a folder, FIFO or device: never opened blocking,
             never read), is skipped with the reason, as is any file that fails to decode.
@@ -230,6 +249,8 @@ def extract(
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"unknown on_error {on_error!r}; available: 'skip', 'raise'")
+    images = [check_image_input(x, i) for i, x in enumerate(image_list(images))]
+    labels = [image_label(x, i) for i, x in enumerate(images)]
     device, batch_size = _check_run(scales, device, batch_size)
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
@@ -282,7 +303,7 @@ def extract(
             if err is not None:
                 if on_error == "raise":
                     raise err
-                skipped.append(SkippedImage(i, os.fspath(images[i]), err.reason))
+                skipped.append(SkippedImage(i, labels[i], err.reason))
                 bar.update(1)
                 continue
             key = tuple(tensor.shape[-2:])
@@ -303,14 +324,14 @@ def extract(
 
     indices = np.flatnonzero(ok)
     if small and min_size is None:
-        first = os.fspath(images[small[0]])
+        first = labels[small[0]]
         warnings.warn(f"{len(small)} image(s) reach the network with a side under {SMALL_SIDE} px (e.g. {first!r}): "
                       "their descriptors pool a feature map of a few cells; pass min_size= (imret: --min-size) "
                       "to enlarge them", UserWarning, stacklevel=2)
     return Extraction(
         descriptors=out[indices],
         indices=indices.astype(np.int64),
-        paths=[os.fspath(images[i]) for i in indices],
+        paths=[labels[i] for i in indices],
         skipped=sorted(skipped, key=lambda s: s.index),
         small=sorted(small),
     )
@@ -354,7 +375,7 @@ def describe_tensors(
 
 def extract_descriptors(
     model: RetrievalNet,
-    images: Sequence[str | os.PathLike],
+    images: Sequence[ImageInput],
     scales: Sequence[float] = (1.0,),
     image_size: int = 1024,
     *,
@@ -367,6 +388,7 @@ def extract_descriptors(
     With ``on_error="raise"`` (default) a bad image raises :class:`~imret.images.ImageError`;
     with ``"skip"`` its row is NaN and a warning names the skipped files.
     """
+    images = image_list(images)
     res = extract(model, images, bboxes=bboxes, scales=scales, image_size=image_size, on_error=on_error, **kwargs)
     out = np.full((len(images), res.descriptors.shape[1]), np.nan, dtype=np.float32)
     out[res.indices] = res.descriptors

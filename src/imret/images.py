@@ -12,6 +12,10 @@ Conventions
 * A bounding box is ``(x1, y1, x2, y2)`` in pixels of the *displayed* image (after the
   EXIF orientation) at its *original* resolution, as the revisitop ``bbx`` field.
 * Any file that cannot be used raises :class:`ImageError`, which names the file.
+* Besides files, extraction and search take images already in memory
+  (:data:`IMAGE_INPUTS`): a ``PIL.Image.Image`` or an ``H x W x 3`` uint8 RGB numpy array,
+  prepared by :func:`prepare_image` exactly as :func:`load_image` prepares a file's pixels,
+  except that no EXIF orientation is applied (the pixels are used as they are).
 * A file type is supported exactly when Pillow on this install can decode it;
   :data:`IMAGE_EXTENSIONS` lists them, and every imret listing (:func:`list_images`,
   the labelled folders of :mod:`imret.evaluation`, the server's uploads) uses it.
@@ -38,15 +42,21 @@ from PIL import Image, UnidentifiedImageError
 __all__ = [
     "DRAFT_MARGIN",
     "IMAGE_EXTENSIONS",
+    "IMAGE_INPUTS",
     "RESAMPLE",
     "ImageError",
+    "check_image_input",
     "check_image_type",
+    "image_label",
+    "image_list",
+    "is_single_image",
     "exif_orientation",
     "list_images",
     "load_image",
     "open_regular_file",
     "new_size",
     "open_image",
+    "prepare_image",
     "to_tensor",
     "upright_size",
 ]
@@ -303,6 +313,111 @@ def load_image(
         src.close()
 
 
+IMAGE_INPUTS = "a path (str or os.PathLike), a PIL.Image.Image, or an H x W x 3 uint8 numpy array (RGB)"
+"""The kinds of image extraction and search take, in words (for error messages)."""
+
+
+def is_single_image(x: object) -> bool:
+    """Whether ``x`` is one image (a path, a PIL image, an ``H x W x 3`` array; a 2-D array
+    counts as one, to be refused as such) rather than a sequence of them."""
+    return isinstance(x, (str, os.PathLike, Image.Image)) or (isinstance(x, np.ndarray) and x.ndim in (2, 3))
+
+
+def image_list(images: object, name: str = "images") -> list:
+    """``images`` as a list, refusing one image given alone (a ``str`` would otherwise be
+    taken character by character as paths)."""
+    if is_single_image(images):
+        raise TypeError(f"{name} must be a sequence of images, got a single {type(images).__name__}; "
+                        "wrap it in a list")
+    if isinstance(images, np.ndarray):
+        return list(images)  # (N, H, W, 3): N arrays
+    try:
+        return list(images)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of images ({IMAGE_INPUTS}), got {type(images).__name__}") from None
+
+
+def check_image_input(image: object, index: int | None = None):
+    """``image`` as extraction takes it: a path as a ``str``; a PIL image or an ``H x W x 3``
+    uint8 array as it is.
+
+    Raises:
+        TypeError: anything else (the message names the accepted kinds), or an array of
+            another dtype.
+        ValueError: an array of another shape.
+    """
+    where = "" if index is None else f"image {index}: "
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not isinstance(path, str):
+            raise TypeError(f"{where}a path must be a str or os.PathLike of str, got {type(path).__name__} {path!r}")
+        return path
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise TypeError(f"{where}an image array must be uint8 (H x W x 3, RGB, 0..255), got dtype {image.dtype}")
+        if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+            raise ValueError(f"{where}an image array must be H x W x 3 (RGB), got shape {image.shape}")
+        return image
+    raise TypeError(f"{where}expected {IMAGE_INPUTS}; got {type(image).__module__}.{type(image).__qualname__}")
+
+
+def image_label(image: object, index: int | None = None) -> str:
+    """How an input is named in results and reports: a path as it is; an image in memory
+    as ``<PIL image #3 from q.jpg: 640x480 RGB>`` or ``<array image #3: 480x640x3>``."""
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)  # type: ignore[return-value]
+    number = "" if index is None else f" #{index}"
+    if isinstance(image, Image.Image):
+        source = getattr(image, "filename", "") or ""
+        source = f" from {os.path.basename(source)}" if isinstance(source, str) and source else ""
+        return f"<PIL image{number}{source}: {image.size[0]}x{image.size[1]} {image.mode}>"
+    if isinstance(image, np.ndarray):
+        return f"<array image{number}: {'x'.join(map(str, image.shape))}>"
+    return f"<{type(image).__name__}{number}>"
+
+
+def prepare_image(
+    image: Image.Image | np.ndarray,
+    *,
+    image_size: int | None = None,
+    bbox: Sequence[float] | None = None,
+    crop_resize: str = "image",
+    name: str | None = None,
+) -> Image.Image:
+    """An image in memory as :func:`load_image` gives a file: RGB, cropped, downscaled.
+
+    ``image`` is a ``PIL.Image.Image`` (any mode :func:`load_image` converts) or an
+    ``H x W x 3`` uint8 RGB array. Its pixels are used as they are: no EXIF orientation is
+    applied (a PIL image opened from a photo keeps its stored orientation; apply
+    ``PIL.ImageOps.exif_transpose`` first, or pass the file's path), and ``bbox`` is in
+    pixels of the image as given. The caller's image is not changed (a lazily opened PIL
+    image is loaded). ``name`` labels errors (default :func:`image_label`).
+
+    Raises:
+        ImageError: an unsupported colour mode, pixel data that cannot be loaded, or a
+            ``bbox`` outside the image.
+        TypeError, ValueError: not an image of the accepted kinds; bad arguments as in
+            :func:`load_image`.
+    """
+    image = check_image_input(image)
+    if isinstance(image, str):
+        raise TypeError(f"prepare_image takes an image in memory; for a file use load_image({image!r})")
+    if image_size is not None:
+        _check_positive_int("image_size", image_size)
+    if crop_resize not in ("image", "crop"):
+        raise ValueError(f"unknown crop_resize {crop_resize!r}; available: 'image', 'crop'")
+    name = name or image_label(image)
+    box = None if bbox is None else _check_bbox(bbox)
+    src = Image.fromarray(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
+    if src.mode not in _SUPPORTED_MODES:
+        raise ImageError(name, f"unsupported colour mode {src.mode!r}; supported: {sorted(_SUPPORTED_MODES)}")
+    if min(src.size) < 1:
+        raise ImageError(name, f"empty image ({src.size[0]}x{src.size[1]} pixels)")
+    return _decode(src, name, image_size, box, draft=False, crop_resize=crop_resize, orient=False)
+
+
 def to_tensor(
     img: Image.Image, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
@@ -387,8 +502,10 @@ def _decode(
     box: tuple[float, float, float, float] | None,
     draft: bool,
     crop_resize: str = "image",
+    orient: bool = True,
 ) -> Image.Image:
-    """The body of :func:`load_image` once the header is accepted.
+    """The body of :func:`load_image` once the header is accepted (and of
+    :func:`prepare_image`, with ``orient=False``: no EXIF orientation).
 
     Crop and resize happen in the stored orientation and the (small) result is
     transposed last: the same crop as transposing first, and the same resize up to
@@ -402,7 +519,7 @@ def _decode(
     if not draftable:
         _load(src, path, (stored_w, stored_h))
     try:
-        orientation = src.getexif().get(_ORIENTATION_TAG, 1)
+        orientation = src.getexif().get(_ORIENTATION_TAG, 1) if orient else 1
     except Exception as e:  # the file boundary: a corrupt EXIF block
         raise ImageError(path, f"cannot read EXIF ({type(e).__name__}: {e})") from e
     transpose = _TRANSPOSE.get(orientation) if isinstance(orientation, int) else None

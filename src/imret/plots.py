@@ -39,6 +39,7 @@ __all__ = [
     "draw_topk_grid",
     "draw_revisitop_topk",
     "topk_grid_size",
+    "results_html",
     "write_results_html",
 ]
 
@@ -410,20 +411,77 @@ def _data_uri(img: ImageLike, thumb: int, box: Sequence[float] | None) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+_FIGURE = ("margin:0;background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px;"
+           "width:{w}px;flex:none;font:12px system-ui,sans-serif;color:#222")
+
+
+def results_html(
+    query: ImageLike | np.ndarray,
+    hits: Sequence[Any],
+    *,
+    name: str | None = None,
+    query_box: Sequence[float] | None = None,
+    thumb: int = 128,
+    error: str | None = None,
+    more: int = 0,
+) -> str:
+    """One query's results as an HTML fragment: the query's thumbnail (its box drawn), then a
+    row of the hits' thumbnails with rank, score, id and file name under each.
+
+    ``query`` is a path, a PIL image or an ``H x W x 3`` uint8 array; ``hits`` objects with
+    ``score``, ``id`` and ``path`` (:class:`imret.index.store.Hit`). Thumbnails are inline
+    JPEG data URIs of at most ``thumb`` (32..512) pixels a side, so the fragment stands
+    alone (a notebook cell, a mailed page); styles are inline, every name is HTML-escaped.
+    ``error`` says why the query has no results; ``more`` counts hits left out.
+    """
+    import html
+
+    thumb = min(512, max(32, positive_int(thumb, "thumb")))
+    if isinstance(query, np.ndarray):
+        query = Image.fromarray(np.ascontiguousarray(query))
+    if name is None:
+        name = os.fspath(query) if isinstance(query, (str, os.PathLike)) else "query"
+    fig = _FIGURE.format(w=thumb)
+    img = f"display:block;width:{thumb}px;height:{thumb}px"
+    parts = [f"<div style='margin:0 0 16px'><div style='font:600 13px system-ui,sans-serif;margin:0 0 6px;"
+             f"word-break:break-all'>query: {html.escape(name)}</div>"
+             "<div style='display:flex;flex-wrap:wrap;gap:8px'>",
+             f"<figure style='{fig};border:2px solid #3b6fd4'><img alt='query' style='{img}' "
+             f"src='{_data_uri(query, thumb, query_box)}'><figcaption>query"
+             f"{' (box)' if query_box is not None else ''}</figcaption></figure>"]
+    if error is not None:
+        parts.append(f"<div style='align-self:center;color:#a00'>not searched: {html.escape(error)}</div>")
+    for rank, h in enumerate(hits, 1):
+        path = os.fspath(h.path)
+        target = Path(path).resolve().as_uri() if os.path.isabs(path) else path
+        parts.append(
+            f"<figure style='{fig}'><a href='{html.escape(target)}' style='color:inherit;text-decoration:none'>"
+            f"<img alt='result {rank}' style='{img}' src='{_data_uri(path, thumb, None)}'></a>"
+            f"<figcaption style='margin-top:4px;word-break:break-all'><b>#{rank} · {h.score:.4f}</b> · id {h.id}"
+            f"<br>{html.escape(os.path.basename(path))}</figcaption></figure>")
+    if more > 0:
+        parts.append(f"<div style='align-self:center'>... and {more} more</div>")
+    parts.append("</div></div>")
+    return "".join(parts)
+
+
 def write_results_html(
-    query_images: Sequence[str | os.PathLike],
+    query_images: Sequence[ImageLike | np.ndarray],
     results: Sequence[Sequence[Any]],
     path: str | os.PathLike,
     *,
     query_boxes: Sequence[Sequence[float] | None] | None = None,
     thumb: int = 160,
     title: str = "imret search results",
+    query_names: Sequence[str] | None = None,
 ) -> Path:
-    """Write a self-contained HTML contact sheet: per query, its thumbnail and ranked results.
+    """Write a self-contained HTML contact sheet: per query, its thumbnail and ranked results
+    (:func:`results_html`).
 
     ``results`` holds, per query, objects with ``score``, ``id`` and ``path`` attributes
     (:class:`imret.index.store.Hit`). Thumbnails are embedded as data URIs, so the file can
-    be moved or mailed; each result links to its original file.
+    be moved or mailed; each result links to its original file. ``query_names`` label the
+    queries (default: their paths).
     """
     import html
 
@@ -431,30 +489,17 @@ def write_results_html(
         raise ValueError(f"results has {len(results)} rows but there are {len(query_images)} queries")
     if query_boxes is not None and len(query_boxes) != len(query_images):
         raise ValueError(f"query_boxes has {len(query_boxes)} entries but there are {len(query_images)} queries")
+    if query_names is not None and len(query_names) != len(query_images):
+        raise ValueError(f"query_names has {len(query_names)} entries but there are {len(query_images)} queries")
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>",
-        "body{font:14px system-ui,sans-serif;margin:24px;background:#fafafa;color:#222}",
-        "section{margin-bottom:32px}h2{font-size:15px;font-weight:600;margin:0 0 8px;word-break:break-all}",
-        ".row{display:flex;flex-wrap:wrap;gap:10px}",
-        "figure{margin:0;background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px;width:%dpx}" % thumb,
-        "figure.q{border:2px solid #3b6fd4}figcaption{font-size:12px;margin-top:4px;word-break:break-all}",
-        "img{display:block;width:%dpx;height:%dpx}a{color:inherit;text-decoration:none}" % (thumb, thumb),
-        ".s{font-weight:600}</style></head><body>",
+        f"<title>{html.escape(title)}</title></head>",
+        "<body style='font:14px system-ui,sans-serif;margin:24px;background:#fafafa;color:#222'>",
         f"<h1 style='font-size:18px'>{html.escape(title)}</h1>",
     ]
     for i, (q, hits) in enumerate(zip(query_images, results)):
-        box = None if query_boxes is None else query_boxes[i]
-        parts.append(f"<section><h2>query: {html.escape(os.fspath(q))}</h2><div class='row'>")
-        parts.append(f"<figure class='q'><img alt='query' src='{_data_uri(q, thumb, box)}'>"
-                     f"<figcaption>query{' (box)' if box is not None else ''}</figcaption></figure>")
-        for rank, h in enumerate(hits, 1):
-            target = Path(h.path).resolve().as_uri() if os.path.isabs(h.path) else html.escape(h.path)
-            parts.append(
-                f"<figure><a href='{html.escape(target)}'><img alt='result {rank}' src='{_data_uri(h.path, thumb, None)}'></a>"
-                f"<figcaption><span class='s'>#{rank} · {h.score:.4f}</span> · id {h.id}<br>"
-                f"{html.escape(os.path.basename(h.path))}</figcaption></figure>")
-        parts.append("</div></section>")
+        parts.append(results_html(q, hits, name=None if query_names is None else query_names[i],
+                                  query_box=None if query_boxes is None else query_boxes[i], thumb=thumb))
     parts.append("</body></html>\n")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

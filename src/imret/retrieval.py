@@ -36,8 +36,8 @@ import numpy as np
 
 from ._checks import non_negative_float, positive_int
 from .expansion import QueryExpansion, alpha_database_augmentation, expand_with_neighbours
-from .index import create_backend
-from .index.base import Backend, as_rows, parse_spec
+from .index import check_spec, create_backend
+from .index.base import Backend, as_rows
 from .index.exact import ExactBackend
 from .whitening import Whitening
 
@@ -83,8 +83,9 @@ class Reranker(Protocol):
     """A last stage that reorders (and may re-score or drop) each query's candidates.
 
     ``rerank(x, scores, ids, images=None)`` gets the post-processed query rows ``(Q, D')``,
-    the current ``(Q, k)`` results and, when the search started from images, their paths and
-    boxes; it returns new ``(scores, ids)`` of the same shape, padded with ``-inf`` / ``-1``.
+    the current ``(Q, k)`` results and, when the search started from images, ``(image, box)``
+    per query (a path as ``str``, or the PIL image / array given); it returns new
+    ``(scores, ids)`` of the same shape, padded with ``-inf`` / ``-1``.
     """
 
     def rerank(self, x: np.ndarray, scores: np.ndarray, ids: np.ndarray,
@@ -199,13 +200,14 @@ class Encoder:
     def dim(self) -> int:
         return int(self.model.dim)
 
-    def encode(self, images: Sequence[str | os.PathLike], bboxes=None, *, on_error: str = "skip"):
-        """Descriptors of ``images`` (paths; queries may have ``(x1, y1, x2, y2)`` boxes):
-        an :class:`imret.extract.Extraction` (rows in input order of the files that could be
-        read; the rest in ``skipped`` with the reason, or an error with ``on_error="raise"``)."""
+    def encode(self, images: Sequence[Any], bboxes=None, *, on_error: str = "skip"):
+        """Descriptors of ``images`` (paths, PIL images or ``H x W x 3`` uint8 RGB arrays;
+        queries may have ``(x1, y1, x2, y2)`` boxes): an :class:`imret.extract.Extraction`
+        (rows in input order of the images that could be read; the rest in ``skipped`` with
+        the reason, or an error with ``on_error="raise"``). Other kinds raise ``TypeError``."""
         from .extract import extract
 
-        return extract(self.model, [os.fspath(p) for p in images], bboxes=bboxes, scales=self.scales,
+        return extract(self.model, images, bboxes=bboxes, scales=self.scales,
                        image_size=self.image_size, crop_resize=self.crop_resize, draft=self.draft,
                        max_pixels=self.max_pixels, min_size=self.min_size, device=self.device, precision=self.precision,
                        batch_size=self.batch_size, workers=self.workers, on_error=on_error,
@@ -252,7 +254,7 @@ class Retriever:
                 raise ValueError(f"dba must be a pair (k, alpha), got {self.dba!r}")
             self.dba = (positive_int(self.dba[0], "dba k"), non_negative_float(self.dba[1], "dba alpha"))
         if isinstance(self.backend, str):
-            parse_spec(self.backend)  # fail early, naming the valid kinds
+            check_spec(self.backend)  # fail early: the kind, every parameter, the package it needs
         for r in self.rerankers:
             if not isinstance(r, Reranker):
                 raise TypeError(f"re-rankers need a rerank(x, scores, ids, images=None) method, got {r!r}")
@@ -338,23 +340,27 @@ class Retriever:
         return search_stage(x, k, self._searcher, n_live=len(self), rows=self._rows if self.rescore else None,
                             exact=lambda: self._exact)
 
-    def search(self, images: Sequence[str | os.PathLike] | None = None, *, bboxes=None,
+    def search(self, images: Sequence[Any] | None = None, *, bboxes=None,
                vectors: np.ndarray | None = None, k: int = 10,
                query_expansion: QueryExpansion | None = None) -> SearchResult:
-        """Rank the database for each query: query ``images`` (paths, optional boxes; encoded
-        with the encoder, a file that cannot be read raises :class:`~imret.images.ImageError`)
-        or raw model descriptors ``vectors`` ``(Q, D)``. ``query_expansion`` overrides the
-        retriever's for this call."""
+        """Rank the database for each query: query ``images`` (paths, PIL images or
+        ``H x W x 3`` uint8 RGB arrays, or one of them alone; optional boxes; encoded with the
+        encoder, an image that cannot be read raises :class:`~imret.images.ImageError`) or raw
+        model descriptors ``vectors`` ``(Q, D)``. ``query_expansion`` overrides the
+        retriever's for this call. Re-rankers get the queries as given (paths as ``str``)."""
+        from .images import check_image_input, image_list, is_single_image
+
         k = _check_k(k)
         self._require_index()
         if (images is None) == (vectors is None):
             raise ValueError("give exactly one of images=... or vectors=...")
         shown = None
         if images is not None:
-            paths = [os.fspath(p) for p in images]
-            ex = self._encoder().encode(paths, bboxes, on_error="raise")
+            items = [images] if is_single_image(images) else image_list(images)
+            items = [check_image_input(x, i) for i, x in enumerate(items)]
+            ex = self._encoder().encode(items, bboxes, on_error="raise")
             vectors = ex.descriptors
-            shown = list(zip(paths, bboxes if bboxes is not None else [None] * len(paths)))
+            shown = list(zip(items, bboxes if bboxes is not None else [None] * len(items)))
         x = self.postprocess(np.asarray(vectors, dtype=np.float32))
         qe = self.query_expansion if query_expansion is None else query_expansion
         scores, ids = expand_and_search(x, k, self._stage, self._rows, qe, len(self))

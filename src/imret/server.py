@@ -950,10 +950,12 @@ async def _send_error(send, status: int, code: str, message: str) -> None:
 
 # -- the app ------------------------------------------------------------------------------------
 
-def create_app(store, config: ServerConfig | None = None):
+def create_app(store, config: ServerConfig | None = None, *, url: str | None = None):
     """The FastAPI application serving ``store`` (a :class:`~imret.index.store.Store`, or a
     path, opened writable unless ``config.read_only``). The app owns a path-opened store and
-    closes it on shutdown."""
+    closes it on shutdown. ``url``, where clients reach the server, is written into the
+    store's lock with a note that a server holds it, so that ``imret index add`` meanwhile
+    says to add the images through the API instead."""
     from contextlib import asynccontextmanager
     from typing import Annotated
 
@@ -971,7 +973,8 @@ def create_app(store, config: ServerConfig | None = None):
     config = config or ServerConfig()
     owned = not isinstance(store, Store)
     if owned:
-        store = Store.open(store, writable=not config.read_only, device=config.device)
+        holder = {"kind": "server", **({"url": url} if url else {})}
+        store = Store.open(store, writable=not config.read_only, device=config.device, holder=holder)
     service = Service(store, config)
 
     @asynccontextmanager

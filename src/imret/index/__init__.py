@@ -18,6 +18,7 @@ __all__ = [
     "Backend",
     "BackendSpec",
     "ExactBackend",
+    "check_spec",
     "create_backend",
     "load_backend",
     "exact_search",
@@ -34,6 +35,49 @@ def resolve_spec(spec: str | BackendSpec, n_hint: int | None = None) -> BackendS
         from .faiss_backend import default_ann_spec
 
         return parse_spec(default_ann_spec(n_hint or 0, **s.params))
+    return s
+
+
+def check_spec(spec: str | BackendSpec, *, dim: int | None = None) -> BackendSpec:
+    """Check a whole backend spec before any work depends on it; returns it parsed.
+
+    Checks what :func:`parse_spec` checks (the kind, the target) and also every parameter name
+    and value (``exact`` takes none; ``ann``: ``nprobe``, ``efSearch``; ``faiss:``: see
+    :data:`imret.index.faiss_backend.FAISS_PARAMS`; ``milvus:``: see
+    :data:`imret.index.milvus_backend.PARAMS`), and that the optional package the backend
+    needs is installed. With ``dim``, FAISS also builds the (empty, untrained) index of a
+    ``faiss:`` spec for ``dim``-D rows, which checks the factory string and that each
+    parameter applies to it. A Milvus target is parsed, never contacted. Nothing is written.
+
+    Raises:
+        ValueError: the spec or one of its parameters is wrong (the message names the valid
+            choices).
+        ImportError: the backend's package is missing (the message names the extra).
+    """
+    s = parse_spec(spec)
+    if s.kind == "exact":
+        if s.params:
+            raise ValueError(f"backend 'exact' takes no parameters, got {', '.join(map(repr, s.params))} in {str(s)!r}")
+    elif s.kind == "ann":
+        from .faiss_backend import _faiss, check_ann_params
+
+        check_ann_params(s.params)
+        _faiss()
+    elif s.kind == "faiss":
+        from .faiss_backend import FaissBackend, _faiss, _parse_params
+
+        _parse_params(s.params)
+        _faiss()
+        if dim is not None:
+            FaissBackend(dim, s.target, s.params).close()
+    else:
+        import importlib.util
+
+        from .milvus_backend import milvus_config
+
+        milvus_config(s.target, s.params)
+        if importlib.util.find_spec("pymilvus") is None:
+            raise ImportError("the milvus backend needs pymilvus and milvus-lite: pip install 'imret[milvus]'")
     return s
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from .._checks import positive_int
 from .base import Backend, _check_k, as_ids, as_rows, pad_results
 
-__all__ = ["FaissBackend", "default_ann_spec", "FAISS_PARAMS"]
+__all__ = ["FaissBackend", "check_ann_params", "default_ann_spec", "FAISS_PARAMS"]
 
 #: Search / build parameters a ``faiss:`` spec accepts, in their canonical order.
 FAISS_PARAMS = ("nprobe", "efSearch", "efConstruction", "k_factor")
@@ -490,6 +490,16 @@ def _faiss_message(e: BaseException) -> str:
     return line[marker + 2:] if marker >= 0 else line
 
 
+def check_ann_params(params: dict[str, Any]) -> dict[str, int]:
+    """The parameters of an ``ann`` spec checked: names in ``nprobe``, ``efSearch``, values
+    positive integers (whichever index the alias later picks)."""
+    unknown = sorted(set(params) - set(_ANN_PARAMS))
+    if unknown:
+        raise ValueError(f"unknown 'ann' parameter(s) {', '.join(map(repr, unknown))}; "
+                         f"valid: {', '.join(_ANN_PARAMS)}")
+    return {name: _positive_int(name, value) for name, value in params.items()}
+
+
 def default_ann_spec(n: int, **params: Any) -> str:
     """The ``faiss:`` spec the ``ann`` alias stands for, sized for ``n`` rows.
 
@@ -506,10 +516,7 @@ def default_ann_spec(n: int, **params: Any) -> str:
     ``params`` may override ``nprobe`` (used when the rule picks IVF, capped at ``nlist``) and
     ``efSearch`` (used when it picks HNSW); other names raise ``ValueError``.
     """
-    unknown = sorted(set(params) - set(_ANN_PARAMS))
-    if unknown:
-        raise ValueError(f"unknown 'ann' parameter(s) {', '.join(map(repr, unknown))}; "
-                         f"valid: {', '.join(_ANN_PARAMS)}")
+    check_ann_params(params)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be a non-negative integer (expected number of rows), got {n!r}")
     n = int(n)

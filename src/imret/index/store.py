@@ -61,13 +61,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+from PIL import Image
 
 from .._checks import positive_int
 from ..expansion import QE_METHODS, QueryExpansion, alpha_database_augmentation
 from ..retrieval import expand_and_search, postprocess, search_stage
 from ..fileio import atomic_write_bytes, fsync_dir
 from ..whitening import Whitening
-from . import create_backend, load_backend, resolve_spec
+from . import check_spec, create_backend, load_backend, resolve_spec
 from .base import Backend, BackendSpec, parse_spec
 from .exact import ExactBackend
 
@@ -81,6 +82,8 @@ __all__ = [
     "StoreLockedError",
     "StoreFullError",
     "Hit",
+    "SearchHits",
+    "SearchResults",
     "AddReport",
     "ImageRecord",
     "Preprocessing",
@@ -96,6 +99,7 @@ _SQLITE = "meta.sqlite"
 _MODEL = "model.safetensors"
 _DESCRIPTORS = "descriptors.f32"
 _LOCK = "lock"
+_SEARCH_BATCH = 1024  # queries per search_vectors call of Store.search
 _SCHEMA = 1
 # files the store writes under a generation number (anything else in the directory is left alone)
 _GENERATED = re.compile(r"index\.\d+|vectors\.\d+\.f32|vectors\.\d+\.crc32|whitening\.\d+\.npz")
@@ -118,7 +122,13 @@ class StoreFullError(StoreError):
 
 
 class StoreLockedError(StoreError):
-    """Another process is writing to the store."""
+    """Another process is writing to the store; ``holder`` is what its lock file says about
+    it (``pid``, ``host``, ``since``, and ``kind: "server"`` with its ``url`` for
+    ``imret serve``), empty when it says nothing."""
+
+    def __init__(self, message: str, holder: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.holder = dict(holder or {})
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,78 @@ class Hit:
     score: float
     id: int
     path: str
+
+
+class SearchHits(list):
+    """The ranked hits of one query, best first: a ``list`` of :class:`Hit` that also knows
+    its query (shown as a table by ``repr``, and as thumbnails in a notebook).
+
+    Attributes:
+        query: the query's path, or the label of an image given in memory (such as
+            ``<PIL image #0: 640x480 RGB>``, see :func:`imret.images.image_label`).
+        bbox: the query's crop box ``(x1, y1, x2, y2)``, or None.
+        error: why the query could not be searched (``on_error="skip"``), else None; the
+            list is then empty.
+        image: the query image when it was given in memory, else None.
+    """
+
+    def __init__(self, hits: Iterable[Hit] = (), *, query: str = "", bbox: Sequence[float] | None = None,
+                 error: str | None = None, image: Any = None):
+        super().__init__(hits)
+        self.query = query
+        self.bbox = None if bbox is None else tuple(float(v) for v in bbox)
+        self.error = error
+        self.image = image
+
+    def _title(self) -> str:
+        box = "" if self.bbox is None else f" [{','.join(f'{v:g}' for v in self.bbox)}]"
+        return f"{_shown(self.query)}{box}"
+
+    def __repr__(self) -> str:
+        if self.error is not None:
+            return f"{self._title()}: not searched ({self.error})"
+        lines = [f"{len(self)} hit{'' if len(self) == 1 else 's'} for {self._title()}"]
+        lines += [f"  {r:>4}  {h.score:7.4f}  id {h.id:<6}  {_shown(h.path)}" for r, h in enumerate(self, 1)]
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+    def _repr_html_(self) -> str:
+        """The query's thumbnail and a row of the hits' thumbnails with their scores (inline
+        JPEG data, at most :data:`HTML_MAX_HITS` of them), for Jupyter and the like."""
+        from ..plots import results_html
+
+        shown = list(self[:HTML_MAX_HITS])
+        return results_html(self.image if self.image is not None else self.query, shown, name=self.query,
+                            query_box=self.bbox, error=self.error, more=len(self) - len(shown))
+
+
+class SearchResults(list):
+    """The results of several queries: a ``list`` of :class:`SearchHits`, in query order."""
+
+    def __repr__(self) -> str:
+        return "\n".join(repr(h) for h in self) if self else "SearchResults([])"
+
+    __str__ = __repr__
+
+    def _repr_html_(self) -> str:
+        parts = [h._repr_html_() for h in self[:HTML_MAX_QUERIES]]
+        if len(self) > HTML_MAX_QUERIES:
+            parts.append(f"<p>... and {len(self) - HTML_MAX_QUERIES} more queries</p>")
+        return "".join(parts)
+
+
+HTML_MAX_HITS = 50
+"""Most hits a :class:`SearchHits` shows as thumbnails in a notebook."""
+HTML_MAX_QUERIES = 20
+"""Most queries a :class:`SearchResults` shows as thumbnails in a notebook."""
+
+
+def _shown(path: str) -> str:
+    """``path`` as it is when it can be one plain line, else quoted with escapes."""
+    from ..extract import is_plain_path
+
+    return path if is_plain_path(path) else json.dumps(path)
 
 
 @dataclass(frozen=True)
@@ -223,6 +305,34 @@ def _sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> tuple[str, in
 
 class _NotAnImageFile(Exception):
     """A path the store will not index (the reason is the message)."""
+
+
+def _image_files(paths: Any) -> tuple[list[str], list[str]]:
+    """The files :meth:`Store.add` indexes: ``paths`` (one path, or an iterable of them) with
+    each folder replaced by its images (:func:`imret.images.list_images`), checked before
+    anything is read, and the folders that hold no image. Images in memory are refused with
+    a ``TypeError`` saying why (a store indexes files)."""
+    from ..images import IMAGE_INPUTS, list_images
+
+    if isinstance(paths, (str, os.PathLike, Image.Image, np.ndarray)):
+        paths = [paths]
+    out: list[str] = []
+    empty: list[str] = []
+    for i, p in enumerate(paths):
+        if not isinstance(p, (str, os.PathLike)) or not isinstance(os.fspath(p), str):
+            hint = ("a store indexes files: save the image first (image.save('photo.jpg')) and add the file"
+                    if isinstance(p, (Image.Image, np.ndarray)) else "expected image files or folders")
+            raise TypeError(f"Store.add: item {i} is a {type(p).__name__}; {hint} "
+                            f"(searches take {IMAGE_INPUTS})")
+        p = os.fspath(p)
+        if os.path.isdir(p):
+            found = list_images(p)
+            out.extend(found)
+            if not found:
+                empty.append(p)
+        else:
+            out.append(p)
+    return out, empty
 
 
 def _hash_image_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
@@ -414,13 +524,10 @@ class Store:
         from ..models.checkpoints import save_model
 
         path = Path(path)
-        spec = parse_spec(backend)  # validate early
-        if path.exists() and any(path.iterdir()):
-            if (path / _STORE_JSON).exists():
-                if exist_ok:
-                    return cls.open(path, writable=True, device=device, backend_options=backend_options)
-                raise FileExistsError(f"{path} already holds a store; use `imret index add` to extend it")
-            raise FileExistsError(f"{path} exists and is not empty; choose a new directory for the store")
+        spec = check_spec(backend, dim=int(model.dim))  # every parameter, before anything is written
+        check_backend_spec(str(spec), path)
+        if check_new_store_dir(path, exist_ok=exist_ok):
+            return cls.open(path, writable=True, device=device, backend_options=backend_options)
         path.mkdir(parents=True, exist_ok=True)
         pre = preprocessing or Preprocessing()
         qe = query_expansion or QueryExpansion()
@@ -458,11 +565,15 @@ class Store:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, writable: bool = False, device: str = "cpu",
-             backend_options: dict[str, str] | None = None) -> "Store":
+             backend_options: dict[str, str] | None = None, holder: dict[str, str] | None = None) -> "Store":
         """Open a store; checks the format version and that its files agree.
 
         ``backend_options`` are extra backend parameters that must not be saved in the store,
-        such as ``{"token": "user:password"}`` for a Milvus server.
+        such as ``{"token": "user:password"}`` for a Milvus server. ``holder`` describes a
+        writable store's process to any other that finds the store locked (saved in the lock
+        file with this process's id, host and start time): ``{"kind": "server", "url": URL}``
+        for a server (the message then says to stop it, or to add through its API) or
+        ``{"command": "imret index add"}``.
         """
         path = Path(path)
         cfg_path = path / _STORE_JSON
@@ -479,7 +590,7 @@ class Store:
         store._stamp = stamp
         try:
             if writable:
-                store._acquire_lock()
+                store._acquire_lock(holder)
             store._open_db()
             store._check_files()
             if writable:
@@ -505,21 +616,31 @@ class Store:
                 self._db.close()
                 self._db = None
             if self._lock_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._lock_fd, 0)  # no longer held: say nothing about a holder
                 os.close(self._lock_fd)
                 self._lock_fd = None
 
-    def _acquire_lock(self) -> None:
+    def _acquire_lock(self, holder: dict[str, str] | None = None) -> None:
         import fcntl
+        import socket
 
         fd = os.open(self.path / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            record = _read_lock_record(fd)
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise StoreLockedError(f"{self.path} is being written by another process; try again when it finishes") from None
+                raise StoreLockedError(_locked_message(self.path, record), record) from None
             raise
         self._lock_fd = fd
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now(), **(holder or {})}
+        try:  # a note for whoever finds the store locked; the flock alone is the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
+        except OSError:
+            pass
 
     def _open_db(self) -> None:
         db_path = self.path / _SQLITE
@@ -858,19 +979,20 @@ class Store:
                 self._model = _prepare_model(load_model(f, device=self.device), self.device)
             return self._model
 
-    def encode(self, images: Sequence[str | os.PathLike], bboxes=None, **extract_kw: Any):
-        """Descriptors of query ``images`` (paths, optional ``(x1, y1, x2, y2)`` boxes) as the
-        store extracts them (its model and preprocessing): an :class:`imret.extract.Extraction`
-        whose ``skipped`` lists the files that could not be read, with the reason.
+    def encode(self, images: Sequence[Any], bboxes=None, **extract_kw: Any):
+        """Descriptors of query ``images`` (paths, PIL images or ``H x W x 3`` uint8 RGB
+        arrays; optional ``(x1, y1, x2, y2)`` boxes) as the store extracts them (its model and
+        preprocessing): an :class:`imret.extract.Extraction` whose ``skipped`` lists the
+        images that could not be read, with the reason. Other kinds raise ``TypeError``.
         ``extract_kw`` are run-time settings (batch_size, workers, precision). Runs without
         the store's lock; pass the rows to :meth:`search_vectors`."""
-        return self._extract([os.fspath(p) for p in images], bboxes, **extract_kw)
+        return self._extract(images, bboxes, **extract_kw)
 
-    def _extract(self, paths: Sequence[str], bboxes=None, *, progress: bool = False, **kw: Any):
+    def _extract(self, images: Sequence[Any], bboxes=None, *, progress: bool = False, **kw: Any):
         from ..extract import extract
 
         pre = self.preprocessing
-        return extract(self.model, list(paths), bboxes=bboxes, scales=pre.scales, image_size=pre.image_size,
+        return extract(self.model, images, bboxes=bboxes, scales=pre.scales, image_size=pre.image_size,
                        crop_resize=pre.crop_resize, draft=pre.draft, max_pixels=pre.max_pixels,
                        min_size=pre.min_size, device=self.device, on_error="skip", progress=progress, **kw)
 
@@ -903,7 +1025,7 @@ class Store:
     @_store_errors
     def add(
         self,
-        paths: Iterable[str | os.PathLike],
+        paths: str | os.PathLike | Iterable[str | os.PathLike],
         *,
         commit_every: int = 64,
         save_every: int = 50_000,
@@ -912,7 +1034,10 @@ class Store:
         on_commit: Callable[[int], None] | None = None,
         **extract_kw: Any,
     ) -> AddReport:
-        """Index images; files already in the store (same content hash) are not added twice.
+        """Index image files; files already in the store (same content hash) are not added twice.
+
+        ``paths`` are image files and folders (a folder stands for its images, listed by
+        :func:`imret.images.list_images`: recursively, sorted), or one file or folder alone.
 
         Images are committed ``commit_every`` at a time, so an interrupted call keeps what it
         committed and a rerun adds the rest. The backend index is saved every ``save_every``
@@ -948,8 +1073,10 @@ class Store:
                     if on_commit is not None:
                         on_commit(len(report.added))
 
-            for p in paths:
-                p = os.path.abspath(os.fspath(p))
+            files, empty = _image_files(paths)
+            report.skipped.extend((os.path.abspath(d), "a directory with no images in it") for d in empty)
+            for p in files:
+                p = os.path.abspath(p)
                 try:
                     digest, size = _hash_image_file(p)  # file I/O: no lock needed
                 except _NotAnImageFile as e:
@@ -1412,6 +1539,11 @@ class Store:
                 n = self.n_rows()
                 old_vectors = self._config["vectors"]
                 old_whitening = self._config["whitening"]
+            if backend is not None:  # the whole spec, before any vector is computed
+                dim = (self.search_dim if isinstance(whitening, str) else
+                       whitening.dim if isinstance(whitening, Whitening) else self.dim)
+                check_backend_spec(backend, self.path)
+                check_spec(self._with_options(backend), dim=dim)
             # the caller's write lock keeps rows and files as they are: compute without _lock
             gen = int(cfg["generation"]) + 1
             changed_vectors = False
@@ -1645,28 +1777,61 @@ class Store:
     @_store_errors
     def search(
         self,
-        queries: Sequence[str | os.PathLike],
+        queries: Any,
         *,
         bboxes: Sequence[Sequence[float] | None] | None = None,
         k: int = 10,
         query_expansion: QueryExpansion | None = None,
+        on_error: str = "raise",
         **extract_kw: Any,
-    ) -> list[list[Hit]]:
+    ) -> "SearchResults | SearchHits":
         """Search with query images (optionally cropped to ``(x1, y1, x2, y2)`` boxes).
 
-        Returns, per query, the ranked hits ``(score, id, path)``. A query image that cannot
-        be read raises :class:`~imret.images.ImageError`. The query descriptors are extracted
-        without holding the store's lock (other searches and an ``add`` go on meanwhile).
-        """
-        from ..images import ImageError
+        ``queries`` are image paths, PIL images or ``H x W x 3`` uint8 RGB arrays, in any mix
+        (see :func:`imret.extract.extract`; anything else raises ``TypeError``), or one image
+        alone. Returns per query its :class:`SearchHits` (a list of ranked :class:`Hit`
+        ``(score, id, path)`` that shows as thumbnails in a notebook), as a
+        :class:`SearchResults` list in query order; for one image given alone, its
+        :class:`SearchHits`. ``bboxes`` has one box or None per query (for one image alone,
+        its box may be given by itself).
 
-        ex = self.encode(queries, bboxes, **extract_kw)
-        if ex.skipped:
+        A query image that cannot be read raises :class:`~imret.images.ImageError`
+        (``on_error="raise"``) or gets an empty :class:`SearchHits` whose ``error`` says why
+        (``"skip"``). All queries are extracted in one call, without holding the store's
+        lock (other searches and an ``add`` go on meanwhile), then searched in batches.
+        """
+        from ..images import ImageError, check_image_input, image_label, image_list, is_single_image
+
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"unknown on_error {on_error!r}; available: 'raise', 'skip'")
+        positive_int(k, "k")
+        single = is_single_image(queries)
+        items = [check_image_input(q, i) for i, q in enumerate([queries] if single else image_list(queries, "queries"))]
+        if single and bboxes is not None and len(bboxes) == 4 and all(
+                isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in bboxes):
+            bboxes = [bboxes]  # the box of the one query
+        if bboxes is not None:
+            bboxes = list(bboxes)
+            if len(bboxes) != len(items):
+                raise ValueError(f"got {len(bboxes)} bboxes for {len(items)} queries; give one box (or None) per query")
+        ex = self.encode(items, bboxes, **extract_kw)
+        if ex.skipped and on_error == "raise":
             s = ex.skipped[0]
             raise ImageError(s.path, s.reason)
-        with self._lock:  # ids and their paths from the same state
-            scores, ids = self.search_vectors(ex.descriptors, k, query_expansion=query_expansion)
-            return self.hits(scores, ids)
+        errors = {s.index: s.reason for s in ex.skipped}
+        out = SearchResults(
+            SearchHits(query=image_label(q, i), bbox=None if bboxes is None else bboxes[i], error=errors.get(i),
+                       image=None if isinstance(q, str) else q)
+            for i, q in enumerate(items))
+        rows = np.asarray(ex.indices, dtype=np.int64)
+        for lo in range(0, rows.size, _SEARCH_BATCH):
+            with self._lock:  # ids and their paths from the same state
+                scores, ids = self.search_vectors(ex.descriptors[lo:lo + _SEARCH_BATCH], k,
+                                                  query_expansion=query_expansion)
+                hits = self.hits(scores, ids)
+            for r, h in zip(rows[lo:lo + _SEARCH_BATCH].tolist(), hits):
+                out[r].extend(h)
+        return out[0] if single else out
 
     @_store_errors
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
@@ -1952,6 +2117,22 @@ def _check_config(c: dict[str, Any], root: Path) -> None:
         _int_in(x["remove_seq"], 0, 1 << 62, "index.remove_seq")
 
 
+def check_new_store_dir(path: str | os.PathLike, *, exist_ok: bool = False) -> bool:
+    """Check that :meth:`Store.create` can make a store at ``path``: it does not exist or is
+    an empty directory (False), or, with ``exist_ok``, it holds a store already (True: open
+    it). Raises ``FileExistsError`` saying what to do otherwise; nothing is written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory; choose a new directory for the store")
+    if path.exists() and any(path.iterdir()):
+        if (path / _STORE_JSON).exists():
+            if exist_ok:
+                return True
+            raise FileExistsError(f"{path} already holds a store; use `imret index add` to extend it")
+        raise FileExistsError(f"{path} exists and is not empty; choose a new directory for the store")
+    return False
+
+
 def check_backend_spec(spec: str, root: Path) -> BackendSpec:
     """Parse a backend spec for the store at ``root``; a Milvus Lite file must lie inside it.
 
@@ -1967,6 +2148,64 @@ def check_backend_spec(spec: str, root: Path) -> BackendSpec:
                              "directory, such as 'milvus:./vectors.db' (use a milvus:http://... URI for a server)")
         _contained(root, root / target, f"backend {spec!r}")
     return s
+
+
+_LOCK_RECORD_BYTES = 4096
+
+
+def _printable(value: Any, limit: int) -> str | None:
+    """A string from the lock file, cut to ``limit`` characters, control characters escaped;
+    None for anything that is not a string."""
+    if not isinstance(value, str) or not value:
+        return None
+    value = value[:limit]
+    return value if value.isprintable() else json.dumps(value)[1:-1]
+
+
+def _read_lock_record(fd: int) -> dict[str, Any]:
+    """What a lock file says about its holder (see :meth:`Store.open`), checked: it is
+    untrusted, and only shown in a message. Empty when it says nothing usable."""
+    try:
+        data = json.loads(os.pread(fd, _LOCK_RECORD_BYTES, 0).decode("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    out: dict[str, Any] = {}
+    pid = data.get("pid")
+    if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
+        out["pid"] = pid
+    for key, limit in (("host", 255), ("since", 40), ("command", 200)):
+        text = _printable(data.get(key), limit)
+        if text is not None:
+            out[key] = text
+    if data.get("kind") == "server":
+        out["kind"] = "server"
+        url = _printable(data.get("url"), 300)
+        if url is not None and url.startswith(("http://", "https://")) and " " not in url:
+            out["url"] = url
+    return out
+
+
+def _locked_message(path: Path, holder: dict[str, Any]) -> str:
+    """Why a writable open failed, who holds the store (as far as its lock file says), and
+    what to do next."""
+    facts = []
+    if "pid" in holder:
+        facts.append(f"pid {holder['pid']}" + (f" on {holder['host']}" if "host" in holder else ""))
+    if "command" in holder:
+        facts.append(holder["command"])
+    if "since" in holder:
+        facts.append(f"since {holder['since']}")
+    said = f" ({', '.join(facts)})" if facts else ""
+    if holder.get("kind") == "server":
+        url = holder.get("url")
+        api = f"{url.rstrip('/')}/api/images" if url else "http://HOST:PORT/api/images"
+        return (f"{path} is held by an imret server{' at ' + url if url else ''}{said}, which keeps its store "
+                "locked for as long as it runs. Stop the server, or add the images through its API: POST "
+                f"/api/images (e.g. curl -F images=@photo.jpg -H 'Authorization: Bearer TOKEN' {api}; "
+                "the token only when the server has one)")
+    return f"{path} is being written by another process{said}; try again when it finishes"
 
 
 def _contained(root: Path, p: Path, what: str) -> Path:

@@ -3,7 +3,7 @@ checkpoints, and the factory that joins them.
 
 Dependencies point one way, and a test keeps them so::
 
-    spec  <-  backbones, pooling  <-  heads  <-  dolg  <-  net  <-  checkpoints  <-  factory
+    spec, hub  <-  backbones, pooling  <-  heads  <-  dolg  <-  net  <-  checkpoints  <-  factory
 
 (``heads`` names the DOLG head by its import path and imports it when it is first built.)
 

