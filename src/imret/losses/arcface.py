@@ -44,6 +44,16 @@ def _check_scale_margin(scale: float, margin: float) -> tuple[float, float]:
     return scale, margin
 
 
+def _check_classifier(dim: int, num_classes: int, reduction: str) -> None:
+    """The constructor arguments every margin-softmax loss with its own ``(num_classes, dim)`` weights takes."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; available: {', '.join(_REDUCTIONS)}")
+
+
 def _check_inputs(x: torch.Tensor, labels, weight: torch.Tensor) -> torch.Tensor:
     _check_descriptors(x)
     _check_descriptors(weight, "weight")
@@ -141,12 +151,7 @@ class ArcFaceLoss(nn.Module):
         reduction: str = "mean",
     ):
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"unknown reduction {reduction!r}; available: {', '.join(_REDUCTIONS)}")
+        _check_classifier(dim, num_classes, reduction)
         self.dim, self.num_classes = dim, num_classes
         self.scale, self.margin = _check_scale_margin(scale, margin)
         self.easy_margin = bool(easy_margin)

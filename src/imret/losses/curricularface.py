@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arcface import _check_inputs, _check_scale_margin, _cosines, _margin_target, _REDUCTIONS
+from .arcface import _REDUCTIONS, _check_classifier, _check_inputs, _check_scale_margin, _cosines, _margin_target
 from .contrastive import _check_descriptors, _no_autocast
 
 __all__ = ["curricular_logits", "curricularface_loss", "CurricularFaceLoss"]
@@ -98,12 +98,7 @@ class CurricularFaceLoss(nn.Module):
         reduction: str = "mean",
     ):
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"unknown reduction {reduction!r}; available: {', '.join(_REDUCTIONS)}")
+        _check_classifier(dim, num_classes, reduction)
         momentum = float(momentum)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")

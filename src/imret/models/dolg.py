@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import Head
+from .heads import Head, whitening_layer
 from .pooling import create_pool
 
 __all__ = ["FUSIONS", "orthogonal_fusion", "MultiAtrous", "LocalAttention", "DOLGHead"]
@@ -238,16 +238,7 @@ class DOLGHead(Head):
         self, projection: torch.Tensor, mean: torch.Tensor | None = None, *, device: torch.device | None = None
     ) -> None:
         """Set the whitening layer after the output FC to ``y = P (x - m)``."""
-        c = self.fc.out_features
-        P = torch.as_tensor(projection, dtype=torch.float32)
-        if P.dim() != 2 or P.shape[1] != c:
-            raise ValueError(f"whitening projection must be (D_out, {c}), got {tuple(P.shape)}")
-        m = torch.zeros(c) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
-        layer = nn.Linear(c, P.shape[0], bias=True)
-        with torch.no_grad():
-            layer.weight.copy_(P)
-            layer.bias.copy_(-(P @ m))
-        self.whiten = layer.to(device) if device is not None else layer
+        self.whiten = whitening_layer(projection, mean, self.fc.out_features, device=device)
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, dim={self.dim}, local={self.local}, local_dim={self.local_dim}, "

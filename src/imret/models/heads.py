@@ -29,7 +29,7 @@ from torch import nn
 
 from .pooling import GeM, create_pool
 
-__all__ = ["Head", "GlobalHead", "create_head", "list_heads", "head_levels", "head_descriptions"]
+__all__ = ["Head", "GlobalHead", "whitening_layer", "create_head", "list_heads", "head_levels", "head_descriptions"]
 
 
 class Head(nn.Module):
@@ -65,6 +65,20 @@ class Head(nn.Module):
     ) -> None:
         """Fold a whitening ``y = P (x - m)`` into the head (heads with a whitening layer only)."""
         raise TypeError(f"{type(self).__name__} has no whitening layer to fold a whitening into")
+
+
+def whitening_layer(projection: torch.Tensor, mean: torch.Tensor | None, in_features: int, *,
+                    device: torch.device | None = None) -> nn.Linear:
+    """``y = P (x - m)`` as a linear layer: weight = P ``(D_out, in_features)``, bias = -P m (m = 0 when None)."""
+    P = torch.as_tensor(projection, dtype=torch.float32)
+    if P.dim() != 2 or P.shape[1] != in_features:
+        raise ValueError(f"whitening projection must be (D_out, {in_features}), got {tuple(P.shape)}")
+    m = torch.zeros(in_features) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+    layer = nn.Linear(in_features, P.shape[0], bias=True)
+    with torch.no_grad():
+        layer.weight.copy_(P)
+        layer.bias.copy_(-(P @ m))
+    return layer.to(device) if device is not None else layer
 
 
 class GlobalHead(Head):
@@ -133,15 +147,7 @@ class GlobalHead(Head):
 
         Creates or replaces the layer, on ``device`` (default: the CPU).
         """
-        P = torch.as_tensor(projection, dtype=torch.float32)
-        if P.dim() != 2 or P.shape[1] != self.in_channels:
-            raise ValueError(f"whitening projection must be (D_out, {self.in_channels}), got {tuple(P.shape)}")
-        m = torch.zeros(P.shape[1]) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
-        layer = nn.Linear(P.shape[1], P.shape[0], bias=True)
-        with torch.no_grad():
-            layer.weight.copy_(P)
-            layer.bias.copy_(-(P @ m))
-        self.whiten = layer.to(device) if device is not None else layer
+        self.whiten = whitening_layer(projection, mean, self.in_channels, device=device)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, dim={self.dim}, l2_before_whiten={self.l2_before_whiten}"
