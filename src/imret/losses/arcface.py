@@ -77,6 +77,15 @@ def _cosines(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (xn @ wn.T).clamp(-1.0, 1.0)
 
 
+def _scaled_cosines(x: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
+    """``s cos theta_c`` for every class, without a margin (e.g. for a training accuracy)."""
+    _check_descriptors(x)
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x has D={x.shape[1]} but the loss was built for dim={weight.shape[1]}")
+    with _no_autocast(x.device):
+        return scale * _cosines(x, weight)
+
+
 def _margin_target(cos_y: torch.Tensor, margin: float, easy_margin: bool) -> torch.Tensor:
     """``cos(theta + m)`` from ``cos(theta)``, with the easy-margin or th/mm rule past the valid range."""
     sin_y = (1.0 - cos_y * cos_y).clamp_min(1e-12).sqrt()
@@ -165,11 +174,7 @@ class ArcFaceLoss(nn.Module):
 
     def logits(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if labels is None:
-            _check_descriptors(x)
-            if x.shape[1] != self.dim:
-                raise ValueError(f"x has D={x.shape[1]} but the loss was built for dim={self.dim}")
-            with _no_autocast(x.device):
-                return self.scale * _cosines(x, self.weight)
+            return _scaled_cosines(x, self.weight, self.scale)
         return arcface_logits(
             x, labels, self.weight, scale=self.scale, margin=self.margin, easy_margin=self.easy_margin
         )

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arcface import _REDUCTIONS, _check_classifier, _check_inputs, _check_scale_margin, _cosines, _margin_target
-from .contrastive import _check_descriptors, _no_autocast
+from .arcface import (_REDUCTIONS, _check_classifier, _check_inputs, _check_scale_margin, _cosines,
+                      _margin_target, _scaled_cosines)
+from .contrastive import _no_autocast
 
 __all__ = ["curricular_logits", "curricularface_loss", "CurricularFaceLoss"]
 
@@ -128,11 +129,7 @@ class CurricularFaceLoss(nn.Module):
     def logits(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The curriculum logits at the current ``t`` (without labels: the plain scaled cosines)."""
         if labels is None:
-            _check_descriptors(x)
-            if x.shape[1] != self.dim:
-                raise ValueError(f"x has D={x.shape[1]} but the loss was built for dim={self.dim}")
-            with _no_autocast(x.device):
-                return self.scale * _cosines(x, self.weight)
+            return _scaled_cosines(x, self.weight, self.scale)
         return curricular_logits(x, labels, self.weight, self.t, scale=self.scale, margin=self.margin)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
