@@ -124,8 +124,10 @@ def test_errors_name_the_problem(data):
     with pytest.raises(ValueError, match="nothing indexed"):
         Retriever().search(vectors=q, k=3)
     r = Retriever().index(db)
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="give images=... or vectors="):
         r.search(k=3)
+    with pytest.raises(ValueError, match="one image per row"):
+        r.search(vectors=q[:2], images=["a.jpg"], k=3)
     with pytest.raises(ValueError, match="k must be a positive integer"):
         r.search(vectors=q, k=0)
     with pytest.raises(ValueError, match="no encoder"):
@@ -177,3 +179,86 @@ def test_images_rerankers_and_the_store_give_the_same_rankings(tmp_path, photos,
     again = r.search(images=photos[:1], k=6)
     assert again.ids.tolist() == [mine.ids[0, ::-1].tolist()]
     assert rev.seen == [[(photos[0], None)]]
+
+
+class _Reverse:
+    """Reverses each row's top ``n`` and reports the reversed positions as an extra."""
+
+    def __init__(self, n, name="flag"):
+        self.n, self.name = n, name
+        self.seen = None
+
+    def rerank(self, x, scores, ids, images=None):
+        self.seen = images
+        ids = ids.copy()
+        ids[:, :self.n] = ids[:, :self.n][:, ::-1]
+        flag = np.full(ids.shape, -1, np.int32)
+        flag[:, :self.n] = np.arange(self.n)[::-1]
+        return scores, ids, {self.name: flag}
+
+
+def test_rerankers_extras_follow_their_hits(data):
+    db, q = data
+    r = Retriever(rerankers=[_Reverse(3, "first"), _Reverse(2, "second")]).index(db)
+    plain = Retriever().index(db).search(vectors=q, k=5)
+    res = r.search(vectors=q, k=5)
+    # first: [a b c d e] -> [c b a d e] (first = 2 1 0 -1 -1); second: -> [b c a d e]
+    want = plain.ids[:, [1, 2, 0, 3, 4]]
+    np.testing.assert_array_equal(res.ids, want)
+    np.testing.assert_array_equal(res.extras["first"], np.tile([1, 2, 0, -1, -1], (len(q), 1)))
+    np.testing.assert_array_equal(res.extras["second"], np.tile([1, 0, -1, -1, -1], (len(q), 1)))
+
+
+def test_carry_extras_fills_hits_it_never_saw():
+    from imret.retrieval import carry_extras
+
+    old = np.array([[5, 3, -1]])
+    new = np.array([[3, 7, 5]])
+    ex = {"box": np.arange(12, dtype=np.float32).reshape(1, 3, 4), "n": np.array([[1, 2, -1]], np.int32)}
+    got = carry_extras(ex, old, new)
+    np.testing.assert_array_equal(got["box"][0, 0], [4, 5, 6, 7])
+    assert np.isnan(got["box"][0, 1]).all()
+    np.testing.assert_array_equal(got["box"][0, 2], [0, 1, 2, 3])
+    np.testing.assert_array_equal(got["n"], [[2, -1, 1]])
+
+
+def test_rerankers_get_the_images_given_with_vectors(data):
+    db, q = data
+    rr = _Reverse(1)
+    r = Retriever(rerankers=[rr]).index(db)
+    r.search(vectors=q[:2], images=["a.jpg", "b.jpg"], bboxes=[None, (0, 0, 4, 4)], k=3)
+    assert rr.seen == [("a.jpg", None), ("b.jpg", (0, 0, 4, 4))]
+    r.search(vectors=q[:2], k=3)
+    assert rr.seen is None
+
+
+def test_a_reranker_returning_the_wrong_shape_is_named(data):
+    db, q = data
+
+    class Bad:
+        def rerank(self, x, scores, ids, images=None):
+            return scores[:, :2], ids[:, :2]
+
+    r = Retriever(rerankers=[Bad()]).index(db)
+    with pytest.raises(ValueError, match="Bad"):
+        r.search(vectors=q, k=4)
+
+
+def test_rerankers_see_their_depth_whatever_k_is(data):
+    db, q = data
+
+    class Last:
+        """Moves each row's last candidate (of its top_k) to the front."""
+
+        top_k = 6
+
+        def rerank(self, x, scores, ids, images=None):
+            self.width = ids.shape[1]
+            ids = np.concatenate([ids[:, 5:6], ids[:, :5], ids[:, 6:]], axis=1)
+            return scores, ids, {"moved": np.where(np.arange(ids.shape[1]) == 0, 1, 0)[None].repeat(len(ids), 0)}
+
+    rr = Last()
+    res = Retriever(rerankers=[rr]).index(db).search(vectors=q, k=2)
+    plain = Retriever().index(db).search(vectors=q, k=6)
+    assert rr.width == 6 and res.ids.shape == (len(q), 2) and res.extras["moved"].shape == (len(q), 2)
+    np.testing.assert_array_equal(res.ids, plain.ids[:, [5, 0]])

@@ -39,18 +39,25 @@ WORKER = textwrap.dedent(
 )
 
 
-def _backends():
-    return ["exact", "faiss:HNSW16"] if installed("faiss") else ["exact"]
+def _cases():
+    cases = [("exact", None)]
+    if installed("faiss"):
+        cases.append(("faiss:HNSW16", None))
+    if installed("cv2"):  # local features are a rows file of their own, written with the descriptors
+        cases.append(("exact", "sift?max_keypoints=32&max_side=96"))
+    return cases
 
 
-@pytest.mark.parametrize("backend", _backends())
-def test_kill_9_at_random_points_never_breaks_the_store(tmp_path, backend):
+@pytest.mark.parametrize("backend,local", _cases())
+def test_kill_9_at_random_points_never_breaks_the_store(tmp_path, backend, local):
     folder = make_labelled_folder(tmp_path / "photos", n_classes=10, per_class=4, size=(96, 72), seed=1)
     paths = sorted(str(p) for p in folder.rglob("*.jpg"))
     torch.manual_seed(0)
     model = create_model("resnet18", "gem", pretrained=False)
     store = tmp_path / "store"
-    Store.create(store, model, preprocessing=Preprocessing(image_size=64), backend=backend).close()
+    with Store.create(store, model, preprocessing=Preprocessing(image_size=64), backend=backend) as st:
+        if local:
+            st.configure(local=local)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     rng = random.Random(1234)
     counts, kills = [], 0
@@ -92,3 +99,9 @@ def test_kill_9_at_random_points_never_breaks_the_store(tmp_path, backend):
         x = np.asarray(st.descriptors())
         ids = st.search_vectors(x, 1)[1][:, 0]
         np.testing.assert_array_equal(ids, np.arange(len(paths)))
+        if local:  # every committed image has its own features, as a fresh extraction gives them
+            ex = st.local_extractor()
+            for r, f in zip(recs, st.local_features([r.id for r in recs])):
+                g = ex(r.path)
+                assert f is not None and len(f) == len(g)
+                np.testing.assert_allclose(f.keypoints, g.keypoints, atol=0.01)

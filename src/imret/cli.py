@@ -34,7 +34,8 @@ def _scales(text: str) -> tuple[float, ...]:
         vals = tuple(float(eval_scale(t)) for t in text.replace(" ", "").split(",") if t)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"bad --scales {text!r}: expected numbers like '1,0.7071,0.5' or '1,1/sqrt2,1/2', "
-                                         "or a preset: ms3 (1, 1/sqrt2, 1/2; cirtorch), dolg5 (1/sqrt8 .. sqrt2; DOLG)")
+                                         "or a preset: ms3 (1, 1/sqrt2, 1/2; cirtorch), dolg5 (1/sqrt8 .. sqrt2; DOLG), "
+                                         "sg3 (1/sqrt2, 1, sqrt2; SuperGlobal)")
     if not vals or any(v <= 0 for v in vals):
         raise argparse.ArgumentTypeError(f"bad --scales {text!r}: scales must be positive")
     return vals
@@ -57,11 +58,26 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--image-size", type=int, default=1024, help="long side in pixels, never upscaled (default 1024)")
     e.add_argument("--scales", type=_scales, default=(1.0,),
                    help="comma-separated scales, e.g. '1,1/sqrt2,1/2', or a preset: ms3 (those three), dolg5 "
-                        "(1/sqrt8, 1/2, 1/sqrt2, 1, sqrt2; DOLG's test scales) (default 1)")
+                        "(1/sqrt8, 1/2, 1/sqrt2, 1, sqrt2; DOLG's test scales), sg3 (1/sqrt2, 1, sqrt2; SuperGlobal's) "
+                        "(default 1)")
     e.add_argument("--min-size", type=int, default=None,
                    help="enlarge images whose short side is smaller to this many pixels (default: none; smaller "
                         "inputs than 96 px give a warning)")
+    e.add_argument("--refine", type=_refinement, default=None, metavar="SWITCHES",
+                   help="training-free pooling changes (SuperGlobal, Shao et al.): 'superglobal' (all, with "
+                        "--scales sg3), or a comma list of gem+[=P] (fixed GeM p, 4.6), rgem[=P:SIZE] (regional "
+                        "GeM, 2.5:5), smax (max over scales), relup[=ALPHA] (ReLU-shift in ResNets, 0.014)")
     _add_runtime_args(p)
+
+
+def _refinement(text: str):
+    from .refinement import Refinement
+
+    try:
+        r = Refinement.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return r if r.active else None
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -155,6 +171,7 @@ def _extract_kwargs(args) -> dict:
         precision=args.precision,
         progress=not args.no_progress,
         min_size=getattr(args, "min_size", None),
+        refinement=getattr(args, "refine", None),
     )
 
 
@@ -341,18 +358,27 @@ def _store_ranks(args, gt, root, qpaths, bboxes):
         position[list(gt_of)] = list(gt_of.values())
         # the queries are extracted in one call and searched in chunks of at most _EVAL_SCORES
         # scores; an unreadable query ranks nothing first, as in the plain evaluation
+        stages = store.rerankers(_rerank_option(args))  # the store's own unless --rerank says otherwise
         q = store.encode(qpaths, bboxes, **_runtime_kwargs(args))
         skipped = list(q.skipped)
         ranks = np.tile(np.arange(n, dtype=np.int64), (gt.n_queries, 1))
         rows = np.asarray(q.indices, dtype=np.int64)
         chunk = max(1, _EVAL_SCORES // max(n, 1))
         for lo in range(0, rows.size, chunk):
-            _, ids = store.search_vectors(q.descriptors[lo:lo + chunk], n, query_expansion=qe)
+            part = rows[lo:lo + chunk]
+            scores, ids = store.search_vectors(q.descriptors[lo:lo + chunk], n, query_expansion=qe)
+            if stages:
+                from .retrieval import apply_rerankers
+
+                shown = [(qpaths[i], None if bboxes is None else bboxes[i]) for i in part.tolist()]
+                _, ids, _ = apply_rerankers(stages, store.postprocess(q.descriptors[lo:lo + chunk]), scores, ids,
+                                            shown)
             if (ids < 0).any():
                 raise ValueError(f"the store {args.store} returned fewer than its {n} images for a query")
-            ranks[rows[lo:lo + chunk]] = position[ids]
+            ranks[part] = position[ids]
         info = store.info()
         pipeline = {"store": os.path.abspath(args.store), "whitening": info["whitening"], "dba": info["dba"],
+                    "rerank": info["rerank"] if _rerank_option(args) is None else _rerank_option(args),
                     "query_expansion": info["query_expansion"] if qe is None else dataclasses.asdict(qe),
                     "backend": info["backend"]["spec"] or info["backend"]["requested"],
                     "distractors": len(distractors)}
@@ -372,7 +398,30 @@ def _pipeline_words(p: dict) -> str:
         words.append(f"{'AQE' if qe['method'] == 'aqe' else 'aQE'} k={qe['k']}")
     if p.get("backend") and p["backend"] != "exact":
         words.append(f"backend {p['backend']}")
+    if p.get("rerank"):
+        words.append("re-ranked by " + " + ".join(p["rerank"]))
     return ", ".join(words)
+
+
+def _rerank_option(args) -> list[str] | None:
+    """``--rerank`` as checked spec strings: None when not given (a store's own apply),
+    ``[]`` for ``--rerank none``."""
+    given = getattr(args, "rerank", None)
+    if not given:
+        return None
+    if any(g.strip().lower() == "none" for g in given):
+        if len(given) > 1:
+            raise ValueError("--rerank none switches the re-rankers off; give it alone")
+        return []
+    from .rerank import check_rerank
+
+    return [str(check_rerank(g)) for g in given]
+
+
+_RERANK_HELP = ("a second stage, repeatable, applied in order: sift:K (geometric verification of the top K with "
+                "RootSIFT), cnn:K (with the model's local features), aml:K (localise the query in each of the top "
+                "K and re-rank by the region; boxes in the results), sg:M (SuperGlobal top-M refinement); "
+                "parameters as sift:100?min_inliers=15&model=homography; 'none': no re-ranking")
 
 
 def _check_eval_options(args, kind: str) -> None:
@@ -385,6 +434,8 @@ def _check_eval_options(args, kind: str) -> None:
 
         check_spec(args.backend)
     _query_expansion_override(args, QueryExpansion())  # --qe-k / --qe-alpha values
+    if _rerank_option(args) and kind != "revisitop":
+        raise ValueError("--rerank applies to revisitop datasets (queries against a database)")
     if args.dba_k is not None and args.dba_k < 0:
         raise ValueError(f"--dba-k must be >= 0 (0: no DBA), got {args.dba_k}")
     if args.dba_alpha < 0:
@@ -492,14 +543,26 @@ def cmd_eval(args) -> int:
             dba = None if not args.dba_k else (args.dba_k, args.dba_alpha)
             scores = np.full((gt.n_queries, gt.n_db), -np.inf, dtype=np.float32)
             row_of_query = {int(i): r for r, i in enumerate(q.indices)}
+            specs = _rerank_option(args) or []
+            sources = None
             for queries, w, _ in folds:  # one whitening per fold of queries (one fold unless leave-one-out)
                 r = Retriever(encoder=encoder, whitening=w, dba=dba, backend=args.backend or "exact",
                               query_expansion=qe)
                 r.index(db.descriptors, np.asarray(db.indices, dtype=np.int64))
+                if specs:  # the second stages read this fold's rows; features and maps are kept across folds
+                    from .rerank import PathSources, build_rerankers
+
+                    if sources is None:
+                        sources = PathSources(dbpaths, model=model, image_size=args.image_size, device=args.device,
+                                              as_stored=True)
+                    sources.rows, sources.postprocess = r.rows, r.postprocess
+                    r.rerankers = build_rerankers(specs, sources.sources())
                 mine = [i for i in queries if i in row_of_query]
                 if mine:
                     x = q.descriptors[[row_of_query[i] for i in mine]]
-                    scores[mine] = r.search(vectors=x, k=gt.n_db).dense(gt.n_db)
+                    shown = [qpaths[i] for i in mine] if specs else None
+                    boxes = None if (not specs or bboxes is None) else [bboxes[i] for i in mine]
+                    scores[mine] = r.search(vectors=x, images=shown, bboxes=boxes, k=gt.n_db).dense(gt.n_db)
             ranks = ev.rank_by_similarity(scores)
             gt_eval = gt
             result = ev.evaluate_revisitop_scores(scores, gt)
@@ -509,7 +572,8 @@ def cmd_eval(args) -> int:
                             "learned_on": ws[0][2] if len(ws) == 1 else [
                                 {"queries": [gt.qimlist[i] for i in f], "learned_on": on} for f, _, on in ws]},
                         "dba": None if dba is None else {"k": dba[0], "alpha": dba[1]},
-                        "query_expansion": dataclasses.asdict(qe), "backend": args.backend or "exact"}
+                        "query_expansion": dataclasses.asdict(qe), "backend": args.backend or "exact",
+                        "rerank": [str(s) for s in specs]}
         baseline = ev.random_baseline_revisitop(gt, n_trials=100, seed=0)
     else:
         model = _build_model(args)
@@ -616,7 +680,8 @@ def cmd_index_build(args) -> int:
     # backend again with the model's dimension, before the first image)
     check_spec(args.backend)
     check_new_store_dir(args.out)
-    pre = Preprocessing(image_size=args.image_size, scales=tuple(args.scales), min_size=args.min_size)
+    pre = Preprocessing(image_size=args.image_size, scales=tuple(args.scales), min_size=args.min_size,
+                        refinement=args.refine)
     paths = _collect_images(args.images, args.list)
     model = _build_model(args)
     t0 = time.perf_counter()
@@ -695,6 +760,11 @@ def cmd_index_info(args) -> int:
                                 if qe["method"] != "none" else "none"))
         b = info["backend"]
         print(f"backend    {b['spec'] or b['requested']} (searching with {b['searching_with']}, {b['ntotal']} vectors)")
+        loc = info.get("local")
+        print("local      " + (f"{loc['kind']}, at most {loc['max_keypoints']} x {loc['dim']}-D ({loc['codec']}), "
+                               f"{_human_bytes(loc['bytes_per_image'])}/image, {_human_bytes(loc['file_bytes'])} in all"
+                               if loc else "none"))
+        print("re-rank    " + (" + ".join(info["rerank"]) if info.get("rerank") else "none"))
         print(f"disk       {_human_bytes(info['disk_bytes'])}")
         if problems is not None:
             print("verify     " + ("ok" if not problems else f"{len(problems)} problem(s)"))
@@ -779,8 +849,12 @@ def cmd_index_configure(args) -> int:
             kw["backend"] = args.backend
         if args.dba_k is not None:
             kw["dba"] = None if args.dba_k == 0 else (args.dba_k, args.dba_alpha)
+        if args.local is not None:
+            kw["local"] = None if args.local.strip().lower() == "none" else args.local
+        if _rerank_option(args) is not None:
+            kw["rerank"] = _rerank_option(args)
         if args.whiten is None and not kw:
-            raise ValueError("nothing to configure: give --backend, --whiten, --dba-k or --qe options")
+            raise ValueError("nothing to configure: give --backend, --whiten, --dba-k, --qe, --local or --rerank options")
         if args.whiten is not None:
             if args.whiten == "none":
                 kw["whitening"] = None
@@ -796,9 +870,15 @@ def cmd_index_configure(args) -> int:
                     kw["whitening"] = fit_learned_whitening(raw, pairs, args.whiten_dim)
                     print(f"learned whitening fitted on {len(pairs)} matching pairs")
         t0 = time.perf_counter()
-        store.configure(**kw)
+        store.configure(**kw, progress=not args.no_progress)
+        info = store.info()
+        extra = ""
+        if info["local"]:
+            extra += f", {info['local']['kind']} local features ({_human_bytes(info['local']['bytes_per_image'])}/image)"
+        if info["rerank"]:
+            extra += ", re-ranked by " + " + ".join(info["rerank"])
         print(f"configured {args.store} in {time.perf_counter() - t0:.1f} s: backend {store.backend_spec}, "
-              f"{store.search_dim}-D search vectors")
+              f"{store.search_dim}-D search vectors{extra}")
     return 0
 
 
@@ -908,18 +988,34 @@ def _write_text(text: str, out: str | None) -> None:
                          "with --out FILE (paths kept byte for byte) or use --format json or jsonl") from None
 
 
+def _hit_fields(h) -> dict:
+    """What re-rankers found for a hit, for JSON: ``inliers``, ``transform``, ``box`` (the
+    localised object in the hit's pixels)."""
+    out = {}
+    for name in ("inliers", "transform", "box"):
+        if name in h.extras:
+            v = h.extras[name]
+            out[name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
 def _search_csv(results) -> str:
     import csv
     import io
 
     boxed = any(r.bbox is not None for r in results)
+    verified = any("inliers" in h.extras for r in results for h in r)
+    located = any("box" in h.extras for r in results for h in r)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(_ROW_FIELDS + (("x1", "y1", "x2", "y2") if boxed else ()))
+    w.writerow(_ROW_FIELDS + (("x1", "y1", "x2", "y2") if boxed else ()) + (("inliers",) if verified else ())
+               + (("box_x1", "box_y1", "box_x2", "box_y2") if located else ()))
     for r in results:
         box = [f"{v:g}" for v in r.bbox] if r.bbox is not None else ["", "", "", ""]
         for rank, h in enumerate(r, 1):
-            w.writerow([r.query, rank, h.id, h.path, repr(h.score)] + (box if boxed else []))
+            hbox = [f"{v:.1f}" for v in h.extras["box"]] if "box" in h.extras else ["", "", "", ""]
+            w.writerow([r.query, rank, h.id, h.path, repr(h.score)] + (box if boxed else [])
+                       + ([h.extras.get("inliers", "")] if verified else []) + (hbox if located else []))
     return buf.getvalue()
 
 
@@ -927,7 +1023,7 @@ def _search_jsonl(results) -> str:
     lines = []
     for r in results:
         for rank, h in enumerate(r, 1):
-            row = {"query": r.query, "rank": rank, "id": h.id, "path": h.path, "score": h.score}
+            row = {"query": r.query, "rank": rank, "id": h.id, "path": h.path, "score": h.score, **_hit_fields(h)}
             if r.bbox is not None:
                 row["bbox"] = list(r.bbox)
             lines.append(json.dumps(row) + "\n")
@@ -940,11 +1036,18 @@ def cmd_search(args) -> int:
     if args.format in ("html", "png") and not args.out:
         raise ValueError(f"--format {args.format} writes a file: give --out FILE")
     queries, boxes = _collect_queries(args)
+    rerank = _rerank_option(args)
     with Store.open(args.store, device=args.device, backend_options=_backend_options()) as store:
         qe = _query_expansion_override(args, store.query_expansion)
+        if args.localize:
+            from .rerank import parse_rerank
+
+            rerank = list(store.info()["rerank"] if rerank is None else rerank)
+            if not any(parse_rerank(r).kind == "aml" for r in rerank):
+                rerank.append(f"aml:{args.k}")
         t0 = time.perf_counter()
         # one extraction of all queries, searched in batches; unreadable ones come back with .error
-        results = store.search(queries, bboxes=boxes, k=args.k, query_expansion=qe, on_error="skip",
+        results = store.search(queries, bboxes=boxes, k=args.k, query_expansion=qe, rerank=rerank, on_error="skip",
                                progress=not args.no_progress and len(queries) > 1, **_runtime_kwargs(args))
         dt = time.perf_counter() - t0
     failed = [r for r in results if r.error is not None]
@@ -958,7 +1061,7 @@ def cmd_search(args) -> int:
                          "(reasons above)")
     if args.format == "json":
         payload = [{"query": r.query, "bbox": None if r.bbox is None else list(r.bbox),
-                    "results": [{"rank": rank, "score": h.score, "id": h.id, "path": h.path}
+                    "results": [{"rank": rank, "score": h.score, "id": h.id, "path": h.path, **_hit_fields(h)}
                                 for rank, h in enumerate(r, 1)]}
                    for r in done]
         _write_text(json.dumps(payload, indent=1) + "\n", args.out)
@@ -971,16 +1074,24 @@ def cmd_search(args) -> int:
         for r in done:
             box = f" [{','.join(f'{v:g}' for v in r.bbox)}]" if r.bbox is not None else ""
             lines.append(f"query {_shown(r.query)}{box}")
-            lines.append(f"  {'rank':>4}  {'score':>7}  {'id':>8}  path")
-            lines += [f"  {rank:>4}  {h.score:7.4f}  {h.id:>8}  {_shown(h.path)}" for rank, h in enumerate(r, 1)]
+            verified = any("inliers" in h.extras for h in r)
+            lines.append(f"  {'rank':>4}  {'score':>7}  {'id':>8}  " + ("inliers  " if verified else "") + "path")
+            for rank, h in enumerate(r, 1):
+                inl = f"{h.extras['inliers'] if 'inliers' in h.extras else '-':>7}  " if verified else ""
+                where = (" [" + ",".join(f"{v:.0f}" for v in h.extras["box"]) + "]") if "box" in h.extras else ""
+                lines.append(f"  {rank:>4}  {h.score:7.4f}  {h.id:>8}  {inl}{_shown(h.path)}{where}")
         _write_text("\n".join(lines) + "\n", args.out)
     else:
         from . import plots
 
         qboxes = [r.bbox for r in done] if any(r.bbox is not None for r in done) else None
         if args.format == "png":
+            boxes = [[h.extras.get("box") for h in r] for r in done]
             plots.draw_topk_grid([r.query for r in done], [[h.path for h in r] for r in done], None, args.out,
-                                 k=args.k, query_boxes=qboxes, captions=[[f"{h.score:.3f}" for h in r] for r in done])
+                                 k=args.k, query_boxes=qboxes,
+                                 captions=[[f"{h.score:.3f}" + (f" {h.extras['inliers']}in" if "inliers" in h.extras
+                                                                else "") for h in r] for r in done],
+                                 result_boxes=boxes if any(b is not None for row in boxes for b in row) else None)
         else:
             plots.write_results_html([r.query for r in done], done, args.out, query_boxes=qboxes)
     n = len(done)
@@ -1177,6 +1288,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--pairs", help="CSV of matching image pairs 'a,b' (paths, relative to the CSV) for --whiten lw")
     _add_postprocess_args(pp)
     pp.add_argument("--backend", help="search backend spec (exact, ann, faiss:..., milvus:...; default exact)")
+    pp.add_argument("--rerank", action="append", metavar="SPEC", help=_RERANK_HELP + " (with --store: the store's "
+                    "own unless given)")
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -1220,7 +1333,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", help="new backend spec; the index is rebuilt")
     c.add_argument("--whiten", choices=["none", "pca", "lw"], help="fit PCA whitening on the indexed descriptors, or learned whitening (Lw) from --pairs")
     c.add_argument("--pairs", help="CSV of matching pairs 'a,b' (image ids or indexed paths) for --whiten lw")
+    c.add_argument("--local", metavar="KIND", help="local features to keep with every image, computed now for the "
+                   "indexed ones and by every add: sift (RootSIFT) or cnn (the model's own), with options as "
+                   "sift?max_keypoints=500; 'none' drops them")
+    c.add_argument("--rerank", action="append", metavar="SPEC", help=_RERANK_HELP + " (the store's default for "
+                   "every search)")
     _add_postprocess_args(c)
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_index_configure)
 
     rb = isub.add_parser("rebuild", help="rebuild the search index from the stored vectors")
@@ -1252,6 +1371,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qe", choices=["none", "aqe", "alpha"], help="override the store's query expansion")
     p.add_argument("--qe-k", type=int, default=None)
     p.add_argument("--qe-alpha", type=float, default=None)
+    p.add_argument("--rerank", action="append", metavar="SPEC", help=_RERANK_HELP + " (default: the store's own)")
+    p.add_argument("--localize", action="store_true",
+                   help="give each hit the box of the query object in it (adds aml:K, K = -k, unless --rerank "
+                        "has an aml stage)")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_search)
 

@@ -10,6 +10,7 @@ written into a preallocated matrix by input index, so any completion order is co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from .images import (
 )
 from .models.net import RetrievalNet
 from .precision import PRECISIONS, autocast_dtype
+from .refinement import Refinement, check_refinement, combine_scales_max, refined_descriptors, refined_power, relup_hooks
 
 __all__ = [
     "SCALE_PRESETS", "SkippedImage", "Extraction", "extract", "extract_descriptors", "describe_tensors", "combine_scales", "PRECISIONS",
@@ -53,6 +55,7 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 SCALE_PRESETS: dict[str, tuple[float, ...]] = {
     "ms3": (1.0, 2 ** -0.5, 0.5),  # cirtorch's multi-scale test (Radenovic et al.)
     "dolg5": (8 ** -0.5, 0.5, 2 ** -0.5, 1.0, 2 ** 0.5),  # DOLG's test scales, 0.354 .. 1.414 (Yang et al.)
+    "sg3": (2 ** -0.5, 1.0, 2 ** 0.5),  # SuperGlobal's test scales (Shao et al.)
 }
 
 
@@ -132,6 +135,7 @@ def _run_batch(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     channels_last: bool,
+    refinement: Refinement | None = None,
 ) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     h, w = x.shape[-2:]
@@ -144,7 +148,12 @@ def _run_batch(
         if channels_last:
             xs = xs.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            descs.append(model(xs).float())
+            if refinement is None:
+                descs.append(model(xs).float())
+            else:
+                descs.append(refined_descriptors(model, xs, refinement).float())
+    if refinement is not None and refinement.scale_max:
+        return combine_scales_max(descs)
     return combine_scales(descs, power)
 
 
@@ -210,6 +219,7 @@ def extract(
     on_error: str = "skip",
     progress: bool = False,
     min_size: int | None = None,
+    refinement: Refinement | None = None,
 ) -> Extraction:
     """Extract L2-normalised descriptors of ``images``, skipping or raising on bad files.
 
@@ -246,6 +256,10 @@ def extract(
             under :data:`SMALL_SIDE` are described as they are and a ``UserWarning`` says how
             many (their descriptors pool a map of a few cells only); the result's ``small``
             lists them either way.
+        refinement: test-time SuperGlobal switches (GeM+, regional GeM, max over scales,
+            ReLU-shift; see :class:`imret.refinement.Refinement`), applied without changing
+            the weights; None or ``Refinement()`` changes nothing. ReLU-shift hooks the
+            model's trunk for the duration of the call.
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"unknown on_error {on_error!r}; available: 'skip', 'raise'")
@@ -266,7 +280,8 @@ def extract(
     model.eval().to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    power = model.multiscale_power()
+    refinement = check_refinement(model, refinement)
+    power = refined_power(model, refinement)
     out = np.zeros((n, model.dim), dtype=np.float32)
     ok = np.zeros(n, dtype=bool)
     skipped: list[SkippedImage] = []
@@ -284,7 +299,7 @@ def extract(
         pending -= len(items)
         x = torch.stack([t for _, t in items])
         with torch.inference_mode():
-            d = _run_batch(model, x, scales, power, device, amp_dtype, channels_last)
+            d = _run_batch(model, x, scales, power, device, amp_dtype, channels_last, refinement)
         idx = [i for i, _ in items]
         out[idx] = d.cpu().numpy()
         ok[idx] = True
@@ -297,6 +312,9 @@ def extract(
     )
     small: list[int] = []
     executor = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
+    hooks = contextlib.ExitStack()
+    if refinement is not None and refinement.relup is not None:
+        hooks.enter_context(relup_hooks(model, refinement.relup))
     try:
         results = _prefetch(executor, jobs, 2 * workers + batch_size) if executor else (job[0](*job[1:]) for job in jobs)
         for i, tensor, err in results:
@@ -320,6 +338,7 @@ def extract(
     finally:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
+        hooks.close()
         bar.close()
 
     indices = np.flatnonzero(ok)
@@ -346,6 +365,7 @@ def describe_tensors(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     channels_last: bool = True,
+    refinement: Refinement | None = None,
 ) -> np.ndarray:
     """``(N, D)`` float32 descriptors of already decoded ``(3, H, W)`` image tensors, in input order.
 
@@ -353,11 +373,16 @@ def describe_tensors(
     mean and std), as :func:`extract` makes them; images of equal size run together up to
     ``batch_size`` (default 1 on the CPU, 8 on GPUs, as :func:`extract`). The model must
     already be in eval mode on ``device`` (this function does not move it, so that several
-    threads may share it).
+    threads may share it). ``refinement`` as in :func:`extract`, except ReLU-shift (it hooks
+    the shared model; use :func:`extract`).
     """
     device, batch_size = _check_run(scales, device, batch_size)
     amp_dtype = _check_precision(precision, device)
-    power = model.multiscale_power()
+    refinement = check_refinement(model, refinement)
+    if refinement is not None and refinement.relup is not None:
+        raise ValueError("describe_tensors cannot apply ReLU-shift (relup): it would hook a model other threads "
+                         "may share; use extract(..., refinement=...) or relup=None")
+    power = refined_power(model, refinement)
     out = np.zeros((len(tensors), model.dim), dtype=np.float32)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, t in enumerate(tensors):
@@ -369,7 +394,8 @@ def describe_tensors(
             for s in range(0, len(idx), batch_size):
                 part = idx[s:s + batch_size]
                 x = torch.stack([tensors[i] for i in part])
-                out[part] = _run_batch(model, x, scales, power, device, amp_dtype, channels_last).cpu().numpy()
+                out[part] = _run_batch(model, x, scales, power, device, amp_dtype, channels_last,
+                                       refinement).cpu().numpy()
     return out
 
 

@@ -272,6 +272,7 @@ def draw_topk_grid(
     query_boxes: Sequence[Sequence[float] | None] | None = None,
     thumb: int = 128,
     captions: Sequence[Sequence[str]] | None = None,
+    result_boxes: Sequence[Sequence[Sequence[float] | None]] | None = None,
 ) -> Path:
     """Save a PNG grid of retrieval results, one row per query.
 
@@ -294,6 +295,9 @@ def draw_topk_grid(
         thumb: thumbnail side in pixels.
         captions: ``Nq`` sequences of extra caption text per result (e.g. the score),
             drawn after the rank; ``None`` for none.
+        result_boxes: ``Nq`` sequences of boxes ``(x1, y1, x2, y2)`` (or None) per result,
+            in pixels of the result's image: where the query object was found in it
+            (localisation), drawn in yellow; ``None`` for none.
 
     Returns:
         ``Path(path)``; the image size is :func:`topk_grid_size` ``(Nq, k, thumb)``.
@@ -312,6 +316,8 @@ def draw_topk_grid(
         raise ValueError(f"captions has {len(captions)} rows but there are {n_q} queries")
     if query_boxes is not None and len(query_boxes) != n_q:
         raise ValueError(f"query_boxes has {len(query_boxes)} entries but there are {n_q} queries")
+    if result_boxes is not None and len(result_boxes) != n_q:
+        raise ValueError(f"result_boxes has {len(result_boxes)} rows but there are {n_q} queries")
     if marks is not None:
         for i, row in enumerate(marks):
             need = min(k, len(ranked_db_images[i]))
@@ -347,7 +353,10 @@ def draw_topk_grid(
             x = _GAP + (t + 1) * (cell_w + _GAP) + 2 * _GAP
             mark = None if marks is None else marks[i][t]
             frame = MARK_COLOURS[mark] if mark is not None else (60, 60, 60)
-            tile, _ = _thumbnail(img, thumb, None)
+            rbox = None
+            if result_boxes is not None and t < len(result_boxes[i]):
+                rbox = result_boxes[i][t]
+            tile, _ = _thumbnail(img, thumb, rbox)
             caption = f"{t + 1}" if mark is None else f"{t + 1} {mark}"
             if captions is not None and t < len(captions[i]):
                 caption += f" {captions[i][t]}"
@@ -429,7 +438,8 @@ def results_html(
     row of the hits' thumbnails with rank, score, id and file name under each.
 
     ``query`` is a path, a PIL image or an ``H x W x 3`` uint8 array; ``hits`` objects with
-    ``score``, ``id`` and ``path`` (:class:`imret.index.store.Hit`). Thumbnails are inline
+    ``score``, ``id`` and ``path`` (:class:`imret.index.store.Hit`); a hit's ``extras`` may
+    add its verified ``inliers`` (captioned) and the ``box`` of the query object in it (drawn). Thumbnails are inline
     JPEG data URIs of at most ``thumb`` (32..512) pixels a side, so the fragment stands
     alone (a notebook cell, a mailed page); styles are inline, every name is HTML-escaped.
     ``error`` says why the query has no results; ``more`` counts hits left out.
@@ -454,11 +464,13 @@ def results_html(
     for rank, h in enumerate(hits, 1):
         path = os.fspath(h.path)
         target = Path(path).resolve().as_uri() if os.path.isabs(path) else path
+        extras = getattr(h, "extras", None) or {}
+        found = f" · {int(extras['inliers'])} inliers" if "inliers" in extras else ""
         parts.append(
             f"<figure style='{fig}'><a href='{html.escape(target)}' style='color:inherit;text-decoration:none'>"
-            f"<img alt='result {rank}' style='{img}' src='{_data_uri(path, thumb, None)}'></a>"
+            f"<img alt='result {rank}' style='{img}' src='{_data_uri(path, thumb, extras.get('box'))}'></a>"
             f"<figcaption style='margin-top:4px;word-break:break-all'><b>#{rank} · {h.score:.4f}</b> · id {h.id}"
-            f"<br>{html.escape(os.path.basename(path))}</figcaption></figure>")
+            f"{found}<br>{html.escape(os.path.basename(path))}</figcaption></figure>")
     if more > 0:
         parts.append(f"<div style='align-self:center'>... and {more} more</div>")
     parts.append("</div></div>")

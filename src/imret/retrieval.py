@@ -51,6 +51,10 @@ __all__ = [
     "expand_and_search",
     "rescore",
     "fill_short",
+    "apply_rerankers",
+    "carry_extras",
+    "rerank_depth",
+    "truncate",
 ]
 
 SearchFn = Callable[[np.ndarray, int], "tuple[np.ndarray, np.ndarray]"]
@@ -60,10 +64,15 @@ RowsFn = Callable[[np.ndarray], np.ndarray]
 @dataclass(frozen=True)
 class SearchResult:
     """Ranked results of a batch of queries: ``scores`` float32 and ``ids`` int64, ``(Q, k)``,
-    padded with ``-inf`` / ``-1``. Unpacks as ``scores, ids = result``."""
+    padded with ``-inf`` / ``-1``. Unpacks as ``scores, ids = result``.
+
+    ``extras`` holds what re-rankers found per hit, arrays whose leading shape is ``(Q, k)``
+    aligned with ``ids`` (for example ``"inliers"`` of geometric verification, ``"box"`` of
+    localisation); a hit a re-ranker did not look at has its fill value (``-1``, ``NaN``)."""
 
     scores: np.ndarray
     ids: np.ndarray
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __iter__(self):
         yield self.scores
@@ -85,7 +94,9 @@ class Reranker(Protocol):
     ``rerank(x, scores, ids, images=None)`` gets the post-processed query rows ``(Q, D')``,
     the current ``(Q, k)`` results and, when the search started from images, ``(image, box)``
     per query (a path as ``str``, or the PIL image / array given); it returns new
-    ``(scores, ids)`` of the same shape, padded with ``-inf`` / ``-1``.
+    ``(scores, ids)`` of the same shape, padded with ``-inf`` / ``-1``, scores decreasing
+    along each row (evaluation ranks by score), or ``(scores, ids, extras)`` with ``extras``
+    a dict of per-hit arrays of leading shape ``(Q, k)`` aligned with the returned ids.
     """
 
     def rerank(self, x: np.ndarray, scores: np.ndarray, ids: np.ndarray,
@@ -165,6 +176,76 @@ def expand_and_search(x: np.ndarray, k: int, search: SearchFn, rows: RowsFn, qe:
     return search(x2, k)
 
 
+def carry_extras(extras: dict[str, np.ndarray], old_ids: np.ndarray, new_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-hit arrays aligned with ``old_ids`` ``(Q, k)``, realigned with ``new_ids`` (the
+    same queries after a re-ranker reordered or dropped hits): a hit keeps its values, a hit
+    not in ``old_ids`` gets the fill value (NaN for floats, -1 for integers, False)."""
+    if not extras:
+        return {}
+    q, k = new_ids.shape
+    # position of each new id in its row of old_ids (-1: not there)
+    pos = np.full((q, k), -1, np.int64)
+    for r in range(q):
+        row = old_ids[r]
+        order = np.argsort(row, kind="stable")
+        found = np.searchsorted(row[order], new_ids[r])
+        found = np.minimum(found, row.size - 1)
+        hit = (row[order][found] == new_ids[r]) & (new_ids[r] >= 0)
+        pos[r, hit] = order[found[hit]]
+    out = {}
+    for name, a in extras.items():
+        fill = np.nan if np.issubdtype(a.dtype, np.floating) else (False if a.dtype == bool else -1)
+        b = np.full((q, k) + a.shape[2:], fill, a.dtype)
+        qi, ji = np.nonzero(pos >= 0)
+        b[qi, ji] = a[qi, pos[qi, ji]]
+        out[name] = b
+    return out
+
+
+def rerank_depth(rerankers: Sequence["Reranker"]) -> int:
+    """How many candidates the re-rankers look at (their ``top_k``, or ``m`` for top-M
+    refinement): the first stage fetches at least that many, whatever ``k`` is asked for."""
+    depth = 0
+    for r in rerankers:
+        for attr in ("top_k", "m"):
+            v = getattr(r, attr, None)
+            if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+                depth = max(depth, int(v))
+                break
+    return depth
+
+
+def truncate(result: SearchResult, k: int) -> SearchResult:
+    """The first ``k`` hits of each query (extras cut the same way)."""
+    if result.ids.shape[1] <= k:
+        return result
+    return SearchResult(np.ascontiguousarray(result.scores[:, :k]), np.ascontiguousarray(result.ids[:, :k]),
+                        {n: np.ascontiguousarray(a[:, :k]) for n, a in result.extras.items()})
+
+
+def apply_rerankers(rerankers: Sequence["Reranker"], x: np.ndarray, scores: np.ndarray, ids: np.ndarray,
+                    images: Sequence[tuple[Any, Any]] | None) -> SearchResult:
+    """Run ``rerankers`` in order on a first-stage ranking; collect their per-hit extras
+    (a later re-ranker's reordering carries the earlier ones' values along)."""
+    extras: dict[str, np.ndarray] = {}
+    for r in rerankers:
+        out = r.rerank(x, scores, ids, images=images)
+        if not isinstance(out, tuple) or len(out) not in (2, 3):
+            raise TypeError(f"re-ranker {r!r} must return (scores, ids) or (scores, ids, extras), got {type(out).__name__}")
+        new_scores, new_ids = np.asarray(out[0], np.float32), np.asarray(out[1], np.int64)
+        if new_ids.shape != ids.shape or new_scores.shape != ids.shape:
+            raise ValueError(f"re-ranker {r!r} returned shapes {new_scores.shape} / {new_ids.shape}, expected {ids.shape}")
+        extras = carry_extras(extras, ids, new_ids)
+        if len(out) == 3 and out[2]:
+            for name, a in out[2].items():
+                a = np.asarray(a)
+                if a.shape[:2] != ids.shape:
+                    raise ValueError(f"re-ranker {r!r} returned extras {name!r} of shape {a.shape}, expected {ids.shape} + ...")
+                extras[name] = a
+        scores, ids = new_scores, new_ids
+    return SearchResult(np.ascontiguousarray(scores, np.float32), np.ascontiguousarray(ids, np.int64), extras)
+
+
 def _check_k(k: Any) -> int:
     return positive_int(k, "k")
 
@@ -190,6 +271,7 @@ class Encoder:
     draft: bool = True
     max_pixels: int | None = None
     min_size: int | None = None
+    refinement: Any = None  # an imret.refinement.Refinement (SuperGlobal pooling switches) or None
     device: str = "cpu"
     precision: str = "fp32"
     batch_size: int | None = None
@@ -209,7 +291,8 @@ class Encoder:
 
         return extract(self.model, images, bboxes=bboxes, scales=self.scales,
                        image_size=self.image_size, crop_resize=self.crop_resize, draft=self.draft,
-                       max_pixels=self.max_pixels, min_size=self.min_size, device=self.device, precision=self.precision,
+                       max_pixels=self.max_pixels, min_size=self.min_size, refinement=self.refinement,
+                       device=self.device, precision=self.precision,
                        batch_size=self.batch_size, workers=self.workers, on_error=on_error,
                        progress=self.progress)
 
@@ -331,6 +414,12 @@ class Retriever:
         if self._searcher is None:
             raise ValueError("nothing indexed yet: call index(descriptors) or index_images(paths) first")
 
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """The indexed rows of an id array (any shape) as ``ids.shape + (D',)`` float32;
+        padding ids (-1) give zeros (what re-rankers such as top-M refinement read)."""
+        self._require_index()
+        return self._rows(np.asarray(ids, dtype=np.int64))
+
     def _rows(self, ids: np.ndarray) -> np.ndarray:
         valid = ids >= 0
         rows = self._vectors[self._row_of[np.where(valid, ids, self._ids[0])].ravel()]
@@ -346,24 +435,32 @@ class Retriever:
         """Rank the database for each query: query ``images`` (paths, PIL images or
         ``H x W x 3`` uint8 RGB arrays, or one of them alone; optional boxes; encoded with the
         encoder, an image that cannot be read raises :class:`~imret.images.ImageError`) or raw
-        model descriptors ``vectors`` ``(Q, D)``. ``query_expansion`` overrides the
-        retriever's for this call. Re-rankers get the queries as given (paths as ``str``)."""
+        model descriptors ``vectors`` ``(Q, D)``. Given both, ``vectors`` are the queries'
+        descriptors (already extracted) and ``images`` only go to the re-rankers that look
+        at pixels. ``query_expansion`` overrides the retriever's for this call. Re-rankers get
+        the queries as given (paths as ``str``). The result's ``extras`` hold what the
+        re-rankers found per hit."""
         from .images import check_image_input, image_list, is_single_image
 
         k = _check_k(k)
         self._require_index()
-        if (images is None) == (vectors is None):
-            raise ValueError("give exactly one of images=... or vectors=...")
+        if images is None and vectors is None:
+            raise ValueError("give images=... or vectors=... (or both: descriptors and the images they came from)")
         shown = None
         if images is not None:
             items = [images] if is_single_image(images) else image_list(images)
             items = [check_image_input(x, i) for i, x in enumerate(items)]
-            ex = self._encoder().encode(items, bboxes, on_error="raise")
-            vectors = ex.descriptors
+            if bboxes is not None and len(bboxes) != len(items):
+                raise ValueError(f"got {len(bboxes)} bboxes for {len(items)} queries; give one box (or None) per query")
+            if vectors is None:
+                vectors = self._encoder().encode(items, bboxes, on_error="raise").descriptors
+            else:
+                shape = np.shape(vectors)
+                if (1 if len(shape) == 1 else shape[0]) != len(items):
+                    raise ValueError(f"got {len(items)} images for query vectors of shape {shape}; give one image per row")
             shown = list(zip(items, bboxes if bboxes is not None else [None] * len(items)))
         x = self.postprocess(np.asarray(vectors, dtype=np.float32))
         qe = self.query_expansion if query_expansion is None else query_expansion
-        scores, ids = expand_and_search(x, k, self._stage, self._rows, qe, len(self))
-        for r in self.rerankers:
-            scores, ids = r.rerank(x, scores, ids, images=shown)
-        return SearchResult(np.ascontiguousarray(scores, np.float32), np.ascontiguousarray(ids, np.int64))
+        depth = max(k, rerank_depth(self.rerankers))  # re-rankers see their top_k, whatever k is
+        scores, ids = expand_and_search(x, depth, self._stage, self._rows, qe, len(self))
+        return truncate(apply_rerankers(self.rerankers, x, scores, ids, shown), k)

@@ -948,6 +948,74 @@ async def _send_error(send, status: int, code: str, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+# -- the API docs page (/docs) --------------------------------------------------------------------
+# FastAPI's own /docs loads Swagger UI from a CDN (a blank page offline) and starts it with an
+# inline <script>, which the pages' Content-Security-Policy (script-src 'self') refuses anyway.
+# Here Swagger UI's files come from the fastapi-offline package (the serve extra; only its static
+# folder is used), served by this server, and web/docs-init.js starts it: the page has no inline
+# script and asks no other host. (swagger-ui-bundle is no substitute: its newest release carries
+# Swagger UI 4, which cannot render the OpenAPI 3.1 schema FastAPI writes.)
+
+_DOCS_ASSETS: dict[str, str] = {
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "favicon.png": "image/png",
+}
+"""The files of fastapi-offline's static folder served at ``/docs/assets/<name>``, and their
+content types."""
+
+_DOCS_INIT = "docs-init.js"
+"""The script from :data:`WEB_DIR` that starts Swagger UI on ``/openapi.json``, served at
+``/docs/assets/docs-init.js`` so that the page does not depend on the ``/static`` mount."""
+
+_DOCS_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <meta name="viewport" content="width=device-width, initial-scale=1">
+  <title>imret API</title>
+  <link rel="icon" type="image/png" href="/docs/assets/favicon.png">
+  <link rel="stylesheet" href="/docs/assets/swagger-ui.css">
+  <script src="/docs/assets/swagger-ui-bundle.js" defer></script>
+  <script src="/docs/assets/docs-init.js" defer></script>
+</head>
+<body>
+  <div id="swagger-ui"><noscript>The API docs need JavaScript; the schema is at
+    <a href="/openapi.json">/openapi.json</a>.</noscript></div>
+</body>
+</html>
+"""
+
+_DOCS_FALLBACK = """<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><title>imret API</title></head>
+<body>
+  <h1>imret API</h1>
+  <p>The interactive API docs need the <code>fastapi-offline</code> package (it carries Swagger UI),
+    which this server does not have: install it with <code>pip install 'imret[serve]'</code> (or
+    <code>pip install fastapi-offline</code>) and restart the server.</p>
+  <p>The OpenAPI schema is at <a href="/openapi.json">/openapi.json</a>.</p>
+</body>
+</html>
+"""
+
+
+def _swagger_ui_dir() -> Path | None:
+    """The folder of Swagger UI's files (fastapi-offline's ``static/``), or None when that
+    package is not installed or lacks one of :data:`_DOCS_ASSETS`."""
+    try:
+        import fastapi_offline
+    except ImportError:
+        return None
+    path = Path(fastapi_offline.__file__).resolve().parent / "static"
+    missing = [name for name in _DOCS_ASSETS if not (path / name).is_file()]
+    if missing:
+        logging.getLogger("imret.server").warning("fastapi-offline lacks Swagger UI's %s; /docs links the schema "
+                                                  "only", ", ".join(missing))
+        return None
+    return path
+
+
 # -- the app ------------------------------------------------------------------------------------
 
 def create_app(store, config: ServerConfig | None = None, *, url: str | None = None):
@@ -984,7 +1052,9 @@ def create_app(store, config: ServerConfig | None = None, *, url: str | None = N
         if owned:
             store.close()
 
-    app = FastAPI(title="imret", version=_version(), lifespan=lifespan,
+    # docs_url, redoc_url: FastAPI's pages load from a CDN and start with an inline script (refused
+    # by the CSP below); /docs is served further down instead
+    app = FastAPI(title="imret", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Instance-level image retrieval: search an image store by photo or by indexed image, "
                               "add and remove images. Errors are `{\"error\": {\"status\", \"code\", \"message\"}}`.")
     app.state.service = service
@@ -1124,6 +1194,20 @@ def create_app(store, config: ServerConfig | None = None, *, url: str | None = N
 
     if WEB_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+
+    swagger_ui = _swagger_ui_dir()
+
+    @app.get("/docs", include_in_schema=False)
+    async def api_docs():
+        return HTMLResponse(_DOCS_PAGE if swagger_ui is not None else _DOCS_FALLBACK)
+
+    @app.get("/docs/assets/{name}", include_in_schema=False)
+    async def api_docs_asset(name: str):
+        if swagger_ui is not None and name in _DOCS_ASSETS:
+            return FileResponse(swagger_ui / name, media_type=_DOCS_ASSETS[name])
+        if swagger_ui is not None and name == _DOCS_INIT and (WEB_DIR / _DOCS_INIT).is_file():
+            return FileResponse(WEB_DIR / _DOCS_INIT, media_type="text/javascript; charset=utf-8")
+        raise ApiError(404, "not_found", f"no API docs asset {sanitise_name(name)!r}")
 
     # -- reads ---------------------------------------------------------------------------------
 

@@ -10,6 +10,9 @@ Layout of a store directory::
     descriptors.f32     raw model descriptors, float32 rows, row i = image id i (memory-mapped)
     vectors.<g>.f32     post-processed rows (whitened / augmented) when post-processing is set
     whitening.<g>.npz   the fitted whitening, if any
+    local.<g>.rec       local features (``index configure --local sift|cnn``): one fixed-size
+                        record per row (:class:`imret.local.storage.RecordLayout`), with
+                        ``local.<g>.crc32`` checksums; written with the descriptors
     index.<g>/          files of the search backend (FAISS); none for exact search
     lock                held (flock) by the one process writing
 
@@ -65,7 +68,7 @@ from PIL import Image
 
 from .._checks import positive_int
 from ..expansion import QE_METHODS, QueryExpansion, alpha_database_augmentation
-from ..retrieval import expand_and_search, postprocess, search_stage
+from ..retrieval import SearchResult, apply_rerankers, expand_and_search, postprocess, rerank_depth, search_stage, truncate
 from ..fileio import atomic_write_bytes, fsync_dir
 from ..whitening import Whitening
 from . import check_spec, create_backend, load_backend, resolve_spec
@@ -102,7 +105,8 @@ _LOCK = "lock"
 _SEARCH_BATCH = 1024  # queries per search_vectors call of Store.search
 _SCHEMA = 1
 # files the store writes under a generation number (anything else in the directory is left alone)
-_GENERATED = re.compile(r"index\.\d+|vectors\.\d+\.f32|vectors\.\d+\.crc32|whitening\.\d+\.npz")
+_GENERATED = re.compile(r"index\.\d+|vectors\.\d+\.f32|vectors\.\d+\.crc32|whitening\.\d+\.npz"
+                        r"|local\.\d+\.rec|local\.\d+\.crc32")
 
 
 class StoreError(RuntimeError):
@@ -133,11 +137,14 @@ class StoreLockedError(StoreError):
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result."""
+    """One search result. ``extras`` holds what re-rankers found for it: ``inliers`` (int) and
+    ``transform`` (3x3 nested list, query pixels -> this image's pixels) of geometric
+    verification, ``box`` ``(x1, y1, x2, y2)`` of localisation, in this image's pixels."""
 
     score: float
     id: int
     path: str
+    extras: dict = field(default_factory=dict, compare=False, hash=False)
 
 
 class SearchHits(list):
@@ -244,6 +251,9 @@ class Preprocessing:
     draft: bool = True
     max_pixels: int | None = None
     min_size: int | None = None  # enlarge smaller images to this short side (see imret.extract.extract)
+    # training-free pooling changes at extraction (SuperGlobal: GeM+, regional GeM, max over
+    # scales, ReLU-shift): an imret.refinement.Refinement, saved as its dict
+    refinement: Any = None
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or not 1 <= self.image_size <= 65536:
@@ -263,10 +273,22 @@ class Preprocessing:
         if self.min_size is not None and (isinstance(self.min_size, bool) or not isinstance(self.min_size, int)
                                           or not 1 <= self.min_size <= 65536):
             raise ValueError(f"min_size must be an integer in [1, 65536] or None, got {self.min_size!r}")
+        if self.refinement is not None:
+            from ..refinement import Refinement
+
+            r = self.refinement
+            if isinstance(r, dict):
+                r = Refinement.from_dict(r)
+            if not isinstance(r, Refinement):
+                raise ValueError(f"refinement must be an imret.refinement.Refinement or None, got {r!r}")
+            object.__setattr__(self, "refinement", r if r.active else None)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["scales"] = list(self.scales)
+        d["refinement"] = None if self.refinement is None else self.refinement.to_dict()
+        if d["refinement"] is None:
+            del d["refinement"]  # stores without refinement keep the keys older versions read
         return d
 
     @classmethod
@@ -498,6 +520,7 @@ class Store:
         self._write_lock = threading.RLock()
         self._model_lock = threading.Lock()  # loads the model once; taken under no other lock
         self._building = False  # a writer is building a new backend: search exactly meanwhile
+        self._local_cache: dict[str, Any] = {}  # the local-feature extractor, built once
 
     # -- construction ------------------------------------------------------------------------
 
@@ -557,6 +580,8 @@ class Store:
             "dba": None,
             "vectors": None,
             "index": None,
+            "local": None,
+            "rerank": [],
         }
         atomic_write_bytes(path / _STORE_JSON, json.dumps(config, indent=2).encode())
         store = cls.open(path, writable=True, device=device, backend_options=backend_options)
@@ -799,7 +824,9 @@ class Store:
 
     def _check_files(self) -> None:
         n = self.n_rows()
-        for name, width in ((_DESCRIPTORS, self.dim), (self._config["vectors"], self.search_dim)):
+        local = self._config["local"]
+        for name, width in ((_DESCRIPTORS, self.dim), (self._config["vectors"], self.search_dim),
+                            (local and local["file"], local and self._local_layout().width)):
             if name is None:
                 continue
             f = self._file(name, "rows file")
@@ -953,6 +980,75 @@ class Store:
                 return self.descriptors(n)
             return self._matrix(name, self.search_dim, n)
 
+    # -- local features ----------------------------------------------------------------------
+
+    def _local_layout(self):
+        from ..local.storage import RecordLayout
+
+        return RecordLayout.from_dict(self._config["local"]["layout"])
+
+    @property
+    def local_kind(self) -> str | None:
+        """The kind of local features the store keeps (``"sift"``, ``"cnn"``) or None."""
+        loc = self._config["local"]
+        return None if loc is None else loc["extractor"]["kind"]
+
+    def local_extractor(self):
+        """The extractor of the store's local features (for query images): ``f(image, box) ->
+        LocalFeatures``, configured as the stored features were."""
+        from ..local.extractors import create_local_extractor
+
+        with self._lock:
+            loc = self._config["local"]
+        if loc is None:
+            raise StoreError(f"{self.path} keeps no local features; add them with "
+                             f"`imret index configure {self.path} --local sift` (or cnn)")
+        ex = self._local_cache.get("extractor")
+        if ex is None or ex[0] != loc["extractor"]:
+            model = self.model if loc["extractor"]["kind"] == "cnn" else None
+            ex = (loc["extractor"], create_local_extractor(loc["extractor"]["kind"], loc["extractor"]["params"], model))
+            self._local_cache["extractor"] = ex
+        return ex[1]
+
+    @_store_errors
+    def local_features(self, ids: Sequence[int] | np.ndarray) -> list:
+        """The stored local features of ``ids`` (:class:`~imret.local.LocalFeatures`, or None
+        for an id without any: removed, unreadable when they were computed, out of range),
+        each record checked against its CRC32 first."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        with self._lock:
+            if self._config["local"] is None:
+                raise StoreError(f"{self.path} keeps no local features; add them with "
+                                 f"`imret index configure {self.path} --local sift` (or cnn)")
+            name = self._config["local"]["file"]
+            layout = self._local_layout()
+            n = self.n_rows()
+            m = self._matrix(name, layout.width, check=False)
+            ok = (ids >= 0) & (ids < n)
+            want = ids[ok]
+            rows = np.asarray(m[want])
+            self._check_rows(name, m, want)
+        out: list = [None] * ids.size
+        for j, r in zip(np.flatnonzero(ok).tolist(), rows):
+            try:
+                out[j] = layout.unpack(r)
+            except ValueError as e:
+                raise StoreCorruptError(f"{self.path / name}: {e}") from None
+        return out
+
+    def _compute_local(self, extractor, layout, paths: Sequence[str | None]) -> tuple[np.ndarray, int]:
+        """Records for image files (None: an empty record); returns ``(rows, n_failed)``."""
+        feats, failed = [], 0
+        for p in paths:
+            f = None
+            if p is not None:
+                try:
+                    f = extractor(p, None)
+                except Exception:  # an unreadable or vanished file: no local features for it
+                    failed += 1
+            feats.append(f)
+        return layout.pack_many(feats), failed
+
     def postprocess(self, x: np.ndarray) -> np.ndarray:
         """Apply the store's whitening to raw descriptors (queries or new rows): the same
         step as :meth:`imret.retrieval.Retriever.postprocess` (:func:`imret.retrieval.postprocess`)."""
@@ -994,7 +1090,8 @@ class Store:
         pre = self.preprocessing
         return extract(self.model, images, bboxes=bboxes, scales=pre.scales, image_size=pre.image_size,
                        crop_resize=pre.crop_resize, draft=pre.draft, max_pixels=pre.max_pixels,
-                       min_size=pre.min_size, device=self.device, on_error="skip", progress=progress, **kw)
+                       min_size=pre.min_size, refinement=pre.refinement, device=self.device, on_error="skip",
+                       progress=progress, **kw)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -1131,12 +1228,19 @@ class Store:
             vectors_file = self._config["vectors"]
             vec = raw if vectors_file is None else self.postprocess(raw)
             width = self.search_dim
+            local = self._config["local"]
+        if local is not None:  # the slow part too (SIFT, or the model's local features)
+            layout = self._local_layout()
+            recs, _ = self._compute_local(self.local_extractor(), layout, [batch[int(i)][0] for i in ex.indices])
         ids = np.arange(n, n + m, dtype=np.int64)
         # 1. rows first (fsynced), past the committed count where no reader looks yet ...
         self._write_rows(_DESCRIPTORS, self.dim, n, raw)
         if vectors_file is not None:
             self._write_rows(vectors_file, width, n, vec)
             self._write_at(_crc_sidecar(vectors_file), n * 4, _row_crcs(vec).tobytes())
+        if local is not None:
+            self._write_rows(local["file"], layout.width, n, recs)
+            self._write_at(_crc_sidecar(local["file"]), n * 4, _row_crcs(recs).tobytes())
         # 2. ... then the metadata that lists them, in one transaction, and the in-memory
         # index, in one step for readers (the index is saved by save_index())
         records = [(int(i), *r) for i, r in zip(ids, meta)]
@@ -1443,7 +1547,7 @@ class Store:
         with self._lock:
             atomic_write_bytes(self.path / _STORE_JSON, json.dumps(self._config, indent=2).encode())
 
-    def _recover_crcs(self, vectors: str, n: int) -> None:
+    def _recover_crcs(self, vectors: str, n: int, width: int | None = None) -> None:
         """Cut the checksums of ``vectors`` to ``n`` rows; rows without one (a store written
         before vectors had checksums) get theirs from the file as it is now."""
         f = self._file(_crc_sidecar(vectors), "checksum file")
@@ -1453,7 +1557,7 @@ class Store:
         if have > n:
             os.truncate(f, n * 4)
         elif have < n:
-            m = self._matrix(vectors, self.search_dim, n, check=False)
+            m = self._matrix(vectors, width or self.search_dim, n, check=False)
             for lo in range(have, n, 65536):
                 hi = min(n, lo + 65536)
                 self._write_at(f.name, lo * 4, _row_crcs(np.asarray(m[lo:hi])).tobytes())
@@ -1465,6 +1569,10 @@ class Store:
         if self._config["vectors"] is not None:
             self._truncate_rows(self._config["vectors"], self.search_dim, n)
             self._recover_crcs(self._config["vectors"], n)
+        if self._config["local"] is not None:
+            name, width = self._config["local"]["file"], self._local_layout().width
+            self._truncate_rows(name, width, n)
+            self._recover_crcs(name, n, width)
         self._remove_unreferenced()
         if self._config["backend"]["spec"] is not None:
             self._load_backend()
@@ -1476,6 +1584,8 @@ class Store:
             live.update((self._config["vectors"], _crc_sidecar(self._config["vectors"])))
         if self._config["whitening"]:
             live.add(self._config["whitening"]["file"])
+        if self._config["local"]:
+            live.update((self._config["local"]["file"], _crc_sidecar(self._config["local"]["file"])))
         if self._config["index"]:
             live.add(self._config["index"]["dir"])
         for entry in self.path.iterdir():
@@ -1495,8 +1605,18 @@ class Store:
         whitening: Whitening | None | str = "keep",
         dba: tuple[int, float] | None | str = "keep",
         query_expansion: QueryExpansion | None = None,
+        local: str | None = "keep",
+        rerank: Sequence[str] | None = None,
+        progress: bool = False,
     ) -> None:
         """Change post-processing or the backend, recomputing vectors and rebuilding the index.
+
+        ``local``: the local features to keep with every image, ``"sift"`` or ``"cnn"`` with
+        optional extractor parameters (``"sift?max_keypoints=500"``), computed now for the
+        images already in the store (from their files; an image whose file is gone gets none)
+        and from then on by :meth:`add`; ``None`` drops them, ``"keep"`` leaves them.
+        ``rerank``: the re-ranker specs searches use by default (see :mod:`imret.rerank`),
+        ``[]`` for none.
 
         ``whitening``: a fitted :class:`~imret.whitening.Whitening` for the raw descriptors,
         ``None`` to drop it, ``"keep"``. ``dba``: ``(k, alpha)`` for αDBA over the database,
@@ -1509,7 +1629,8 @@ class Store:
         with self._write_lock:
             self._require_writable()
             try:
-                self._configure(backend=backend, whitening=whitening, dba=dba, query_expansion=query_expansion)
+                self._configure(backend=backend, whitening=whitening, dba=dba, query_expansion=query_expansion,
+                                local=local, rerank=rerank, progress=progress)
             except BaseException:
                 self._abandon()
                 raise
@@ -1532,13 +1653,24 @@ class Store:
                 self._backend = None  # reopened from the committed index on the next search
         self._remove_unreferenced()
 
-    def _configure(self, *, backend, whitening, dba, query_expansion) -> None:
+    def _configure(self, *, backend, whitening, dba, query_expansion, local="keep", rerank=None,
+                   progress=False) -> None:
         with self._write_lock:
             with self._lock:
                 cfg = json.loads(json.dumps(self._config))
                 n = self.n_rows()
                 old_vectors = self._config["vectors"]
                 old_whitening = self._config["whitening"]
+                old_local = self._config["local"] and self._config["local"]["file"]
+            if rerank is not None:  # names and parameters, before anything is computed
+                from ..rerank import check_rerank
+
+                if isinstance(rerank, str):
+                    rerank = [rerank]
+                rerank = [str(check_rerank(r)) for r in rerank]
+                if len(rerank) > 8:
+                    raise ValueError(f"at most 8 re-rankers, got {len(rerank)}")
+            local_spec = None if local in ("keep", None) else _parse_local(local)
             if backend is not None:  # the whole spec, before any vector is computed
                 dim = (self.search_dim if isinstance(whitening, str) else
                        whitening.dim if isinstance(whitening, Whitening) else self.dim)
@@ -1572,6 +1704,12 @@ class Store:
                 cfg["dba"]["rows"] = None
             if query_expansion is not None:
                 cfg["query_expansion"] = dataclasses.asdict(query_expansion)
+            if rerank is not None:
+                cfg["rerank"] = rerank
+            if local is None:
+                cfg["local"] = None
+            elif local_spec is not None:
+                cfg["local"] = self._write_local(local_spec, gen, n, progress=progress)
             if backend is not None:
                 check_backend_spec(backend, self.path)
                 cfg["backend"] = {"requested": backend, "spec": None}
@@ -1620,12 +1758,51 @@ class Store:
             if rebuild:
                 self._build_backend(resolve_spec(cfg["backend"]["requested"], n_hint=len(self)))
             self._write_config()
-            for old in (old_vectors, old_vectors and _crc_sidecar(old_vectors), old_whitening and old_whitening["file"]):
+            new_local = cfg["local"] and cfg["local"]["file"]
+            for old in (old_vectors, old_vectors and _crc_sidecar(old_vectors), old_whitening and old_whitening["file"],
+                        old_local, old_local and _crc_sidecar(old_local)):
                 keep = (cfg["vectors"], cfg["vectors"] and _crc_sidecar(cfg["vectors"]),
-                        cfg["whitening"] and cfg["whitening"]["file"])
+                        cfg["whitening"] and cfg["whitening"]["file"], new_local, new_local and _crc_sidecar(new_local))
                 if old and old not in keep:
                     with contextlib.suppress(OSError, StoreCorruptError):
                         _remove_entry(self._file(old, "old file"))
+
+    def _write_local(self, spec: dict[str, Any], gen: int, n: int, *, progress: bool = False) -> dict[str, Any]:
+        """Compute the local features of rows ``[0, n)`` into ``local.<gen>.rec`` (and its
+        checksums), written whole under temporary names and renamed; returns the config block."""
+        from ..local.extractors import create_local_extractor
+
+        model = self.model if spec["kind"] == "cnn" else None
+        extractor = create_local_extractor(spec["kind"], spec["params"], model)
+        layout = extractor.layout()
+        name = f"local.{gen}.rec"
+        with self._lock:
+            alive = self._alive_mask(n)
+            paths = self._paths(np.flatnonzero(alive))
+        tmp, tmp_crc = self.path / f".{name}.tmp", self.path / f".{_crc_sidecar(name)}.tmp"
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc="local features", unit="img")
+        with open(tmp, "wb") as f, open(tmp_crc, "wb") as fc:
+            for lo in range(0, n, 64):
+                part = [paths.get(i) if alive[i] else None for i in range(lo, min(n, lo + 64))]
+                recs, _ = self._compute_local(extractor, layout, part)
+                f.write(recs.tobytes())
+                fc.write(_row_crcs(recs).tobytes())
+                if bar is not None:
+                    bar.update(len(part))
+            for h in (f, fc):
+                h.flush()
+                os.fsync(h.fileno())
+        if bar is not None:
+            bar.close()
+        os.replace(tmp_crc, self.path / _crc_sidecar(name))
+        os.replace(tmp, self.path / name)
+        fsync_dir(self.path)
+        self._local_cache["extractor"] = (spec, extractor)
+        return {"file": name, "layout": layout.to_dict(), "extractor": spec}
 
     @_store_errors
     def rebuild(self) -> None:
@@ -1782,6 +1959,7 @@ class Store:
         bboxes: Sequence[Sequence[float] | None] | None = None,
         k: int = 10,
         query_expansion: QueryExpansion | None = None,
+        rerank: "Sequence[Any] | str | None" = None,
         on_error: str = "raise",
         **extract_kw: Any,
     ) -> "SearchResults | SearchHits":
@@ -1799,6 +1977,11 @@ class Store:
         (``on_error="raise"``) or gets an empty :class:`SearchHits` whose ``error`` says why
         (``"skip"``). All queries are extracted in one call, without holding the store's
         lock (other searches and an ``add`` go on meanwhile), then searched in batches.
+
+        ``rerank``: re-ranker specs (``"sift:100"``, see :mod:`imret.rerank`) or
+        :class:`~imret.retrieval.Reranker` objects applied after the first stage; None: the
+        store's own (``configure(rerank=...)``), ``[]``: none. Each stage sees its own top_k
+        candidates whatever ``k`` is; what it finds per hit is in :attr:`Hit.extras`.
         """
         from ..images import ImageError, check_image_input, image_label, image_list, is_single_image
 
@@ -1814,6 +1997,7 @@ class Store:
             bboxes = list(bboxes)
             if len(bboxes) != len(items):
                 raise ValueError(f"got {len(bboxes)} bboxes for {len(items)} queries; give one box (or None) per query")
+        stages = self.rerankers(rerank)  # a bad spec fails before any extraction
         ex = self.encode(items, bboxes, **extract_kw)
         if ex.skipped and on_error == "raise":
             s = ex.skipped[0]
@@ -1824,21 +2008,91 @@ class Store:
                        image=None if isinstance(q, str) else q)
             for i, q in enumerate(items))
         rows = np.asarray(ex.indices, dtype=np.int64)
+        depth = max(int(k), rerank_depth(stages))
         for lo in range(0, rows.size, _SEARCH_BATCH):
+            part = rows[lo:lo + _SEARCH_BATCH]
+            desc = ex.descriptors[lo:lo + _SEARCH_BATCH]
             with self._lock:  # ids and their paths from the same state
-                scores, ids = self.search_vectors(ex.descriptors[lo:lo + _SEARCH_BATCH], k,
-                                                  query_expansion=query_expansion)
-                hits = self.hits(scores, ids)
-            for r, h in zip(rows[lo:lo + _SEARCH_BATCH].tolist(), hits):
+                scores, ids = self.search_vectors(desc, depth, query_expansion=query_expansion)
+                if stages:
+                    shown = [(items[r], None if bboxes is None else bboxes[r]) for r in part.tolist()]
+                    res = truncate(apply_rerankers(stages, self.postprocess(desc), scores, ids, shown), int(k))
+                else:
+                    res = SearchResult(scores, ids)
+                hits = self.hits(res.scores, res.ids, res.extras)
+            for r, h in zip(part.tolist(), hits):
                 out[r].extend(h)
         return out[0] if single else out
 
+    def rerankers(self, specs: "Sequence[Any] | str | None" = None) -> list:
+        """Re-ranker stages over this store: built from specs (None: the store's configured
+        ones; objects with a ``rerank`` method are taken as they are). Stages are built once
+        per spec and reused (the local-feature extractor and the feature-map cache with them)."""
+        from ..rerank import build_reranker, check_rerank
+
+        if specs is None:
+            with self._lock:
+                specs = list(self._config["rerank"])
+        elif isinstance(specs, str):
+            specs = [specs]
+        out = []
+        for sp in specs:
+            if hasattr(sp, "rerank") and not isinstance(sp, str):
+                out.append(sp)
+                continue
+            key = str(check_rerank(sp))
+            stage = self._local_cache.get(("stage", key))
+            if stage is None:
+                stage = build_reranker(key, self._rerank_sources())
+                self._local_cache[("stage", key)] = stage
+            out.append(stage)
+        return out
+
+    def _rerank_sources(self):
+        from ..rerank import RerankSources, _Cached
+
+        def local_query(kind: str):
+            if kind != self.local_kind:
+                raise StoreError(f"re-ranker {kind!r} needs {kind} local features, and {self.path} keeps "
+                                 f"{self.local_kind or 'none'}; add them with `imret index configure {self.path} "
+                                 f"--local {kind}`")
+            return self.local_extractor()
+
+        def local_database(kind: str):
+            return self.local_features
+
+        def one_map(i: int):
+            from ..local.localization import compute_maps
+
+            path = self._paths(np.array([i])).get(i)
+            if path is None:
+                return None
+            try:
+                (fm,) = compute_maps(self.model, [path], image_size=self.preprocessing.image_size, device=self.device)
+            except Exception:  # the file is gone or unreadable: no map, the hit keeps its place
+                return None
+            return fm
+
+        maps = self._local_cache.get("maps")
+        if maps is None:
+            maps = self._local_cache["maps"] = _Cached(one_map, lru=_MAPS_CACHED)
+        return RerankSources(model=self.model, image_size=self.preprocessing.image_size, rows=self._gather,
+                             postprocess=self.postprocess, local_query=local_query, local_database=local_database,
+                             maps=maps, device=self.device)
+
     @_store_errors
-    def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
-        """Attach paths to ``(scores, ids)`` results."""
+    def hits(self, scores: np.ndarray, ids: np.ndarray, extras: dict[str, np.ndarray] | None = None) -> list[list[Hit]]:
+        """Attach paths (and the re-rankers' per-hit ``extras``) to ``(scores, ids)`` results."""
         paths = self._paths(ids)
-        return [[Hit(float(s), int(i), paths[int(i)]) for s, i in zip(srow, irow) if i >= 0]
-                for srow, irow in zip(scores, ids)]
+        out = []
+        for q, (srow, irow) in enumerate(zip(scores, ids)):
+            row = []
+            for j, (s, i) in enumerate(zip(srow, irow)):
+                if i < 0:
+                    continue
+                row.append(Hit(float(s), int(i), paths[int(i)], _hit_extras(extras, q, j)))
+            out.append(row)
+        return out
 
     # -- reporting ---------------------------------------------------------------------------
 
@@ -1864,8 +2118,17 @@ class Store:
                 "query_expansion": cfg["query_expansion"],
                 "dba": cfg["dba"],
                 "backend": dict(cfg["backend"]),
+                "rerank": list(cfg["rerank"]),
+                "local": None,
                 "disk_bytes": disk,
             }
+            if cfg["local"] is not None:
+                layout = self._local_layout()
+                f = self.path / cfg["local"]["file"]
+                out["local"] = {"kind": cfg["local"]["extractor"]["kind"], "params": cfg["local"]["extractor"]["params"],
+                                "max_keypoints": layout.max_keypoints, "dim": layout.dim, "codec": layout.codec,
+                                "bytes_per_image": layout.nbytes,
+                                "file_bytes": f.stat().st_size if f.is_file() else 0}
             out = json.loads(json.dumps(out))  # a copy: the writer changes cfg in place
             if cfg["dba"] is not None and cfg["dba"].get("rows") is not None:
                 out["dba"] = dict(out["dba"], rows_not_augmented=n - cfg["dba"]["rows"])
@@ -1912,6 +2175,20 @@ class Store:
                 problems.extend(f"post-processed vector of image {i} does not match its checksum"
                                 for i in ids[got != expected].tolist())
         with self._lock:
+            local = self._config["local"]
+        if local is not None:
+            name, layout = local["file"], self._local_layout()
+            m = self._matrix(name, layout.width, n, check=False)
+            for start in range(0, n, 4096):
+                ids = np.arange(start, min(n, start + 4096))
+                expected = self._expected_crcs(name, ids)
+                if expected is None:
+                    problems.append(f"{name} has no checksums ({_crc_sidecar(name)} is missing)")
+                    break
+                got = _row_crcs(np.asarray(m[start:start + ids.size])).astype(np.int64)
+                problems.extend(f"local features of image {i} do not match their checksum"
+                                for i in ids[got != expected].tolist())
+        with self._lock:
             ids = [r[0] for r in self._db.execute("SELECT id FROM images WHERE id < ? ORDER BY id", (n,))]
             if ids != list(range(n)):
                 problems.append("image ids are not contiguous")
@@ -1931,9 +2208,64 @@ class Store:
         return problems
 
 
-def _crc_sidecar(vectors_name: str) -> str:
-    """``vectors.<g>.crc32``: the little-endian uint32 CRC32 of each row of ``vectors.<g>.f32``."""
-    return vectors_name[: -len(".f32")] + ".crc32"
+_LOCAL_KINDS = ("sift", "cnn")
+_MAPS_CACHED = 2000  # database feature maps a store keeps in memory for localisation
+
+
+def _hit_extras(extras: dict[str, np.ndarray] | None, q: int, j: int) -> dict[str, Any]:
+    """The re-rankers' values for one hit as plain Python (JSON-ready); fill values (NaN,
+    -1) are left out."""
+    out: dict[str, Any] = {}
+    for name, a in (extras or {}).items():
+        v = a[q, j]
+        if np.issubdtype(a.dtype, np.floating):
+            if np.isnan(v).any():
+                continue
+            out[name] = float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64).tolist()
+        elif np.issubdtype(a.dtype, np.integer):
+            if np.ndim(v) == 0 and v < 0:
+                continue
+            out[name] = int(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+        elif a.dtype == bool:
+            out[name] = bool(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+    if isinstance(out.get("box"), list):
+        out["box"] = tuple(out["box"])
+    return out
+
+
+def _parse_local(spec: Any) -> dict[str, Any]:
+    """``"sift"``, ``"cnn?level=-2&max_keypoints=300"`` -> ``{"kind", "params"}`` (checked)."""
+    from urllib.parse import parse_qsl
+
+    from ..rerank import _value
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"local features are named by a string ({', '.join(_LOCAL_KINDS)}), got {spec!r}")
+    kind, _, query = spec.strip().partition("?")
+    params = {k: _value(v) for k, v in parse_qsl(query, keep_blank_values=True)} if query else {}
+    out = _local_spec({"kind": kind.strip().lower(), "params": params})
+    from ..local.extractors import check_local_params
+
+    check_local_params(out["kind"], out["params"])
+    return out
+
+
+def _local_spec(value: Any) -> dict[str, Any]:
+    """The ``local.extractor`` block of store.json: ``{"kind": "sift"|"cnn", "params": {...}}``
+    with plain scalar parameters (the extractor checks their names and values when built)."""
+    d = _dict_with(value, {"kind", "params"}, "local.extractor")
+    if d["kind"] not in _LOCAL_KINDS:
+        raise ValueError(f"local.extractor.kind is {d['kind']!r}; available: {', '.join(_LOCAL_KINDS)}")
+    if not isinstance(d["params"], dict) or len(d["params"]) > 32 or not all(
+            isinstance(k, str) and (v is None or isinstance(v, (bool, int, float, str))) for k, v in d["params"].items()):
+        raise ValueError(f"local.extractor.params must be an object of scalars, got {d['params']!r}")
+    return d
+
+
+def _crc_sidecar(rows_name: str) -> str:
+    """``vectors.<g>.crc32`` / ``local.<g>.crc32``: the little-endian uint32 CRC32 of each row
+    of ``vectors.<g>.f32`` / ``local.<g>.rec``."""
+    return rows_name.rsplit(".", 1)[0] + ".crc32"
 
 
 def _map_checksums(path: Path, n: int) -> np.ndarray:
@@ -2017,6 +2349,8 @@ def _read_config(path: Path) -> dict[str, Any]:
     missing = [k for k in required if k not in config]
     if missing:
         raise StoreCorruptError(f"{path} lacks keys {missing}")
+    config.setdefault("local", None)  # stores written before local features and re-rankers
+    config.setdefault("rerank", [])
     try:
         _check_config(config, path.parent)
     except (ValueError, TypeError) as e:
@@ -2031,6 +2365,7 @@ _NAME_PATTERNS = {
     "vectors": re.compile(r"vectors\.\d{1,18}\.f32"),
     "whitening.file": re.compile(r"whitening\.\d{1,18}\.npz"),
     "index.dir": re.compile(r"index\.\d{1,18}"),
+    "local.file": re.compile(r"local\.\d{1,18}\.rec"),
 }
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -2110,6 +2445,19 @@ def _check_config(c: dict[str, Any], root: Path) -> None:
             _int_in(d["rows"], 0, 1 << 62, "dba.rows")
     if c["vectors"] is not None:
         _check_name(c["vectors"], "vectors")
+    if c["local"] is not None:
+        from ..local.storage import RecordLayout
+
+        loc = _dict_with(c["local"], {"file", "layout", "extractor"}, "local")
+        _check_name(loc["file"], "local.file")
+        RecordLayout.from_dict(loc["layout"])
+        _local_spec(loc["extractor"])
+    if not isinstance(c["rerank"], list) or len(c["rerank"]) > 8 or not all(isinstance(x, str) for x in c["rerank"]):
+        raise ValueError(f"rerank must be a list of at most 8 re-ranker specs, got {c['rerank']!r}")
+    from ..rerank import parse_rerank
+
+    for spec in c["rerank"]:
+        parse_rerank(spec)
     if c["index"] is not None:
         x = _dict_with(c["index"], {"dir", "rows", "remove_seq"}, "index")
         _check_name(x["dir"], "index.dir")

@@ -124,7 +124,12 @@ class GlobalHead(Head):
         """``[..., (B, C, h, w)] -> (B, D)``: the last map (or a bare map), pooled, normalised,
         whitened, normalised."""
         fmap = features if isinstance(features, torch.Tensor) else features[-1]
-        v = self.pool(fmap)
+        return self.describe_pooled(self.pool(fmap))
+
+    def describe_pooled(self, v: torch.Tensor) -> torch.Tensor:
+        """``(B, C)`` pooled vectors -> ``(B, D)`` descriptors: the steps after the pooling
+        (normalised, whitened, normalised). Test-time pooling variants
+        (:mod:`imret.refinement`) pool the map themselves and finish here."""
         if v.dtype in (torch.float16, torch.bfloat16):
             v = v.float()  # normalise in float32 under autocast
         if self.whiten is not None:
