@@ -473,6 +473,57 @@ def test_add_and_delete_through_the_page(server, driver, paris):
     assert _get_json(server + "/api/health")["images"] == N_DB
 
 
+def test_localize_draws_the_object_box_on_the_hit_thumbnails(server, driver, paris):
+    """With "Localize object" on, the search asks for boxes (localize=true: an aml stage) and
+    each hit's box is drawn over its square, cover-cropped thumbnail where the box lies in the
+    image; the caption names the stage. Nothing is refused by the page's CSP."""
+    drv = driver
+    driver.get_log("browser")  # only this test's entries below
+    _open(drv, server + "/")
+    toggle = drv.find_element("id", "localize-toggle")
+    assert not toggle.is_selected()  # off by default
+    toggle.click()
+    _upload(drv, paris["query_path"])  # the automatic search, with localize=true
+    assert "re-ranked by aml:20" in drv.find_element("id", "took").text
+    _wait(drv, lambda d: _thumbs_loaded(d, "#results img"), "the result thumbnails")
+    drv.execute_script("window.scrollTo(0, 0)")
+    tiles = drv.execute_script("""
+        return [...document.querySelectorAll('#results [data-testid=result]')].map(li => {
+          const t = li.querySelector('.tile-btn').getBoundingClientRect();
+          const b = li.querySelector('[data-testid=hit-box]');
+          const r = b ? b.getBoundingClientRect() : null;
+          return {id: +li.dataset.id, box: li.dataset.box || null,
+                  n: li.querySelectorAll('[data-testid=hit-box]').length,
+                  tile: [t.left, t.top, t.width, t.height], rect: r ? [r.left, r.top, r.width, r.height] : null};
+        });""")
+    assert len(tiles) == 20 and all(t["box"] for t in tiles), tiles[:3]
+    drawn = [t for t in tiles if t["rect"]]
+    assert drawn and all(t["n"] == 1 for t in drawn)
+    for t in drawn[:5]:
+        tx, ty, tw, th = t["tile"]
+        x, y, w, h = t["rect"]
+        assert tw > 50 and abs(tw - th) < 1  # the square tile
+        # a plausible box: a visible part of the tile, inside it (up to the hover zoom)
+        assert 0.05 * tw <= w <= 1.05 * tw and 0.05 * th <= h <= 1.05 * th, t
+        assert tx - 0.05 * tw <= x and x + w <= tx + 1.05 * tw and ty - 0.05 * th <= y and y + h <= ty + 1.05 * th, t
+        # where the box lies in the image, as object-fit: cover shows the image (short side fills the tile)
+        img = _get_json(server + f"/api/images/{t['id']}")
+        x1, y1, x2, y2 = (float(v) for v in t["box"].split(","))
+        m = min(img["width"], img["height"])
+        ox, oy = (1 - img["width"] / m) / 2, (1 - img["height"] / m) / 2
+        want_l = min(max(ox + x1 / m, 0), 1) * tw
+        want_r = min(max(ox + x2 / m, 0), 1) * tw
+        want_t = min(max(oy + y1 / m, 0), 1) * th
+        want_b = min(max(oy + y2 / m, 0), 1) * th
+        zoom = 0.05 * tw + 2  # the hover zoom, and rounding
+        assert abs((x - tx) - want_l) <= zoom and abs((x + w - tx) - want_r) <= zoom, (t, img)
+        assert abs((y - ty) - want_t) <= zoom and abs((y + h - ty) - want_b) <= zoom, (t, img)
+    _screenshot(drv, "browser_localize.png")
+    toggle.click()  # off again for the tests after this one
+    severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, severe
+
+
 def test_no_errors_in_the_browser_console(server, driver):
     """No script errors and nothing refused (CSP) during the tests above."""
     severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]

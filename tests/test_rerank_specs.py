@@ -96,3 +96,10 @@ def test_path_sources_compute_each_id_once_and_keep_it(tmp_path, monkeypatch):
     db([0])
     db([2])
     assert calls == ["a.jpg", "bad.jpg", "c.jpg", "bad.jpg", "c.jpg"]
+
+
+def test_a_stage_parameter_named_like_a_source_of_another_stage_is_accepted():
+    # "model" is the verifier's transform model (affine / homography), and what aml is built on
+    assert check_rerank("sift:10?model=homography").params == {"model": "homography"}
+    with pytest.raises(ValueError, match="unknown parameter 'model'"):
+        check_rerank("aml:10?model=x")

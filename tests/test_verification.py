@@ -323,3 +323,45 @@ def test_verifier_time_budget_stops_verification(gv_world):
         assert np.all(np.diff(s[0]) <= 0)
         unverified = [int(x) for x, c in zip(i[0], extras["inliers"][0]) if c < 15]
         assert unverified == [x for x in ids[0].tolist() if x in unverified]  # in their global order
+
+
+def test_plausible_transforms_against_their_definition():
+    from imret.local.verification import plausible
+
+    assert plausible(np.eye(3))
+    rot = np.array([[0.0, -2.0, 5.0], [2.0, 0.0, 1.0], [0, 0, 1]])  # rotate 90 degrees, scale 2
+    assert plausible(rot)
+    assert not plausible(np.diag([0.05, 0.05, 1.0]))  # shrinks 20x
+    assert not plausible(np.diag([-1.0, 1.0, 1.0]))  # a mirror
+    assert not plausible(np.diag([3.0, 0.5, 1.0]))  # aspect changed 6x
+    assert plausible(np.diag([3.0, 0.5, 1.0]), max_anisotropy=6.0)
+    assert not plausible(None) and not plausible(np.full((3, 3), np.nan))
+    h = np.array([[1.0, 0, 0], [0, 1.0, 0], [0.0, -0.01, 1.0]])  # w = 1 - 0.01 y: behind the camera for y > 100
+    assert plausible(h, np.array([[10.0, 10.0]]))
+    assert not plausible(h, np.array([[10.0, 500.0]]))
+
+
+def test_a_collapsed_fit_is_set_aside_and_the_true_transform_found():
+    from imret.local.verification import estimate_transform
+
+    rng = np.random.default_rng(3)
+    true = np.array([[0.9, -0.2, 40.0], [0.2, 0.9, -15.0], [0, 0, 1]])
+    src_good = rng.uniform(0, 800, (25, 2))
+    dst_good = src_good @ true[:2, :2].T + true[:2, 2]
+    # 120 query points all "matched" into one 3-pixel patch of image 2: a transform that
+    # collapses image 1 onto it explains them all
+    src_bad = rng.uniform(0, 800, (120, 2))
+    dst_bad = np.array([500.0, 300.0]) + rng.uniform(-1.5, 1.5, (120, 2))
+    kp1 = np.concatenate([src_good, src_bad]).astype(np.float32)
+    kp2 = np.concatenate([dst_good, dst_bad]).astype(np.float32)
+    m = np.stack([np.arange(145), np.arange(145)], 1)
+    v = estimate_transform(kp1, kp2, m, threshold=4.0)
+    assert v.inliers >= 23 and v.mask[:25].sum() >= 23
+    np.testing.assert_allclose(v.transform[:2], true[:2], atol=0.05 * 100 / 100 + 1.0)
+    raw = estimate_transform(kp1, kp2, m, threshold=4.0, max_scale=None)  # no check: the collapse wins
+    assert raw.inliers > 100
+    # one-to-one counting: the same keypoint matched many times counts once
+    kp2_dup = np.concatenate([dst_good, np.repeat(dst_good[:1], 120, 0)]).astype(np.float32)
+    kp1_dup = np.concatenate([src_good, np.repeat(src_good[:1], 120, 0)]).astype(np.float32)
+    m_dup = np.stack([np.r_[np.arange(25), np.zeros(120, int)], np.r_[np.arange(25), np.zeros(120, int)]], 1)
+    assert 23 <= estimate_transform(kp1_dup, kp2_dup, m_dup, threshold=4.0).inliers <= 25

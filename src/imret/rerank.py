@@ -39,8 +39,10 @@ _KINDS: dict[str, tuple[int, str, str]] = {
     "sg": (400, "imret.refinement:TopMRefiner", "m"),
 }
 RERANK_KINDS = tuple(_KINDS)
+CNN_THRESHOLD = 20.0  # RANSAC threshold of cnn stages, px at 1024 px (DELG's, for stride-16 features)
 # keyword arguments a builder supplies (sources, callables), never given in a spec
-_SUPPLIED = {"extract_query", "database", "model", "maps", "postprocess", "rows", "self"}
+_SUPPLIED = {"sift": {"extract_query", "database"}, "cnn": {"extract_query", "database"},
+             "aml": {"model", "maps", "postprocess"}, "sg": {"rows"}}
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,8 @@ def check_rerank(spec: "str | RerankSpec") -> RerankSpec:
     values are checked when the stage is built), so that a typo fails before any work."""
     s = parse_rerank(spec)
     sig = inspect.signature(s.stage)
-    known = [n for n, p in sig.parameters.items() if n not in _SUPPLIED and p.kind is not p.VAR_KEYWORD]
+    known = [n for n, p in sig.parameters.items()
+             if n != "self" and n not in _SUPPLIED[s.kind] and p.kind is not p.VAR_KEYWORD]
     count_key = _KINDS[s.kind][2]
     for key in s.params:
         if key == count_key:
@@ -167,7 +170,10 @@ def build_reranker(spec: "str | RerankSpec", sources: RerankSources):
     if s.kind in ("sift", "cnn"):
         if sources.local_query is None or sources.local_database is None:
             raise ValueError(f"re-ranker {s.kind!r} needs local features of the database images")
-        return cls(sources.local_query(s.kind), sources.local_database(s.kind), top_k=s.top_k, **s.params)
+        params = dict(s.params)
+        if s.kind == "cnn":  # features on a stride-16 grid: DELG's 20 px (at 1024 px), not SIFT's 8
+            params.setdefault("threshold", CNN_THRESHOLD)
+        return cls(sources.local_query(s.kind), sources.local_database(s.kind), top_k=s.top_k, **params)
     if s.kind == "aml":
         if sources.model is None or sources.maps is None:
             raise ValueError("re-ranker 'aml' needs the model and the database images' feature maps")

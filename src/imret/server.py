@@ -5,7 +5,9 @@ uvicorn (the endpoints are listed in ``docs/http-api.md`` and in the OpenAPI sch
 ``/openapi.json``, browsable at ``/docs``):
 
 - searches by uploaded photo (optional crop box, ``k``, query expansion on or off) and by the
-  id of an indexed image; adds and removes; thumbnails; paged listing; info, health, metrics;
+  id of an indexed image, re-ranked by the store's second stages or the request's own
+  (:mod:`imret.rerank` specs, ``localize`` for object boxes); adds and removes; thumbnails;
+  paged listing; info, health, metrics;
 - a web page (``/``) from :mod:`imret.web` to drop a photo, draw a crop box and browse results.
 
 Design:
@@ -15,6 +17,16 @@ Design:
 - **Micro-batching**: decoded queries go to one :class:`~imret.batching.MicroBatcher` worker,
   which runs the model over them and searches the index once for the whole batch, so the
   model never runs on several threads at once and throughput holds up under load.
+- **Re-ranking** (geometric verification, localisation, top-M refinement) runs after the
+  batched first stage, per query, on a small pool of its own (``rerank_workers`` threads), so
+  that RANSAC and localisation neither block the event loop nor hold up the next batch's
+  first stage. It sees the pixels the request uploaded (kept in a private temporary file
+  until its re-ranking ends) or, for a search by indexed image, that image's stored file; a
+  path from a request is never read. Request specs are untrusted: checked names, at most
+  ``max_rerank_stages`` stages of at most ``max_rerank_k`` candidates, and only the
+  parameters of :data:`REQUEST_RERANK_PARAMS` (the server keeps threads, iterations, time
+  and image sizes for itself); stages built for requests are kept in a small LRU, never in
+  the store.
 - **Writes** (add, remove) run one at a time on a single writer thread through the store,
   which commits them crash-safely; searches keep being answered meanwhile (the store only
   locks them out during the short commit of each batch). Uploaded files are stored under
@@ -56,7 +68,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-__all__ = ["ServerConfig", "ApiError", "ERROR_CODES", "RequestGuard", "create_app", "sanitise_name"]
+__all__ = ["ServerConfig", "ApiError", "ERROR_CODES", "REQUEST_RERANK_PARAMS", "RequestGuard", "create_app",
+           "sanitise_name"]
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 UPLOADS = "uploads"
@@ -80,12 +93,32 @@ ERROR_CODES: dict[str, str] = {
     "too_many_pixels": "an image with more pixels than max_pixels",
     "unsupported_media_type": "not an image in an accepted format, or a request that is not multipart",
     "bad_image": "a truncated or corrupt image",
-    "busy": "the query queue is full",
+    "busy": "the query queue (or the re-ranking queue) is full",
+    "rerank_unavailable": "a re-ranker the store has no sources for (local features of that kind, a model "
+                          "with a global head)",
     "insufficient_storage": "the server's disk is full: nothing of the request was written, the store is intact",
     "store_damaged": "a file of the store is damaged (the server log names it); nothing was changed",
     "internal": "an unexpected server error (logged)",
 }
 """Every error ``code`` the server answers with, and what it means (see docs/http-api.md)."""
+
+# (a verifier's ``model``, affine or homography, is refused by imret.rerank.check_rerank for now:
+# it shares its name with the network the builders supply)
+_VERIFY_PARAMS = ("min_inliers", "model", "method", "threshold", "reference_side", "ratio", "mutual", "max_distance",
+                  "confidence", "seed", "max_scale", "max_anisotropy")
+REQUEST_RERANK_PARAMS: dict[str, tuple[str, ...]] = {
+    "sift": _VERIFY_PARAMS,
+    "cnn": _VERIFY_PARAMS,
+    "aml": ("alpha", "max_aspect_change", "refine", "qe", "query_pool"),
+    "sg": ("k", "beta"),
+}
+"""The re-ranker parameters a request's ``rerank`` spec may set, per kind: those that change
+the ranking. The ones that set how much work a query costs (``workers``, ``max_iters``,
+``time_budget``, ``image_size``, ``step``, ``chunk_size``, ``device``) are the server's: a
+request's stage takes their defaults (the store's own specs may set them)."""
+MAX_RERANK_SPEC = 300
+"""Longest re-ranker spec string a request may send (characters)."""
+_REQUEST_STAGES_KEPT = 32  # stages built for request specs, kept for reuse (LRU)
 
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 _WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -110,7 +143,14 @@ class ServerConfig:
         default_k: ``k`` when a request does not say.
         max_batch: most queries per model/search batch.
         max_wait_ms: how long a query waits for others to join its batch.
-        max_queue: queries allowed to wait; beyond, 503.
+        max_queue: queries allowed to wait; beyond, 503 (separately for the first stage and
+            for re-ranking).
+        max_rerank_stages: most re-rankers in one request's ``rerank`` list (``localize`` may
+            add one ``aml`` stage more; the store's own list is not limited).
+        max_rerank_k: most candidates one stage of a request may look at (its ``top_k``; ``sg``:
+            M), which also bounds the ``aml`` stage that ``localize`` adds.
+        rerank_workers: threads that re-rank queries (each geometric verification uses a few
+            more threads of its own).
         thumbnail_cache: thumbnails kept in memory (LRU).
         save_interval_s: after adds or removes, the search index (FAISS, Milvus) is saved at
             most this often and at shutdown, not after every request (the store's descriptors
@@ -138,6 +178,9 @@ class ServerConfig:
     max_batch: int = 16
     max_wait_ms: float = 2.0
     max_queue: int = 512
+    max_rerank_stages: int = 4
+    max_rerank_k: int = 400
+    rerank_workers: int = 2
     thumbnail_cache: int = 4096
     save_interval_s: float = 60.0
     device: str = "cpu"
@@ -149,7 +192,8 @@ class ServerConfig:
         self.allowed_origins = tuple(_check_allowed_origin(o)
                                      for o in _as_strings(self.allowed_origins, "allowed_origins"))
         for name in ("max_upload_bytes", "max_pixels", "max_files", "max_request_bytes", "max_k", "default_k",
-                     "max_batch", "max_queue", "thumbnail_cache"):
+                     "max_batch", "max_queue", "max_rerank_stages", "max_rerank_k", "rerank_workers",
+                     "thumbnail_cache"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -343,6 +387,17 @@ class _Checked:
     tensor: Any = None  # the model input (search), or None (add: decoded only to check it)
     sha256: str = ""
     bbox: tuple[float, float, float, float] | None = None  # the box used, clamped to the image
+    file: str | None = None  # a private temporary copy (keep_file=True), for the re-rankers
+
+
+@dataclass
+class _RerankPlan:
+    """The second stages of one search: their canonical specs, the built stages, and how many
+    first-stage candidates they need (at least ``k``)."""
+
+    specs: list[str]
+    stages: list
+    depth: int
 
 
 class Service:
@@ -366,6 +421,10 @@ class Service:
         self.id_batcher = MicroBatcher(self._run_batch, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
                                        max_queue=config.max_queue, name="imret-search-ids")
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imret-writer")
+        self.reranker = ThreadPoolExecutor(max_workers=config.rerank_workers, thread_name_prefix="imret-rerank")
+        self._rerank_lock = threading.Lock()
+        self._rerank_pending = 0
+        self._stages: OrderedDict[str, Any] = OrderedDict()  # stages of request specs (LRU)
         self._thumbs: OrderedDict[tuple[int, int], tuple[bytes, str]] = OrderedDict()
         self._thumb_lock = threading.Lock()
         self._info_cache: tuple[float, dict[str, Any]] | None = None
@@ -375,6 +434,7 @@ class Service:
     def close(self) -> None:
         self.batcher.close()
         self.id_batcher.close()
+        self.reranker.shutdown(wait=True, cancel_futures=True)
         if self._unsaved:
             self.writer.submit(self.store.save_index)
         self.writer.shutdown(wait=True)
@@ -382,8 +442,11 @@ class Service:
 
     # -- uploads ------------------------------------------------------------------------------
 
-    def check_upload(self, data: bytes, filename: str | None, *, bbox=None, decode_for_model: bool = True) -> _Checked:
-        """Check an uploaded file and decode it as the store's model input; ApiError if bad."""
+    def check_upload(self, data: bytes, filename: str | None, *, bbox=None, decode_for_model: bool = True,
+                     keep_file: bool = False) -> _Checked:
+        """Check an uploaded file and decode it as the store's model input; ApiError if bad.
+        ``keep_file``: keep the private temporary copy the check decoded (``_Checked.file``) for
+        the re-rankers; the caller deletes it (:meth:`submit_rerank` does)."""
         from PIL import Image, UnidentifiedImageError
 
         from .extract import upscale_to
@@ -429,17 +492,22 @@ class Service:
         ext = suffix if suffix in formats[fmt] else formats[fmt][0]  # the uploaded one when it fits
         path = Path(self._tmp.name) / f"{secrets.token_hex(8)}{ext}"
         path.write_bytes(data)
+        kept = False
         try:
             size = self.pre.image_size if decode_for_model else 64
             img = load_image(path, image_size=size, bbox=box, draft=self.pre.draft,
                              max_pixels=min(self.config.max_pixels, self.pre.max_pixels or self.config.max_pixels),
                              crop_resize=self.pre.crop_resize)
+            tensor = to_tensor(upscale_to(img, self.pre.min_size), self.model.mean, self.model.std) \
+                if decode_for_model else None
+            kept = keep_file
         except ImageError as e:
             raise ApiError(422, "bad_image", f"{name}: {_hide_paths(e.reason, {str(path): name})}") from None
         finally:
-            path.unlink(missing_ok=True)
-        tensor = to_tensor(upscale_to(img, self.pre.min_size), self.model.mean, self.model.std) if decode_for_model else None
-        return _Checked(data, name, ext, w, h, tensor, hashlib.sha256(data).hexdigest(), box)
+            if not kept:
+                path.unlink(missing_ok=True)
+        return _Checked(data, name, ext, w, h, tensor, hashlib.sha256(data).hexdigest(), box,
+                        str(path) if kept else None)
 
     # -- searching ------------------------------------------------------------------------------
 
@@ -454,7 +522,9 @@ class Service:
         return qe if qe.method != "none" else QueryExpansion("alpha", k=10, alpha=3.0)
 
     def _run_batch(self, items: list[_Query]) -> list[Any]:
-        """The batcher's function: model over the image queries, then one search per QE setting."""
+        """The batcher's function: model over the image queries, then one search per QE setting.
+        Each query gets ``(scores, ids, x)``: its top ``k`` and, for a photo, its raw descriptor
+        ``(1, D)`` (for the re-rankers; None for a search by id)."""
         from .extract import describe_tensors
 
         out: list[Any] = [None] * len(items)
@@ -482,14 +552,131 @@ class Service:
                 continue
             for r, i in enumerate(idx):
                 kk = items[i].k
-                out[i] = (scores[r, :kk], ids[r, :kk])
+                x = desc[row_of[i]][None] if is_img else None
+                out[i] = (scores[r, :kk], ids[r, :kk], x)
         return out
 
-    def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[dict[str, Any]]:
+    def hits(self, scores: np.ndarray, ids: np.ndarray, extras: dict[str, np.ndarray] | None = None
+             ) -> list[dict[str, Any]]:
+        """One query's ``(k,)`` results as JSON hits; ``extras`` (``(k, ...)`` arrays aligned with
+        ``ids``) add what the re-rankers found per hit (see :func:`_extras_fields`)."""
         keep = ids >= 0
         recs = {r.id: r for r in self.store.records([int(i) for i in ids[keep]])}
-        return [{"id": int(i), "score": round(float(s), 6), **self._image_fields(recs[int(i)], full=False)}
-                for s, i in zip(scores[keep], ids[keep])]
+        return [{"id": int(ids[j]), "score": round(float(scores[j]), 6),
+                 **self._image_fields(recs[int(ids[j])], full=False), **_extras_fields(extras, j)}
+                for j in np.flatnonzero(keep).tolist()]
+
+    # -- re-ranking -----------------------------------------------------------------------------
+
+    @property
+    def rerank_pending(self) -> int:
+        """Queries queued or running on the re-rank pool."""
+        with self._rerank_lock:
+            return self._rerank_pending
+
+    def configured_rerank(self) -> list[str]:
+        """The store's own re-ranker specs (``imret index configure --rerank``)."""
+        # Store has no public accessor for the spec strings (info() also sums the disk usage)
+        with self.store._lock:
+            return list(self.store._config.get("rerank") or [])
+
+    def plan_rerank(self, given: list | None, localize: bool, k: int) -> _RerankPlan:
+        """The stages of one search: the request's checked specs (``given``; None: the store's
+        own), plus ``aml`` when ``localize`` asks for boxes and no stage localises yet."""
+        from .rerank import parse_rerank
+        from .retrieval import rerank_depth
+
+        configured = self.configured_rerank()
+        specs = [parse_rerank(s) for s in configured] if given is None else list(given)
+        if localize and not any(s.kind == "aml" for s in specs):
+            specs.append(parse_rerank(f"aml:{min(k, self.config.max_rerank_k)}"))
+        local = self.store.local_kind
+        for s in specs:
+            if s.kind in ("sift", "cnn") and s.kind != local:
+                have = f"keeps {local} local features" if local else "keeps no local features"
+                raise ApiError(409, "rerank_unavailable",
+                               f"re-ranker {str(s)!r} needs {s.kind} local features of the indexed images, and this "
+                               f"store {have}; add them with `imret index configure STORE --local {s.kind}` (with "
+                               "the server stopped), or search with rerank=none")
+        stages = [self._stage(s, str(s) in configured) for s in specs]
+        return _RerankPlan([str(s) for s in specs], stages, max(int(k), rerank_depth(stages)))
+
+    def _stage(self, spec, configured: bool):
+        """The stage of one spec: the store's cached one for its own specs, else one built for
+        requests and kept in a small LRU (request specs are unbounded in number)."""
+        from .rerank import build_reranker
+
+        key = str(spec)
+        try:
+            if configured:
+                return self.store.rerankers([key])[0]
+            with self._rerank_lock:
+                stage = self._stages.get(key)
+                if stage is not None:
+                    self._stages.move_to_end(key)
+                    return stage
+            # the store's sources: its local features, feature-map cache, rows and model
+            stage = build_reranker(spec, self.store._rerank_sources())
+        except TypeError as e:  # the model has no global head (aml)
+            raise ApiError(409, "rerank_unavailable",
+                           f"re-ranker {key!r} cannot run on this store: {_hide_paths(str(e))}") from None
+        except ValueError as e:  # a parameter value the stage refuses
+            status, code = (409, "rerank_unavailable") if configured else (400, "bad_request")
+            raise ApiError(status, code, f"re-ranker {key!r}: {_hide_paths(str(e))}") from None
+        with self._rerank_lock:
+            self._stages[key] = stage
+            while len(self._stages) > _REQUEST_STAGES_KEPT:
+                self._stages.popitem(last=False)
+        return stage
+
+    def submit_rerank(self, plan: _RerankPlan, x: np.ndarray | None, scores: np.ndarray, ids: np.ndarray, k: int,
+                      *, image: str, box=None, image_id: int | None = None, owned_file: str | None = None):
+        """Queue one query's re-ranking on the re-rank pool; a future of ``(scores, ids, extras)``
+        (its first ``k``). ``image`` is the query's file: the upload's private copy
+        (``owned_file``, deleted when the job ends or is cancelled, or here when it is refused)
+        or the stored file of the indexed image ``image_id``. More than ``max_queue`` queued
+        queries: 503."""
+        with self._rerank_lock:
+            full = self._rerank_pending >= self.config.max_queue
+            if not full:
+                self._rerank_pending += 1
+        if full:
+            if owned_file is not None:
+                Path(owned_file).unlink(missing_ok=True)
+            raise ApiError(503, "busy", f"the server is overloaded ({self.config.max_queue} queries wait for "
+                                        "re-ranking); retry later")
+
+        def done(_fut) -> None:  # after the job, or when it was cancelled before it ran
+            with self._rerank_lock:
+                self._rerank_pending -= 1
+            if owned_file is not None:
+                Path(owned_file).unlink(missing_ok=True)
+
+        try:
+            fut = self.reranker.submit(self._rerank, plan, x, scores, ids, k, image, box, image_id)
+        except RuntimeError:  # shutting down
+            done(None)
+            raise ApiError(503, "busy", "the server is shutting down") from None
+        fut.add_done_callback(done)
+        return fut
+
+    def _rerank(self, plan: _RerankPlan, x, scores, ids, k: int, image: str, box, image_id: int | None):
+        from .images import ImageError
+        from .retrieval import apply_rerankers, truncate
+
+        if x is None:  # a search by id: the indexed image's own descriptor, as search_ids uses it
+            x = np.asarray(self.store.descriptors()[[image_id]], np.float32)
+        x = self.store.postprocess(x)
+        try:
+            res = apply_rerankers(plan.stages, x, scores[None], ids[None], [(image, box)])
+        except ImageError as e:
+            if image_id is None:
+                raise
+            reason = _hide_paths(e.reason, {image: self.display_name(image)})
+            raise ApiError(404, "not_found", f"image {image_id} cannot be read any more ({reason}), so its search "
+                                             "cannot be re-ranked; search with rerank=none") from None
+        res = truncate(res, k)
+        return res.scores[0], res.ids[0], {n: a[0] for n, a in res.extras.items()}
 
     @staticmethod
     def display_name(path: str) -> str:
@@ -650,7 +837,33 @@ class Service:
             "max_k": c.max_k, "default_k": c.default_k, "writes": not c.read_only,
             "auth": {"writes": c.token is not None, "reads": c.token_reads},
             "upload_formats": sorted(f for f in upload_formats() if f != "MPO"),
-            "query_expansion": store.get("query_expansion"), "version": _version()}}
+            "query_expansion": store.get("query_expansion"),
+            "rerank": {"max_stages": c.max_rerank_stages, "max_top_k": c.max_rerank_k,
+                       "request_params": {k: list(v) for k, v in REQUEST_RERANK_PARAMS.items()}},
+            "version": _version()}}
+
+
+def _extras_fields(extras: dict[str, np.ndarray] | None, j: int) -> dict[str, Any]:
+    """What the re-rankers found for hit ``j`` (extras ``(k, ...)``), as JSON numbers, each only
+    when a stage set it: ``inliers`` (int, geometric verification), ``box`` (``[x1, y1, x2, y2]``
+    of the localised object in the hit image's upright pixels) and ``transform`` (3x3, query
+    pixels -> hit pixels)."""
+    out: dict[str, Any] = {}
+    if not extras:
+        return out
+    if "inliers" in extras:
+        n = int(extras["inliers"][j])
+        if n >= 0:
+            out["inliers"] = n
+    if "box" in extras:
+        b = np.asarray(extras["box"][j], np.float64)
+        if b.shape == (4,) and np.isfinite(b).all():
+            out["box"] = [round(float(v), 2) for v in b]
+    if "transform" in extras:
+        t = np.asarray(extras["transform"][j], np.float64)
+        if t.shape == (3, 3) and np.isfinite(t).all():
+            out["transform"] = [[round(float(v), 6) for v in row] for row in t]
+    return out
 
 
 def _public_store_info(info: dict[str, Any]) -> dict[str, Any]:
@@ -735,6 +948,43 @@ def _parse_bool(text: str | None, name: str) -> bool | None:
     if t in ("0", "false", "no", "off"):
         return False
     raise ApiError(400, "bad_request", f"{name} must be true or false, got {text!r}")
+
+
+def _parse_rerank(values: list[str] | None, cfg: ServerConfig) -> list | None:
+    """A request's ``rerank`` field (one spec per value): None when absent (the store's own
+    stages), ``[]`` for ``none``, else the checked :class:`~imret.rerank.RerankSpec` list."""
+    from .rerank import check_rerank
+
+    given = [v.strip() for v in (values or []) if v is not None and v.strip() != ""]
+    if not given:
+        return None
+    if any(v.lower() == "none" for v in given):
+        if len(given) > 1:
+            raise ApiError(400, "bad_request", "rerank=none switches the re-rankers off; give it alone")
+        return []
+    if len(given) > cfg.max_rerank_stages:
+        raise ApiError(400, "bad_request", f"{len(given)} re-rankers in one request; the limit is "
+                                           f"{cfg.max_rerank_stages}")
+    out = []
+    for v in given:
+        if len(v) > MAX_RERANK_SPEC:
+            raise ApiError(400, "bad_request", f"re-ranker spec {v[:60]!r}... is {len(v)} characters long; the limit "
+                                               f"is {MAX_RERANK_SPEC}")
+        try:
+            s = check_rerank(v)
+        except ValueError as e:
+            raise ApiError(400, "bad_request", f"rerank: {e}") from None
+        if s.top_k > cfg.max_rerank_k:
+            raise ApiError(400, "bad_request", f"re-ranker {v!r} looks at {s.top_k} candidates; this server allows "
+                                               f"at most {cfg.max_rerank_k} per stage ({s.kind}:N, N <= "
+                                               f"{cfg.max_rerank_k})")
+        allowed = REQUEST_RERANK_PARAMS[s.kind]
+        fixed = [p for p in s.params if p not in allowed]
+        if fixed:
+            raise ApiError(400, "bad_request", f"re-ranker {v!r}: {', '.join(fixed)} is set by the server, not per "
+                                               f"request; a request may set: {', '.join(allowed)}")
+        out.append(s)
+    return out
 
 
 def _check_k(k: int | None, cfg: ServerConfig) -> int:
@@ -1063,6 +1313,20 @@ def create_app(store, config: ServerConfig | None = None, *, url: str | None = N
     # 64 bits SQLite takes) is a 422 like any other bad parameter, never an error further down
     ImageId = Annotated[int, PathParam(ge=0, le=MAX_ID, description=f"image id (0..{MAX_ID})")]
     K_HELP = f"number of results (1..{config.max_k}; default {config.default_k})"
+    RERANK_HELP = (f"re-rankers to run after the first stage instead of the store's own (/api/info store.rerank): "
+                   f"one spec 'kind[:top_k][?key=value&...]' per value, kinds sift, cnn, aml, sg; at most "
+                   f"{config.max_rerank_stages} stages of at most {config.max_rerank_k} candidates, parameters of "
+                   f"/api/info server.rerank.request_params only. 'none': no re-ranking. Absent: the store's own")
+    LOCALIZE_HELP = (f"'true': give hits a 'box' of the query object, adding an aml:min(k,{config.max_rerank_k}) "
+                     "stage unless a stage already localises (default false)")
+    HITS_HELP = ("Each hit is {id, score, name, width, height, thumbnail} plus, when a re-ranker set them, "
+                 "`inliers` (geometric verification), `box` [x1, y1, x2, y2] (the localised object, in the hit "
+                 "image's upright pixels) and `transform` (3x3, query pixels -> hit pixels). `rerank` lists the "
+                 "stages that ran. A sift/cnn stage on a store without those local features is 409 "
+                 "`rerank_unavailable`.")
+    SEARCH_DESC = "Search with an uploaded photo; re-rankers see the uploaded pixels (and the box). " + HITS_HELP
+    SIMILAR_DESC = ("Search with the stored descriptor of an indexed image; re-rankers that need pixels read that "
+                    "image's stored file. " + HITS_HELP)
 
     err = {"model": dict, "description": "error: {\"error\": {\"status\", \"code\", \"message\"}}"}
 
@@ -1168,12 +1432,34 @@ def create_app(store, config: ServerConfig | None = None, *, url: str | None = N
         if config.read_only:
             raise ApiError(403, "read_only", "this server was started read-only: adds and removes are disabled")
 
-    async def _search(query: _Query) -> tuple[np.ndarray, np.ndarray]:
+    async def _search(query: _Query) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         try:
             fut = (service.batcher if query.tensor is not None else service.id_batcher).submit(query)
         except BatcherFull as e:
             raise ApiError(503, "busy", f"the server is overloaded ({e}); retry later") from None
         return await asyncio.wrap_future(fut)
+
+    async def _ranked(plan: _RerankPlan, query: _Query, k: int, *, image: str | None, box=None,
+                      image_id: int | None = None, owned_file: str | None = None) -> dict[str, Any]:
+        """First stage (batched), then the plan's re-rankers (on the re-rank pool), as the
+        response's ``results`` and ``rerank``. Owns ``owned_file`` (deleted when done)."""
+        try:
+            scores, ids, x = await _search(query)
+        except BaseException:
+            if owned_file is not None:
+                Path(owned_file).unlink(missing_ok=True)
+            raise
+        extras = None
+        if plan.stages:
+            fut = service.submit_rerank(plan, x, scores, ids, k, image=image, box=box, image_id=image_id,
+                                        owned_file=owned_file)
+            scores, ids, extras = await asyncio.wrap_future(fut)
+        else:
+            scores, ids = scores[:k], ids[:k]
+            if owned_file is not None:
+                Path(owned_file).unlink(missing_ok=True)
+        hits = await run_in_threadpool(service.hits, scores, ids, extras)
+        return {"results": hits, "rerank": plan.specs}
 
     # -- pages ---------------------------------------------------------------------------------
 
@@ -1232,39 +1518,55 @@ def create_app(store, config: ServerConfig | None = None, *, url: str | None = N
         return {"requests": service.metrics.snapshot(), "batches": batches(service.batcher),
                 "id_batches": batches(service.id_batcher),
                 "queue": service.batcher.pending + service.id_batcher.pending,
+                "rerank_queue": service.rerank_pending,
                 "uptime_s": round(time.time() - service.started, 3)}
 
     @app.post("/api/search", tags=["search"], summary="Search with an uploaded photo",
-              dependencies=[Depends(read_auth)], responses=errors(400, 401, 403, 413, 415, 422, 503))
+              description=SEARCH_DESC,
+              dependencies=[Depends(read_auth)], responses=errors(400, 401, 403, 409, 413, 415, 422, 503))
     async def search(
         image: UploadFile = File(..., description="the query photo, in a format of /api/info's upload_formats"),
         bbox: str | None = Form(None, description="crop box 'x1,y1,x2,y2' in pixels of the upright image"),
         k: int | None = Form(None, ge=1, le=config.max_k, description=K_HELP),
         qe: str | None = Form(None, description="query expansion 'true'/'false' (default: the store's setting)"),
+        rerank: list[str] | None = Form(None, description=RERANK_HELP),
+        localize: str | None = Form(None, description=LOCALIZE_HELP),
     ):
         t0 = time.perf_counter()
         kk = _check_k(k, config)
         box = _parse_bbox(bbox)
         use_qe = _parse_bool(qe, "qe")
+        specs = _parse_rerank(rerank, config)
+        loc = bool(_parse_bool(localize, "localize"))
+        plan = await run_in_threadpool(service.plan_rerank, specs, loc, kk)  # refused before any decoding
         data = await image.read(config.max_upload_bytes + 1)
-        checked = await run_in_threadpool(service.check_upload, data, image.filename, bbox=box)
-        scores, ids = await _search(_Query(kk, use_qe, tensor=checked.tensor))
-        hits = await run_in_threadpool(service.hits, scores, ids)
-        return {"results": hits, "took_ms": round((time.perf_counter() - t0) * 1000, 3),
+        checked = await run_in_threadpool(service.check_upload, data, image.filename, bbox=box,
+                                          keep_file=bool(plan.stages))
+        out = await _ranked(plan, _Query(plan.depth, use_qe, tensor=checked.tensor), kk, image=checked.file,
+                            box=checked.bbox, owned_file=checked.file)
+        return {**out, "took_ms": round((time.perf_counter() - t0) * 1000, 3),
                 "query": {"width": checked.width, "height": checked.height,
                           "bbox": list(checked.bbox) if checked.bbox else None}}
 
     @app.get("/api/images/{image_id}/similar", tags=["search"], summary="Search with an indexed image",
-             dependencies=[Depends(read_auth)], responses=errors(400, 401, 403, 404, 422, 503))
+             description=SIMILAR_DESC,
+             dependencies=[Depends(read_auth)], responses=errors(400, 401, 403, 404, 409, 422, 503))
     async def similar(image_id: ImageId, k: int | None = Query(None, ge=1, le=config.max_k, description=K_HELP),
-                      qe: str | None = Query(None)):
+                      qe: str | None = Query(None, description="query expansion 'true'/'false' (default: the "
+                                                                "store's setting)"),
+                      rerank: list[str] | None = Query(None, description=RERANK_HELP),
+                      localize: str | None = Query(None, description=LOCALIZE_HELP)):
         t0 = time.perf_counter()
         kk = _check_k(k, config)
         use_qe = _parse_bool(qe, "qe")
-        await run_in_threadpool(service.live_record, image_id)
-        scores, ids = await _search(_Query(kk, use_qe, image_id=image_id))
-        hits = await run_in_threadpool(service.hits, scores, ids)
-        return {"results": hits, "took_ms": round((time.perf_counter() - t0) * 1000, 3), "query": {"id": image_id}}
+        specs = _parse_rerank(rerank, config)
+        loc = bool(_parse_bool(localize, "localize"))
+        rec = await run_in_threadpool(service.live_record, image_id)
+        plan = await run_in_threadpool(service.plan_rerank, specs, loc, kk)
+        # stages that need pixels read the indexed image's own file (a path from the store)
+        out = await _ranked(plan, _Query(plan.depth, use_qe, image_id=image_id), kk, image=rec.path,
+                            image_id=image_id)
+        return {**out, "took_ms": round((time.perf_counter() - t0) * 1000, 3), "query": {"id": image_id}}
 
     @app.get("/api/images", tags=["images"], summary="Live images in id order, paged",
              dependencies=[Depends(read_auth)], responses=errors(401, 403, 422))

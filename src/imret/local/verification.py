@@ -40,14 +40,29 @@ MIN_MATCHES = {"affine": 3, "homography": 4}  # the minimal samples: fewer match
 # revisited Oxford/Paris images, and seed 0.
 DEFAULT_TOP_K = 100  # DELG's _NUM_TO_RERANK
 DEFAULT_MAX_ITERS = 1000  # DELG's _NUM_RANSAC_TRIALS
-DEFAULT_THRESHOLD = 20.0  # DELG's ransac_residual_threshold (px at a 1024 px long side)
+# DELG's ransac_residual_threshold is 20 px at a 1024 px long side, for its sparse, attentive
+# features. With RootSIFT (1000 per image, many on repeated facade texture) 20 px lets chance
+# matches of unrelated buildings reach 20-100 "inliers" (measured on rParis6k-mini); 8 px
+# keeps true views verified and unrelated ones under 10.
+DEFAULT_THRESHOLD = 8.0
 DEFAULT_REFERENCE_SIDE = 1024  # the long side DEFAULT_THRESHOLD is measured at (rOxford/rParis images)
 DEFAULT_CONFIDENCE = 0.99  # OpenCV's default for estimateAffine2D / findHomography
 DEFAULT_SEED = 0  # DELG passes ransac_seed=0
 # DELG orders by (inliers, global score) with no minimum, but an affine fitted to random matches
-# still collects a few chance inliers; 15 is COLMAP's minimum for a verified image pair
-# (TwoViewGeometryOptions::min_num_inliers), a common bar for "same scene".
-DEFAULT_MIN_INLIERS = 15
+# still collects a few chance inliers: with the plausibility checks below, unrelated rParis6k-mini
+# photos reached at most 9 one-to-one inliers (60 query/negative pairs), so 10 is the bar.
+DEFAULT_MIN_INLIERS = 10
+# A transform between two photos of one object keeps its orientation (no mirror), changes the
+# scale by less than 10x and the aspect by less than 5x. Without these checks a RANSAC over
+# many putative matches often returns a collapsed transform (a singular value near 0) that maps
+# many query points onto one dense patch of the other image and counts them all as inliers.
+DEFAULT_MAX_SCALE = 10.0
+DEFAULT_MAX_ANISOTROPY = 5.0
+DEFAULT_RETRIES = 2  # implausible fits whose inliers are set aside before fitting again
+# Lowe's 0.8 with mutual nearest neighbours leaves 5-20 putative matches between two views of
+# a Paris facade (repeated windows fail the ratio test); 0.9 keeps 60-200, and mutual nearest
+# neighbours keep them one to one.
+DEFAULT_RATIO = 0.9
 
 
 @dataclass(frozen=True)
@@ -88,6 +103,30 @@ def _check_int(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+def plausible(transform: np.ndarray | None, points: np.ndarray | None = None, *,
+              max_scale: float = DEFAULT_MAX_SCALE, max_anisotropy: float = DEFAULT_MAX_ANISOTROPY) -> bool:
+    """Whether a ``(3, 3)`` transform can relate two photos of one object: orientation kept
+    (positive determinant of its linear part), both singular values within
+    ``[1 / max_scale, max_scale]`` and their ratio at most ``max_anisotropy``. For a homography
+    the linear part is its Jacobian at the centroid of ``points`` (``(N, 2)`` in image 1; the
+    origin when None), where it is also required to keep points in front (``w > 0``)."""
+    if transform is None:
+        return False
+    h = np.asarray(transform, dtype=np.float64)
+    if h.shape != (3, 3) or not np.isfinite(h).all():
+        return False
+    c = np.zeros(2) if points is None or len(points) == 0 else np.asarray(points, np.float64).reshape(-1, 2).mean(0)
+    w = h[2, 0] * c[0] + h[2, 1] * c[1] + h[2, 2]
+    if w <= 1e-12:
+        return False
+    u = h[:2, :2] @ c + h[:2, 2]
+    jac = (h[:2, :2] - np.outer(u / w, h[2, :2])) / w  # d(Hx)/dx at c
+    if np.linalg.det(jac) <= 0:
+        return False
+    sv = np.linalg.svd(jac, compute_uv=False)
+    return bool(sv[1] >= 1.0 / max_scale and sv[0] <= max_scale and sv[0] <= max_anisotropy * sv[1])
+
+
 def estimate_transform(
     kp1: np.ndarray,
     kp2: np.ndarray,
@@ -99,6 +138,9 @@ def estimate_transform(
     max_iters: int = DEFAULT_MAX_ITERS,
     confidence: float = DEFAULT_CONFIDENCE,
     seed: int | None = DEFAULT_SEED,
+    max_scale: float | None = DEFAULT_MAX_SCALE,
+    max_anisotropy: float = DEFAULT_MAX_ANISOTROPY,
+    retries: int = DEFAULT_RETRIES,
 ) -> Verification:
     """Fit a transform from image 1 to image 2 to matched keypoints, robustly.
 
@@ -115,11 +157,17 @@ def estimate_transform(
         confidence: stop early once an as-good model is found with this probability.
         seed: seed of OpenCV's random generator (``cv2.setRNGSeed``, which is per thread) before
             the fit, for reproducible results; None leaves the generator as it is.
+        max_scale, max_anisotropy: a fit that is not :func:`plausible` with these bounds is
+            rejected (None: no check); its inliers are set aside and the fit is tried again on the
+            other matches, up to ``retries`` times.
+
+    Inliers are counted one to one: several matches of one keypoint count once.
 
     Returns:
         A :class:`Verification`. Fewer matches than the model's minimal sample
-        (:data:`MIN_MATCHES`), degenerate configurations (collinear or repeated points) and
-        non-finite estimates give 0 inliers and no transform; this never raises for them.
+        (:data:`MIN_MATCHES`), degenerate configurations (collinear or repeated points),
+        implausible and non-finite estimates give 0 inliers and no transform; this never
+        raises for them.
     """
     _check_choice("model", model, MODELS)
     _check_choice("method", method, METHODS)
@@ -145,7 +193,32 @@ def estimate_transform(
     if not (np.isfinite(src).all() and np.isfinite(dst).all()):
         return Verification.none(n)
 
+    if max_scale is not None:
+        _check_number("max_scale", max_scale, low=1.0, open_low=False)
+        _check_number("max_anisotropy", max_anisotropy, low=1.0, open_low=False)
+    _check_int("retries", retries, 0)
+    keep = np.ones(n, bool)
+    for _ in range(int(retries) + 1):
+        if keep.sum() < MIN_MATCHES[model]:
+            break
+        idx = np.flatnonzero(keep)
+        fit = _fit(src[idx], dst[idx], model, method, threshold, max_iters, confidence, seed)
+        if fit is None:
+            break
+        h, sub = fit
+        mask = np.zeros(n, bool)
+        mask[idx[sub]] = True
+        if max_scale is None or plausible(h, src[mask], max_scale=max_scale, max_anisotropy=max_anisotropy):
+            one_to_one = min(np.unique(m[mask, 0]).size, np.unique(m[mask, 1]).size)
+            return Verification(int(one_to_one), mask, h)
+        keep &= ~mask  # a collapsed fit: set its matches aside and look for another
+    return Verification.none(n)
+
+
+def _fit(src, dst, model, method, threshold, max_iters, confidence, seed):
+    """One robust fit with OpenCV: ``(H (3, 3), inlier mask)`` or None."""
     cv2 = require_cv2()
+    n = src.shape[0]
     flag = cv2.USAC_MAGSAC if method == "magsac" else cv2.RANSAC
     if seed is not None:
         cv2.setRNGSeed(int(seed))
@@ -157,19 +230,19 @@ def estimate_transform(
             t, mask = cv2.findHomography(src, dst, flag, float(threshold), maxIters=int(max_iters),
                                          confidence=float(confidence))
     except cv2.error:  # OpenCV asserts on some degenerate samples: no transform
-        return Verification.none(n)
+        return None
     if t is None or mask is None or not np.isfinite(t).all():
-        return Verification.none(n)
+        return None
     mask = np.asarray(mask).reshape(-1).astype(bool)
-    if mask.shape[0] != n:
-        return Verification.none(n)
+    if mask.shape[0] != n or not mask.any():
+        return None
     h = np.eye(3)
     h[: t.shape[0]] = t
     if model == "homography":
         if abs(h[2, 2]) < 1e-12:
-            return Verification.none(n)
+            return None
         h = h / h[2, 2]
-    return Verification(int(mask.sum()), mask, h)
+    return h, mask
 
 
 def verify_pair(
@@ -273,16 +346,20 @@ class GeometricVerifier:
             :class:`~imret.local.sift.SiftExtractor`).
         database: ``(ids (n,) int64) -> list of LocalFeatures or None``.
         top_k: candidates verified per query (DELG: 100).
-        min_inliers: inliers that make a candidate verified (>= 2; default 15, COLMAP's bar).
+        min_inliers: inliers that make a candidate verified (>= 2; default 10, see
+            :data:`DEFAULT_MIN_INLIERS`).
         model, method, max_iters, confidence, seed: see :func:`estimate_transform`
             (DELG: affine, 1000 iterations, seed 0; MAGSAC++ instead of plain RANSAC because it
             depends less on the threshold).
-        threshold: inlier reprojection error in pixels at a ``reference_side`` long side (DELG:
-            20 px on 1024 px images); for each candidate it is scaled by the long side of its
-            original image over ``reference_side`` (None: pixels as they are).
+        threshold: inlier reprojection error in pixels at a ``reference_side`` long side (8 px
+            on 1024 px images; DELG's 20 px lets RootSIFT verify unrelated facades); for each
+            candidate it is scaled by the long side of its original image over
+            ``reference_side`` (None: pixels as they are).
         ratio, mutual, max_distance: matching, see
-            :func:`~imret.local.matching.match_descriptors` (Lowe's 0.8 with mutual nearest
+            :func:`~imret.local.matching.match_descriptors` (ratio 0.9 with mutual nearest
             neighbours; DELG itself uses ``ratio=None, max_distance=1.0``).
+        max_scale, max_anisotropy, retries: implausible transforms are rejected and the fit
+            tried again without their inliers (see :func:`estimate_transform`).
         workers: threads verifying candidates in parallel (OpenCV and numpy release the GIL);
             None: ``min(8, os.cpu_count())``; 0 or 1: in the calling thread.
         time_budget: seconds per query, from before the query's features are extracted; the
@@ -301,12 +378,15 @@ class GeometricVerifier:
         method: str = "magsac",
         threshold: float = DEFAULT_THRESHOLD,
         reference_side: int | None = DEFAULT_REFERENCE_SIDE,
-        ratio: float | None = 0.8,
+        ratio: float | None = DEFAULT_RATIO,
         mutual: bool = True,
         max_distance: float | None = None,
         max_iters: int = DEFAULT_MAX_ITERS,
         confidence: float = DEFAULT_CONFIDENCE,
         seed: int | None = DEFAULT_SEED,
+        max_scale: float | None = DEFAULT_MAX_SCALE,
+        max_anisotropy: float = DEFAULT_MAX_ANISOTROPY,
+        retries: int = DEFAULT_RETRIES,
         workers: int | None = None,
         time_budget: float | None = None,
     ) -> None:
@@ -324,6 +404,10 @@ class GeometricVerifier:
         _check_number("confidence", confidence, low=0.0, high=1.0)
         if seed is not None:
             _check_int("seed", seed, 0)
+        if max_scale is not None:
+            _check_number("max_scale", max_scale, low=1.0, open_low=False)
+            _check_number("max_anisotropy", max_anisotropy, low=1.0, open_low=False)
+        _check_int("retries", retries, 0)
         if workers is not None:
             _check_int("workers", workers, 0)
         if time_budget is not None:
@@ -344,6 +428,9 @@ class GeometricVerifier:
         self.max_iters = int(max_iters)
         self.confidence = float(confidence)
         self.seed = seed
+        self.max_scale = None if max_scale is None else float(max_scale)
+        self.max_anisotropy = float(max_anisotropy)
+        self.retries = int(retries)
         self.workers = min(8, os.cpu_count() or 1) if workers is None else int(workers)
         self.time_budget = None if time_budget is None else float(time_budget)
 
@@ -362,7 +449,8 @@ class GeometricVerifier:
         """Verify one pair: query (image 1) against a database item (image 2)."""
         return verify_pair(query, candidate, ratio=self.ratio, mutual=self.mutual, max_distance=self.max_distance,
                            model=self.model, method=self.method, threshold=self._threshold_for(candidate),
-                           max_iters=self.max_iters, confidence=self.confidence, seed=self.seed)
+                           max_iters=self.max_iters, confidence=self.confidence, seed=self.seed,
+                           max_scale=self.max_scale, max_anisotropy=self.max_anisotropy, retries=self.retries)
 
     def _verify_query(
         self, pool: ThreadPoolExecutor | None, image: Any, box: Any, ids: np.ndarray, deadline: float | None

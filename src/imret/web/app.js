@@ -13,12 +13,17 @@
  *            #preview-img, #crop-box (data-bbox="x1,y1,x2,y2" in original image pixels, absent
  *            when there is no box; focused, arrows move it, Shift+arrows resize it, Escape
  *            clears it), #bbox-readout, #crop-add (a centred box, for keyboard users),
- *            #crop-clear, #k-select, #qe-toggle,
- *            #search-btn, #query-caption, #took,
+ *            #crop-clear, #k-select, #qe-toggle, #localize-toggle (sends localize=true: hits
+ *            get the box of the query object),
+ *            #search-btn, #query-caption, #took (also names the re-rankers that ran),
  *            #results: data-state = idle | loading | done | error, data-seq = number of result
  *            lists rendered so far (wait for it to change), data-query = "upload" | "id:<n>";
  *            each hit is li[data-testid=result] with data-id, data-name, data-rank (1-based),
- *            data-score; its button.tile-btn searches with that indexed image.
+ *            data-score, data-inliers and data-box ("x1,y1,x2,y2" in the hit image's pixels)
+ *            when the server sent them; its button.tile-btn searches with that indexed image
+ *            and holds span[data-testid=hit-box], the box drawn over the thumbnail (positioned
+ *            in % of the square tile, as object-fit: cover shows the image), and the caption
+ *            span[data-testid=inliers] ("n inliers").
  *   browse   #view-browse, #browse-grid (data-state, data-page, data-total), #page-prev,
  *            #page-next, #page-info ("Page x of y"), #page-input + #page-go (jump),
  *            li[data-testid=browse-item] (data-id, data-name) with button.tile-btn ("find
@@ -43,7 +48,7 @@
     "message", "message-text", "message-close", "spinner",
     "view-search", "dropzone", "dropzone-empty", "file-input", "choose-btn", "change-btn",
     "preview-wrap", "preview-stage", "preview-img", "crop-box", "bbox-readout", "crop-add", "crop-clear",
-    "query-caption", "search-form", "k-select", "qe-toggle", "qe-label", "search-btn",
+    "query-caption", "search-form", "k-select", "qe-toggle", "qe-label", "localize-toggle", "search-btn",
     "took", "results", "results-empty",
     "view-browse", "browse-grid", "browse-empty", "page-prev", "page-next", "page-info",
     "page-jump", "page-input", "add-wrap", "add-btn", "add-input", "server-version",
@@ -548,6 +553,7 @@
     state.searchCtl = ctl;
     const k = Number(el["k-select"].value) || 10;
     const qe = el["qe-toggle"].checked ? "true" : "false";
+    const localize = el["localize-toggle"].checked;
     const bbox = roundedBox();
     el.results.dataset.state = "loading";
     el.results.setAttribute("aria-busy", "true");
@@ -556,7 +562,8 @@
     try {
       let data;
       if (q.kind === "indexed" && !bbox) {
-        data = await api(withParams(`/api/images/${q.id}/similar`, { k, qe }), { signal: ctl.signal });
+        const params = localize ? { k, qe, localize: "true" } : { k, qe };
+        data = await api(withParams(`/api/images/${q.id}/similar`, params), { signal: ctl.signal });
       } else {
         // an indexed image with a box is searched as an upload of its preview (the box is in
         // the preview's pixels)
@@ -566,6 +573,7 @@
         if (bbox) form.append("bbox", bbox.join(","));
         form.append("k", String(k));
         form.append("qe", qe);
+        if (localize) form.append("localize", "true");
         data = await api("/api/search", { method: "POST", body: form, signal: ctl.signal });
       }
       if (ctl !== state.searchCtl) return;
@@ -596,6 +604,7 @@
       li.dataset.name = hit.name;
       li.dataset.rank = i + 1;
       li.dataset.score = hit.score;
+      if (Array.isArray(hit.box)) li.dataset.box = hit.box.join(",");
       const btn = document.createElement("button");
       btn.type = "button";
       btn.className = "tile-btn";
@@ -608,12 +617,19 @@
       const rank = document.createElement("span");
       rank.className = "rank";
       rank.textContent = i + 1;
-      btn.append(img, rank);
+      btn.append(img);
+      const layer = hitBoxLayer(hit);
+      if (layer) btn.append(layer);
+      btn.append(rank);
       btn.addEventListener("click", () => setQueryIndexed(hit));
-      li.append(btn, tileBody(hit.name, [
-        span("score", fmtScore(hit.score), "score"),
-        span("", hit.width && hit.height ? `${hit.width}×${hit.height}` : `#${hit.id}`),
-      ]));
+      const size = hit.width && hit.height ? `${hit.width}×${hit.height}` : `#${hit.id}`;
+      let second = span("", size);
+      if (Number.isInteger(hit.inliers)) {
+        li.dataset.inliers = hit.inliers;
+        second = span("inliers", `${hit.inliers} inlier${hit.inliers === 1 ? "" : "s"}`, "inliers");
+        second.title = `${size}: ${hit.inliers} matched local features agree with one transform`;
+      }
+      li.append(btn, tileBody(hit.name, [span("score", fmtScore(hit.score), "score"), second]));
       return li;
     });
     el.results.replaceChildren(...items);
@@ -624,10 +640,40 @@
     if (!hits.length) el["results-empty"].textContent = "No results: the index is empty.";
     const ms = data.took_ms;
     const took = typeof ms === "number" ? ` · took ${ms.toFixed(ms < 10 ? 1 : 0)} ms` : "";
-    el.took.textContent = `${hits.length} result${hits.length === 1 ? "" : "s"}${took}`;
+    const ran = Array.isArray(data.rerank) ? data.rerank : [];
+    const stages = ran.length ? ` · re-ranked by ${ran.join(" + ")}` : "";
+    el.took.textContent = `${hits.length} result${hits.length === 1 ? "" : "s"}${took}${stages}`;
     const qb = data.query && data.query.bbox;
     updateCaption(bbox ? `searched region ${(qb || bbox).map((v) => Math.round(v)).join(",")}`
       : "searched the whole image");
+  }
+
+  // The box a re-ranker localised in a hit (hit.box, in the hit image's pixels) drawn over its
+  // thumbnail. The square tile shows the image with object-fit: cover (scaled by its short side,
+  // centred), so the box's place in % of the tile follows from the image's size alone and holds
+  // at any tile size; the part the tile crops away is cut off. Styles are set through the CSSOM
+  // (el.style), which the page's CSP (style-src 'self') allows, as for the crop box.
+  function hitBoxLayer(hit) {
+    const b = hit.box;
+    const w = hit.width, h = hit.height;
+    if (!Array.isArray(b) || b.length !== 4 || !b.every(Number.isFinite) || !(w > 0 && h > 0)) return null;
+    const m = Math.min(w, h);
+    const ox = (1 - w / m) / 2, oy = (1 - h / m) / 2;
+    const pct = (v) => Math.min(100, Math.max(0, v * 100));
+    const left = pct(ox + b[0] / m), right = pct(ox + b[2] / m);
+    const top = pct(oy + b[1] / m), bottom = pct(oy + b[3] / m);
+    if (right - left <= 0 || bottom - top <= 0) return null;
+    const layer = document.createElement("span");
+    layer.className = "hit-box-layer";
+    layer.setAttribute("aria-hidden", "true");
+    const box = document.createElement("span");
+    box.className = "hit-box";
+    box.setAttribute("data-testid", "hit-box");
+    Object.assign(box.style, {
+      left: `${left}%`, top: `${top}%`, width: `${right - left}%`, height: `${bottom - top}%`,
+    });
+    layer.append(box);
+    return layer;
   }
 
   function tileBody(name, subs) {
