@@ -8,11 +8,11 @@ prepared pixels back to the original image.
 Coordinates: keypoints are ``(x, y)`` in pixels of the original image with pixel *centres* at
 integer coordinates (OpenCV's convention: the top-left pixel covers ``[-0.5, 0.5)``).
 
-Storage: OpenCV's SIFT descriptors are integers 0..255 (the unit vector clipped at 0.2,
-renormalised and scaled by 512). :meth:`SiftExtractor.encode` returns them as ``uint8`` next
-to the features; store those (128 bytes a feature) and rebuild the float descriptors with
-:func:`sift_from_uint8`, which applies RootSIFT (or L2 normalisation) on load, so the stored
-form does not depend on ``root``.
+Storage: the store keeps RootSIFT as uint8 codes of the unit vectors
+(:mod:`imret.local.storage`, cosine error < 1e-3). For an exact copy: OpenCV's SIFT
+descriptors are integers 0..255 (the unit vector clipped at 0.2, renormalised and scaled by
+512); :meth:`SiftExtractor.encode` returns them as ``uint8`` next to the features, and
+:func:`sift_from_uint8` rebuilds the float descriptors from them (RootSIFT or L2) exactly.
 """
 
 from __future__ import annotations
