@@ -131,7 +131,7 @@ def test_store_search_reranks_like_the_stages_by_hand(base, copy_store, photos):
         x = st.postprocess(st.encode([q]).descriptors)
         s0 = np.array([[h.score for h in plain]], np.float32)
         i0 = np.array([[h.id for h in plain]], np.int64)
-        stages = build_rerankers(["sift:8?min_inliers=6"], st._rerank_sources())
+        stages = build_rerankers(["sift:8?min_inliers=6"], st.rerank_sources())
         want = truncate(apply_rerankers(stages, x, s0, i0, [(q, None)]), 4)
         assert [h.id for h in got] == want.ids[0].tolist()
         np.testing.assert_allclose([h.score for h in got], want.scores[0], rtol=1e-6)

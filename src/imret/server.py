@@ -576,9 +576,7 @@ class Service:
 
     def configured_rerank(self) -> list[str]:
         """The store's own re-ranker specs (``imret index configure --rerank``)."""
-        # Store has no public accessor for the spec strings (info() also sums the disk usage)
-        with self.store._lock:
-            return list(self.store._config.get("rerank") or [])
+        return self.store.rerank_specs
 
     def plan_rerank(self, given: list | None, localize: bool, k: int) -> _RerankPlan:
         """The stages of one search: the request's checked specs (``given``; None: the store's
@@ -616,7 +614,7 @@ class Service:
                     self._stages.move_to_end(key)
                     return stage
             # the store's sources: its local features, feature-map cache, rows and model
-            stage = build_reranker(spec, self.store._rerank_sources())
+            stage = build_reranker(spec, self.store.rerank_sources())
         except TypeError as e:  # the model has no global head (aml)
             raise ApiError(409, "rerank_unavailable",
                            f"re-ranker {key!r} cannot run on this store: {_hide_paths(str(e))}") from None

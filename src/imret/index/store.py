@@ -2031,8 +2031,7 @@ class Store:
         from ..rerank import build_reranker, check_rerank
 
         if specs is None:
-            with self._lock:
-                specs = list(self._config["rerank"])
+            specs = self.rerank_specs
         elif isinstance(specs, str):
             specs = [specs]
         out = []
@@ -2043,12 +2042,22 @@ class Store:
             key = str(check_rerank(sp))
             stage = self._local_cache.get(("stage", key))
             if stage is None:
-                stage = build_reranker(key, self._rerank_sources())
+                stage = build_reranker(key, self.rerank_sources())
                 self._local_cache[("stage", key)] = stage
             out.append(stage)
         return out
 
-    def _rerank_sources(self):
+    @property
+    def rerank_specs(self) -> list[str]:
+        """The re-ranker specs searches use by default (``configure(rerank=...)``)."""
+        with self._lock:
+            return list(self._config["rerank"])
+
+    def rerank_sources(self):
+        """What re-rankers read from this store (:class:`imret.rerank.RerankSources`): its
+        model and image size, its rows, its post-processing, its local features (the query
+        side extracted as they were) and database feature maps (computed from the indexed
+        files on demand, the last 2000 kept in memory)."""
         from ..rerank import RerankSources, _Cached
 
         def local_query(kind: str):
