@@ -136,6 +136,9 @@ def main() -> int:
     t0 = time.perf_counter()
     rs.maps(np.arange(gt.n_db))
     offline["aml"] = {"seconds_per_image": (time.perf_counter() - t0) / gt.n_db, "bytes_per_image": 0}
+    t0 = time.perf_counter()
+    rs.maps_at(1024)(np.arange(gt.n_db))
+    offline["aml at 1024 px"] = {"seconds_per_image": (time.perf_counter() - t0) / gt.n_db, "bytes_per_image": 0}
 
     def run(name: str, specs: list[str], first=(q, db), note: str = "") -> dict:
         xq, xdb = first
@@ -158,12 +161,14 @@ def main() -> int:
         run(f"+ verification, CNN stage-3 features (cnn:{k})", [f"cnn:{k}"]),
         run(f"+ localisation re-rank (aml:{k})", [f"aml:{k}"]),
         run(f"+ localisation re-rank + QE 5 (aml:{k}?qe=5)", [f"aml:{k}?qe=5"]),
+        run(f"+ localisation at 1024 px + QE 5 (aml:{k}?image_size=1024&qe=5)", [f"aml:{k}?image_size=1024&qe=5"]),
         run("+ top-M refinement (sg:400)", ["sg:400"]),
         run("refined extraction: GeM+ 4.6, regional GeM, max over scales 1/√2, 1, √2", [], (q2, db2)),
         run("refined extraction + sg:400", ["sg:400"], (q2, db2)),
         run(f"+ sg:400 + sift:{k}", ["sg:400", f"sift:{k}"]),
         run(f"refined extraction + sg:400 + sift:{k}", ["sg:400", f"sift:{k}"], (q2, db2)),
         run(f"+ sift:{k} + aml:{k}", [f"sift:{k}", f"aml:{k}"]),
+        run(f"+ sg:400 + aml:{k}?image_size=1024&qe=5", ["sg:400", f"aml:{k}?image_size=1024&qe=5"]),
     ]
     ious = {size: localisation_ious(model, gt, root, size) for size in (SIZE, 1024)}
     minutes = (time.perf_counter() - t_start) / 60

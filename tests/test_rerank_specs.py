@@ -103,3 +103,20 @@ def test_a_stage_parameter_named_like_a_source_of_another_stage_is_accepted():
     assert check_rerank("sift:10?model=homography").params == {"model": "homography"}
     with pytest.raises(ValueError, match="unknown parameter 'model'"):
         check_rerank("aml:10?model=x")
+
+
+def test_aml_at_its_own_size_reads_database_maps_of_that_size(tiny_model):
+    asked = []
+
+    def maps_at(size):
+        asked.append(size)
+        return lambda ids: [None] * len(ids)
+
+    first = lambda ids: [None] * len(ids)  # noqa: E731
+    rs = RerankSources(model=tiny_model, image_size=512, maps=first, maps_at=maps_at)
+    (stage,) = build_rerankers("aml:5?image_size=1024", rs)
+    assert asked == [1024] and stage.image_size == 1024
+    (stage,) = build_rerankers("aml:5", rs)
+    assert asked == [1024] and stage.maps is first and stage.image_size == 512
+    with pytest.raises(ValueError, match="maps at that size"):
+        build_rerankers("aml:5?image_size=1024", RerankSources(model=tiny_model, image_size=512, maps=first))

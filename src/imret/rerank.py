@@ -149,7 +149,10 @@ class RerankSources:
         postprocess: raw ``(N, D)`` descriptors -> post-processed rows (``aml``).
         local_query: ``kind -> f(image, box) -> LocalFeatures`` for query images.
         local_database: ``kind -> f(ids) -> [LocalFeatures | None]`` for database images.
-        maps: ``maps(ids) -> [(fmap, (width, height)) | None]`` database feature maps (``aml``).
+        maps: ``maps(ids) -> [(fmap, (width, height)) | None]`` database feature maps (``aml``)
+            at ``image_size``.
+        maps_at: ``size -> maps`` the same at another long side (an ``aml`` stage with its own
+            ``image_size``: localise on a finer map than the first stage searches with).
         device: where the model runs on query images.
     """
 
@@ -160,6 +163,7 @@ class RerankSources:
     local_query: Any = None
     local_database: Any = None
     maps: Any = None
+    maps_at: Any = None
     device: Any = None
 
 
@@ -180,7 +184,13 @@ def build_reranker(spec: "str | RerankSpec", sources: RerankSources):
         params = dict(s.params)
         params.setdefault("image_size", sources.image_size)
         params.setdefault("device", sources.device)
-        return cls(sources.model, sources.maps, sources.postprocess, top_k=s.top_k, **params)
+        maps = sources.maps
+        if params["image_size"] != sources.image_size:  # queries and database localised at the same size
+            if sources.maps_at is None:
+                raise ValueError(f"re-ranker 'aml' at image_size={params['image_size']} needs database maps at that "
+                                 f"size; these sources have them at {sources.image_size} only")
+            maps = sources.maps_at(params["image_size"])
+        return cls(sources.model, maps, sources.postprocess, top_k=s.top_k, **params)
     if sources.rows is None:
         raise ValueError("re-ranker 'sg' needs the database rows")
     return cls(sources.rows, m=s.top_k, **s.params)
@@ -254,7 +264,7 @@ class PathSources:
     def __post_init__(self) -> None:
         self._extractors: dict[str, Any] = {}
         self._dbs: dict[str, _Cached] = {}
-        self._maps: _Cached | None = None
+        self._maps: dict[int, _Cached] = {}
 
     def extractor(self, kind: str):
         from .local.extractors import create_local_extractor
@@ -275,18 +285,24 @@ class PathSources:
             self._dbs[kind] = _Cached(one, self.lru)
         return self._dbs[kind]
 
-    def _map(self, i: int):
+    def maps_at(self, size: int) -> _Cached:
+        """Database feature maps at ``size`` px long side, computed on demand and kept."""
         from .local.localization import compute_maps
 
-        (fm,) = compute_maps(self.model, [self.paths[i]], image_size=self.image_size, device=self.device)
-        return fm
+        if size not in self._maps:
+            def one(i: int):
+                (fm,) = compute_maps(self.model, [self.paths[i]], image_size=size, device=self.device)
+                return fm
+
+            self._maps[size] = _Cached(one, self.lru)
+        return self._maps[size]
 
     def sources(self) -> RerankSources:
-        if self._maps is None and self.model is not None:
-            self._maps = _Cached(self._map, self.lru)
+        has_model = self.model is not None
         return RerankSources(model=self.model, image_size=self.image_size, rows=self.rows, postprocess=self.postprocess,
-                             local_query=self.extractor, local_database=self.database, maps=self._maps,
-                             device=self.device)
+                             local_query=self.extractor, local_database=self.database,
+                             maps=self.maps_at(self.image_size) if has_model else None,
+                             maps_at=self.maps_at if has_model else None, device=self.device)
 
 
 def _quiet(extractor, path):

@@ -2070,24 +2070,31 @@ class Store:
         def local_database(kind: str):
             return self.local_features
 
-        def one_map(i: int):
+        def maps_at(size: int):
+            """Database feature maps at ``size`` px (long side), computed from the indexed files
+            on demand; the last ones kept per size."""
             from ..local.localization import compute_maps
 
-            path = self._paths(np.array([i])).get(i)
-            if path is None:
-                return None
-            try:
-                (fm,) = compute_maps(self.model, [path], image_size=self.preprocessing.image_size, device=self.device)
-            except Exception:  # the file is gone or unreadable: no map, the hit keeps its place
-                return None
-            return fm
+            def one_map(i: int):
+                path = self._paths(np.array([i])).get(i)
+                if path is None:
+                    return None
+                try:
+                    (fm,) = compute_maps(self.model, [path], image_size=size, device=self.device)
+                except Exception:  # the file is gone or unreadable: no map, the hit keeps its place
+                    return None
+                return fm
 
-        maps = self._local_cache.get("maps")
-        if maps is None:
-            maps = self._local_cache["maps"] = _Cached(one_map, lru=_MAPS_CACHED)
-        return RerankSources(model=self.model, image_size=self.preprocessing.image_size, rows=self._gather,
+            key = ("maps", int(size))
+            maps = self._local_cache.get(key)
+            if maps is None:
+                maps = self._local_cache[key] = _Cached(one_map, lru=_MAPS_CACHED)
+            return maps
+
+        size = self.preprocessing.image_size
+        return RerankSources(model=self.model, image_size=size, rows=self._gather,
                              postprocess=self.postprocess, local_query=local_query, local_database=local_database,
-                             maps=maps, device=self.device)
+                             maps=maps_at(size), maps_at=maps_at, device=self.device)
 
     @_store_errors
     def hits(self, scores: np.ndarray, ids: np.ndarray, extras: dict[str, np.ndarray] | None = None) -> list[list[Hit]]:
