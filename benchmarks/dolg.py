@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import datetime
 import json
-import pickle
 import statistics
 import sys
 import time
@@ -39,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, SHARED, machine_line, publish  # noqa: E402
-from finetune import describe, landmark_groups, make_folds, open_run, result_row, scores, subset_gnd  # noqa: E402
+from finetune import describe, landmark_groups, make_folds, open_run, result_row, scores, write_fold_files  # noqa: E402
 
 BEGIN, END = "<!-- dolg:begin -->", "<!-- dolg:end -->"
 
@@ -137,15 +135,7 @@ def main(argv=None) -> int:
         "validation": {"gnd": None},
     }
     for fold in folds:
-        fdir = out / f"fold{fold['fold']}"
-        fdir.mkdir()
-        with open(fdir / "train.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "label"])
-            for name, lab in fold["train"]:
-                w.writerow([str(root / f"{name}.jpg"), lab])
-        with open(fdir / "gnd_test.pkl", "wb") as f:
-            pickle.dump(subset_gnd(gnd, fold["test_queries"]), f)
+        write_fold_files(fold, gnd, root, out)
 
     # the untuned reference: ImageNet weights, plain GeM (no FC), the same test
     torch.manual_seed(0)

@@ -111,6 +111,21 @@ def describe(model, gt, root: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     return q, db
 
 
+def write_fold_files(fold: dict, gnd: dict, root: Path, out: Path) -> Path:
+    """``out/fold<i>/``: the fold's training images as ``train.csv`` (``path,label``) and its
+    test queries' ground truth as ``gnd_test.pkl``; returns the folder."""
+    fdir = out / f"fold{fold['fold']}"
+    fdir.mkdir()
+    with open(fdir / "train.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        for name, lab in fold["train"]:
+            w.writerow([str(root / f"{name}.jpg"), lab])
+    with open(fdir / "gnd_test.pkl", "wb") as f:
+        pickle.dump(subset_gnd(gnd, fold["test_queries"]), f)
+    return fdir
+
+
 def scores(q: np.ndarray, db: np.ndarray) -> np.ndarray:
     """``(Nq, Ndb)`` scores through the pipeline the store and ``imret eval`` use (exact, no post-processing)."""
     from imret.retrieval import Retriever
@@ -202,15 +217,7 @@ def main(argv=None) -> int:
     tuned_scores = np.full((gt_all.n_queries, gt_all.n_db), np.nan, dtype=np.float32)
     fold_runs = []
     for fold in folds:
-        fdir = out / f"fold{fold['fold']}"
-        fdir.mkdir()
-        with open(fdir / "train.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "label"])
-            for name, lab in fold["train"]:
-                w.writerow([str(root / f"{name}.jpg"), lab])
-        with open(fdir / "gnd_test.pkl", "wb") as f:
-            pickle.dump(subset_gnd(gnd, fold["test_queries"]), f)
+        fdir = write_fold_files(fold, gnd, root, out)
         cfg = copy.deepcopy(base_cfg)
         cfg["out"] = str(fdir / "run")
         cfg["data"]["csv"] = str(fdir / "train.csv")
