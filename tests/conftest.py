@@ -124,3 +124,21 @@ def copy_store(tmp_path):
         return dst
 
     return copy
+
+
+# --- the small store several test modules search (4 objects x 5 photos, 160 x 120, 96 px) -----
+
+
+@pytest.fixture(scope="session")
+def small_photos(make_photos):
+    """20 generated photos: 5 views of each of 4 objects, 160 x 120."""
+    return make_photos(n_classes=4, per_class=5, size=(160, 120))
+
+
+@pytest.fixture(scope="session")
+def small_store(make_store, small_photos):
+    """A closed exact-search store of ``small_photos`` (96 px, committed 6 at a time), shared:
+    open it read-only, or change a copy (``copy_store``)."""
+    from imret.index.store import Preprocessing
+
+    return make_store(small_photos, Preprocessing(image_size=96), commit_every=6)

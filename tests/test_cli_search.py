@@ -20,13 +20,13 @@ RUN = ["--no-progress", "--workers", "0"]
 
 
 @pytest.fixture(scope="module")
-def photos(make_photos):
-    return make_photos(n_classes=4, per_class=5, size=(160, 120))
+def photos(small_photos):
+    return small_photos
 
 
 @pytest.fixture(scope="module")
-def store(make_store, photos):
-    return make_store(photos, PRE, commit_every=6)
+def store(small_store):
+    return small_store
 
 
 @pytest.fixture(scope="module")

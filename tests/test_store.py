@@ -27,14 +27,14 @@ FAST = dict(workers=0)
 
 
 @pytest.fixture(scope="module")
-def photos(make_photos):
-    return make_photos(n_classes=4, per_class=5, size=(160, 120))
+def photos(small_photos):
+    return small_photos
 
 
 @pytest.fixture(scope="module")
-def built(make_store, photos):
+def built(small_store):
     """A store with all photos, closed; tests copy it before changing it."""
-    return make_store(photos, PRE, commit_every=6)
+    return small_store
 
 
 @pytest.fixture

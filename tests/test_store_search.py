@@ -24,13 +24,13 @@ FAST = dict(workers=0)
 
 
 @pytest.fixture(scope="module")
-def photos(make_photos):
-    return make_photos(n_classes=4, per_class=5, size=(160, 120))
+def photos(small_photos):
+    return small_photos
 
 
 @pytest.fixture(scope="module")
-def built(make_store, photos):
-    return make_store(photos, PRE, commit_every=6)
+def built(small_store):
+    return small_store
 
 
 def ids_and_scores(hits):
