@@ -1,0 +1,371 @@
+"""Label-free mining and label cleaning (imret.selfmine, imret.cli_mine).
+
+Checked against brute force: the kNN graph (every pair scored in loops, ties by index), the
+components (a hand graph), hard negatives (a loop over the ranking) and hard positives; on
+generated photos with real RootSIFT verification: mined components are the objects, cleaning
+drops injected wrong labels; resuming from a checkpoint verifies no pair twice; the writers
+round-trip through the readers imret train uses; the CLI end to end.
+"""
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imret import selfmine as sm
+from imret.data import load_csv_dataset
+from imret.synthetic import make_labelled_folder
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ------------------------------------------------------------------------- brute force
+
+
+def brute_knn(x, k):
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    n = len(x)
+    edges = set()
+    for i in range(n):
+        others = sorted((j for j in range(n) if j != i), key=lambda j: (-float(x[i] @ x[j]), j))
+        for j in others[:k]:
+            edges.add((min(i, j), max(i, j)))
+    return sorted(edges)
+
+
+def brute_negatives(x, labels, q, k):
+    """Most similar first, skipping the query's label and labels already taken."""
+    order = sorted(range(len(x)), key=lambda j: (-float(x[q] @ x[j]), j))
+    taken, out = set(), []
+    for j in order:
+        if labels[j] == labels[q] or labels[j] in taken:
+            continue
+        taken.add(labels[j])
+        out.append(j)
+        if len(out) == k:
+            break
+    return out + [-1] * (k - len(out))
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 30])
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_knn_graph_matches_brute_force_with_ties(k, chunk):
+    rng = np.random.default_rng(k)
+    # unit vectors whose inner products are exact (multiples of 1/4), drawn with repeats: many
+    # exactly tied similarities, which must go to the lower index
+    dirs = np.concatenate([np.eye(4), -np.eye(4), 0.5 * (2 * ((np.arange(16)[:, None] >> np.arange(4)) & 1) - 1)])
+    x = dirs[rng.integers(0, len(dirs), 23)]
+    edges, cos = sm.knn_graph(x, k, chunk_size=chunk)
+    assert [tuple(e) for e in edges.tolist()] == brute_knn(x, k)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(cos, [xn[i] @ xn[j] for i, j in edges], atol=1e-6)
+    assert edges.dtype == np.int64 and (edges[:, 0] < edges[:, 1]).all()
+
+
+def test_knn_graph_random_descriptors():
+    x = np.random.default_rng(5).normal(size=(60, 16)).astype(np.float32)
+    edges, _ = sm.knn_graph(x, 5, chunk_size=7)
+    assert [tuple(e) for e in edges.tolist()] == brute_knn(x.astype(np.float64), 5)
+
+
+def test_knn_graph_edge_cases_and_errors():
+    e, c = sm.knn_graph(np.ones((1, 4)), 5)
+    assert e.shape == (0, 2) and c.shape == (0,)
+    with pytest.raises(ValueError, match="all-zero rows"):
+        sm.knn_graph(np.array([[1.0, 0], [0, 0]]), 1)
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+        sm.knn_graph(np.eye(3), 0)
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        sm.knn_graph(np.ones(3), 1)
+
+
+def test_components_of_hand_graph():
+    # 0-1-2 chain, 3 alone, 4-6, 5 alone, 7-8-9 triangle
+    edges = [(1, 2), (0, 1), (6, 4), (7, 8), (8, 9), (9, 7)]
+    assert sm.components_of(10, edges).tolist() == [0, 0, 0, 1, 2, 3, 2, 4, 4, 4]
+    assert sm.components_of(3, np.zeros((0, 2), np.int64)).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="itself"):
+        sm.components_of(3, [(1, 1)])
+    with pytest.raises(ValueError, match="3 nodes"):
+        sm.components_of(3, [(0, 3)])
+
+
+# ------------------------------------------------------- mining with a hand-made verifier
+
+
+def _hand_verifier(monkeypatch, true_label, calls=None):
+    """Verification stub: 50 inliers within ``true_label``, 3 across; counts calls per pair."""
+
+    def fake(f1, f2, settings):
+        i, j = f1, f2  # the stub features are the image indices
+        if calls is not None:
+            calls.append((min(i, j), max(i, j)))
+        return 50 if true_label[i] == true_label[j] else 3
+
+    monkeypatch.setattr(sm, "_verify_one", fake)
+
+
+def test_mine_components_negatives_and_hard_positives_vs_brute_force(monkeypatch):
+    rng = np.random.default_rng(0)
+    true = np.repeat(np.arange(6), 4)  # 6 objects x 4 images
+    centres = rng.normal(size=(6, 16))
+    x = centres[true] + 0.9 * rng.normal(size=(24, 16))  # noisy: some neighbours cross objects
+    x[20:] = rng.normal(size=(4, 16))  # object 5: no shared direction, likely split or alone
+    _hand_verifier(monkeypatch, true)
+    mined = sm.mine(x, list(range(24)), [f"im{i}.jpg" for i in range(24)], k=3, min_inliers=10, negatives=4,
+                    workers=2)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    # components: those of the verified kNN edges, by brute force on the hand graph
+    cand = brute_knn(x, 3)
+    ver = [(i, j) for i, j in cand if true[i] == true[j]]
+    assert [tuple(e) for e in mined.positives.tolist()] == ver
+    comp = sm.components_of(24, ver)
+    size = np.bincount(comp)
+    for i in range(24):
+        for j in range(24):
+            same = comp[i] == comp[j] and size[comp[i]] > 1
+            assert (mined.labels[i] == mined.labels[j] and mined.labels[i] >= 0) == same
+    assert ((mined.labels >= 0) == (size[comp] > 1)).all()
+    # purity: a component never mixes objects
+    for c in mined.components:
+        assert len(set(true[c])) == 1
+    # hard negatives: the brute-force ranking, at most one per component, never verified, never same component
+    own = np.where(mined.labels >= 0, mined.labels, 100 + np.arange(24))
+    verified = set(ver)
+    for q in range(24):
+        got = mined.negatives[q].tolist()
+        if mined.labels[q] < 0:
+            assert got == [-1] * 4
+            continue
+        assert got == brute_negatives(xn, own, q, 4)
+        js = [j for j in got if j >= 0]
+        assert len({own[j] for j in js}) == len(js)
+        assert all((min(q, j), max(q, j)) not in verified and own[j] != own[q] for j in js)
+    # hard positives: per query, its verified neighbour of lowest cosine
+    hp = {q: p for q, p in mined.hard_positives.tolist()}
+    for q in range(24):
+        nb = [j for i, j in ver if i == q] + [i for i, j in ver if j == q]
+        if not nb:
+            assert q not in hp
+        else:
+            assert hp[q] == min(nb, key=lambda j: (float(xn[q] @ xn[j]), j))
+    s = mined.summary()
+    assert s["verified_pairs"] == len(ver) and s["components"] == mined.num_classes
+    assert sum(k * v for k, v in s["component_sizes"].items()) == s["images_in_components"]
+
+
+def test_verify_edges_resumes_without_verifying_twice(monkeypatch, tmp_path):
+    true = np.repeat(np.arange(5), 4)
+    calls = []
+    _hand_verifier(monkeypatch, true, calls)
+    edges, _ = sm.knn_graph(np.random.default_rng(1).normal(size=(20, 8)), 6)
+    expected = np.where(true[edges[:, 0]] == true[edges[:, 1]], 50, 3)
+    ck = tmp_path / "verified.jsonl"
+    n_feat = {"calls": 0}
+
+    def flaky(i):
+        n_feat["calls"] += 1
+        if n_feat["calls"] > 40:
+            raise RuntimeError("interrupted")
+        return i
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        sm.verify_edges(edges, flaky, checkpoint=ck, tag="t", workers=2, cache_size=0)
+    first = list(calls)
+    assert 0 < len(first) < len(edges)
+    # a crash in the middle of a line: the half line is dropped, that pair verified again
+    with open(ck, "a") as f:
+        f.write("[0,1")
+    lines = ck.read_text().splitlines()
+    assert len(lines) - 2 == len(first)  # header + recorded pairs + the half line
+    got = sm.verify_edges(edges, list(range(20)), checkpoint=ck, tag="t", workers=2)
+    np.testing.assert_array_equal(got, expected)
+    assert len(calls) == len(edges) and len(set(calls)) == len(edges)  # each pair verified exactly once
+    assert set(calls) == {tuple(e) for e in edges.tolist()}
+    # a third run verifies nothing
+    again = sm.verify_edges(edges, list(range(20)), checkpoint=ck, tag="t")
+    np.testing.assert_array_equal(again, expected)
+    assert len(calls) == len(edges)
+    # other settings or another image set: the stored counts do not apply
+    with pytest.raises(ValueError, match="settings"):
+        sm.verify_edges(edges, list(range(20)), checkpoint=ck, tag="t", threshold=4.0)
+    with pytest.raises(ValueError, match="tag"):
+        sm.verify_edges(edges, list(range(20)), checkpoint=ck, tag="other")
+
+
+def test_verify_options_are_checked():
+    with pytest.raises(ValueError, match="unknown verification option.*available: ratio"):
+        sm.verify_edges([(0, 1)], [None, None], ratoi=0.8)
+    with pytest.raises(ValueError, match="threshold"):
+        sm.verify_edges([(0, 1)], [None, None], threshold=-1)
+    with pytest.raises(TypeError, match="features_of"):
+        sm.verify_edges([(0, 1)], 3)
+    assert sm.verify_edges([(0, 1)], [None, None]).tolist() == [0]
+    with pytest.raises(ValueError, match="unknown mode 'big'; available: largest, flag"):
+        sm.clean(["a", "b"], [0, 0], [None, None], mode="big")
+
+
+# ------------------------------------------------------ generated photos, real RootSIFT
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    pytest.importorskip("cv2")
+    from imret.local.sift import SiftExtractor
+
+    root = make_labelled_folder(tmp_path_factory.mktemp("objects"), n_classes=4, per_class=5, seed=3)
+    paths = sorted(str(p) for p in root.rglob("*.jpg"))
+    labels = [Path(p).parent.name for p in paths]
+    ex = SiftExtractor()
+    feats = [ex(p) for p in paths]
+    return paths, labels, feats
+
+
+def _colour_histograms(paths):
+    from PIL import Image
+
+    rows = []
+    for p in paths:
+        a = np.asarray(Image.open(p).convert("RGB").resize((32, 24))) // 64
+        rows.append(np.bincount((a[..., 0] * 16 + a[..., 1] * 4 + a[..., 2]).ravel(), minlength=64) + 1.0)
+    return np.asarray(rows)
+
+
+def test_mine_generated_photos_recovers_objects(photos):
+    paths, labels, feats = photos
+    n = len(paths)
+    mined = sm.mine(_colour_histograms(paths), feats, paths, k=n - 1, workers=2)
+    true = np.unique(labels, return_inverse=True)[1]
+    cross = [(i, j) for i, j in mined.positives.tolist() if labels[i] != labels[j]]
+    assert cross == []  # no verified edge between two objects
+    # one component per object, holding all its views
+    assert mined.num_classes == 4 and (mined.labels >= 0).all()
+    assert len(set(zip(mined.labels.tolist(), true.tolist()))) == 4
+    assert (mined.negatives[:, 0] >= 0).all()
+    assert all(mined.labels[j] != mined.labels[q] for q in range(n) for j in mined.negatives[q] if j >= 0)
+
+
+def test_clean_drops_injected_labels(photos):
+    paths, labels, feats = photos
+    noisy = list(labels)
+    wrong = [2, 13]  # object_000 view -> object_003, object_002 view -> object_000
+    noisy[2], noisy[13] = "object_003", "object_000"
+    for mode in ("largest", "flag"):
+        res = sm.clean(paths, noisy, feats, mode=mode, workers=2)
+        assert res.dropped.tolist() == wrong, mode
+        assert all(res.reasons[i] for i in wrong) and not any(res.reasons[i] for i in res.kept)
+        assert "object_003" in res.reasons[2]
+    # a label larger than all_pairs_up_to is verified by kNN, which needs descriptors
+    with pytest.raises(ValueError, match="pass descriptors"):
+        sm.clean(paths, noisy, feats, all_pairs_up_to=4)
+    res = sm.clean(paths, noisy, feats, all_pairs_up_to=4, k=3, descriptors=_colour_histograms(paths), workers=2)
+    assert set(res.dropped.tolist()) >= set(wrong)
+    # edges are within labels, and k=3 checks fewer pairs than all pairs would
+    assert all(noisy[i] == noisy[j] for i, j in res.edges.tolist())
+    assert len(res.edges) < sum(c * (c - 1) // 2 for c in np.unique(noisy, return_counts=True)[1])
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def test_writers_round_trip(tmp_path, monkeypatch):
+    x = np.random.default_rng(2).normal(size=(13, 8))
+    true = np.r_[np.repeat(np.arange(4), 3), 9]  # image 12 verifies with nobody
+    _hand_verifier(monkeypatch, true)
+    paths = [str(tmp_path / f"img {i},x.jpg") for i in range(13)]  # commas and spaces: CSV quoting
+    mined = sm.mine(x, list(range(13)), paths, k=12, negatives=3, workers=0)
+    assert sm.write_class_csv(tmp_path / "classes.csv", mined) == 12
+    ds = load_csv_dataset(tmp_path / "classes.csv")
+    assert ds.paths == paths[:12]
+    assert [ds.classes[c] for c in ds.labels] == [str(v) for v in mined.labels[:12]]
+    n = sm.write_pairs_csv(tmp_path / "pairs.csv", mined)
+    got_paths, pairs, negs = sm.read_pairs_csv(tmp_path / "pairs.csv")
+    assert n == len(mined.positives)
+    back = {p: i for i, p in enumerate(paths)}
+    remap = np.array([back[p] for p in got_paths])
+    np.testing.assert_array_equal(remap[pairs], mined.positives)
+    np.testing.assert_array_equal(np.where(negs >= 0, remap[negs], -1), mined.negatives[mined.positives[:, 0]])
+    sm.write_pairs_csv(tmp_path / "hard.csv", mined, hard_only=True)
+    _, hp, _ = sm.read_pairs_csv(tmp_path / "hard.csv")
+    assert len(hp) == len(mined.hard_positives) == 12
+    with pytest.raises(ValueError, match="header"):
+        sm.read_pairs_csv(tmp_path / "classes.csv")
+    # cleaning's CSV and page
+    res = sm.clean(paths, [str(v) for v in true], list(range(13)), workers=0)
+    assert res.dropped.tolist() == [12] and "only image" in res.reasons[12]
+    assert sm.write_clean_csv(tmp_path / "clean.csv", res) == 12
+    ds = load_csv_dataset(tmp_path / "clean.csv")
+    assert ds.paths == paths[:12] and [ds.classes[c] for c in ds.labels] == [str(v) for v in true[:12]]
+    page = sm.write_clean_html(tmp_path / "dropped.html", res).read_text()
+    assert "img 12,x.jpg" in page and "only image of label" in page and "img 3,x.jpg" not in page
+
+
+# --------------------------------------------------------------------------------- CLI
+
+
+def _parser():
+    from imret.cli_mine import register
+
+    p = argparse.ArgumentParser(prog="imret")
+    register(p.add_subparsers(dest="command", required=True))
+    return p
+
+
+def _run(argv):
+    args = _parser().parse_args(argv)
+    return args.func(args)
+
+
+MODEL = ["--model", "resnet18", "--no-pretrained", "--image-size", "64", "--no-progress", "--workers", "1",
+         "--verify-workers", "2"]
+
+
+def test_cli_mine_and_clean_end_to_end(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("cv2")
+    root = make_labelled_folder(tmp_path / "photos", n_classes=3, per_class=4, seed=5)
+    out = tmp_path / "mined"
+    assert _run(["mine", str(root), "--out", str(out), "--k", "11", *MODEL]) == 0
+    text = capsys.readouterr().out
+    assert "3 components" in text and "classes.csv" in text
+    ds = load_csv_dataset(out / "classes.csv")
+    folders = [Path(p).parent.name for p in ds.paths]
+    assert len(ds.paths) == 12 and len(set(zip(folders, ds.labels.tolist()))) == 3
+    rep = json.loads((out / "mined.json").read_text())
+    assert rep["components"] == 3 and rep["component_sizes"] == {"4": 3}
+    with open(out / "pairs.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][:2] == ["query", "positive"] and len(rows) - 1 == rep["verified_pairs"]
+    # a rerun reuses descriptors, SIFT and verified pairs: nothing is verified again
+    calls = []
+    real = sm.verify_pair
+    monkeypatch.setattr(sm, "verify_pair", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lines = (out / "verified.jsonl").read_text()
+    assert _run(["mine", str(root), "--out", str(out), "--k", "11", *MODEL]) == 0
+    assert calls == [] and (out / "verified.jsonl").read_text() == lines
+    capsys.readouterr()
+    # clean: a CSV with one wrong label
+    files = sorted(str(p) for p in root.rglob("*.jpg"))
+    labels = [Path(p).parent.name for p in files]
+    labels[1] = "object_002"
+    with open(tmp_path / "noisy.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        w.writerows(zip(files, labels))
+    assert _run(["clean", str(tmp_path / "noisy.csv"), "--out", str(tmp_path / "clean"), *MODEL]) == 0
+    text = capsys.readouterr().out
+    assert "kept 11, dropped 1" in text
+    kept = load_csv_dataset(tmp_path / "clean" / "cleaned.csv")
+    assert files[1] not in kept.paths and len(kept.paths) == 11
+    assert Path(files[1]).name in (tmp_path / "clean" / "dropped.html").read_text()
+    rep = json.loads((tmp_path / "clean" / "clean.json").read_text())
+    assert [d["path"] for d in rep["dropped_images"]] == [files[1]]
+
+
+def test_cli_errors(tmp_path):
+    with pytest.raises(ValueError, match="--min-inliers must be at least 2"):
+        _run(["mine", str(tmp_path), "--out", str(tmp_path / "o"), "--min-inliers", "1", *MODEL])
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["clean", "x.csv", "--out", "o", "--mode", "biggest"])
