@@ -537,3 +537,103 @@ def _alert(drv):
         return drv.switch_to.alert
     except NoAlertPresentException:
         return None
+
+
+# --- page feedback: searching, stale results, a failed upload (issue 15) -------------------------
+
+_HOLD_SEARCHES = """
+    // hold every search request until window.__release() (the page looks up fetch at each call)
+    if (!window.__realFetch) window.__realFetch = window.fetch;
+    const real = window.__realFetch;
+    window.__held = [];
+    window.fetch = (url, opts) => {
+      const u = String(url);
+      if (!u.includes('/api/search') && !u.includes('/similar')) return real(url, opts);
+      return new Promise((res, rej) => window.__held.push(() => real(url, opts).then(res, rej)));
+    };
+    window.__release = () => { const h = window.__held; window.__held = []; h.forEach((f) => f()); };
+    window.__unhold = () => { window.fetch = real; window.__release(); };
+"""
+
+
+def _shown(drv, id_: str) -> bool:
+    return drv.find_element("id", id_).is_displayed()
+
+
+def test_searching_stale_and_failed_upload_states(server, driver, paris, tmp_path):
+    """While a search runs the button is disabled and reads "Searching…" and a status shows;
+    a box drawn after a search greys the results with a note until Search; a file the server
+    cannot read clears the old results and shows why. Screenshots of the three states go to
+    test-artifacts/ (browser_searching.png, browser_stale.png, browser_error.png)."""
+    drv = driver
+    drv.get_log("browser")  # only this test's entries below
+    _open(drv, server + "/")
+    assert not _shown(drv, "search-status") and not _shown(drv, "stale-note")
+
+    # searching: the request is held until the screenshot is taken
+    drv.execute_script(_HOLD_SEARCHES)
+    before = _results_seq(drv)
+    drv.find_element("id", "file-input").send_keys(str(paris["query_path"]))
+    _wait(drv, lambda d: d.execute_script("return window.__held.length") > 0, "the held search request")
+    btn = drv.find_element("id", "search-btn")
+    assert btn.get_attribute("disabled") and btn.text == "Searching…"
+    assert _shown(drv, "search-status") and "Searching" in drv.find_element("id", "search-status").text
+    assert drv.find_element("id", "results").get_attribute("data-state") == "loading"
+    _wait(drv, lambda d: d.execute_script("return document.getElementById('preview-img').naturalWidth") > 0,
+          "the preview")
+    _screenshot(drv, "browser_searching.png")
+    drv.execute_script("window.__unhold()")
+    hits = _wait_results(drv, before, "the search after choosing the photo")
+    assert hits and not _shown(drv, "search-status")
+    assert not btn.get_attribute("disabled") and btn.text == "Search"
+
+    # full names on hover: every hit's name, the query's caption, the model
+    names = drv.execute_script(
+        "return [...document.querySelectorAll('#results [data-testid=result]')].map("
+        "li => [li.dataset.name, li.querySelector('.tile-name').title, li.querySelector('.tile-btn').title]);")
+    assert names and all(n == t and n in b for n, t, b in names)
+    assert drv.find_element("id", "query-caption").get_attribute("title") == paris["query_path"].name
+    assert drv.find_element("id", "store-model").get_attribute("title")
+
+    # stale: a box drawn after the search greys the results (no new search runs by itself)
+    _wait(drv, lambda d: _thumbs_loaded(d, "#results img"), "the result thumbnails")
+    results = drv.find_element("id", "results")
+    assert results.get_attribute("data-stale") == "false" and not _shown(drv, "stale-note")
+    nat_w = drv.execute_script("return document.getElementById('preview-img').naturalWidth")
+    to_screen, _ = _to_screen(drv, nat_w)
+    x1, y1, x2, y2 = paris["bbox"]
+    seq = _results_seq(drv)
+    _drag(drv, *to_screen(x1, y1), *to_screen(x2, y2))
+    assert _bbox(drv) is not None
+    assert results.get_attribute("data-stale") == "true" and _shown(drv, "stale-note")
+    assert "stale" in results.get_attribute("class").split()
+    assert "previous box" in drv.find_element("id", "stale-note").text
+    assert float(drv.execute_script("return getComputedStyle(document.getElementById('results')).opacity")) < 0.5
+    time.sleep(0.5)
+    assert _results_seq(drv) == seq  # marked stale, not searched again
+    _screenshot(drv, "browser_stale.png")
+    drv.find_element("id", "crop-clear").click()  # back to the searched (whole) image: current again
+    assert results.get_attribute("data-stale") == "false" and not _shown(drv, "stale-note")
+    _drag(drv, *to_screen(x1, y1), *to_screen(x2, y2))
+    assert results.get_attribute("data-stale") == "true"
+    hits = _search_button(drv, "the search of the new box")
+    assert hits[0]["name"] in paris["positives"]
+    assert results.get_attribute("data-stale") == "false" and not _shown(drv, "stale-note")
+
+    # a failed upload: a file the server cannot decode clears the old results and says why
+    bad = tmp_path / "not-a-photo.jpg"
+    bad.write_bytes(b"this is not a JPEG file at all" * 20)
+    drv.find_element("id", "file-input").send_keys(str(bad))
+    _wait(drv, lambda d: d.find_element("id", "results").get_attribute("data-state") == "error", "the failed search")
+    assert not drv.find_elements("css selector", "#results [data-testid=result]")
+    empty = drv.find_element("id", "results-empty")
+    assert empty.is_displayed() and empty.text.startswith("Search failed:") and "error" in empty.get_attribute("class")
+    assert _shown(drv, "message") and "error" in drv.find_element("id", "message").get_attribute("class")
+    assert drv.find_element("id", "took").text == "" and not _shown(drv, "stale-note")
+    assert not btn.get_attribute("disabled")  # another photo can be searched
+    assert drv.find_element("id", "query-caption").get_attribute("title") == bad.name
+    _screenshot(drv, "browser_error.png")
+
+    # the only console error is the refused upload's HTTP status (no script error, no CSP refusal)
+    severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert all("/api/search" in e["message"] and "status of 4" in e["message"] for e in severe), severe

@@ -315,8 +315,10 @@ def _parser():
 
 
 def _run(argv):
-    args = _parser().parse_args(argv)
-    return args.func(args)
+    """Through the real entry point, as a user runs it (``imret mine ...``)."""
+    from imret.cli import main
+
+    return main(list(argv))
 
 
 MODEL = ["--model", "resnet18", "--no-pretrained", "--image-size", "64", "--no-progress", "--workers", "1",
@@ -364,8 +366,9 @@ def test_cli_mine_and_clean_end_to_end(tmp_path, capsys, monkeypatch):
     assert [d["path"] for d in rep["dropped_images"]] == [files[1]]
 
 
-def test_cli_errors(tmp_path):
-    with pytest.raises(ValueError, match="--min-inliers must be at least 2"):
-        _run(["mine", str(tmp_path), "--out", str(tmp_path / "o"), "--min-inliers", "1", *MODEL])
+def test_cli_errors(tmp_path, capsys):
+    # main() prints the one-line error and returns non-zero
+    assert _run(["mine", str(tmp_path), "--out", str(tmp_path / "o"), "--min-inliers", "1", *MODEL]) != 0
+    assert "--min-inliers must be at least 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _parser().parse_args(["clean", "x.csv", "--out", "o", "--mode", "biggest"])

@@ -3,10 +3,12 @@
     imret extract IMAGES... --out feats.npy     descriptors of images (folders, files, --list)
     imret eval DATASET [--out DIR]              revisited Oxford/Paris or a labelled set
     imret index build PHOTOS... --out STORE     a persistent index (see imret.index.store)
-    imret index add|remove|info|configure|rebuild STORE ...
+    imret index add|remove|info|configure|rebuild|export STORE ...
     imret search STORE QUERY... [--csv ...]     ranked (score, id, path): table, JSON(L), CSV, HTML, PNG
     imret models                                backbone presets and poolings
     imret train CONFIG.yaml [--resume] [--set k=v]  fine-tune a network (torchrun for several processes)
+    imret mine PHOTOS... --out DIR              pseudo-classes, positive pairs, hard negatives from unlabelled photos
+    imret clean LABELLED.csv --out DIR          drop wrong labels by geometric verification (DIR's cleaning)
 
 Only this module (and the server) prints, reads the environment or exits.
 """
@@ -260,7 +262,7 @@ def _eval_whitening(args, encoder, db_desc):
 
     if args.whiten_file:
         w = Whitening.load(args.whiten_file)
-        return w, f"{w.kind} from {args.whiten_file}"
+        return w, f"{w.kind} from {os.path.basename(args.whiten_file)}"
     if args.whiten in (None, "none"):
         return None, None
     if args.whiten == "pca":
@@ -273,7 +275,7 @@ def _eval_whitening(args, encoder, db_desc):
         ex = encoder.encode(paths)
         _report_skipped(ex.skipped)
         w = fit_pca_whitening(ex.descriptors, args.whiten_dim, power=args.whiten_power)
-        return w, f"PCA on {len(ex.indices)} images of {args.whiten_on}"
+        return w, f"PCA on {len(ex.indices)} images of {os.path.basename(os.path.normpath(args.whiten_on))}"
     # lw: matching pairs of images given by path
     if args.whiten_on not in (None, "pairs"):
         raise ValueError(f"--whiten lw learns from --pairs or --whiten-on landmarks, not {args.whiten_on!r}")
@@ -287,7 +289,7 @@ def _eval_whitening(args, encoder, db_desc):
         raise ValueError(f"{args.pairs} holds no pairs")
     ex = encoder.encode(list(names), on_error="raise")
     w = fit_learned_whitening(ex.descriptors, np.array(pairs, dtype=np.int64), args.whiten_dim, eps=args.whiten_eps)
-    return w, f"Lw from {len(pairs)} matching pairs of {len(names)} images ({args.pairs})"
+    return w, f"Lw from {len(pairs)} matching pairs of {len(names)} images ({os.path.basename(args.pairs)})"
 
 
 def _landmark_whitenings(args, gt, db):
@@ -377,7 +379,7 @@ def _store_ranks(args, gt, root, qpaths, bboxes):
                 raise ValueError(f"the store {args.store} returned fewer than its {n} images for a query")
             ranks[part] = position[ids]
         info = store.info()
-        pipeline = {"store": os.path.abspath(args.store), "whitening": info["whitening"], "dba": info["dba"],
+        pipeline = {"store": _store_name(args.store), "whitening": info["whitening"], "dba": info["dba"],
                     "rerank": info["rerank"] if _rerank_option(args) is None else _rerank_option(args),
                     "query_expansion": info["query_expansion"] if qe is None else dataclasses.asdict(qe),
                     "backend": info["backend"]["spec"] or info["backend"]["requested"],
@@ -479,6 +481,137 @@ def _check_eval_options(args, kind: str) -> None:
                         raise ValueError(f"{args.pairs}:{lineno}: no image {t!r} (paths are relative to the CSV's folder)")
 
 
+def _store_name(path: str) -> str:
+    """A store's name for shared outputs: its folder's name, not where it lies on this machine."""
+    return os.path.basename(os.path.normpath(os.path.abspath(path)))
+
+
+def portable_path(path: str | os.PathLike, base: str | os.PathLike) -> str:
+    """``path`` for an output meant to be shared: relative to the folder ``base`` when it lies
+    inside it, else its file name alone (never this machine's folder layout). Pure."""
+    a, b = os.path.abspath(os.fspath(path)), os.path.abspath(os.fspath(base))
+    try:
+        rel = os.path.relpath(a, b)
+    except ValueError:  # another drive
+        return os.path.basename(a)
+    return os.path.basename(a) if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+
+def _state_sha256(model) -> str:
+    """SHA-256 of a model's parameters and buffers (names, shapes, dtypes and bytes): what its
+    descriptors depend on, whatever file (or seed) the weights came from."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _file_stamps(paths, base) -> list:
+    """``[name relative to base, size, mtime_ns]`` per file (None for a file that is not there)."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append([portable_path(p, base), st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([portable_path(p, base), None, None])
+    return out
+
+
+def eval_cache_key(*, model_spec: dict, weights: str, extraction: dict, parts: dict, dataset_files: list) -> dict:
+    """What the descriptors of ``imret eval`` depend on, as a JSON-ready dict (see
+    :func:`_eval_cache_file`): the model (spec and a hash of its weights), the extraction
+    settings (image size, scales, minimum size, refinement, precision, device), per part
+    (queries, database, images) the images' names, sizes and mtimes and their crop boxes,
+    the dataset's own files, and imret's version. Pure."""
+    from . import __version__
+
+    return {"imret": __version__, "model": model_spec, "weights_sha256": weights, "extraction": extraction,
+            "parts": parts, "dataset_files": dataset_files}
+
+
+def _eval_cache_file(cache_dir: str, key: dict) -> Path:
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(cache_dir) / f"eval-descriptors-{digest}.npz"
+
+
+def _load_cached(path: Path, key: dict):
+    """The cached extractions ``{part: Extraction}`` of ``path`` when its key is ``key``, else None."""
+    import numpy as np
+
+    from .extract import Extraction, SkippedImage
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if json.loads(str(z["key"])) != json.loads(json.dumps(key)):
+                return None
+            out = {}
+            for part in key["parts"]:
+                meta = json.loads(str(z[f"{part}.meta"]))
+                out[part] = Extraction(np.asarray(z[f"{part}.descriptors"], np.float32),
+                                       np.asarray(z[f"{part}.indices"], np.int64), list(meta["paths"]),
+                                       [SkippedImage(*s) for s in meta["skipped"]], list(meta["small"]))
+            return out
+    except (OSError, KeyError, ValueError):  # absent, damaged or of another layout: extract again
+        return None
+
+
+def _save_cached(path: Path, key: dict, extractions: dict) -> None:
+    import io
+
+    import numpy as np
+
+    from .fileio import atomic_write_bytes
+
+    arrays = {"key": np.array(json.dumps(key))}
+    for part, ex in extractions.items():
+        arrays[f"{part}.descriptors"] = np.asarray(ex.descriptors, np.float32)
+        arrays[f"{part}.indices"] = np.asarray(ex.indices, np.int64)
+        arrays[f"{part}.meta"] = np.array(json.dumps({
+            "paths": list(ex.paths), "skipped": [[s.index, s.path, s.reason] for s in ex.skipped],
+            "small": [int(i) for i in ex.small]}))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _encode_cached(args, model, encoder, parts: dict, base, dataset_files) -> dict:
+    """``{part: Extraction}`` of ``parts = {name: (paths, boxes or None)}``, read from
+    ``--cache DIR`` when everything they depend on is unchanged, else extracted (and saved
+    there when --cache is given)."""
+    if not args.cache:
+        return {name: encoder.encode(paths, boxes) for name, (paths, boxes) in parts.items()}
+    ref = getattr(args, "refine", None)
+    key = eval_cache_key(
+        model_spec=model.spec.to_dict(), weights=_state_sha256(model),
+        extraction={"image_size": args.image_size, "scales": list(args.scales), "min_size": args.min_size,
+                    "refinement": None if ref is None else ref.to_dict(), "precision": args.precision,
+                    "device": str(args.device)},
+        parts={name: {"files": _file_stamps(paths, base), "boxes": None if boxes is None else
+                      [None if b is None else [float(v) for v in b] for b in boxes]}
+               for name, (paths, boxes) in parts.items()},
+        dataset_files=dataset_files)
+    path = _eval_cache_file(args.cache, key)
+    cached = _load_cached(path, key) if path.is_file() else None
+    if cached is not None:
+        print(f"imret: reusing the descriptors cached in {path} (same model, weights, extraction settings and "
+              "dataset files)", file=sys.stderr)
+        return cached
+    out = {name: encoder.encode(paths, boxes) for name, (paths, boxes) in parts.items()}
+    _save_cached(path, key, out)
+    print(f"imret: descriptors cached in {path} (reused while nothing they depend on changes)", file=sys.stderr)
+    return out
+
+
 def cmd_eval(args) -> int:
     import numpy as np
 
@@ -500,6 +633,10 @@ def cmd_eval(args) -> int:
                          "a labelled set is evaluated all-vs-all (--whiten applies)")
     if kind != "revisitop" and args.images:
         raise ValueError("--images names the image folder of a revisitop dataset; a labelled set names its images itself")
+    if args.cache and args.store:
+        raise ValueError("--cache keeps the descriptors imret eval extracts; with --store they come from the store")
+    if args.cache and os.path.exists(args.cache) and not os.path.isdir(args.cache):
+        raise ValueError(f"--cache {args.cache!r} is a file; give a folder (created when missing)")
     _check_eval_options(args, kind)
     if kind == "revisitop":
         gt = ev.load_revisitop(src)
@@ -531,8 +668,9 @@ def cmd_eval(args) -> int:
             model = _build_model(args)
             weights_sha256 = getattr(model, "weights_sha256", None)
             encoder = Encoder(model, **_extract_kwargs(args))
-            db = encoder.encode(dbpaths)
-            q = encoder.encode(qpaths, bboxes)
+            got = _encode_cached(args, model, encoder, {"database": (dbpaths, None), "queries": (qpaths, bboxes)},
+                                 root, _file_stamps([src], src.parent))
+            db, q = got["database"], got["queries"]
             skipped = q.skipped + db.skipped
             if args.whiten == "lw" and args.whiten_on == "landmarks":
                 folds = _landmark_whitenings(args, gt, db)
@@ -579,7 +717,9 @@ def cmd_eval(args) -> int:
         model = _build_model(args)
         weights_sha256 = getattr(model, "weights_sha256", None)
         encoder = Encoder(model, **_extract_kwargs(args))
-        res = encoder.encode(paths)
+        base = src if src.is_dir() else src.parent
+        res = _encode_cached(args, model, encoder, {"images": ([str(p) for p in paths], None)}, base,
+                             _file_stamps([src], src.parent) if src.is_file() else [])["images"]
         skipped = res.skipped
         w, learned_on = _eval_whitening(args, encoder, res.descriptors)
         x = res.descriptors if w is None else Retriever(whitening=w).postprocess(res.descriptors)
@@ -589,11 +729,11 @@ def cmd_eval(args) -> int:
     dt = time.perf_counter() - t0
     _report_skipped(skipped)
     if args.store:
-        title = f"{Path(args.dataset).name}: store {args.store}"
+        title = f"{Path(os.path.abspath(args.dataset)).name}: store {_store_name(args.store)}"
         if pipeline.get("distractors"):
             title += f" (+{pipeline['distractors']} distractors)"
     else:
-        title = (f"{Path(args.dataset).name}: {model.spec.backbone} + {model.spec.pool}, {args.image_size} px, "
+        title = (f"{Path(os.path.abspath(args.dataset)).name}: {model.spec.backbone} + {model.spec.pool}, {args.image_size} px, "
                  f"scales {','.join(f'{s:g}' for s in args.scales)}")
     steps = _pipeline_words(pipeline)
     if steps:
@@ -603,8 +743,14 @@ def cmd_eval(args) -> int:
     print(f"({dt:.1f} s)")
     if out:
         top = min(100, ranks.shape[1]) if kind == "revisitop" else 0
+        shared_base = root if kind == "revisitop" else (src if src.is_dir() else src.parent)
         payload = {
-            "dataset": str(args.dataset),
+            # the raw metrics under "result" are fractions (0..1) as always; "summary" holds the
+            # table's numbers in percent. Paths are relative to the dataset's image folder.
+            "format": "imret-eval-results",
+            "version": 2,
+            "units": {"result": "fraction (0-1)", "summary": "%"},
+            "dataset": Path(os.path.abspath(args.dataset)).name,
             "model": model.spec.to_dict() if model is not None else None,
             "weights_sha256": weights_sha256,
             "image_size": args.image_size if model is not None else None,
@@ -612,9 +758,10 @@ def cmd_eval(args) -> int:
             "pipeline": pipeline,
             "ranking": ([[gt_eval.imlist[j] for j in row[:top]] for row in ranks] if kind == "revisitop" else None),
             "seconds": dt,
+            "summary": ev.percent_summary(result),
             "result": result.to_dict(),
             "baseline_random": baseline.to_dict() if baseline is not None else None,
-            "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
+            "skipped": [{"path": portable_path(s.path, shared_base), "reason": s.reason} for s in skipped],
         }
         (out / "results.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
         if not args.no_plots:
@@ -625,7 +772,8 @@ def cmd_eval(args) -> int:
             except ImportError as e:
                 print(f"note: no AP chart ({e})", file=sys.stderr)
             if kind == "revisitop" and not pipeline.get("distractors"):
-                plots.draw_revisitop_topk(ranks, gt, root, out / "topk.png", k=args.topk)
+                plots.draw_revisitop_topk(ranks, gt, root, out / "topk.png", k=args.topk, label_rows=True,
+                                          ap=result.medium.ap)
         print(f"results in {out}")
     return 0
 
@@ -889,6 +1037,31 @@ def cmd_index_rebuild(args) -> int:
         t0 = time.perf_counter()
         store.rebuild()
         print(f"rebuilt the {store.backend_spec} index of {len(store)} images in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_index_export(args) -> int:
+    from .export import export_store, fiftyone_snippet, require_pyarrow
+    from .index.store import Store
+
+    if args.format == "parquet":
+        require_pyarrow()  # before the store is opened
+    if args.relative_to is not None and args.absolute_paths:
+        raise ValueError("--relative-to and --absolute-paths contradict each other; give one")
+    if args.relative_to is not None and not os.path.isdir(args.relative_to):
+        raise ValueError(f"--relative-to {args.relative_to!r} is not a folder")
+    t0 = time.perf_counter()
+    with Store.open(args.store) as store:
+        report = export_store(store, args.out, format=args.format, vectors=args.vectors,
+                              relative_to=args.relative_to, common_root=not args.absolute_paths and not args.relative_to,
+                              overwrite=args.force)
+    print(f"exported {report.rows} images x {report.dim}-D {report.rows_kind} in {time.perf_counter() - t0:.1f} s "
+          f"to {', '.join(str(f) for f in report.files)}")
+    if report.relative_to is not None:
+        print(f"image paths are relative to {report.relative_to}")
+    if args.format == "fiftyone":
+        print("load it into FiftyOne with:")
+        print(fiftyone_snippet(args.out, report.relative_to), end="")
     return 0
 
 
@@ -1252,8 +1425,35 @@ _LIST_HELP = ("a file of image paths: one per line (UTF-8; a name holding a line
               "or a .jsonl file of one JSON string per line, such as the .paths.jsonl that extract writes")
 
 
+def package_version() -> str:
+    """The installed imret's version (its distribution metadata; the source tree's when not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("imret")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+_DEBUG_HELP = "on an error, print the full traceback instead of the one-line message"
+
+
+def _add_debug_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` after any (sub)command too: ``imret eval ... --debug`` as well as
+    ``imret --debug eval ...`` (SUPPRESS: a subcommand's absent flag leaves the global one)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+                _add_debug_everywhere(sp)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imret", description="Instance-level image retrieval")
+    parser.add_argument("--version", action="version", version=f"imret {package_version()}")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("extract", help="descriptors of images -> .npy + .paths.jsonl (+ .paths.txt) + .json")
@@ -1273,6 +1473,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-crop", action="store_true", help="do not crop queries to their bounding box")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--topk", type=int, default=10, help="results per query in topk.png (default 10)")
+    p.add_argument("--cache", metavar="DIR",
+                   help="keep the extracted query / database descriptors in DIR and reuse them while nothing "
+                        "they depend on changes (model and weights, image size, scales, refinement, precision, "
+                        "device, crop boxes, the dataset files' names, sizes and times); says so on stderr")
     p.add_argument("--store", help="evaluate this store (its model, preprocessing, whitening, DBA, query "
                                    "expansion and backend); its images not in the dataset count as distractors")
     pp = p.add_argument_group("post-processing (the pipeline of imret.retrieval.Retriever, as in a store)")
@@ -1342,6 +1546,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_index_configure)
 
+    ex = isub.add_parser(
+        "export", help="vectors and metadata of the live images: npy (+ jsonl), parquet, or a FiftyOne folder",
+        description="Write the live images' rows and metadata for other tools. npy: OUT.npy (float32 N x D, "
+                    "np.load reads it), OUT.jsonl (one line per row: id, path, width, height, size, sha256, added) "
+                    "and OUT.json (what the rows are). parquet: one table OUT (.parquet added without a suffix), "
+                    "the metadata columns and 'vector' (a fixed-size list of D float32; needs pyarrow). fiftyone: "
+                    "a folder OUT with samples.json, embeddings.npy and a README.md holding the two Python lines "
+                    "that load it into FiftyOne (printed here too). Image paths are written relative to the "
+                    "deepest folder holding all the images unless --relative-to or --absolute-paths says otherwise.")
+    ex.add_argument("store")
+    ex.add_argument("--format", choices=["npy", "parquet", "fiftyone"], default="npy", help="default npy")
+    ex.add_argument("--out", required=True, help="npy: the path stem; parquet: the file; fiftyone: the folder")
+    ex.add_argument("--vectors", action="store_true",
+                    help="the indexed rows (after the store's whitening / DBA) instead of the raw descriptors")
+    ex.add_argument("--relative-to", metavar="DIR", help="write image paths relative to this folder")
+    ex.add_argument("--absolute-paths", action="store_true", help="write image paths as the store holds them")
+    ex.add_argument("--force", action="store_true", help="overwrite existing output files")
+    ex.set_defaults(func=cmd_index_export)
+
     rb = isub.add_parser("rebuild", help="rebuild the search index from the stored vectors")
     rb.add_argument("store")
     rb.set_defaults(func=cmd_index_rebuild)
@@ -1392,6 +1615,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
+    from .cli_mine import register as _register_mine
+
+    _register_mine(sub)  # imret mine, imret clean
+
     p = sub.add_parser("serve", help="HTTP API and web page for a store (FastAPI on uvicorn)")
     p.add_argument("store", help="store directory (imret index build)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
@@ -1421,6 +1648,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let pages of this web origin read and write through the API (CORS; the token is still "
                         "required for writes); repeatable. Default: only the server's own page")
     p.set_defaults(func=cmd_serve)
+    _add_debug_everywhere(parser)
     return parser
 
 
@@ -1464,14 +1692,27 @@ def _os_error_message(e: OSError) -> str:
     return text
 
 
+def _debug(args) -> bool:
+    return bool(getattr(args, "debug", False))
+
+
+def _traceback_if_debug(args) -> None:
+    """The traceback of the exception being handled, on stderr, when ``--debug`` was given."""
+    if _debug(args):
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``imret`` with ``argv`` (default: the command line); returns the exit status.
 
     Errors are one line on stderr, ``imret: error: ...``, exit status 1: bad arguments or
     files (ValueError, ...), and any OS error (a full disk, a permission refused) as
-    ``<strerror>: <filename>``. When stdout's reader stops early (``| head``), imret stops
-    quietly with :data:`EXIT_BROKEN_PIPE`.
+    ``<strerror>: <filename>``; with ``--debug``, the full traceback comes first. When
+    stdout's reader stops early (``| head``), imret stops quietly with :data:`EXIT_BROKEN_PIPE`.
     """
+    args = None
     try:
         parser = build_parser()
         args = parser.parse_args(argv)  # may print --help and exit: inside, for a broken pipe
@@ -1489,13 +1730,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
     except (ValueError, RuntimeError, ImportError) as e:
-        print(f"imret: error: {e}", file=sys.stderr)
+        _traceback_if_debug(args)
+        # a RuntimeError not of imret's own (torch's, say) is rarely the user's doing: say how to see where
+        hint = (" (run with --debug for the full traceback)" if isinstance(e, RuntimeError) and not _debug(args)
+                and not type(e).__module__.startswith("imret") else "")
+        print(f"imret: error: {e}{hint}", file=sys.stderr)
         return 1
     except OSError as e:  # FileNotFoundError, PermissionError, a full disk, ...
         try:
             sys.stdout.flush()
         except OSError:  # the error was stdout's own (ENOSPC on a redirect): drop its buffer
             _silence_stdout()
+        _traceback_if_debug(args)
         print(f"imret: error: {_os_error_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

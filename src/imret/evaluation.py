@@ -14,7 +14,10 @@ Two families of metrics live here, both as pure functions returning dataclasses:
 Conventions: a ranking is an integer array ``ranks`` of shape ``(Nq, K)`` whose row ``i``
 lists database indices, best first, for query ``i`` (rows are queries; the revisitop code
 uses the transposed ``(Ndb, Nq)`` layout). Scores are similarities, higher is better.
-Metrics are fractions in ``[0, 1]``; only :func:`format_table` shows percentages.
+Metrics are fractions in ``[0, 1]`` in the result objects and their ``to_dict``; what people
+read is in percent, always marked as such: :func:`format_table` (its title says "values in
+%"), :func:`percent_summary` (the headline numbers of the table, for a JSON report) and the
+charts of :mod:`imret.plots`.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ __all__ = [
     "load_labelled_csv",
     "save_json",
     "format_table",
+    "percent_summary",
 ]
 
 #: Revisitop protocol names, in table order.
@@ -1009,11 +1013,40 @@ def _pct(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{100.0 * x:.2f}"
 
 
+def _pct_value(x: float) -> float | None:
+    """A fraction as the percent :func:`format_table` shows (2 decimals); NaN -> None."""
+    x = float(x)
+    return None if math.isnan(x) else round(100.0 * x, 2)
+
+
+def percent_summary(result: RevisitopResult | LabelledResult) -> dict[str, Any]:
+    """The numbers of :func:`format_table` as a JSON-ready dict, in percent (2 decimals; None
+    for n/a), with ``"unit": "%"``.
+
+    Revisitop: ``{"unit": "%", "easy": {"mAP": .., "mP@1": .., "R@1": ..}, "medium": .., "hard": ..}``;
+    labelled: ``{"unit": "%", "mAP": .., "R@1": .., ...}``.
+    """
+    if isinstance(result, RevisitopResult):
+        out: dict[str, Any] = {"unit": "%"}
+        for p in PROTOCOLS:
+            r = result.protocol(p)
+            row = {"mAP": _pct_value(r.map)}
+            row.update({f"mP@{k}": _pct_value(r.mp_at_k[k]) for k in result.kappas})
+            row.update({f"R@{k}": _pct_value(r.recall_at_k.get(k, math.nan)) for k in result.kappas})
+            out[p] = row
+        return out
+    if isinstance(result, LabelledResult):
+        out = {"unit": "%", "mAP": _pct_value(result.map)}
+        out.update({f"R@{k}": _pct_value(result.recall_at_k[k]) for k in result.ks})
+        return out
+    raise TypeError(f"percent_summary expects a RevisitopResult or LabelledResult, got {type(result).__name__}")
+
+
 def format_table(
     result: RevisitopResult | LabelledResult,
     baseline: RevisitopResult | LabelledResult | None = None,
 ) -> str:
-    """Plain-text table of a result, metrics in percent with 2 decimals.
+    """Plain-text table of a result, metrics in percent with 2 decimals (the title line says so).
 
     Revisitop: columns Easy / Medium / Hard, rows mAP and mP@k. Labelled: one column,
     rows mAP and R@k. With ``baseline`` (e.g. :func:`random_baseline_revisitop`), its
@@ -1056,7 +1089,7 @@ def _format_revisitop(result: RevisitopResult, baseline: Any) -> str:
         rows += rows_of(baseline, _baseline_suffix(baseline))
     title = (
         f"{result.name or 'revisitop'}: {result.n_queries} queries, "
-        f"{result.n_db} database images"
+        f"{result.n_db} database images; values in %"
     )
     lines = [title, *_rows_table(["Easy", "Medium", "Hard"], rows)]
     if baseline is not None and baseline.n_trials:
@@ -1079,8 +1112,8 @@ def _format_labelled(result: LabelledResult, baseline: Any) -> str:
     rows = rows_of(result, "")
     if baseline is not None:
         rows += rows_of(baseline, " (baseline)")
-    title = f"{result.name or 'labelled set'}: {result.n_queries} queries"
-    lines = [title, *_rows_table(["value"], rows)]
+    title = f"{result.name or 'labelled set'}: {result.n_queries} queries; values in %"
+    lines = [title, *_rows_table(["%"], rows)]
     if result.n_excluded:
         lines.append(f"queries without positives (excluded): {result.n_excluded}")
     return "\n".join(lines)

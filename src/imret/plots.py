@@ -35,6 +35,9 @@ from .evaluation import (
 __all__ = [
     "MARK_COLOURS",
     "plot_ap_per_query",
+    "ap_per_query_figure",
+    "wrap_title",
+    "revisitop_row_labels",
     "revisitop_marks",
     "draw_topk_grid",
     "draw_revisitop_topk",
@@ -58,6 +61,8 @@ _PROTOCOL_COLOURS = {"easy": "#4c9f50", "medium": "#3b75af", "hard": "#c44e52"}
 _BORDER = 4
 _GAP = 4
 _CAPTION = 16
+_LABEL = 14  # a row's label strip (query name and AP) above its tiles, when rows are labelled
+_LABEL_COLOUR = (30, 30, 30)
 _BACKGROUND = (255, 255, 255)
 _TILE_BACKGROUND = (235, 235, 235)
 _BOX_COLOUR = (255, 200, 0)
@@ -86,12 +91,7 @@ def plot_ap_per_query(
     title: str | None = None,
     dpi: int = 100,
 ) -> Path:
-    """Save a PNG bar chart of the AP of every query.
-
-    Revisitop results: grouped Easy / Medium / Hard bars per query with a dashed line at
-    each protocol's mAP; queries without positives in a protocol get no bar there.
-    Labelled results: one bar per query (a filled profile beyond 300 queries) with the
-    mAP line; excluded queries are left out.
+    """Save a PNG bar chart of the AP of every query, in percent (see :func:`ap_per_query_figure`).
 
     Args:
         result: from :func:`imret.evaluation.evaluate_revisitop` or
@@ -99,11 +99,42 @@ def plot_ap_per_query(
         path: the PNG file to write (parent folders are created).
         query_names: ``Nq`` tick labels; default: ``result.query_names`` for revisitop,
             else query numbers. Ticks are shown for at most 100 queries.
-        title: figure title; default names the dataset and the mAP.
+        title: figure title (wrapped to the figure's width); default names the dataset.
         dpi: resolution of the PNG.
 
     Returns:
         ``Path(path)``.
+    """
+    fig = ap_per_query_figure(result, query_names, title, dpi=dpi)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def wrap_title(title: str, width_inches: float) -> str:
+    """``title`` broken into lines that fit ``width_inches`` at matplotlib's default title size
+    (about 11 characters per inch), breaking at spaces, commas and semicolons. Pure."""
+    import textwrap
+
+    per_line = max(20, int(width_inches * 11))
+    return "\n".join(textwrap.fill(part, per_line, break_long_words=True, break_on_hyphens=False)
+                     for part in str(title).split("\n"))
+
+
+def ap_per_query_figure(
+    result: RevisitopResult | LabelledResult,
+    query_names: Sequence[str] | None = None,
+    title: str | None = None,
+    dpi: int = 100,
+) -> Any:
+    """The :class:`matplotlib.figure.Figure` of :func:`plot_ap_per_query`, AP in percent.
+
+    Revisitop results: grouped Easy / Medium / Hard bars per query with a dashed line at
+    each protocol's mAP; queries without positives in a protocol get no bar there.
+    Labelled results: one bar per query (a filled profile beyond 300 queries) with the
+    mAP line; excluded queries are left out. The title is wrapped to the figure's width and
+    the legend sits below the axes, so neither is cut nor covers a bar (constrained layout).
     """
     if not isinstance(result, (RevisitopResult, LabelledResult)):
         raise TypeError(
@@ -117,23 +148,22 @@ def plot_ap_per_query(
     if query_names is not None and len(query_names) != n:
         raise ValueError(f"query_names has {len(query_names)} names but there are {n} queries")
     width = min(40.0, max(6.0, 0.12 * n * (3 if isinstance(result, RevisitopResult) else 1)))
-    fig = Figure(figsize=(width, 4.5), dpi=dpi)
+    fig = Figure(figsize=(width, 5.0), dpi=dpi, layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(n)
     if isinstance(result, RevisitopResult):
         bar_w = 0.8 / len(PROTOCOLS)
         for t, p in enumerate(PROTOCOLS):
             r = result.protocol(p)
-            ap = np.nan_to_num(r.ap, nan=0.0)
+            ap = 100.0 * np.nan_to_num(r.ap, nan=0.0)
             colour = _PROTOCOL_COLOURS[p]
             ax.bar(x + (t - 1) * bar_w, ap, width=bar_w, color=colour,
-                   label=f"{p.capitalize()} (mAP {_pct(r.map)})")
+                   label=f"{p.capitalize()}: mAP {_pct(r.map)} %")
             if not math.isnan(r.map):
-                ax.axhline(r.map, color=colour, linestyle="--", linewidth=1)
+                ax.axhline(100.0 * r.map, color=colour, linestyle="--", linewidth=1)
         default_title = f"{result.name or 'revisitop'}: AP per query"
-        ax.legend(loc="upper right", fontsize="small")
     else:
-        ap = result.ap
+        ap = 100.0 * result.ap
         valid = ~np.isnan(ap)
         if n > 300:
             ys = np.sort(ap[valid])[::-1]
@@ -143,12 +173,11 @@ def plot_ap_per_query(
         else:
             ax.bar(x[valid], ap[valid], width=0.8, color="#3b75af")
         if not math.isnan(result.map):
-            ax.axhline(result.map, color="black", linestyle="--", linewidth=1,
-                       label=f"mAP {_pct(result.map)}")
-            ax.legend(loc="upper right", fontsize="small")
+            ax.axhline(100.0 * result.map, color="black", linestyle="--", linewidth=1,
+                       label=f"mAP {_pct(result.map)} %")
         default_title = f"{result.name or 'labelled set'}: AP per query"
-    ax.set_ylim(0.0, 1.02)
-    ax.set_ylabel("AP")
+    ax.set_ylim(0.0, 102.0)
+    ax.set_ylabel("AP (%)")
     ax.set_xlim(-0.6, max(n, 1) - 0.4)
     if query_names is not None and n <= 100:
         ax.set_xticks(x)
@@ -156,12 +185,10 @@ def plot_ap_per_query(
     elif n <= 100:
         ax.set_xticks(x)
         ax.set_xticklabels([str(i) for i in x], fontsize=6)
-    ax.set_title(title if title is not None else default_title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    if ax.get_legend_handles_labels()[0]:
+        fig.legend(loc="outside lower center", ncols=3, fontsize="small", frameon=False)
+    fig.suptitle(wrap_title(title if title is not None else default_title, width), fontsize="medium")
+    return fig
 
 
 def _pct(x: float) -> str:
@@ -201,17 +228,41 @@ def revisitop_marks(
     return marks
 
 
-def topk_grid_size(n_queries: int, k: int, thumb: int = 128) -> tuple[int, int]:
+def topk_grid_size(n_queries: int, k: int, thumb: int = 128, labels: bool = False) -> tuple[int, int]:
     """``(width, height)`` in pixels of the image :func:`draw_topk_grid` makes.
 
     Each tile is ``thumb + 2 * 4`` pixels square plus a 16-pixel caption, tiles are 4
-    pixels apart, and the query column is followed by an extra 8-pixel gap.
+    pixels apart, and the query column is followed by an extra 8-pixel gap; with ``labels``
+    (``row_labels`` given) each row has a 14-pixel label strip above it.
     """
     cell_w = thumb + 2 * _BORDER
-    cell_h = cell_w + _CAPTION
+    cell_h = cell_w + _CAPTION + (_LABEL if labels else 0)
     width = _GAP + (k + 1) * (cell_w + _GAP) + 2 * _GAP
     height = _GAP + n_queries * (cell_h + _GAP)
     return width, height
+
+
+def _fit_text(draw: Any, text: str, width: int, font: Any) -> str:
+    """``text`` cut with "..." to fit ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def revisitop_row_labels(
+    query_names: Sequence[str], ap: Sequence[float] | None, protocol: str = "medium"
+) -> list[str]:
+    """The row labels of a top-k grid: ``"<query name>  Medium AP 52.08 %"`` (``AP n/a`` for a
+    query without positives; the name alone when ``ap`` is None). Pure."""
+    protocol = _protocol_name(protocol)
+    if ap is not None and len(ap) != len(query_names):
+        raise ValueError(f"ap has {len(ap)} values but there are {len(query_names)} queries")
+    if ap is None:
+        return [str(q) for q in query_names]
+    return [f"{q}  {protocol.capitalize()} AP {_pct(float(a))}" + (" %" if not math.isnan(float(a)) else "")
+            for q, a in zip(query_names, ap)]
 
 
 def _open_image(img: ImageLike, thumb: int) -> tuple[Image.Image | None, tuple[int, int] | None]:
@@ -273,6 +324,7 @@ def draw_topk_grid(
     thumb: int = 128,
     captions: Sequence[Sequence[str]] | None = None,
     result_boxes: Sequence[Sequence[Sequence[float] | None]] | None = None,
+    row_labels: Sequence[str] | None = None,
 ) -> Path:
     """Save a PNG grid of retrieval results, one row per query.
 
@@ -298,9 +350,13 @@ def draw_topk_grid(
         result_boxes: ``Nq`` sequences of boxes ``(x1, y1, x2, y2)`` (or None) per result,
             in pixels of the result's image: where the query object was found in it
             (localisation), drawn in yellow; ``None`` for none.
+        row_labels: ``Nq`` texts written above their rows (e.g. the query's name and AP,
+            :func:`revisitop_row_labels`), cut with "..." to the grid's width; ``None``: no
+            label strips.
 
     Returns:
-        ``Path(path)``; the image size is :func:`topk_grid_size` ``(Nq, k, thumb)``.
+        ``Path(path)``; the image size is :func:`topk_grid_size` ``(Nq, k, thumb,
+        labels=row_labels is not None)``.
     """
     n_q = len(query_images)
     k = positive_int(k, "k")
@@ -318,6 +374,8 @@ def draw_topk_grid(
         raise ValueError(f"query_boxes has {len(query_boxes)} entries but there are {n_q} queries")
     if result_boxes is not None and len(result_boxes) != n_q:
         raise ValueError(f"result_boxes has {len(result_boxes)} rows but there are {n_q} queries")
+    if row_labels is not None and len(row_labels) != n_q:
+        raise ValueError(f"row_labels has {len(row_labels)} entries but there are {n_q} queries")
     if marks is not None:
         for i, row in enumerate(marks):
             need = min(k, len(ranked_db_images[i]))
@@ -329,7 +387,8 @@ def draw_topk_grid(
                         f"unknown mark {m!r} in marks[{i}]; available: {', '.join(MARK_COLOURS)}"
                     )
 
-    width, height = topk_grid_size(n_q, k, thumb)
+    labelled = row_labels is not None
+    width, height = topk_grid_size(n_q, k, thumb, labels=labelled)
     canvas = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     font = _font()
@@ -343,8 +402,13 @@ def draw_topk_grid(
         canvas.paste(tile, (col_x + _BORDER, row_y + _BORDER))
         draw.text((col_x + 2, row_y + cell_w + 2), caption, fill=frame, font=font)
 
+    row_h = cell_h + (_LABEL if labelled else 0)
     for i in range(n_q):
-        y = _GAP + i * (cell_h + _GAP)
+        y = _GAP + i * (row_h + _GAP)
+        if labelled:
+            draw.text((_GAP + 2, y + 1), _fit_text(draw, str(row_labels[i]), width - 2 * _GAP - 4, font),
+                      fill=_LABEL_COLOUR, font=font)
+            y += _LABEL
         box = None if query_boxes is None else query_boxes[i]
         tile, _ = _thumbnail(query_images[i], thumb, box)
         put(tile, _GAP, y, _QUERY_FRAME, "query")
@@ -377,8 +441,12 @@ def draw_revisitop_topk(
     queries: Sequence[int] | None = None,
     thumb: int = 128,
     ext: str = ".jpg",
+    label_rows: bool = False,
+    ap: Sequence[float] | None = None,
 ) -> Path:
-    """:func:`draw_topk_grid` for a revisitop dataset whose images are ``image_root/<name><ext>``.
+    """:func:`draw_topk_grid` for a revisitop dataset whose images are ``image_root/<name><ext>``;
+    with ``label_rows`` each row is labelled with its query's name and AP under ``protocol``
+    (:func:`revisitop_row_labels`; ``imret eval`` draws them so).
 
     Args:
         ranks: ``(Nq, K)`` integer database indices per query, best first.
@@ -390,6 +458,10 @@ def draw_revisitop_topk(
         queries: query indices to draw, in order; default all.
         thumb: thumbnail side in pixels.
         ext: image file extension.
+        label_rows: write the query's name and AP above each row.
+        ap: with ``label_rows``, the ``Nq`` APs (fractions, NaN for none) under ``protocol``;
+            default: computed from ``ranks`` when they rank the whole database, else the
+            labels show the names only.
     """
     marks = revisitop_marks(ranks, gt, protocol, k)
     r = np.asarray(ranks)
@@ -397,6 +469,13 @@ def draw_revisitop_topk(
     for q in sel:
         if not 0 <= q < gt.n_queries:
             raise ValueError(f"query index {q} is outside [0, {gt.n_queries})")
+    labels = None
+    if label_rows:
+        if ap is None and r.ndim == 2 and r.shape[1] == gt.n_db:
+            from .evaluation import evaluate_revisitop
+
+            ap = evaluate_revisitop(r, gt).protocol(protocol).ap
+        labels = revisitop_row_labels(gt.qimlist, ap, protocol)
     qpaths = gt.query_paths(image_root, ext)
     dbpaths = gt.db_paths(image_root, ext)
     return draw_topk_grid(
@@ -407,6 +486,7 @@ def draw_revisitop_topk(
         k=k,
         query_boxes=[gt.bbx[q] for q in sel],
         thumb=thumb,
+        row_labels=None if labels is None else [labels[q] for q in sel],
     )
 
 

@@ -15,7 +15,12 @@
  *            clears it), #bbox-readout, #crop-add (a centred box, for keyboard users),
  *            #crop-clear, #k-select, #qe-toggle, #localize-toggle (sends localize=true: hits
  *            get the box of the query object),
- *            #search-btn, #query-caption, #took (also names the re-rankers that ran),
+ *            #search-btn (disabled, reading "Searching…", while a search runs), #search-status
+ *            (visible while a search runs), #query-caption, #took (also names the re-rankers that
+ *            ran), #stale-note (visible while the drawn box differs from the one the shown results
+ *            were searched with: the results are greyed, #results has data-stale="true"),
+ *            #results-empty (the empty / error text: class "error" and "Search failed: ..." after a
+ *            failed search, whose old results are cleared),
  *            #results: data-state = idle | loading | done | error, data-seq = number of result
  *            lists rendered so far (wait for it to change), data-query = "upload" | "id:<n>";
  *            each hit is li[data-testid=result] with data-id, data-name, data-rank (1-based),
@@ -49,7 +54,7 @@
     "view-search", "dropzone", "dropzone-empty", "file-input", "choose-btn", "change-btn",
     "preview-wrap", "preview-stage", "preview-img", "crop-box", "bbox-readout", "crop-add", "crop-clear",
     "query-caption", "search-form", "k-select", "qe-toggle", "qe-label", "localize-toggle", "search-btn",
-    "took", "results", "results-empty",
+    "took", "results", "results-empty", "search-status", "stale-note",
     "view-browse", "browse-grid", "browse-empty", "page-prev", "page-next", "page-info",
     "page-jump", "page-input", "add-wrap", "add-btn", "add-input", "server-version",
   ]) el[id] = $(id);
@@ -62,6 +67,8 @@
     query: null,        // {kind: "upload", file, name, url} | {kind: "indexed", id, name, url}
     box: null,          // [x1, y1, x2, y2] in natural (original, EXIF-upright) pixels, or null
     searchCtl: null,    // AbortController of the search in flight
+    resultsBox: null,   // the box the shown results were searched with ("x1,y1,x2,y2", "" for the
+                        // whole image), null when no results are shown
     resultsSeq: 0,
     browseSeq: 0,
     page: 1,
@@ -326,6 +333,7 @@
     img.removeAttribute("src");
     if (url) img.src = url;
     img.alt = "Query: " + name;
+    img.title = name;
     el["dropzone-empty"].hidden = true;
     el["preview-wrap"].hidden = false;
     el["change-btn"].hidden = false;
@@ -342,6 +350,7 @@
     const dims = img.naturalWidth ? ` · ${img.naturalWidth} × ${img.naturalHeight}` : "";
     const what = q.kind === "indexed" ? `Indexed image #${q.id}: ${q.name}` : `Your photo: ${q.name}`;
     el["query-caption"].textContent = what + dims + (extra ? " · " + extra : "");
+    el["query-caption"].title = q.name;  // the full name, also where the caption is cut
   }
 
   el["preview-img"].addEventListener("load", () => { updateCaption(); renderBox(); });
@@ -386,6 +395,7 @@
       box.hidden = true;
       box.removeAttribute("data-bbox");
       el["bbox-readout"].textContent = (state.query ? "Whole image. " : "") + "Drag on the photo to search a region.";
+      if (!state.box) updateStale();  // (a box not drawn yet, before the photo is laid out, changes nothing)
       return;
     }
     const s = img.clientWidth / w;
@@ -397,6 +407,23 @@
     const r = roundedBox();
     box.dataset.bbox = r.join(",");
     el["bbox-readout"].textContent = `Region ${r[0]},${r[1]} – ${r[2]},${r[3]} (${r[2] - r[0]} × ${r[3] - r[1]} px)`;
+    updateStale();
+  }
+
+  // Drawing, moving or clearing the box does not search again by itself: the results shown are
+  // greyed with a note until Search (or Enter on the box) searches the new box. A box is often
+  // adjusted in several drags and nudges, and each search uploads the whole photo and runs the
+  // network on it; searching on every release would keep the server busy with boxes the user
+  // is still changing, and would swap the results under the pointer. Going back to the box the
+  // results were searched with makes them current again.
+  function updateStale() {
+    const shown = el.results.dataset.state === "done" && state.resultsBox !== null;
+    const current = roundedBox();
+    const stale = shown && (current ? current.join(",") : "") !== state.resultsBox;
+    el.results.classList.toggle("stale", stale);
+    el.results.dataset.stale = stale ? "true" : "false";
+    el["stale-note"].hidden = !stale;
+    el["search-btn"].classList.toggle("attention", stale);
   }
 
   // Pointer interaction on the preview: drag on the photo draws a box, drag inside it moves it,
@@ -556,8 +583,7 @@
     const localize = el["localize-toggle"].checked;
     const bbox = roundedBox();
     el.results.dataset.state = "loading";
-    el.results.setAttribute("aria-busy", "true");
-    el["search-btn"].disabled = true;
+    setSearching(true);
     busy(+1);
     try {
       let data;
@@ -582,15 +608,39 @@
     } catch (e) {
       if (e.name === "AbortError" || ctl !== state.searchCtl) return;
       el.results.dataset.state = "error";
+      clearResults(`Search failed: ${(e && e.message) || e}`);
       showError(e);
     } finally {
       busy(-1);
       if (ctl === state.searchCtl) {
         state.searchCtl = null;
-        el["search-btn"].disabled = false;
-        el.results.removeAttribute("aria-busy");
+        setSearching(false);
       }
     }
+  }
+
+  // The "searching…" state: the button is disabled and says so, a status with a spinner shows
+  // beside the heading, and the results on screen are dimmed until the new ones arrive.
+  function setSearching(on) {
+    el["search-btn"].disabled = on;
+    el["search-btn"].textContent = on ? "Searching…" : "Search";
+    el["search-status"].hidden = !on;
+    el.results.classList.toggle("loading", on);
+    if (on) el.results.setAttribute("aria-busy", "true");
+    else el.results.removeAttribute("aria-busy");
+    updateStale();
+  }
+
+  // A failed search leaves no results of an earlier query on screen, only the reason.
+  function clearResults(why) {
+    releaseBlobs("results");
+    el.results.replaceChildren();
+    state.resultsBox = null;
+    el.took.textContent = "";
+    el["results-empty"].textContent = why;
+    el["results-empty"].classList.add("error");
+    el["results-empty"].hidden = false;
+    updateStale();
   }
 
   function renderResults(data, q, bbox) {
@@ -636,6 +686,9 @@
     el.results.dataset.query = q.kind === "indexed" ? `id:${q.id}` : "upload";
     el.results.dataset.state = "done";
     el.results.dataset.seq = String(++state.resultsSeq);
+    state.resultsBox = bbox ? bbox.join(",") : "";
+    updateStale();
+    el["results-empty"].classList.remove("error");
     el["results-empty"].hidden = hits.length > 0;
     if (!hits.length) el["results-empty"].textContent = "No results: the index is empty.";
     const ms = data.took_ms;
