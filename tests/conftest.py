@@ -142,3 +142,22 @@ def small_store(make_store, small_photos):
     from imret.index.store import Preprocessing
 
     return make_store(small_photos, Preprocessing(image_size=96), commit_every=6)
+
+
+# --- views for the second-stage tests (verification, localisation, re-rankers over a store) ----
+
+
+@pytest.fixture(scope="session")
+def view_photos(make_photos):
+    """12 generated photos, 320 x 240: 3 views of each of 4 objects (seed 5). Photos 0-7 are
+    the store of ``view_store``; photo 8 is a third view of the object of photos 6 and 7."""
+    return make_photos(4, 3, (320, 240), seed=5)
+
+
+@pytest.fixture(scope="session")
+def view_store(make_store, view_photos):
+    """A closed store of ``view_photos[:8]`` at 96 px (no local features, no re-rankers);
+    shared: read it, or change a copy (``copy_store``)."""
+    from imret.index.store import Preprocessing
+
+    return make_store(view_photos[:8], Preprocessing(image_size=96))

@@ -13,24 +13,23 @@ from PIL import Image
 from conftest import installed
 
 from imret.cli import main
-from imret.index.store import Preprocessing, Store
+from imret.index.store import Store
 
 pytestmark = [pytest.mark.skipif(not installed("cv2"), reason="needs opencv-python-headless"),
               pytest.mark.usefixtures("one_torch_thread")]
 
-PRE = Preprocessing(image_size=96)
 RUN = ["--no-progress", "--workers", "0"]
 LOCAL = "sift?max_keypoints=64&max_side=320"
 
 
 @pytest.fixture(scope="module")
-def photos(make_photos):
-    return make_photos(4, 3, (320, 240), seed=5)
+def photos(view_photos):
+    return view_photos
 
 
 @pytest.fixture(scope="module")
-def base(make_store, photos):
-    return make_store(photos[:8], PRE)
+def base(view_store):
+    return view_store
 
 
 def test_configure_info_search_json_csv_table(base, copy_store, photos, capsys, tmp_path):

@@ -20,22 +20,21 @@ pytestmark = [pytest.mark.skipif(not installed("fastapi", "httpx", "multipart", 
                                  reason="needs the serve extra (fastapi, python-multipart), httpx and opencv"),
               pytest.mark.usefixtures("one_torch_thread")]
 
-from imret.index.store import Preprocessing, Store  # noqa: E402
+from imret.index.store import Store  # noqa: E402
 
-PRE = Preprocessing(image_size=96)
 LOCAL = "sift?max_keypoints=64&max_side=320"
 SIFT = "sift:8?min_inliers=6"
 
 
 @pytest.fixture(scope="module")
-def photos(make_photos):
-    return make_photos(4, 3, (320, 240), seed=5)
+def photos(view_photos):
+    return view_photos
 
 
 @pytest.fixture(scope="module")
-def plain(make_store, photos):
+def plain(view_store):
     """The 8 stored photos, no local features, no re-rankers (shared: read only)."""
-    return make_store(photos[:8], PRE)
+    return view_store
 
 
 @pytest.fixture(scope="module")

@@ -12,23 +12,22 @@ import pytest
 
 from conftest import installed
 
-from imret.index.store import Preprocessing, Store, StoreCorruptError, StoreError
+from imret.index.store import Store, StoreCorruptError, StoreError
 
 pytestmark = [pytest.mark.skipif(not installed("cv2"), reason="needs opencv-python-headless"),
               pytest.mark.usefixtures("one_torch_thread")]
 
-PRE = Preprocessing(image_size=96)
 LOCAL = "sift?max_keypoints=64&max_side=320"
 
 
 @pytest.fixture(scope="module")
-def photos(make_photos):
-    return make_photos(4, 3, (320, 240), seed=5)
+def photos(view_photos):
+    return view_photos
 
 
 @pytest.fixture(scope="module")
-def base(make_store, photos):
-    return make_store(photos[:8], PRE)
+def base(view_store):
+    return view_store
 
 
 def _close(a, b):

@@ -464,6 +464,24 @@ def upright_size(img: Image.Image) -> tuple[int, int]:
     return (h, w) if exif_orientation(img) in (5, 6, 7, 8) else (w, h)
 
 
+def image_size_of(image: object) -> tuple[int, int]:
+    """``(width, height)`` of an image input as imret shows it: a file upright (its EXIF
+    orientation applied; only the header is read), a PIL image or an ``H x W x 3`` array as
+    given. Positions in original pixels (query boxes, keypoints, localised boxes) refer to it."""
+    if isinstance(image, (str, os.PathLike)):
+        img = open_image(image)
+        try:
+            return upright_size(img)
+        finally:
+            img.close()
+    if isinstance(image, Image.Image):
+        return int(image.size[0]), int(image.size[1])
+    arr = np.asarray(image)
+    if arr.ndim < 2:
+        raise TypeError(f"expected a path, a PIL image or an H x W x 3 array, got {type(image).__name__}")
+    return int(arr.shape[1]), int(arr.shape[0])
+
+
 def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[str]:
     """Paths of the image files in ``folder``, sorted.
 

@@ -441,18 +441,9 @@ class FeatureMap(NamedTuple):
 
 
 def _original_size(image: Any) -> tuple[int, int]:
-    """``(width, height)`` of an image as :mod:`imret.images` shows it (files: upright)."""
-    from ..images import open_image, upright_size
+    from ..images import image_size_of
 
-    if isinstance(image, str):
-        img = open_image(image)
-        try:
-            return upright_size(img)
-        finally:
-            img.close()
-    if isinstance(image, np.ndarray):
-        return int(image.shape[1]), int(image.shape[0])
-    return tuple(int(v) for v in image.size)  # PIL, used as given (no EXIF)
+    return image_size_of(image)
 
 
 def _model_device(model) -> Any:

@@ -18,7 +18,6 @@ descriptors are integers 0..255 (the unit vector clipped at 0.2, renormalised an
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -116,18 +115,9 @@ class ImageFrame:
 
 
 def _original_size(image: Any) -> tuple[int, int]:
-    from ..images import open_image, upright_size
+    from ..images import image_size_of
 
-    if isinstance(image, (str, os.PathLike)):
-        img = open_image(image)
-        try:
-            return upright_size(img)
-        finally:
-            img.close()
-    if isinstance(image, Image.Image):
-        return image.size
-    arr = np.asarray(image)
-    return int(arr.shape[1]), int(arr.shape[0])
+    return image_size_of(image)
 
 
 def load_local_image(image: Any, box: Box | None = None, max_side: int | None = None) -> tuple[Image.Image, ImageFrame]:
