@@ -9,6 +9,7 @@
     imret train CONFIG.yaml [--resume] [--set k=v]  fine-tune a network (torchrun for several processes)
     imret mine PHOTOS... --out DIR              pseudo-classes, positive pairs, hard negatives from unlabelled photos
     imret clean LABELLED.csv --out DIR          drop wrong labels by geometric verification (DIR's cleaning)
+    imret dedup PHOTOS... | --store STORE [--out r.json|.csv|.html]   near-duplicate groups
 
 Only this module (and the server) prints, reads the environment or exits.
 """
@@ -1618,6 +1619,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_mine import register as _register_mine
 
     _register_mine(sub)  # imret mine, imret clean
+    from .cli_dedup import register as _register_dedup
+
+    _register_dedup(sub)  # imret dedup
 
     p = sub.add_parser("serve", help="HTTP API and web page for a store (FastAPI on uvicorn)")
     p.add_argument("store", help="store directory (imret index build)")

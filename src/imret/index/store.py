@@ -2013,6 +2013,16 @@ class Store:
                              postprocess=self.postprocess, local_query=local_query, local_database=local_database,
                              maps=maps_at(size), maps_at=maps_at, device=self.device)
 
+    def find_duplicates(self, threshold: float | None = None, *, verify: bool = True, k: int = 8,
+                        tta: "Sequence[str] | str" = "default", progress: bool = False, **extract_kw: Any):
+        """Near-duplicate groups among the live images (keys: ids): candidates from the stored
+        descriptors (and flipped / rotated views of the files), confirmed by RootSIFT
+        verification; see :func:`imret.dedup.find_duplicates_in_store`."""
+        from ..dedup import find_duplicates_in_store
+
+        return find_duplicates_in_store(self, threshold=threshold, k=k, tta=tta, verify=verify,
+                                        progress=progress, **extract_kw)
+
     @_store_errors
     def hits(self, scores: np.ndarray, ids: np.ndarray, extras: dict[str, np.ndarray] | None = None) -> list[list[Hit]]:
         """Attach paths (and the re-rankers' per-hit ``extras``) to ``(scores, ids)`` results."""
