@@ -74,7 +74,7 @@ def test_cross_modal_errors():
         cross_modal_ranks(IMAGES, TEXTS[:1], [3])
     with pytest.raises(ValueError, match="differ in size"):
         cross_modal_ranks(IMAGES, np.zeros((1, 3)), [0])
-    with pytest.raises(ValueError, match="positive integers"):
+    with pytest.raises(ValueError, match="must be a positive integer"):
         evaluate_cross_modal(IMAGES, TEXTS, OWNER, ks=(0,))
 
 

@@ -42,6 +42,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ._checks import positive_int
+
 __all__ = [
     "CrossModalResult",
     "SemanticResult",
@@ -71,9 +73,7 @@ def _to_numpy(x: Any, name: str, ndim: int) -> np.ndarray:
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     out = []
     for k in ks:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k values must be positive integers, got {list(ks)!r}")
-        out.append(int(k))
+        out.append(positive_int(k, f"each k (in {list(ks)!r})"))
     if not out:
         raise ValueError("give at least one k")
     return tuple(sorted(set(out)))
