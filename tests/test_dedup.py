@@ -193,6 +193,28 @@ def test_duplicate_check_rotation_sign(photos):
         DuplicateCheck(min_coverage=2)
 
 
+def test_duplicate_check_rejects_a_shared_patch_in_another_photo(photos):
+    """Two photos that share one unchanged region at the same place (a sign shot twice from one
+    spot): the identity fits the region's keypoints, the frames coincide, but most of the shared
+    frame's keypoints are not inliers; the shared-part inlier ratio rejects the pair."""
+    pytest.importorskip("cv2")
+    from imret.local.sift import SiftExtractor
+
+    originals = photos[1]
+    a = Image.open(originals[0]).convert("RGB")
+    b = Image.open(originals[1]).convert("RGB").resize(a.size)
+    w, h = a.size
+    box = (int(0.3 * w), int(0.3 * h), int(0.7 * w), int(0.7 * h))
+    b.paste(a.crop(box), box[:2])
+    ex = SiftExtractor()
+    fa, fb = ex(a), ex(b)
+    loose = DuplicateCheck(min_inliers=10, min_inlier_ratio=0.0)(fa, fb)
+    assert loose.confirmed, loose.reason  # inliers, similarity and coverage alone let it through
+    pc = DuplicateCheck(min_inliers=10)(fa, fb)
+    assert not pc.confirmed and "in the shared part" in pc.reason, pc.reason
+    assert pc.inliers == loose.inliers >= 10
+
+
 # ------------------------------------------------------------------------------ pipeline
 
 
