@@ -179,7 +179,7 @@ def main() -> None:
     clean_rows = []
     ck_k = args.k if args.clean_k is None else args.clean_k
     ck_bar = args.min_inliers if args.clean_min_inliers is None else args.clean_min_inliers
-    for mode in ("largest", "flag"):
+    for mode in ("largest", "flag", "vote"):
         t0 = time.perf_counter()
         cr = clean(paths, noisy, feats, mode=mode, descriptors=desc, min_inliers=ck_bar, k=ck_k,
                    workers=args.workers, checkpoint=ck, tag=tag, progress=True)

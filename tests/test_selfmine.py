@@ -268,6 +268,59 @@ def test_clean_drops_injected_labels(photos):
     assert len(res.edges) < sum(c * (c - 1) // 2 for c in np.unique(noisy, return_counts=True)[1])
 
 
+def _brute_vote_share(x, labels, k):
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    out = []
+    for i in range(len(x)):
+        others = sorted((j for j in range(len(x)) if j != i), key=lambda j: (-float(x[i] @ x[j]), j))[:k]
+        w = [max(0.0, float(x[i] @ x[j])) for j in others]
+        same = sum(wj for wj, j in zip(w, others) if labels[j] == labels[i])
+        out.append(same / sum(w) if sum(w) > 0 else 0.0)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("k", [1, 4, 30])
+def test_label_vote_share_matches_brute_force(k):
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(17, 6))
+    x[5] = x[3]  # an exact tie between two neighbours of everyone: broken by index
+    labels = [["a", "b", 3][i % 3] for i in range(17)]
+    np.testing.assert_allclose(sm.label_vote_share(x, labels, k), _brute_vote_share(x, labels, k), atol=1e-12)
+    assert sm.label_vote_share(x[:1], labels[:1], k).tolist() == [0.0]
+    with pytest.raises(ValueError, match="3 labels for 17 descriptor rows"):
+        sm.label_vote_share(x, labels[:3], k)
+
+
+def test_clean_vote_keeps_unverified_views_and_drops_wrong_labels(monkeypatch):
+    """Four objects of six images; only the first three images of each verify with each other
+    (the others share no visible structure with them), and two labels are wrong. Flag mode
+    drops every unverified view; vote mode keeps the correctly labelled ones (their descriptor
+    neighbours agree) and drops the wrong labels (their neighbours carry the true one)."""
+    rng = np.random.default_rng(3)
+    true = np.repeat(np.arange(4), 6)
+    centres = rng.normal(size=(4, 12)) * 3
+    x = centres[true] + 0.5 * rng.normal(size=(24, 12))
+    verifiable = np.array([i % 6 < 3 for i in range(24)])
+    monkeypatch.setattr(sm, "_verify_one", lambda i, j, s: 50 if true[i] == true[j] and verifiable[i] and verifiable[j] else 2)
+    noisy = [f"obj{t}" for t in true]
+    wrong = [4, 15]  # unverifiable views given another object's label
+    noisy[4], noisy[15] = "obj3", "obj0"
+    paths = [f"im{i}.jpg" for i in range(24)]
+    flag = sm.clean(paths, noisy, list(range(24)), mode="flag", workers=0)
+    assert set(flag.dropped.tolist()) == set(np.flatnonzero(~verifiable).tolist())
+    vote = sm.clean(paths, noisy, list(range(24)), mode="vote", descriptors=x, vote_k=5, workers=0)
+    assert vote.dropped.tolist() == wrong
+    assert "holds 0% of its 5 nearest neighbours" in vote.reasons[4]
+    # a wrong label that verifies (here: made to) is kept: geometry outranks the vote
+    monkeypatch.setattr(sm, "_verify_one", lambda i, j, s: 50 if {i, j} == {4, 18} else 2)
+    res = sm.clean(paths, noisy, list(range(24)), mode="vote", descriptors=x, vote_k=5, workers=0)
+    assert res.keep[4] and res.keep[18]
+    with pytest.raises(ValueError, match="mode 'vote' needs descriptors"):
+        sm.clean(paths, noisy, list(range(24)), mode="vote", workers=0)
+    with pytest.raises(ValueError, match=r"vote_share must be a number in \(0, 1\], got 0"):
+        sm.clean(paths, noisy, list(range(24)), mode="vote", descriptors=x, vote_share=0, workers=0)
+
+
 # ----------------------------------------------------------------------------- writers
 
 

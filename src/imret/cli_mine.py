@@ -41,7 +41,7 @@ def _add_local_args(p: argparse.ArgumentParser) -> None:
 def register(subparsers: Any) -> None:
     """Add ``mine`` and ``clean`` to ``imret``'s sub-command parsers."""
     from .cli import _add_model_args
-    from .selfmine import CLEAN_MODES, DEFAULT_ALL_PAIRS_UP_TO, DEFAULT_K, DEFAULT_NEGATIVES
+    from .selfmine import CLEAN_MODES, DEFAULT_ALL_PAIRS_UP_TO, DEFAULT_K, DEFAULT_NEGATIVES, DEFAULT_VOTE_K, DEFAULT_VOTE_SHARE
 
     p = subparsers.add_parser("mine", help="pseudo-classes, positive pairs and hard negatives from unlabelled photos "
                                            "(kNN graph + geometric verification)")
@@ -60,7 +60,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="output folder: cleaned.csv, dropped.html, clean.json")
     p.add_argument("--mode", choices=CLEAN_MODES, default="largest",
                    help="largest: keep each label's largest verified group; flag: drop images that verify with "
-                        "no other image of their label (default largest)")
+                        "no other image of their label; vote: as flag, but keep such an image when its label holds "
+                        "--vote-share of its --vote-k nearest neighbours by the global descriptor (default largest)")
+    p.add_argument("--vote-k", type=int, default=DEFAULT_VOTE_K,
+                   help=f"--mode vote: neighbours (all labels) that vote on an image's label (default {DEFAULT_VOTE_K})")
+    p.add_argument("--vote-share", type=float, default=DEFAULT_VOTE_SHARE,
+                   help=f"--mode vote: share of the neighbours' similarity its label needs (default {DEFAULT_VOTE_SHARE:g})")
     p.add_argument("--all-pairs-up-to", type=int, default=DEFAULT_ALL_PAIRS_UP_TO,
                    help=f"verify all pairs of labels up to this size, else each image's --k nearest neighbours by "
                         f"the global descriptor (default {DEFAULT_ALL_PAIRS_UP_TO})")
@@ -249,7 +254,8 @@ def cmd_clean(args) -> int:
     for lab in labels:
         counts[lab] = counts.get(lab, 0) + 1
     desc = None
-    if max(counts.values()) > args.all_pairs_up_to:  # only large labels need the global descriptors
+    missing: list[int] = []
+    if args.mode == "vote" or max(counts.values()) > args.all_pairs_up_to:  # votes and large labels need them
         got, done, skipped = _descriptors(args, paths, out)
         _report_failures("no global descriptor for", [(s["path"], s["reason"]) for s in skipped])
         desc = np.zeros((len(paths), got.shape[1]), np.float32)
@@ -258,13 +264,21 @@ def cmd_clean(args) -> int:
         for i, p in enumerate(paths):
             if p in row:
                 desc[i] = got[row[p]]
+            else:
+                missing.append(i)
     extractor = _extractor(args)
     load, failures = _cached_sift(paths, out / "sift", extractor, _workers(args), not args.no_progress)
     _report_failures("no local features for", failures)
     tag = paths_tag(paths, extractor.max_keypoints, extractor.max_side)
     res = clean(paths, labels, load, mode=args.mode, descriptors=desc, min_inliers=args.min_inliers,
                 all_pairs_up_to=args.all_pairs_up_to, k=args.k, workers=_workers(args),
-                checkpoint=out / "verified.jsonl", tag=tag, progress=not args.no_progress)
+                checkpoint=out / "verified.jsonl", tag=tag, progress=not args.no_progress,
+                vote_k=args.vote_k, vote_share=args.vote_share)
+    for i in missing:  # no descriptor: it cannot be voted for (and has no local features either)
+        if res.keep[i]:
+            res.keep[i] = False
+            res.reasons[i] = "unreadable: no global descriptor"
+            res.per_label[str(labels[i])]["kept"] -= 1
     n_rows = write_clean_csv(out / "cleaned.csv", res)
     write_clean_html(out / "dropped.html", res)
     s = res.summary()

@@ -68,6 +68,7 @@ __all__ = [
     "read_pairs_csv",
     "CleanResult",
     "clean",
+    "label_vote_share",
     "write_clean_csv",
     "write_clean_html",
     "paths_tag",
@@ -85,7 +86,13 @@ DEFAULT_NEGATIVES = 5  # per query, at most one per component (cirtorch's defaul
 # Cleaning verifies every pair of a label up to this size (30 images: 435 pairs), and only
 # each image's k nearest neighbours within the label above it.
 DEFAULT_ALL_PAIRS_UP_TO = 30
-CLEAN_MODES = ("largest", "flag")
+CLEAN_MODES = ("largest", "flag", "vote")
+# mode="vote": an image that verifies with no other image of its label keeps it when at least
+# half of the similarity mass of its 10 nearest neighbours (all labels) carries the same label.
+# On rParis6k-mini with 20 % injected errors, kNN votes alone removed 98-100 % of the errors and
+# kept 95.5-97 % of the correct photos over three seeds (0.4: 99 %, 0.3: 100 % kept).
+DEFAULT_VOTE_K = 10
+DEFAULT_VOTE_SHARE = 0.5
 
 VERIFY_DEFAULTS: dict[str, Any] = {
     "ratio": DEFAULT_RATIO,  # Lowe's ratio test on mutual nearest neighbours (0.9, see verification.py)
@@ -741,6 +748,34 @@ def _clean_edges(groups: dict[Any, np.ndarray], x: np.ndarray | None, all_pairs_
     return e[np.lexsort((e[:, 1], e[:, 0]))]
 
 
+def label_vote_share(descriptors: Any, labels: Sequence[Any], k: int = DEFAULT_VOTE_K) -> np.ndarray:
+    """``(N,)`` for each image, the share of its ``k`` nearest neighbours' similarity (weights
+    ``max(0, cosine)``, itself excluded, ties by index) that carries its own label; 0 when the
+    weights sum to 0 or there is no other image."""
+    x = _rows(descriptors, "descriptors")
+    n = x.shape[0]
+    if len(labels) != n:
+        raise ValueError(f"{len(labels)} labels for {n} descriptor rows")
+    k = _int_at_least(k, "k", 1)
+    out = np.zeros(n, np.float64)
+    if n < 2:
+        return out
+    _, codes = np.unique(np.asarray([repr(v) if not isinstance(v, str) else "s:" + v for v in labels], dtype=object),
+                         return_inverse=True)
+    kk = min(k, n - 1)
+    step = max(1, _CHUNK_ELEMENTS // max(1, n))
+    for s0 in range(0, n, step):
+        sim = x[s0:s0 + step] @ x.T
+        rows = np.arange(sim.shape[0])
+        sim[rows, s0 + rows] = -np.inf
+        nn = _topk_rows(sim, kk)
+        w = np.clip(np.take_along_axis(sim, nn, 1), 0.0, None).astype(np.float64)
+        same = codes[nn] == codes[s0:s0 + step, None]
+        tot = w.sum(1)
+        out[s0:s0 + step] = np.where(tot > 0, (w * same).sum(1) / np.where(tot > 0, tot, 1.0), 0.0)
+    return out
+
+
 def clean(
     paths: Sequence[str],
     labels: Sequence[Any],
@@ -755,6 +790,8 @@ def clean(
     checkpoint: str | os.PathLike | None = None,
     tag: str = "",
     progress: bool = False,
+    vote_k: int = DEFAULT_VOTE_K,
+    vote_share: float = DEFAULT_VOTE_SHARE,
     **verify_kw: Any,
 ) -> CleanResult:
     """Clean a labelled image set by geometric verification within each label.
@@ -767,6 +804,13 @@ def clean(
       verified pairs (ties: more verified pairs, then the lowest image index); a label where no
       pair verifies loses all its images.
     * ``mode="flag"``: drop only the images that verify with no other image of their label.
+    * ``mode="vote"``: keep an image that verifies with another image of its label, and also one
+      that does not but whose label holds at least ``vote_share`` of the similarity mass of its
+      ``vote_k`` nearest neighbours among all images (by ``descriptors``, required: weights
+      ``max(0, cosine)``). Verification alone cannot vouch for the views of a landmark that share
+      no visible structure with the rest (a third of rParis6k-mini's photos); their neighbours
+      in descriptor space still mostly carry the right label, while a wrongly labelled image's
+      neighbours carry its true one.
 
     Args:
         paths: ``N`` image paths; ``labels``: ``N`` labels (any hashable: names, ids).
@@ -774,6 +818,7 @@ def clean(
         descriptors: ``(N, D)`` global descriptors, needed when a label is larger than
             ``all_pairs_up_to``.
         min_inliers, workers, checkpoint, tag, progress, verify_kw: as in :func:`mine`.
+        vote_k, vote_share: ``mode="vote"``'s neighbours and share (defaults 10 and 0.5).
 
     Returns:
         A :class:`CleanResult` with a reason for every dropped image.
@@ -788,11 +833,16 @@ def clean(
     min_inliers = _int_at_least(min_inliers, "min_inliers", 2)
     all_pairs_up_to = _int_at_least(all_pairs_up_to, "all_pairs_up_to", 2)
     k = _int_at_least(k, "k", 1)
+    vote_k = _int_at_least(vote_k, "vote_k", 1)
+    if isinstance(vote_share, bool) or not isinstance(vote_share, (int, float)) or not 0 < vote_share <= 1:
+        raise ValueError(f"vote_share must be a number in (0, 1], got {vote_share!r}")
     x = None
     if descriptors is not None:
         x = _rows(descriptors, "descriptors")
         if x.shape[0] != n:
             raise ValueError(f"descriptors has {x.shape[0]} rows for {n} images")
+    if mode == "vote" and x is None:
+        raise ValueError("mode 'vote' needs descriptors=... (the neighbours that vote on each label)")
     groups: dict[Any, list[int]] = {}
     for i, lab in enumerate(labels):
         groups.setdefault(lab, []).append(i)
@@ -806,6 +856,7 @@ def clean(
     keep = np.zeros(n, bool)
     reasons = [""] * n
     per_label: dict[str, dict[str, int]] = {}
+    share = label_vote_share(x, labels, vote_k) if mode == "vote" else None
     for lab, idx in garr.items():
         name = repr(lab) if not isinstance(lab, str) else f"'{lab}'"
         if idx.size == 1:
@@ -815,6 +866,11 @@ def clean(
             keep[idx] = degree[idx] > 0
             for i in idx[degree[idx] == 0].tolist():
                 reasons[i] = f"verifies with no other image of label {name}"
+        elif mode == "vote":
+            keep[idx] = (degree[idx] > 0) | (share[idx] >= vote_share)
+            for i in idx[~keep[idx]].tolist():
+                reasons[i] = (f"verifies with no other image of label {name}, which holds {share[i]:.0%} "
+                              f"of its {min(vote_k, n - 1)} nearest neighbours' similarity (< {vote_share:.0%})")
         else:
             cs, sizes = np.unique(comp[idx], return_counts=True)
             nedges = np.array([int((comp[edges[ok][:, 0]] == c).sum()) for c in cs])
