@@ -262,6 +262,15 @@ def main(argv=None) -> int:
         key = "rsum" if n == "joint" else "ndcg@100"
         b = max(rws, key=lambda r: r[key])
         bests[n] = (int(b["epoch"]), len(rws), key, b[key])
+    from imret.train import load_config
+
+    lc = load_config(REPO / "configs" / "train_semantic.yaml")
+    lo, op = lc.loss, lc.optim
+    mined = "every relevance triplet" if lo.per_anchor is None else f"the {lo.per_anchor} hardest violating triplets per anchor"
+    loss_text = (f"L_v over {mined} with d+ at least {lo.min_gap:g} more relevant than d- (margin {lo.margin:g}), "
+                 f"L_t1/L_t2 over {'each photo and its own caption against the rest of the batch' if lo.cross_modal == 'pairs' else 'the same triplets'} "
+                 f"(margin {lo.cross_margin if lo.cross_modal == 'pairs' else lo.margin:g}), weights {lo.weights[0]:g}/{lo.weights[1]:g}/{lo.weights[2]:g}, "
+                 f"{op.name.capitalize()} {op.lr:g}, {op.schedule} schedule")
     text = f"""{BEGIN}
 ## Semantic retrieval: joint image–caption embedding on Flickr8k (Gordo & Larlus, CVPR 2017)
 
@@ -271,7 +280,7 @@ total {total / 60:.1f} min (trunk features of the 8,091 photos cached once at 22
 Flickr8k test split ({len(test)} photos, {len(texts)} captions), models trained on train (6000) with
 `configs/train_semantic.yaml`: frozen ImageNet EfficientNet-Lite0 trunk, GeM (p = 3) → FC (PCA-initialised) → {args.dim or 512}-D,
 captions tf-idf (train vocabulary of {enc.num_terms} stems) → W → {args.dim or 512}-D; batches of 128 photos with one random caption each,
-the 8 hardest violating triplets per anchor, margin 0.1, Adam 1e-3, cosine schedule. Best epoch on **dev**
+{loss_text}. Best epoch on **dev**
 (visual-only: NDCG@100, epoch {bests['visual-only'][0]} of {bests['visual-only'][1]}; joint: sum of the six dev recalls,
 epoch {bests['joint'][0]} of {bests['joint'][1]}). Semantic relevance: cosine of the images' five-caption tf-idf vectors;
 NDCG with gain 2^rel − 1, query left out; PCC per query over the {len(test) - 1} others (and over the model's top 100), averaged.
