@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from imret.text.losses import (
     JointRankingLoss,
     joint_ranking_loss,
+    pair_ranking_loss,
     mine_hard_triplets,
     ranking_loss,
     semantic_triplets,
@@ -116,7 +117,7 @@ def test_joint_loss_matches_brute_force(per_anchor, self_positive, margin):
     phi, theta, rel = _batch(n=6, seed=3)
     w = (1.0, 0.5, 2.0)
     out = joint_ranking_loss(phi, theta, rel, margin=margin, weights=w, per_anchor=per_anchor,
-                             cross_modal_self=self_positive)
+                             cross_modal_self=self_positive, cross_modal="relevance")
     ref, n = _brute_joint(phi, theta, rel, margin, w, self_positive, per_anchor)
     assert out.num_triplets == n > 0
     for got, want in zip(out[:4], ref):
@@ -127,7 +128,7 @@ def test_joint_loss_matches_brute_force(per_anchor, self_positive, margin):
 
 def test_joint_loss_min_gap_and_sum():
     phi, theta, rel = _batch(n=6, seed=4)
-    out = joint_ranking_loss(phi, theta, rel, margin=0.2, min_gap=0.3, reduction="sum")
+    out = joint_ranking_loss(phi, theta, rel, margin=0.2, min_gap=0.3, reduction="sum", cross_modal="relevance")
     ref, n = _brute_joint(phi, theta, rel, 0.2, (1, 1, 1), True, None, min_gap=0.3)
     assert out.num_triplets == n
     assert out.total.item() == pytest.approx(ref[0] * n, abs=1e-10)
@@ -139,9 +140,11 @@ def test_joint_loss_gradcheck():
     theta.requires_grad_(True)
 
     def f(x, y):
-        return joint_ranking_loss(x, y, rel, margin=0.3, weights=(1.0, 0.7, 0.4), per_anchor=2).total
+        return joint_ranking_loss(x, y, rel, margin=0.3, weights=(1.0, 0.7, 0.4), per_anchor=2,
+                                  cross_modal=mode).total
 
-    assert torch.autograd.gradcheck(f, (phi, theta))
+    for mode in ("relevance", "pairs"):
+        assert torch.autograd.gradcheck(f, (phi, theta))
 
 
 def test_visual_only_model():
@@ -158,12 +161,54 @@ def test_visual_only_model():
 def test_no_triplet_gives_an_attached_zero():
     phi, theta, _ = _batch(n=4)
     phi.requires_grad_(True)
-    out = joint_ranking_loss(phi, theta, torch.full((4, 4), 0.5), cross_modal_self=False)
+    out = joint_ranking_loss(phi, theta, torch.full((4, 4), 0.5), cross_modal_self=False, cross_modal="relevance")
     assert out.num_triplets == 0 and out.total.item() == 0
     out.total.backward()
     assert torch.all(phi.grad == 0)
     x = ranking_loss(phi, phi, (torch.zeros(0, dtype=torch.long),) * 3)
     assert x.item() == 0 and x.requires_grad
+
+
+def _brute_pairs(q, r, m):
+    """Per query a, the sum over n != a of ½ max(0, m − q_a·r_a + q_a·r_n), by plain loops."""
+    ql, rl = q.tolist(), r.tolist()
+    dot = lambda x, y: sum(u * v for u, v in zip(x, y))  # noqa: E731
+    out = []
+    for a in range(len(ql)):
+        out.append(sum(0.5 * max(0.0, m - dot(ql[a], rl[a]) + dot(ql[a], rl[n])) for n in range(len(ql)) if n != a))
+    return out
+
+
+@pytest.mark.parametrize("margin", [0.2, 1.5])
+def test_pair_ranking_loss_matches_brute_force(margin):
+    phi, theta, _ = _batch(n=7, seed=11)
+    per = pair_ranking_loss(phi, theta, margin=margin, reduction="none")
+    ref = _brute_pairs(phi, theta, margin)
+    assert per.tolist() == pytest.approx(ref, abs=1e-12)
+    assert pair_ranking_loss(phi, theta, margin=margin).item() == pytest.approx(sum(ref) / 7, abs=1e-12)
+    assert pair_ranking_loss(phi, theta, margin=margin, reduction="sum").item() == pytest.approx(sum(ref), abs=1e-12)
+    # a query whose own item beats every other by the margin costs nothing
+    e = torch.eye(4, dtype=torch.float64)
+    assert pair_ranking_loss(e, e, margin=0.9).item() == 0.0
+    assert pair_ranking_loss(e, e, margin=1.5).item() == pytest.approx(0.5 * 0.5 * 3, abs=1e-12)
+
+
+@pytest.mark.parametrize("per_anchor", [None, 2])
+def test_joint_loss_pairs_mode_is_visual_plus_pair_terms(per_anchor):
+    phi, theta, rel = _batch(n=6, seed=12)
+    w = (2.0, 0.5, 1.5)
+    out = joint_ranking_loss(phi, theta, rel, margin=0.3, cross_margin=0.4, weights=w, per_anchor=per_anchor,
+                             min_gap=0.05)
+    vis = joint_ranking_loss(phi, None, rel, margin=0.3, weights=(1, 0, 0), per_anchor=per_anchor, min_gap=0.05)
+    l1 = sum(_brute_pairs(phi, theta, 0.4)) / 6
+    l2 = sum(_brute_pairs(theta, phi, 0.4)) / 6
+    assert out.visual.item() == pytest.approx(vis.total.item(), abs=1e-12)
+    assert out.image_text.item() == pytest.approx(l1, abs=1e-12)
+    assert out.text_image.item() == pytest.approx(l2, abs=1e-12)
+    assert out.total.item() == pytest.approx(w[0] * vis.total.item() + w[1] * l1 + w[2] * l2, abs=1e-12)
+    assert out.num_triplets == vis.num_triplets + 2 * 6 * 5
+    with pytest.raises(ValueError, match="available: 'pairs', 'relevance'"):
+        joint_ranking_loss(phi, theta, rel, cross_modal="own")
 
 
 def test_training_the_text_side_lowers_the_loss():

@@ -18,6 +18,7 @@ from .losses import (
     JointRankingLoss,
     joint_ranking_loss,
     mine_hard_triplets,
+    pair_ranking_loss,
     ranking_loss,
     semantic_triplets,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "semantic_triplets",
     "mine_hard_triplets",
     "ranking_loss",
+    "pair_ranking_loss",
     "joint_ranking_loss",
     "JointLoss",
     "JointRankingLoss",

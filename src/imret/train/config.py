@@ -223,9 +223,17 @@ def _build(cls: type, d: dict[str, Any], where: str) -> Any:
 
 
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:
-    """Build a :class:`TrainConfig` from nested mappings; unknown keys and wrong types raise ``ValueError``."""
+    """Build a :class:`TrainConfig` from nested mappings; unknown keys and wrong types raise ``ValueError``.
+
+    ``data.kind: captions`` gives a :class:`imret.train.semantic.SemanticTrainConfig` instead.
+    """
     if not isinstance(d, dict):
         raise ValueError(f"a training config is a mapping, got {type(d).__name__}")
+    if isinstance(d.get("data"), dict) and d["data"].get("kind") == "captions":
+        # the joint image–caption trainer has its own config (imret.train.semantic)
+        from .semantic import semantic_config_from_dict
+
+        return semantic_config_from_dict(d)
     return _build(TrainConfig, d, "")
 
 

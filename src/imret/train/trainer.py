@@ -310,6 +310,14 @@ class Trainer:
         on_epoch: called with each epoch's :class:`EpochStats` (every process).
     """
 
+    def __new__(cls, config: Any = None, *args: Any, **kwargs: Any):
+        # data.kind: captions configs train the joint image–caption embedding (imret.train.semantic)
+        from .semantic import SemanticTrainConfig, SemanticTrainer
+
+        if cls is Trainer and isinstance(config, SemanticTrainConfig):
+            return SemanticTrainer(config, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(
         self,
         config: TrainConfig,
