@@ -1103,17 +1103,21 @@ class Store:
                 with contextlib.suppress(OSError, StoreCorruptError):
                     _remove_entry(self._file(old["file"], "old file"))
 
-    def encode_text(self, text: "str | Sequence[str]", *, rerank: "Sequence[Any] | None" = ()):
+    def encode_text(self, text: "str | Sequence[str]", *, rerank: "Sequence[Any] | None" = (), text_model: Any = None):
         """Caption embeddings ``θ(t)`` ``(Q, D)`` of text queries with the store's caption
         model, after checking that they can be searched here: a caption model, no whitening or
         αDBA, no re-ranker in ``rerank`` that needs pixels (:func:`imret.retrieval.check_text_pipeline`);
         ``ValueError`` saying why not otherwise. A text none of whose words the model knows
-        embeds to zeros (:meth:`search` reports it)."""
+        embeds to zeros (:meth:`search` reports it). ``text_model``: a caption encoder to use
+        instead of the store's own (of the store's dimension)."""
         from ..retrieval import check_text_pipeline
         from ..text.queries import check_text_queries
 
         texts = check_text_queries(text)
-        enc = self.text_model
+        enc = self.text_model if text_model is None else text_model
+        if text_model is not None and int(getattr(text_model, "dim", -1)) != self.dim:
+            raise ValueError(f"the caption model embeds text in {getattr(text_model, 'dim', '?')}-D, but the store's "
+                             f"descriptors are {self.dim}-D")
         if enc is None:
             raise ValueError(f"{self.path} has no caption model, so it cannot be searched by text; add the caption "
                              f"model of a joint image-caption model with `imret index configure {self.path} "
@@ -1127,7 +1131,7 @@ class Store:
         return np.asarray(enc.encode_text(texts), dtype=np.float32)
 
     def _search_text(self, text: Any, *, k: int, query_expansion: QueryExpansion | None, rerank: Any,
-                     on_error: str) -> "SearchResults | SearchHits":
+                     on_error: str, text_model: Any = None) -> "SearchResults | SearchHits":
         """:meth:`search` with ``text=``: see there."""
         from ..retrieval import needs_query_image
         from ..text.queries import text_card
@@ -1137,7 +1141,7 @@ class Store:
             specs = [sp for sp in self.rerank_specs if not needs_query_image(sp)]
         else:
             specs = [rerank] if isinstance(rerank, str) else list(rerank)
-        theta = self.encode_text(text, rerank=specs)  # refuses stages that need pixels before any is built
+        theta = self.encode_text(text, rerank=specs, text_model=text_model)  # refuses pixel stages before any is built
         stages = self.rerankers(specs)
         texts = [text] if single else list(text)
         known = np.any(theta != 0, axis=1)
@@ -1146,7 +1150,7 @@ class Store:
             from ..text.queries import NoKnownWordError
 
             raise NoKnownWordError(f"no word of text query {i} ({texts[i][:80]!r}) is in the caption model's "
-                                   f"vocabulary ({self.text_model.num_terms} terms); try other words")
+                                   f"vocabulary ({(text_model or self.text_model).num_terms} terms); try other words")
         out = SearchResults(
             SearchHits(query=t, error=None if known[i] else "no word of the text is in the caption model's vocabulary",
                        image=text_card(t))
@@ -2030,6 +2034,7 @@ class Store:
         queries: Any = None,
         *,
         text: "str | Sequence[str] | None" = None,
+        text_model: Any = None,
         bboxes: Sequence[Sequence[float] | None] | None = None,
         k: int = 10,
         query_expansion: QueryExpansion | None = None,
@@ -2064,7 +2069,8 @@ class Store:
         needs pixels (``sift``, ``cnn``, ``aml``); the store's own such stages are skipped (see
         :mod:`imret.retrieval`). A text none of whose words the model knows raises
         :class:`~imret.text.queries.NoKnownWordError` (``on_error="raise"``) or gets an empty
-        :class:`SearchHits` with its ``error`` (``"skip"``).
+        :class:`SearchHits` with its ``error`` (``"skip"``). ``text_model``: a caption model to
+        use instead of the store's own.
         """
         from ..images import ImageError, check_image_input, image_label, image_list, is_single_image
 
@@ -2075,7 +2081,7 @@ class Store:
             if queries is not None or bboxes is not None or extract_kw:
                 raise ValueError("give text=... or query images, not both (a text query has no box or extraction)")
             return self._search_text(text, k=int(k), query_expansion=query_expansion, rerank=rerank,
-                                     on_error=on_error)
+                                     on_error=on_error, text_model=text_model)
         if queries is None:
             raise ValueError("give query images (or text=...)")
         single = is_single_image(queries)
