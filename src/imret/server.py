@@ -437,6 +437,15 @@ class Service:
         self._info_cache: tuple[float, dict[str, Any]] | None = None
         self._last_save = time.monotonic()
         self._unsaved = False
+        if store.info().get("text") is not None:  # load the caption model (and its text libraries) now,
+            # off the request path, so that the first text query is not slowed by it
+            threading.Thread(target=self._warm_text, name="imret-text-load", daemon=True).start()
+
+    def _warm_text(self) -> None:
+        try:
+            self.store.text_model
+        except Exception as e:  # noqa: BLE001 - a damaged file is reported by the text searches themselves
+            logging.getLogger("imret.server").warning("the store's caption model cannot be loaded: %s", e)
 
     def close(self) -> None:
         self.batcher.close()
