@@ -50,7 +50,7 @@ def search_text(args):
 def _captioned_images(args):
     """The captioned images ``imret eval`` evaluates: a captions CSV (optionally limited to a
     split list) or a Flickr8k split."""
-    from .text import load_flickr8k, read_captions_csv, read_split_list
+    from .text import assign_splits, load_flickr8k, read_captions_csv, read_split_list
     from .text.captions import CaptionedImages
 
     if args.captions and args.flickr8k:
@@ -68,14 +68,11 @@ def _captioned_images(args):
     name = Path(args.captions).name
     if args.split_file:
         names = read_split_list(args.split_file)
-        by_name = {}
-        for i, p in enumerate(images.paths):
-            by_name.setdefault(os.path.basename(p), i)
-        missing = [n for n in names if n not in by_name]
-        if missing:
-            raise ValueError(f"{args.split_file} lists {len(missing)} image(s) with no caption in {args.captions} "
-                             f"(e.g. {missing[0]!r})")
-        keep = [by_name[n] for n in names]
+        try:  # by file name, as Flickr8k's lists: a name must be unique among the CSV's images
+            chosen = assign_splits(images.paths, {"split": names})
+        except ValueError as e:
+            raise ValueError(f"--split-file {args.split_file}: {e} (in {args.captions})") from None
+        keep = [i for i, s in enumerate(chosen) if s is not None]
         images = CaptionedImages([images.paths[i] for i in keep], [images.captions[i] for i in keep])
         files.append(Path(args.split_file))
         name += f" ({Path(args.split_file).name})"
@@ -130,7 +127,11 @@ def cmd_eval_captions(args) -> int:
     owner = np.repeat(np.arange(len(caps)), [len(cs) for cs in caps])
     theta = text.encode_text(captions)
     cm = se.evaluate_cross_modal(phi, theta, owner, ks=(1, 5, 10))
-    relevance = tfidf_similarity(CaptionEncoder(dim=1).fit(captions).transform_images(caps))
+    try:  # the relevance's own tf-idf (not the model's): the same for every model evaluated
+        tfidf = CaptionEncoder(dim=1).fit(captions)
+    except ValueError:  # a tiny set: no word in two captions
+        tfidf = CaptionEncoder(dim=1, min_df=1).fit(captions)
+    relevance = tfidf_similarity(tfidf.transform_images(caps))
     sem = se.evaluate_semantic(phi @ phi.T, relevance, exclude_self=True, ks=ks)
     dt = time.perf_counter() - t0
     title = (f"{name}: {model.spec.backbone} + {model.spec.pool}, {args.image_size} px; caption model "
