@@ -381,3 +381,14 @@ def test_load_text_model_size_limit(text_file):
     with pytest.raises(ValueError, match="limit"):
         load_text_model(text_file, max_bytes=100)
     assert load_text_model(text_file, dim=512).dim == 512
+
+
+def test_verify_checks_the_text_model_file(small_store, copy_store, text_model):
+    path, name = _with_text(small_store, copy_store, text_model)
+    with Store.open(path) as st:
+        assert st.verify() == []
+    data = bytearray((path / name).read_bytes())
+    data[-1] ^= 0x01
+    (path / name).write_bytes(bytes(data))
+    with Store.open(path) as st:
+        assert any("text model file" in p and "checksum" in p for p in st.verify())

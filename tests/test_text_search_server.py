@@ -107,7 +107,7 @@ def test_text_search_errors(client, text_store):
     msg = error_of(client.post("/api/search", data={"text": "dog", "localize": "true"},
                                files={"unused": ("u", b"")}), 400, "bad_request")
     assert "not both" in msg
-    msg = error_of(client.post("/api/search", data={"k": "3"}, files={"unused": ("u", b"")}), 400, "bad_request")
+    msg = error_of(client.post("/api/search", data={"k": "3"}, files={"unused": ("u", b"")}), 422, "bad_request")
     assert "'image'" in msg and "'text'" in msg
     error_of(client.post("/api/search", content=b"text=dog", headers={"Content-Type": "text/plain"}),
              415, "unsupported_media_type")

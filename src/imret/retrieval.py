@@ -552,7 +552,7 @@ class Retriever:
                 raise ValueError("give text=... alone: a text query has no image, box or descriptor")
             vectors = self.encode_text(text, rerankers=stages)
         elif images is None and vectors is None:
-            raise ValueError("give images=..., vectors=... (or both: descriptors and the images they came from), "
+            raise ValueError("give images=... or vectors=... (or both: descriptors and the images they came from), "
                              "or text=...")
         shown = None
         if images is not None:

@@ -437,7 +437,7 @@ class Service:
         self._info_cache: tuple[float, dict[str, Any]] | None = None
         self._last_save = time.monotonic()
         self._unsaved = False
-        if store.info().get("text") is not None:  # load the caption model (and its text libraries) now,
+        if store.text_info is not None:  # load the caption model (and its text libraries) now,
             # off the request path, so that the first text query is not slowed by it
             threading.Thread(target=self._warm_text, name="imret-text-load", daemon=True).start()
 
@@ -1667,7 +1667,8 @@ def create_app(store, config: ServerConfig | None = None, *, url: str | None = N
                                                    "nothing to localise)")
             return await _text_search(text, k, qe, rerank, t0)
         if image is None:
-            raise ApiError(400, "bad_request", "give the query photo (form field 'image') or a text query ('text')")
+            raise ApiError(422, "bad_request", "a missing form field: give the query photo ('image') or a text "
+                                               "query ('text')")
         kk = _check_k(k, config)
         box = _parse_bbox(bbox)
         use_qe = _parse_bool(qe, "qe")

@@ -1016,6 +1016,14 @@ class Store:
     # -- text queries (a joint image–caption model) -----------------------------------------
 
     @property
+    def text_info(self) -> dict[str, Any] | None:
+        """What ``store.json`` says of the caption model (``file``, ``sha256``, ``dim``, ``terms``,
+        ``source``), or None when the store has none; nothing is read."""
+        with self._lock:
+            t = self._config.get("text")
+            return None if t is None else dict(t)
+
+    @property
     def text_model(self):
         """The store's caption model (:class:`~imret.text.CaptionEncoder`), or None when it has
         none (:meth:`set_text_model`). Loaded on first use and checked as untrusted input: a
@@ -2314,6 +2322,14 @@ class Store:
                 got = _row_crcs(np.asarray(m[start:start + ids.size])).astype(np.int64)
                 problems.extend(f"local features of image {i} do not match their checksum"
                                 for i in ids[got != expected].tolist())
+        with self._lock:
+            text = self._config.get("text")
+        if text is not None:  # the caption model: present, inside the store, as its checksum says
+            try:
+                if _sha256_file(self._file(text["file"], "text model file"))[0] != text["sha256"]:
+                    problems.append(f"text model file {text['file']} does not match its checksum")
+            except (OSError, StoreCorruptError) as e:
+                problems.append(f"text model file {text['file']}: {e}")
         with self._lock:
             ids = [r[0] for r in self._db.execute("SELECT id FROM images WHERE id < ? ORDER BY id", (n,))]
             if ids != list(range(n)):
