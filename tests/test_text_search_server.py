@@ -162,3 +162,8 @@ def test_text_length_limit_is_configurable(text_store):
     with make_client(text_store, max_text_chars=10) as c:
         error_of(c.post("/api/search", json={"text": "a red dog runs"}), 400, "bad_request")
         assert c.post("/api/search", json={"text": "red dog"}).status_code == 200
+    with make_client(text_store, max_text_chars=3000) as c:  # longer than the library's default limit
+        long = "red dog " * 300
+        r = c.post("/api/search", json={"text": long, "k": 3})
+        assert r.status_code == 200, r.text
+        assert [h["id"] for h in r.json()["results"]] == [i for i, _ in expected(text_store, "red dog", 3)]

@@ -728,7 +728,7 @@ class Service:
                                                     "text; add one with `imret index configure STORE --text-model "
                                                     "FILE` (with the server stopped), or search by photo")
         try:
-            theta = self.store.encode_text([text])
+            theta = self.store.encode_text([text], max_chars=self.config.max_text_chars)
         except ValueError as e:
             raise ApiError(409, "text_unavailable", _hide_paths(str(e).replace(str(self.store.path), "STORE"))) from None
         if not np.any(theta[0] != 0):

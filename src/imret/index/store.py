@@ -1111,17 +1111,19 @@ class Store:
                 with contextlib.suppress(OSError, StoreCorruptError):
                     _remove_entry(self._file(old["file"], "old file"))
 
-    def encode_text(self, text: "str | Sequence[str]", *, rerank: "Sequence[Any] | None" = (), text_model: Any = None):
+    def encode_text(self, text: "str | Sequence[str]", *, rerank: "Sequence[Any] | None" = (), text_model: Any = None,
+                    max_chars: int | None = None):
         """Caption embeddings ``θ(t)`` ``(Q, D)`` of text queries with the store's caption
         model, after checking that they can be searched here: a caption model, no whitening or
         αDBA, no re-ranker in ``rerank`` that needs pixels (:func:`imret.retrieval.check_text_pipeline`);
         ``ValueError`` saying why not otherwise. A text none of whose words the model knows
         embeds to zeros (:meth:`search` reports it). ``text_model``: a caption encoder to use
-        instead of the store's own (of the store's dimension)."""
+        instead of the store's own (of the store's dimension); ``max_chars``: the longest text
+        accepted (default :data:`imret.text.queries.MAX_TEXT_CHARS`)."""
         from ..retrieval import check_text_pipeline
         from ..text.queries import check_text_queries
 
-        texts = check_text_queries(text)
+        texts = check_text_queries(text) if max_chars is None else check_text_queries(text, max_chars=max_chars)
         enc = self.text_model if text_model is None else text_model
         if text_model is not None and int(getattr(text_model, "dim", -1)) != self.dim:
             raise ValueError(f"the caption model embeds text in {getattr(text_model, 'dim', '?')}-D, but the store's "
