@@ -392,3 +392,19 @@ def test_verify_checks_the_text_model_file(small_store, copy_store, text_model):
     (path / name).write_bytes(bytes(data))
     with Store.open(path) as st:
         assert any("text model file" in p and "checksum" in p for p in st.verify())
+
+
+def test_retriever_checks_the_caption_encoder_when_built(tiny_model, text_model, db):
+    from imret.retrieval import Encoder
+
+    small = CaptionEncoder(dim=16).fit(["a dog", "a dog runs", "a cat", "a cat sits"])
+    with pytest.raises(ValueError, match="16-D, but the encoder's model is 512-D"):
+        Retriever(encoder=Encoder(tiny_model), text_encoder=small)
+    _, _, phi = db
+    with pytest.raises(ValueError, match="16-D, but the whitening's input is 512-D"):
+        Retriever(whitening=fit_pca_whitening(phi, 8), text_encoder=small)
+    with pytest.raises(TypeError, match="CaptionEncoder"):
+        Retriever(text_encoder=object())
+    with pytest.raises(FileNotFoundError):
+        Retriever(text_encoder="/nonexistent/text.safetensors")
+    assert Retriever(encoder=Encoder(tiny_model), text_encoder=text_model).text_encoder is text_model
