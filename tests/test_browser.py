@@ -6,7 +6,9 @@ module. Through the page, chromium uploads the query photo, draws the query's of
 with the mouse (resizes it by a handle, moves it), searches, and the first hit must be one of
 the query's easy/hard positives; the same with the photo stored sideways under EXIF
 orientation 6 (the box is in upright pixels); a click on a hit searches with that indexed
-image; a dropped file is searched; the listing pages; an image is added and deleted.
+image; a dropped file is searched; the listing pages; an image is added and deleted; a text
+query ("the eiffel tower") is searched with the store's caption model (fitted here on captions
+made from the landmark names) and its results shown as for a photo.
 Screenshots go to ``test-artifacts/`` (git-ignored).
 
 Needs ``/usr/bin/chromium`` and ``/usr/bin/chromedriver`` (``scripts/install_browser.sh``;
@@ -106,10 +108,33 @@ def paris(paris_mini):
     return paris_subset(paris_mini)
 
 
+def add_caption_model(path: Path) -> None:
+    """A caption model for the store: tf-idf over one caption per photo made from its landmark's
+    name ("a photo of the eiffel in paris"), its projection W fitted by ridge regression so that
+    a caption's embedding points at its photos' descriptors (W = Φᵀ T (TᵀT + λI)⁻¹)."""
+    import numpy as np
+    import torch
+
+    from imret.index.store import Store
+    from imret.text import CaptionEncoder
+
+    with Store.open(path, writable=True) as st:
+        recs = st.list(0, 10_000)
+        phi = np.asarray(st.descriptors(), np.float64)[[r.id for r in recs]]
+        captions = [f"a photo of the {Path(r.path).stem.split('_')[1]} in paris" for r in recs]
+        enc = CaptionEncoder(dim=st.dim).fit(captions)
+        t = enc.transform(captions).toarray()
+        w = phi.T @ t @ np.linalg.inv(t.T @ t + 1e-3 * np.eye(t.shape[1]))
+        with torch.no_grad():
+            enc.proj.weight.copy_(torch.from_numpy(w).float())
+        st.set_text_model(enc, source="landmark-name captions (test)")
+
+
 @pytest.fixture(scope="module")
 def store_dir(browser_paths, paris, mobilenet_weights, tmp_path_factory):
     path = tmp_path_factory.mktemp("browser") / "store"
     build_store(path, paris, mobilenet_weights)
+    add_caption_model(path)
     return path
 
 
@@ -637,3 +662,50 @@ def test_searching_stale_and_failed_upload_states(server, driver, paris, tmp_pat
     # the only console error is the refused upload's HTTP status (no script error, no CSP refusal)
     severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert all("/api/search" in e["message"] and "status of 4" in e["message"] for e in severe), severe
+
+
+# --- search by text (a store with a caption model; issue 14) -------------------------------------
+
+
+def _post_json(url: str, body: dict, timeout: float = 30.0) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def test_text_search_shows_results_as_for_a_photo(server, driver):
+    """The text box (shown because /api/info says the store can be searched by text) searches
+    by text: the page shows the API's ranking for the text, as tiles like a photo's results,
+    and the first hit is a photo of the landmark named. Screenshot: browser_text_search.png."""
+    drv = driver
+    drv.get_log("browser")  # only this test's entries below
+    _open(drv, server + "/")
+    _wait(drv, lambda d: d.find_element("id", "text-form").is_displayed(), "the text search box")
+    box = drv.find_element("id", "text-input")
+    assert box.get_attribute("maxlength") == str(_get_json(server + "/api/info")["server"]["text"]["max_chars"])
+    box.clear()
+    box.send_keys("the eiffel tower")
+    before = _results_seq(drv)
+    drv.find_element("id", "text-btn").click()
+    hits = _wait_results(drv, before, "the text search")
+    results = drv.find_element("id", "results")
+    assert results.get_attribute("data-query") == "text"
+    assert len(hits) == 20 and [h["rank"] for h in hits] == list(range(1, 21))
+    api = _post_json(server + "/api/search", {"text": "the eiffel tower", "k": 20})
+    assert [h["id"] for h in hits] == [h["id"] for h in api["results"]]
+    assert all(abs(h["score"] - a["score"]) < 1e-6 for h, a in zip(hits, api["results"]))
+    assert hits[0]["name"].startswith("paris_eiffel_"), [h["name"] for h in hits[:5]]
+    assert "the eiffel tower" in drv.find_element("id", "query-caption").text
+    assert "by text" in drv.find_element("id", "query-caption").text
+    _wait(drv, lambda d: _thumbs_loaded(d, "#results img"), "the result thumbnails")
+    _screenshot(drv, "browser_text_search.png")
+
+    # Enter in the box searches too; a text of unknown words says why, and clears the results
+    box.clear()
+    box.send_keys("zzzz qqqq", Keys.ENTER)
+    _wait(drv, lambda d: d.find_element("id", "results").get_attribute("data-state") == "error", "the refused text")
+    assert "vocabulary" in drv.find_element("id", "results-empty").text
+    assert not drv.find_elements("css selector", "#results [data-testid=result]")
+    severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert all("/api/search" in e["message"] and "status of 422" in e["message"] for e in severe), severe

@@ -2,9 +2,11 @@
 
     imret extract IMAGES... --out feats.npy     descriptors of images (folders, files, --list)
     imret eval DATASET [--out DIR]              revisited Oxford/Paris or a labelled set
+    imret eval --captions CSV --text-model T    text <-> image recall and semantic NDCG (joint model)
     imret index build PHOTOS... --out STORE     a persistent index (see imret.index.store)
     imret index add|remove|info|configure|rebuild|export STORE ...
     imret search STORE QUERY... [--csv ...]     ranked (score, id, path): table, JSON(L), CSV, HTML, PNG
+    imret search STORE --text "a dog ..."       the same by text (a store with a caption model)
     imret models                                backbone presets and poolings
     imret train CONFIG.yaml [--resume] [--set k=v]  fine-tune a network (torchrun for several processes)
     imret mine PHOTOS... --out DIR              pseudo-classes, positive pairs, hard negatives from unlabelled photos
@@ -620,6 +622,16 @@ def cmd_eval(args) -> int:
     from .expansion import QueryExpansion
     from .retrieval import Encoder, Retriever
 
+    if args.captions or args.flickr8k:
+        from .cli_text import cmd_eval_captions
+
+        return cmd_eval_captions(args)
+    for opt, v in (("--text-model", args.text_model), ("--split", args.split), ("--split-file", args.split_file)):
+        if v is not None:
+            raise ValueError(f"{opt} belongs to a captions evaluation: give --captions CSV or --flickr8k ROOT")
+    if args.dataset is None:
+        raise ValueError("give a dataset (gnd_*.pkl, a folder, a CSV of path,label), or --captions CSV / "
+                         "--flickr8k ROOT with --text-model for a joint image-caption model")
     # everything that can be checked without the model first: the dataset, then the options
     kind, src = _dataset_kind(args.dataset)
     post = [o for o, v in (("--whiten", args.whiten), ("--whiten-file", args.whiten_file),
@@ -832,10 +844,20 @@ def cmd_index_build(args) -> int:
     pre = Preprocessing(image_size=args.image_size, scales=tuple(args.scales), min_size=args.min_size,
                         refinement=args.refine)
     paths = _collect_images(args.images, args.list)
+    text = None
+    if args.text_model is not None:
+        from .text.queries import load_text_model
+
+        text = load_text_model(args.text_model)  # a bad file fails before the model is built
     model = _build_model(args)
+    if text is not None and text.dim != int(model.dim):
+        raise ValueError(f"--text-model {args.text_model!r} embeds text in {text.dim}-D, but the model's descriptors "
+                         f"are {model.dim}-D; give the caption model of the same joint model")
     t0 = time.perf_counter()
     with Store.create(args.out, model, model_source=_model_source(args), preprocessing=pre,
                       backend=args.backend, device=args.device, backend_options=_backend_options()) as store:
+        if text is not None:
+            store.set_text_model(text, source=os.path.abspath(args.text_model))
         report = store.add(paths, commit_every=args.commit_every, progress=not args.no_progress, **_runtime_kwargs(args))
         _print_add_report(report, time.perf_counter() - t0)
         print(f"store {args.out}: {len(store)} images, backend {store.backend_spec}")
@@ -914,6 +936,11 @@ def cmd_index_info(args) -> int:
                                f"{_human_bytes(loc['bytes_per_image'])}/image, {_human_bytes(loc['file_bytes'])} in all"
                                if loc else "none"))
         print("re-rank    " + (" + ".join(info["rerank"]) if info.get("rerank") else "none"))
+        t = info.get("text")
+        print("text       " + ("none (no caption model: search by photo only)" if not t else
+                               f"caption model, {t['terms']} terms -> {t['dim']}-D; from {t['source'] or '?'}"
+                               + ("" if t.get("searchable", True) else
+                                  " (text search off: it needs the raw descriptors; drop whitening and DBA)")))
         print(f"disk       {_human_bytes(info['disk_bytes'])}")
         if problems is not None:
             print("verify     " + ("ok" if not problems else f"{len(problems)} problem(s)"))
@@ -1002,8 +1029,22 @@ def cmd_index_configure(args) -> int:
             kw["local"] = None if args.local.strip().lower() == "none" else args.local
         if _rerank_option(args) is not None:
             kw["rerank"] = _rerank_option(args)
+        if args.text_model is not None:
+            if args.text_model.strip().lower() == "none":
+                store.set_text_model(None)
+                print(f"dropped the caption model of {args.store}")
+            else:
+                store.set_text_model(args.text_model)
+                t = store.info()["text"]
+                print(f"caption model of {args.store}: {t['terms']} terms -> {t['dim']}-D (search with --text)")
+                if not t["searchable"]:
+                    print("note: text search stays off while the store whitens or augments (DBA) its vectors: "
+                          "it ranks by the raw descriptors; drop them with --whiten none --dba-k 0", file=sys.stderr)
+            if args.whiten is None and not kw:
+                return 0
         if args.whiten is None and not kw:
-            raise ValueError("nothing to configure: give --backend, --whiten, --dba-k, --qe, --local or --rerank options")
+            raise ValueError("nothing to configure: give --backend, --whiten, --dba-k, --qe, --local, --rerank or "
+                             "--text-model options")
         if args.whiten is not None:
             if args.whiten == "none":
                 kw["whitening"] = None
@@ -1209,21 +1250,29 @@ def cmd_search(args) -> int:
 
     if args.format in ("html", "png") and not args.out:
         raise ValueError(f"--format {args.format} writes a file: give --out FILE")
-    queries, boxes = _collect_queries(args)
-    rerank = _rerank_option(args)
-    with Store.open(args.store, device=args.device, backend_options=_backend_options()) as store:
-        qe = _query_expansion_override(args, store.query_expansion)
-        if args.localize:
-            from .rerank import parse_rerank
+    if args.text:
+        from .cli_text import search_text
 
-            rerank = list(store.info()["rerank"] if rerank is None else rerank)
-            if not any(parse_rerank(r).kind == "aml" for r in rerank):
-                rerank.append(f"aml:{args.k}")
-        t0 = time.perf_counter()
-        # one extraction of all queries, searched in batches; unreadable ones come back with .error
-        results = store.search(queries, bboxes=boxes, k=args.k, query_expansion=qe, rerank=rerank, on_error="skip",
-                               progress=not args.no_progress and len(queries) > 1, **_runtime_kwargs(args))
-        dt = time.perf_counter() - t0
+        results, dt = search_text(args)  # the same results (SearchHits) as for photos, query = the text
+    else:
+        if args.text_model is not None:
+            raise ValueError("--text-model is the caption model for --text queries; give --text TEXT")
+        queries, boxes = _collect_queries(args)
+        rerank = _rerank_option(args)
+        with Store.open(args.store, device=args.device, backend_options=_backend_options()) as store:
+            qe = _query_expansion_override(args, store.query_expansion)
+            if args.localize:
+                from .rerank import parse_rerank
+
+                rerank = list(store.info()["rerank"] if rerank is None else rerank)
+                if not any(parse_rerank(r).kind == "aml" for r in rerank):
+                    rerank.append(f"aml:{args.k}")
+            t0 = time.perf_counter()
+            # one extraction of all queries, searched in batches; unreadable ones come back with .error
+            results = store.search(queries, bboxes=boxes, k=args.k, query_expansion=qe, rerank=rerank,
+                                   on_error="skip", progress=not args.no_progress and len(queries) > 1,
+                                   **_runtime_kwargs(args))
+            dt = time.perf_counter() - t0
     failed = [r for r in results if r.error is not None]
     done = [r for r in results if r.error is None]
     if failed:
@@ -1231,8 +1280,8 @@ def cmd_search(args) -> int:
         for r in failed:
             print(f"  {_shown(r.query)}: {r.error}", file=sys.stderr)
     if not done:
-        raise ValueError(f"none of the {len(results)} quer{'y' if len(results) == 1 else 'ies'} could be read "
-                         "(reasons above)")
+        raise ValueError(f"none of the {len(results)} quer{'y' if len(results) == 1 else 'ies'} could be "
+                         f"{'searched' if args.text else 'read'} (reasons above)")
     if args.format == "json":
         payload = [{"query": r.query, "bbox": None if r.bbox is None else list(r.bbox),
                     "results": [{"rank": rank, "score": h.score, "id": h.id, "path": h.path, **_hit_fields(h)}
@@ -1247,7 +1296,7 @@ def cmd_search(args) -> int:
         lines = []
         for r in done:
             box = f" [{','.join(f'{v:g}' for v in r.bbox)}]" if r.bbox is not None else ""
-            lines.append(f"query {_shown(r.query)}{box}")
+            lines.append(f"{'text' if args.text else 'query'} {_shown(r.query)}{box}")
             verified = any("inliers" in h.extras for h in r)
             lines.append(f"  {'rank':>4}  {'score':>7}  {'id':>8}  " + ("inliers  " if verified else "") + "path")
             for rank, h in enumerate(r, 1):
@@ -1259,15 +1308,18 @@ def cmd_search(args) -> int:
         from . import plots
 
         qboxes = [r.bbox for r in done] if any(r.bbox is not None for r in done) else None
+        # a text query is shown as a picture of its text (SearchHits.image)
+        shown_queries = [r.image if r.image is not None else r.query for r in done]
         if args.format == "png":
             boxes = [[h.extras.get("box") for h in r] for r in done]
-            plots.draw_topk_grid([r.query for r in done], [[h.path for h in r] for r in done], None, args.out,
+            plots.draw_topk_grid(shown_queries, [[h.path for h in r] for r in done], None, args.out,
                                  k=args.k, query_boxes=qboxes,
                                  captions=[[f"{h.score:.3f}" + (f" {h.extras['inliers']}in" if "inliers" in h.extras
                                                                 else "") for h in r] for r in done],
                                  result_boxes=boxes if any(b is not None for row in boxes for b in row) else None)
         else:
-            plots.write_results_html([r.query for r in done], done, args.out, query_boxes=qboxes)
+            plots.write_results_html(shown_queries, done, args.out, query_boxes=qboxes,
+                                     query_names=[("text: " if args.text else "") + r.query for r in done])
     n = len(done)
     print(f"({n} quer{'y' if n == 1 else 'ies'} in {dt:.2f} s)", file=sys.stderr)
     if args.out:
@@ -1468,7 +1520,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("eval", help="evaluate on a revisitop-format dataset or a labelled set")
-    p.add_argument("dataset", help="gnd_*.pkl, a folder holding one (images in <folder>/jpg), a CSV path,label, or a folder of class folders")
+    p.add_argument("dataset", nargs="?", help="gnd_*.pkl, a folder holding one (images in <folder>/jpg), a CSV "
+                                              "path,label, or a folder of class folders (none with --captions or "
+                                              "--flickr8k)")
     p.add_argument("--images", help="image folder for a revisitop dataset (default: <gnd folder>/jpg)")
     p.add_argument("--out", help="folder for results.json, ap_per_query.png and topk.png")
     p.add_argument("--no-crop", action="store_true", help="do not crop queries to their bounding box")
@@ -1480,6 +1534,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "device, crop boxes, the dataset files' names, sizes and times); says so on stderr")
     p.add_argument("--store", help="evaluate this store (its model, preprocessing, whitening, DBA, query "
                                    "expansion and backend); its images not in the dataset count as distractors")
+    tx = p.add_argument_group("text <-> image (a joint image-caption model: --model and --text-model)")
+    tx.add_argument("--captions", metavar="CSV", help="a captions CSV (path,caption; several rows per image): "
+                    "text->image and image->text recall@1/5/10 and median rank (every caption a query), and "
+                    "semantic image->image NDCG@k / PCC with caption tf-idf relevance")
+    tx.add_argument("--image-root", metavar="DIR", help="folder the CSV's relative paths are relative to (default: "
+                    "the CSV's folder)")
+    tx.add_argument("--split-file", metavar="FILE", help="evaluate only the images this list names (one file name "
+                    "per line, as Flickr_8k.testImages.txt)")
+    tx.add_argument("--flickr8k", metavar="ROOT", help="a Flickr8k folder (captions.csv, images/, splits/) instead "
+                    "of --captions")
+    tx.add_argument("--split", choices=["train", "dev", "test"], help="the Flickr8k split (default test)")
+    tx.add_argument("--text-model", metavar="FILE", help="the caption model (CaptionEncoder file) of the joint model")
+    tx.add_argument("--ndcg-k", type=_positive_int, action="append", metavar="K",
+                    help="NDCG@K / PCC@K cut-offs, repeatable (default 10, 50, 100)")
     pp = p.add_argument_group("post-processing (the pipeline of imret.retrieval.Retriever, as in a store)")
     pp.add_argument("--whiten", choices=["none", "pca", "lw"], help="PCA whitening learned on --whiten-on, or "
                     "learned whitening (Lw) from --pairs")
@@ -1510,6 +1578,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"search backend spec ({', '.join(BACKEND_KINDS)}): 'exact', 'ann', 'faiss:IVF4096,SQ8?nprobe=32', "
                         "'faiss:HNSW32', 'milvus:./vectors.db', 'milvus:http://host:19530' (default exact)")
     b.add_argument("--commit-every", type=_positive_int, default=64, help="images per committed batch (default 64)")
+    b.add_argument("--text-model", metavar="FILE",
+                   help="also keep this caption model (the text half of the joint image-caption model given by "
+                        "--model) in the store, for imret search --text")
     _add_model_args(b)
     b.set_defaults(func=cmd_index_build)
 
@@ -1543,6 +1614,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "sift?max_keypoints=500; 'none' drops them")
     c.add_argument("--rerank", action="append", metavar="SPEC", help=_RERANK_HELP + " (the store's default for "
                    "every search)")
+    c.add_argument("--text-model", metavar="FILE",
+                   help="keep this caption model (the text half of a joint image-caption model, of the store's "
+                        "dimension) in the store, for imret search --text; 'none' drops it")
     _add_postprocess_args(c)
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_index_configure)
@@ -1571,7 +1645,7 @@ def build_parser() -> argparse.ArgumentParser:
     rb.set_defaults(func=cmd_index_rebuild)
 
     p = sub.add_parser(
-        "search", help="search a store with query images: files, folders, --list, --csv",
+        "search", help="search a store with query images (files, folders, --list, --csv) or --text",
         description="Search a store with query images. All queries are extracted in one batch and searched "
                     "together. A query that cannot be read is skipped with the reason on stderr; the exit "
                     "status is 1 only when none of them could be searched.")
@@ -1586,6 +1660,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bbox", type=_bbox, action="append",
                    help="query crop x1,y1,x2,y2 in pixels, one per query file named on the command line "
                         "(boxes of many queries: --csv)")
+    p.add_argument("--text", action="append", metavar="TEXT",
+                   help="a text query instead of photos, repeatable (e.g. --text 'a dog catching a frisbee'): "
+                        "ranked by the store's caption model (imret index configure --text-model)")
+    p.add_argument("--text-model", metavar="FILE",
+                   help="the caption model for --text instead of the store's own (a CaptionEncoder file of the "
+                        "store's dimension)")
     p.add_argument("-k", type=_positive_int, default=10, help="results per query (default 10)")
     p.add_argument("--format", choices=["table", "json", "jsonl", "csv", "html", "png"], default="table",
                    help="table (default); json (one document); jsonl or csv: one row per query and rank with "

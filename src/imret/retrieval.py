@@ -23,6 +23,28 @@ The steps, for raw model descriptors ``x`` (``(Q, D)`` rows, L2-normalised):
 
 Results are :class:`SearchResult` ``(scores, ids)``, both ``(Q, k)``: float32 cosines in
 decreasing order and int64 ids, padded with ``-inf`` / ``-1``.
+
+**Text queries** (a joint image–caption model: an image model whose descriptors are ``φ`` and
+a :class:`~imret.text.CaptionEncoder` ``θ`` of the same dimension, Gordo & Larlus, CVPR 2017)
+rank the database by ``θ(t)·φ``: the inner product the two encoders were trained for. So a
+text query goes through the pipeline only where every step keeps that meaning
+(:func:`check_text_pipeline`):
+
+* whitening and αDBA are **refused** for text queries. Whitening is fitted on image
+  descriptors: applied to ``θ`` it would centre a caption on the mean *image*, rescale it by the
+  image variances and keep only the image principal axes, and the score would become
+  ``(θ − μ)ᵀ Σ⁻¹ (φ − μ)`` (normalised), a metric the caption encoder was never trained for; and
+  αDBA replaces every database row by a mean of image neighbours, so the rows are no longer the
+  ``φ`` that ``θ`` was trained against. Neither can be undone on the query side (the whitened rows
+  are normalised per image and may be reduced in dimension), so rather than rank text by a
+  score nobody trained, the search stops with a message saying how to search by text (a
+  database indexed without them);
+* query expansion is **kept**: it mixes the query with its top database rows, which for a text
+  query are ``φ`` rows of the same space (pseudo-relevance feedback from the images found);
+* re-rankers that look at the query's pixels (geometric verification ``sift`` / ``cnn``,
+  localisation ``aml``; :func:`needs_query_image`) are **refused**: a text has no pixels.
+  Stages that work on descriptors alone (``sg``, SuperGlobal top-M refinement, which refines
+  the query with its top rows as query expansion does) run as for an image query.
 """
 
 from __future__ import annotations
@@ -55,6 +77,8 @@ __all__ = [
     "carry_extras",
     "rerank_depth",
     "truncate",
+    "needs_query_image",
+    "check_text_pipeline",
 ]
 
 SearchFn = Callable[[np.ndarray, int], "tuple[np.ndarray, np.ndarray]"]
@@ -250,6 +274,50 @@ def _check_k(k: Any) -> int:
     return positive_int(k, "k")
 
 
+# the stages that read the query image's pixels (local features, localisation maps), by class
+# name: imported lazily elsewhere, so they are recognised without importing OpenCV here
+_PIXEL_STAGES = frozenset({"GeometricVerifier", "LocalizationReranker"})
+
+
+def needs_query_image(stage: Any) -> bool:
+    """Whether a re-ranker reads the query's pixels (and so cannot re-rank a text query): its
+    ``needs_query_image`` attribute when it has one, else True for geometric verification and
+    localisation (``sift``, ``cnn``, ``aml``), False for the rest (``sg`` works on rows)."""
+    if isinstance(stage, str) or type(stage).__name__ == "RerankSpec":  # a spec: sift, cnn and aml need pixels
+        from .rerank import parse_rerank
+
+        return parse_rerank(stage).kind in ("sift", "cnn", "aml")
+    flag = getattr(stage, "needs_query_image", None)
+    if isinstance(flag, bool):
+        return flag
+    return type(stage).__name__ in _PIXEL_STAGES
+
+
+def check_text_pipeline(*, whitening: Any, dba: Any, rerankers: Sequence[Any] = (), where: str = "this index",
+                        fix: str = "") -> None:
+    """Raise ``ValueError`` when a text query cannot be searched through this post-processing
+    and these re-rankers (see the module docstring: whitening and αDBA change the metric the
+    caption encoder was trained for; some re-rankers need pixels). ``whitening`` is a
+    :class:`~imret.whitening.Whitening`, its kind (a ``str``) or None; ``rerankers`` stages or
+    spec strings. ``where`` names the index, ``fix`` says what to do, in the messages."""
+    steps = []
+    if whitening is not None:
+        kind = whitening if isinstance(whitening, str) else getattr(whitening, "kind", "fitted")
+        steps.append(f"whitening ({kind}, fitted on image descriptors)")
+    if dba is not None:
+        steps.append("alpha-DBA (database rows replaced by means of image neighbours)")
+    if steps:
+        raise ValueError(f"text queries cannot be searched in {where}: its vectors are post-processed by "
+                         f"{' and '.join(steps)}, and a caption model is trained against the raw image descriptors "
+                         "(the ranking must be by caption embedding . image descriptor); "
+                         + (fix or "search by text in an index without whitening and alpha-DBA"))
+    pixel = [r for r in rerankers if needs_query_image(r)]
+    if pixel:
+        raise ValueError(f"re-ranker(s) {', '.join(map(repr, pixel))} look at the query image's pixels, and a text "
+                         "query has none; search by text without them (re-rankers on descriptors, such as sg, "
+                         "may stay)")
+
+
 # --- the encoder --------------------------------------------------------------------------------
 
 
@@ -312,6 +380,10 @@ class Retriever:
         r.index(db_descriptors)                    # or r.index_images(paths)
         scores, ids = r.search(vectors=q, k=100)   # or r.search(images=paths, bboxes=boxes)
 
+    With the caption encoder of a joint image–caption model (``text_encoder``, of the image
+    model's dimension), ``r.search(text="a dog catching a frisbee")`` ranks by ``θ(t)·φ`` (no
+    whitening or αDBA then; see the module docstring).
+
     Attributes:
         encoder: turns images into raw descriptors (needed only to index or search images).
         whitening: applied to database and query descriptors (None: none).
@@ -321,6 +393,8 @@ class Retriever:
         query_expansion: applied at search time (``QueryExpansion()`` is none).
         rescore: re-score an approximate backend's candidates with the stored rows.
         rerankers: last stages, applied in order.
+        text_encoder: a :class:`~imret.text.CaptionEncoder` (or the path of one, loaded with
+            :func:`imret.text.queries.load_text_model`) for text queries.
     """
 
     encoder: Encoder | None = None
@@ -330,6 +404,7 @@ class Retriever:
     query_expansion: QueryExpansion = field(default_factory=QueryExpansion)
     rescore: bool = True
     rerankers: Sequence[Reranker] = ()
+    text_encoder: Any = None
 
     def __post_init__(self) -> None:
         if self.dba is not None:
@@ -341,6 +416,21 @@ class Retriever:
         for r in self.rerankers:
             if not isinstance(r, Reranker):
                 raise TypeError(f"re-rankers need a rerank(x, scores, ids, images=None) method, got {r!r}")
+        if isinstance(self.text_encoder, (str, os.PathLike)):
+            from .text.queries import load_text_model
+
+            self.text_encoder = load_text_model(self.text_encoder)
+        if self.text_encoder is not None:
+            if not callable(getattr(self.text_encoder, "encode_text", None)):
+                raise TypeError(f"text_encoder must be a CaptionEncoder (encode_text(list[str]) -> (N, D)) or the "
+                                f"path of one, got {type(self.text_encoder).__name__}")
+            dims = {"the encoder's model": self.encoder.dim if self.encoder is not None else None,
+                    "the whitening's input": self.whitening.input_dim if self.whitening is not None else None}
+            for what, d in dims.items():
+                if d is not None and int(self.text_encoder.dim) != d:
+                    raise ValueError(f"the caption encoder embeds text in {self.text_encoder.dim}-D, but {what} is "
+                                     f"{d}-D; a joint model's caption encoder and image model share one dimension")
+        self._raw_dim: int | None = None
         self._vectors: np.ndarray | None = None
         self._ids: np.ndarray | None = None
         self._row_of: np.ndarray | None = None
@@ -361,12 +451,14 @@ class Retriever:
         what was indexed before. Returns ``self``."""
         v = self.postprocess(descriptors)
         n = v.shape[0]
+        raw_dim = int(np.shape(descriptors)[-1])
         ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64).ravel()
         if ids.shape != (n,) or (n and ids.min() < 0) or np.unique(ids).size != n:
             raise ValueError(f"ids must be {n} distinct non-negative integers, got shape {ids.shape}")
         if self.dba is not None and n > 1:
             v = alpha_database_augmentation(v, min(int(self.dba[0]), n - 1), float(self.dba[1]))
         self._vectors = np.ascontiguousarray(v, dtype=np.float32)
+        self._raw_dim = raw_dim
         self._ids = ids
         self._row_of = np.full(int(ids.max()) + 1 if n else 0, -1, np.int64)
         self._row_of[ids] = np.arange(n)
@@ -430,22 +522,38 @@ class Retriever:
                             exact=lambda: self._exact)
 
     def search(self, images: Sequence[Any] | None = None, *, bboxes=None,
-               vectors: np.ndarray | None = None, k: int = 10,
-               query_expansion: QueryExpansion | None = None) -> SearchResult:
+               vectors: np.ndarray | None = None, text: str | Sequence[str] | None = None, k: int = 10,
+               query_expansion: QueryExpansion | None = None,
+               rerankers: Sequence[Reranker] | None = None) -> SearchResult:
         """Rank the database for each query: query ``images`` (paths, PIL images or
         ``H x W x 3`` uint8 RGB arrays, or one of them alone; optional boxes; encoded with the
         encoder, an image that cannot be read raises :class:`~imret.images.ImageError`) or raw
         model descriptors ``vectors`` ``(Q, D)``. Given both, ``vectors`` are the queries'
         descriptors (already extracted) and ``images`` only go to the re-rankers that look
-        at pixels. ``query_expansion`` overrides the retriever's for this call. Re-rankers get
-        the queries as given (paths as ``str``). The result's ``extras`` hold what the
-        re-rankers found per hit."""
+        at pixels. ``query_expansion`` overrides the retriever's for this call, ``rerankers``
+        its re-rankers. Re-rankers get the queries as given (paths as ``str``). The result's
+        ``extras`` hold what the re-rankers found per hit.
+
+        ``text``: one text query or a list of them instead (needs ``text_encoder``), ranked by
+        ``θ(t)·φ``; refused (``ValueError``) when the database is whitened or augmented by αDBA,
+        when a re-ranker needs the query's pixels (see the module docstring), and for a text
+        none of whose words the caption encoder knows
+        (:class:`~imret.text.queries.NoKnownWordError`)."""
         from .images import check_image_input, image_list, is_single_image
 
         k = _check_k(k)
         self._require_index()
-        if images is None and vectors is None:
-            raise ValueError("give images=... or vectors=... (or both: descriptors and the images they came from)")
+        stages = list(self.rerankers if rerankers is None else rerankers)
+        for r in stages:
+            if not isinstance(r, Reranker):
+                raise TypeError(f"re-rankers need a rerank(x, scores, ids, images=None) method, got {r!r}")
+        if text is not None:
+            if images is not None or vectors is not None or bboxes is not None:
+                raise ValueError("give text=... alone: a text query has no image, box or descriptor")
+            vectors = self.encode_text(text, rerankers=stages)
+        elif images is None and vectors is None:
+            raise ValueError("give images=... or vectors=... (or both: descriptors and the images they came from), "
+                             "or text=...")
         shown = None
         if images is not None:
             items = [images] if is_single_image(images) else image_list(images)
@@ -461,6 +569,34 @@ class Retriever:
             shown = list(zip(items, bboxes if bboxes is not None else [None] * len(items)))
         x = self.postprocess(np.asarray(vectors, dtype=np.float32))
         qe = self.query_expansion if query_expansion is None else query_expansion
-        depth = max(k, rerank_depth(self.rerankers))  # re-rankers see their top_k, whatever k is
+        depth = max(k, rerank_depth(stages))  # re-rankers see their top_k, whatever k is
         scores, ids = expand_and_search(x, depth, self._stage, self._rows, qe, len(self))
-        return truncate(apply_rerankers(self.rerankers, x, scores, ids, shown), k)
+        return truncate(apply_rerankers(stages, x, scores, ids, shown), k)
+
+    def encode_text(self, text: str | Sequence[str], *, rerankers: Sequence[Reranker] | None = None) -> np.ndarray:
+        """The caption embeddings ``θ(t)`` ``(Q, D)`` of text queries, after checking that they
+        can be searched here (a caption encoder of the database's raw dimension, no whitening or
+        αDBA, no re-ranker that needs pixels; see the module docstring). A text none of whose
+        words is in the vocabulary raises :class:`~imret.text.queries.NoKnownWordError`."""
+        from .text.queries import NoKnownWordError, check_text_queries
+
+        texts = check_text_queries(text)
+        if self.text_encoder is None:
+            raise ValueError("this Retriever has no caption encoder: give Retriever(text_encoder=CaptionEncoder "
+                             "or its path) to search by text")
+        dim = int(self.text_encoder.dim)
+        raw = self._raw_dim if self._raw_dim is not None else (self.encoder.dim if self.encoder is not None else None)
+        if raw is not None and raw != dim:
+            raise ValueError(f"the caption encoder embeds text in {dim}-D, but the indexed image descriptors are "
+                             f"{raw}-D; a joint model's caption encoder and image model share one dimension")
+        check_text_pipeline(whitening=self.whitening, dba=self.dba,
+                            rerankers=self.rerankers if rerankers is None else rerankers,
+                            where="this Retriever",
+                            fix="index the descriptors in a Retriever without whitening and dba to search by text")
+        theta = np.asarray(self.text_encoder.encode_text(texts), dtype=np.float32)
+        empty = np.flatnonzero(~np.any(theta != 0, axis=1))
+        if empty.size:
+            i = int(empty[0])
+            raise NoKnownWordError(f"no word of text query {i} ({texts[i][:80]!r}) is in the caption model's "
+                                   f"vocabulary ({getattr(self.text_encoder, 'num_terms', '?')} terms); try other words")
+        return theta

@@ -4,8 +4,9 @@ One process holds one :class:`~imret.index.store.Store` and answers, over FastAP
 uvicorn (the endpoints are listed in ``docs/http-api.md`` and in the OpenAPI schema at
 ``/openapi.json``, browsable at ``/docs``):
 
-- searches by uploaded photo (optional crop box, ``k``, query expansion on or off) and by the
-  id of an indexed image, re-ranked by the store's second stages or the request's own
+- searches by uploaded photo (optional crop box, ``k``, query expansion on or off), by text
+  (a store with a caption model: ``θ(t)·φ``, see :mod:`imret.retrieval`) and by the id of an
+  indexed image, re-ranked by the store's second stages or the request's own
   (:mod:`imret.rerank` specs, ``localize`` for object boxes); adds and removes; thumbnails;
   paged listing; info, health, metrics;
 - a web page (``/``) from :mod:`imret.web` to drop a photo, draw a crop box and browse results.
@@ -94,6 +95,9 @@ ERROR_CODES: dict[str, str] = {
     "unsupported_media_type": "not an image in an accepted format, or a request that is not multipart",
     "bad_image": "a truncated or corrupt image",
     "busy": "the query queue (or the re-ranking queue) is full",
+    "text_unavailable": "a text query to a store without a caption model, or whose vectors are whitened or "
+                        "augmented (alpha-DBA): text is ranked by the raw image descriptors",
+    "unknown_words": "a text query none of whose words is in the caption model's vocabulary",
     "rerank_unavailable": "a re-ranker the store has no sources for (local features of that kind, a model "
                           "with a global head)",
     "insufficient_storage": "the server's disk is full: nothing of the request was written, the store is intact",
@@ -149,6 +153,7 @@ class ServerConfig:
             add one ``aml`` stage more; the store's own list is not limited).
         max_rerank_k: most candidates one stage of a request may look at (its ``top_k``; ``sg``:
             M), which also bounds the ``aml`` stage that ``localize`` adds.
+        max_text_chars: longest text query (characters).
         rerank_workers: threads that re-rank queries (each geometric verification uses a few
             more threads of its own).
         thumbnail_cache: thumbnails kept in memory (LRU).
@@ -180,6 +185,7 @@ class ServerConfig:
     max_queue: int = 512
     max_rerank_stages: int = 4
     max_rerank_k: int = 400
+    max_text_chars: int = 1000
     rerank_workers: int = 2
     thumbnail_cache: int = 4096
     save_interval_s: float = 60.0
@@ -192,7 +198,7 @@ class ServerConfig:
         self.allowed_origins = tuple(_check_allowed_origin(o)
                                      for o in _as_strings(self.allowed_origins, "allowed_origins"))
         for name in ("max_upload_bytes", "max_pixels", "max_files", "max_request_bytes", "max_k", "default_k",
-                     "max_batch", "max_queue", "max_rerank_stages", "max_rerank_k", "rerank_workers",
+                     "max_batch", "max_queue", "max_rerank_stages", "max_rerank_k", "max_text_chars", "rerank_workers",
                      "thumbnail_cache"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -373,6 +379,7 @@ class _Query:
     qe: bool | None
     tensor: Any = None  # (3, H, W) model input
     image_id: int | None = None
+    vector: Any = None  # (D,) raw descriptor of a text query (its caption embedding)
 
 
 @dataclass
@@ -430,6 +437,15 @@ class Service:
         self._info_cache: tuple[float, dict[str, Any]] | None = None
         self._last_save = time.monotonic()
         self._unsaved = False
+        if store.text_info is not None:  # load the caption model (and its text libraries) now,
+            # off the request path, so that the first text query is not slowed by it
+            threading.Thread(target=self._warm_text, name="imret-text-load", daemon=True).start()
+
+    def _warm_text(self) -> None:
+        try:
+            self.store.text_model
+        except Exception as e:  # noqa: BLE001 - a damaged file is reported by the text searches themselves
+            logging.getLogger("imret.server").warning("the store's caption model cannot be loaded: %s", e)
 
     def close(self) -> None:
         self.batcher.close()
@@ -534,14 +550,19 @@ class Service:
             desc = describe_tensors(self.model, [items[i].tensor for i in img_idx], scales=self.pre.scales,
                                     device=self.config.device)
         row_of = {i: r for r, i in enumerate(img_idx)}
-        groups: dict[tuple[bool | None, bool], list[int]] = {}
+        groups: dict[tuple[bool | None, str], list[int]] = {}
         for i, q in enumerate(items):
-            groups.setdefault((q.qe, q.tensor is not None), []).append(i)
-        for (qe, is_img), idx in groups.items():
+            kind = "image" if q.tensor is not None else "text" if q.vector is not None else "id"
+            groups.setdefault((q.qe, kind), []).append(i)
+        for (qe, kind), idx in groups.items():
             k = max(items[i].k for i in idx)
+            is_img = kind == "image"
             try:
                 if is_img:
                     scores, ids = self.store.search_vectors(desc[[row_of[i] for i in idx]], k,
+                                                            query_expansion=self._qe(qe))
+                elif kind == "text":
+                    scores, ids = self.store.search_vectors(np.stack([items[i].vector for i in idx]), k,
                                                             query_expansion=self._qe(qe))
                 else:
                     scores, ids = self.store.search_ids([items[i].image_id for i in idx], k,
@@ -552,7 +573,7 @@ class Service:
                 continue
             for r, i in enumerate(idx):
                 kk = items[i].k
-                x = desc[row_of[i]][None] if is_img else None
+                x = desc[row_of[i]][None] if is_img else items[i].vector[None] if kind == "text" else None
                 out[i] = (scores[r, :kk], ids[r, :kk], x)
         return out
 
@@ -578,14 +599,25 @@ class Service:
         """The store's own re-ranker specs (``imret index configure --rerank``)."""
         return self.store.rerank_specs
 
-    def plan_rerank(self, given: list | None, localize: bool, k: int) -> _RerankPlan:
+    def plan_rerank(self, given: list | None, localize: bool, k: int, *, text: bool = False) -> _RerankPlan:
         """The stages of one search: the request's checked specs (``given``; None: the store's
-        own), plus ``aml`` when ``localize`` asks for boxes and no stage localises yet."""
+        own), plus ``aml`` when ``localize`` asks for boxes and no stage localises yet. For a
+        ``text`` query, the store's own stages that need the query's pixels are left out, and
+        a request's are refused (400)."""
         from .rerank import parse_rerank
-        from .retrieval import rerank_depth
+        from .retrieval import needs_query_image, rerank_depth
 
         configured = self.configured_rerank()
         specs = [parse_rerank(s) for s in configured] if given is None else list(given)
+        if text:
+            if localize:
+                raise ApiError(400, "bad_request", "localize draws the query object in each hit; a text query has "
+                                                   "no object to localise")
+            pixel = [str(s) for s in specs if needs_query_image(s)]
+            if pixel and given is not None:
+                raise ApiError(400, "bad_request", f"re-ranker(s) {', '.join(pixel)} look at the query image's "
+                                                   "pixels, and a text query has none; use sg or rerank=none")
+            specs = [s for s in specs if not needs_query_image(s)]
         if localize and not any(s.kind == "aml" for s in specs):
             specs.append(parse_rerank(f"aml:{min(k, self.config.max_rerank_k)}"))
         local = self.store.local_kind
@@ -666,7 +698,7 @@ class Service:
             x = np.asarray(self.store.descriptors()[[image_id]], np.float32)
         x = self.store.postprocess(x)
         try:
-            res = apply_rerankers(plan.stages, x, scores[None], ids[None], [(image, box)])
+            res = apply_rerankers(plan.stages, x, scores[None], ids[None], None if image is None else [(image, box)])
         except ImageError as e:
             if image_id is None:
                 raise
@@ -675,6 +707,34 @@ class Service:
                                              "cannot be re-ranked; search with rerank=none") from None
         res = truncate(res, k)
         return res.scores[0], res.ids[0], {n: a[0] for n, a in res.extras.items()}
+
+    def encode_text(self, text: str) -> np.ndarray:
+        """A text query's caption embedding ``(D,)``, after the checks (as ApiError): its length
+        and characters (400), a caption model in the store and no whitening / αDBA (409
+        ``text_unavailable``), a word the model knows (422 ``unknown_words``)."""
+        from .index.store import StoreCorruptError
+        from .text.queries import check_text_queries
+
+        try:
+            (text,) = check_text_queries([text], max_chars=self.config.max_text_chars)
+        except (TypeError, ValueError) as e:
+            raise ApiError(400, "bad_request", str(e).replace("text query 0", "the text")) from None
+        try:
+            enc = self.store.text_model
+        except StoreCorruptError:
+            raise
+        if enc is None:
+            raise ApiError(409, "text_unavailable", "this store has no caption model, so it cannot be searched by "
+                                                    "text; add one with `imret index configure STORE --text-model "
+                                                    "FILE` (with the server stopped), or search by photo")
+        try:
+            theta = self.store.encode_text([text], max_chars=self.config.max_text_chars)
+        except ValueError as e:
+            raise ApiError(409, "text_unavailable", _hide_paths(str(e).replace(str(self.store.path), "STORE"))) from None
+        if not np.any(theta[0] != 0):
+            raise ApiError(422, "unknown_words", f"no word of {text[:80]!r} is in the caption model's vocabulary "
+                                                 f"({enc.num_terms} terms); try other words")
+        return theta[0]
 
     @staticmethod
     def display_name(path: str) -> str:
@@ -838,6 +898,8 @@ class Service:
             "query_expansion": store.get("query_expansion"),
             "rerank": {"max_stages": c.max_rerank_stages, "max_top_k": c.max_rerank_k,
                        "request_params": {k: list(v) for k, v in REQUEST_RERANK_PARAMS.items()}},
+            "text": {"available": bool(store.get("text") and store["text"].get("searchable")),
+                     "max_chars": c.max_text_chars},
             "version": _version()}}
 
 
@@ -875,6 +937,9 @@ def _public_store_info(info: dict[str, Any]) -> dict[str, Any]:
         model["source"] = re.split(r"[\\/]", src.rstrip("/\\"))[-1]
     if model:
         out["model"] = model
+    text = out.get("text")
+    if isinstance(text, dict) and isinstance(text.get("source"), str):  # the caption model's file by its name only
+        out["text"] = dict(text, source=re.split(r"[\\/]", text["source"].rstrip("/\\"))[-1])
     backend = dict(out.get("backend") or {})
     for key in ("requested", "spec", "searching_with"):
         if isinstance(backend.get(key), str):
@@ -1013,12 +1078,15 @@ class RequestGuard:
       ``same-site`` comes from another page: refused for writes, and for reads unless some
       ``allowed_origins`` are configured (their ``<img>`` tags send no ``Origin``).
     - Over-long bodies (by header and while streaming) and non-multipart uploads are refused
+      (``json_paths`` also take a JSON body, of at most ``json_limit`` bytes: text queries)
       before the framework parses anything.
     """
 
     def __init__(self, app, *, limits: dict[str, int], multipart: set[str], default_limit: int = 1 << 20,
-                 allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = ()):
+                 allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = (),
+                 json_paths: set[str] = frozenset(), json_limit: int = 1 << 16):
         self.app, self.limits, self.multipart, self.default_limit = app, limits, multipart, default_limit
+        self.json_paths, self.json_limit = frozenset(json_paths), json_limit
         self.allowed_hosts = [_split_netloc(_check_allowed_host(h)) for h in allowed_hosts]
         self.allowed_origins = frozenset(_check_allowed_origin(o) for o in allowed_origins)
 
@@ -1120,9 +1188,13 @@ class RequestGuard:
         path = scope["path"]
         limit = self.limits.get(path, self.default_limit)
         ctype = headers.get("content-type", "")
-        if path in self.multipart and scope["method"] == "POST" and not ctype.lower().startswith("multipart/form-data"):
+        is_json = path in self.json_paths and ctype.lower().split(";")[0].strip() == "application/json"
+        if is_json:  # a JSON body (a text query) is small
+            limit = min(limit, self.json_limit)
+        elif path in self.multipart and scope["method"] == "POST" and not ctype.lower().startswith("multipart/form-data"):
+            takes = "multipart/form-data" + (" or application/json" if path in self.json_paths else "")
             return await _send_error(send, 415, "unsupported_media_type",
-                                     f"{path} takes multipart/form-data, got {ctype or 'no content type'}")
+                                     f"{path} takes {takes}, got {ctype or 'no content type'}")
         try:
             declared = int(headers.get("content-length", "0") or 0)
         except ValueError:
@@ -1322,7 +1394,21 @@ def create_app(store, config: ServerConfig | None = None, *, url: str | None = N
                  "image's upright pixels) and `transform` (3x3, query pixels -> hit pixels). `rerank` lists the "
                  "stages that ran. A sift/cnn stage on a store without those local features is 409 "
                  "`rerank_unavailable`.")
-    SEARCH_DESC = "Search with an uploaded photo; re-rankers see the uploaded pixels (and the box). " + HITS_HELP
+    SEARCH_DESC = ("Search with an uploaded photo; re-rankers see the uploaded pixels (and the box). Or search by "
+                   f"text: a form field `text` instead of `image`, or a JSON body {{\"text\", \"k\", \"qe\", "
+                   f"\"rerank\"}} (Content-Type: application/json; at most {config.max_text_chars} characters), on "
+                   "a store with a caption model (/api/info server.text.available; else 409 `text_unavailable`); "
+                   "a text none of whose words the model knows is 422 `unknown_words`. A text query is ranked "
+                   "by caption embedding . image descriptor; the store's re-rankers that need the query's pixels "
+                   "(sift, cnn, aml) are left out, and a request's are refused. " + HITS_HELP)
+    TEXT_SCHEMA = {"type": "object", "required": ["text"], "additionalProperties": False, "properties": {
+        "text": {"type": "string", "minLength": 1, "maxLength": config.max_text_chars,
+                 "description": "the text query, e.g. 'a dog catching a frisbee'"},
+        "k": {"type": "integer", "minimum": 1, "maximum": config.max_k, "description": K_HELP},
+        "qe": {"type": ["boolean", "string"], "description": "query expansion (default: the store's setting)"},
+        "rerank": {"type": ["array", "string"], "items": {"type": "string"},
+                   "description": "re-rankers on descriptors (sg) or 'none'; default: the store's own that need "
+                                  "no pixels"}}}
     SIMILAR_DESC = ("Search with the stored descriptor of an indexed image; re-rankers that need pixels read that "
                     "image's stored file. " + HITS_HELP)
 
@@ -1519,11 +1605,42 @@ def create_app(store, config: ServerConfig | None = None, *, url: str | None = N
                 "rerank_queue": service.rerank_pending,
                 "uptime_s": round(time.time() - service.started, 3)}
 
-    @app.post("/api/search", tags=["search"], summary="Search with an uploaded photo",
+    async def _text_search(text: Any, k: Any, qe: Any, rerank: Any, t0: float) -> dict[str, Any]:
+        """A text query: checked, embedded, searched (batched with other text queries), re-ranked
+        by the stages that need no pixels."""
+        if not isinstance(text, str):
+            raise ApiError(400, "bad_request", f"text must be a string, got {type(text).__name__}")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+            raise ApiError(400, "bad_request", f"k must be an integer, got {k!r:.40}")
+        kk = _check_k(k, config)
+        if isinstance(qe, bool) or qe is None:
+            use_qe = qe
+        elif isinstance(qe, str):
+            use_qe = _parse_bool(qe, "qe")
+        else:
+            raise ApiError(400, "bad_request", f"qe must be true or false, got {qe!r:.40}")
+        if isinstance(rerank, str):
+            rerank = [rerank]
+        if rerank is not None and (not isinstance(rerank, list) or not all(isinstance(r, str) for r in rerank)):
+            raise ApiError(400, "bad_request", "rerank must be a spec string or a list of them")
+        specs = _parse_rerank(rerank, config)
+        vector = await run_in_threadpool(service.encode_text, text)
+        plan = await run_in_threadpool(lambda: service.plan_rerank(specs, False, kk, text=True))
+        out = await _ranked(plan, _Query(plan.depth, use_qe, vector=vector), kk, image=None)
+        return {**out, "took_ms": round((time.perf_counter() - t0) * 1000, 3),
+                "query": {"text": text}}
+
+    @app.post("/api/search", tags=["search"], summary="Search with an uploaded photo, or by text",
               description=SEARCH_DESC,
-              dependencies=[Depends(read_auth)], responses=errors(400, 401, 403, 409, 413, 415, 422, 503))
+              dependencies=[Depends(read_auth)], responses=errors(400, 401, 403, 409, 413, 415, 422, 503),
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": TEXT_SCHEMA}}}})
     async def search(
-        image: UploadFile = File(..., description="the query photo, in a format of /api/info's upload_formats"),
+        request: Request,
+        image: UploadFile | None = File(None, description="the query photo, in a format of /api/info's "
+                                                          "upload_formats (or give text)"),
+        text: str | None = Form(None, description=f"a text query instead of image (at most {config.max_text_chars} "
+                                                  "characters; needs a caption model in the store)"),
         bbox: str | None = Form(None, description="crop box 'x1,y1,x2,y2' in pixels of the upright image"),
         k: int | None = Form(None, ge=1, le=config.max_k, description=K_HELP),
         qe: str | None = Form(None, description="query expansion 'true'/'false' (default: the store's setting)"),
@@ -1531,6 +1648,27 @@ def create_app(store, config: ServerConfig | None = None, *, url: str | None = N
         localize: str | None = Form(None, description=LOCALIZE_HELP),
     ):
         t0 = time.perf_counter()
+        if request.headers.get("content-type", "").lower().startswith("application/json"):
+            try:
+                body = await request.json()
+            except ValueError:
+                raise ApiError(400, "bad_request", "the body is not valid JSON") from None
+            if not isinstance(body, dict) or "text" not in body:
+                raise ApiError(400, "bad_request", "a JSON search body is an object with a 'text' field "
+                                                   "(photos are uploaded as multipart/form-data)")
+            unknown = sorted(set(body) - {"text", "k", "qe", "rerank"})
+            if unknown:
+                raise ApiError(400, "bad_request", f"unknown field(s) {', '.join(map(repr, unknown))[:200]}; a text "
+                                                   "search takes text, k, qe, rerank")
+            return await _text_search(body["text"], body.get("k"), body.get("qe"), body.get("rerank"), t0)
+        if text is not None:
+            if image is not None or bbox is not None or localize not in (None, ""):
+                raise ApiError(400, "bad_request", "give image or text, not both (a text query has no box and "
+                                                   "nothing to localise)")
+            return await _text_search(text, k, qe, rerank, t0)
+        if image is None:
+            raise ApiError(422, "bad_request", "a missing form field: give the query photo ('image') or a text "
+                                               "query ('text')")
         kk = _check_k(k, config)
         box = _parse_bbox(bbox)
         use_qe = _parse_bool(qe, "qe")
@@ -1634,5 +1772,6 @@ def create_app(store, config: ServerConfig | None = None, *, url: str | None = N
               "/api/images": min(config.max_request_bytes,
                                  config.max_files * (config.max_upload_bytes + 4096) + 65536)}
     app.add_middleware(RequestGuard, limits=limits, multipart={"/api/search", "/api/images"},
-                       allowed_hosts=config.allowed_hosts, allowed_origins=config.allowed_origins)
+                       allowed_hosts=config.allowed_hosts, allowed_origins=config.allowed_origins,
+                       json_paths={"/api/search"})
     return app

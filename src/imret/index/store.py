@@ -14,6 +14,8 @@ Layout of a store directory::
                         record per row (:class:`imret.local.storage.RecordLayout`), with
                         ``local.<g>.crc32`` checksums; written with the descriptors
     index.<g>/          files of the search backend (FAISS); none for exact search
+    text.<g>.safetensors  the caption model of a joint image–caption model, if any
+                        (:meth:`Store.set_text_model`): text queries, ranked by θ(t)·φ
     lock                held (flock) by the one process writing
 
 Crash safety. Descriptors are appended (and fsynced) before the SQLite transaction that
@@ -107,7 +109,7 @@ _SEARCH_BATCH = 1024  # queries per search_vectors call of Store.search
 _SCHEMA = 1
 # files the store writes under a generation number (anything else in the directory is left alone)
 _GENERATED = re.compile(r"index\.\d+|vectors\.\d+\.f32|vectors\.\d+\.crc32|whitening\.\d+\.npz"
-                        r"|local\.\d+\.rec|local\.\d+\.crc32")
+                        r"|local\.\d+\.rec|local\.\d+\.crc32|text\.\d+\.safetensors")
 
 
 class StoreError(RuntimeError):
@@ -438,6 +440,7 @@ class Store:
         self._model_lock = threading.Lock()  # loads the model once; taken under no other lock
         self._building = False  # a writer is building a new backend: search exactly meanwhile
         self._local_cache: dict[str, Any] = {}  # the local-feature extractor, built once
+        self._text: tuple[str, Any] | None = None  # (sha256, CaptionEncoder) of the text model loaded
 
     # -- construction ------------------------------------------------------------------------
 
@@ -1010,6 +1013,171 @@ class Store:
                        min_size=pre.min_size, refinement=pre.refinement, device=self.device, on_error="skip",
                        progress=progress, **kw)
 
+    # -- text queries (a joint image–caption model) -----------------------------------------
+
+    @property
+    def text_info(self) -> dict[str, Any] | None:
+        """What ``store.json`` says of the caption model (``file``, ``sha256``, ``dim``, ``terms``,
+        ``source``), or None when the store has none; nothing is read."""
+        with self._lock:
+            t = self._config.get("text")
+            return None if t is None else dict(t)
+
+    @property
+    def text_model(self):
+        """The store's caption model (:class:`~imret.text.CaptionEncoder`), or None when it has
+        none (:meth:`set_text_model`). Loaded on first use and checked as untrusted input: a
+        file of the store (no symlink out of it) matching its checksum in ``store.json``, a
+        valid caption encoder of the store's dimension; else :class:`StoreCorruptError`."""
+        with self._lock:
+            info = self._config.get("text")
+        if info is None:
+            return None
+        cached = self._text
+        if cached is not None and cached[0] == info["sha256"]:
+            return cached[1]
+        with self._model_lock:
+            cached = self._text
+            if cached is not None and cached[0] == info["sha256"]:
+                return cached[1]
+            from ..text.queries import load_text_model
+
+            f = self._file(info["file"], "text model file")
+            try:
+                digest, _ = _sha256_file(f)
+            except FileNotFoundError:
+                raise StoreCorruptError(f"the store's text model file {f} is missing") from None
+            if digest != info["sha256"]:
+                raise StoreCorruptError(f"text model file {f} does not match its checksum in store.json")
+            try:
+                enc = load_text_model(f, dim=self.dim)
+            except (ValueError, OSError) as e:
+                raise StoreCorruptError(f"the store's text model file {f} cannot be used: {e}") from None
+            self._text = (info["sha256"], enc)
+            return enc
+
+    @_store_errors
+    def set_text_model(self, text_model: Any, *, source: str | None = None) -> None:
+        """Keep a caption model in the store for text queries (``Store.search(text=...)``), or
+        drop it (``None``). ``text_model`` is a :class:`~imret.text.CaptionEncoder` or the path
+        of one (read as untrusted input: :func:`imret.text.queries.load_text_model`); it must
+        embed text in the store's descriptor dimension (the image model's half of the same
+        joint model). The store writes its own copy (``text.<g>.safetensors``) and switches to
+        it atomically with ``store.json``; ``source`` records where it came from (default:
+        the path given)."""
+        from ..text.encoder import CaptionEncoder
+        from ..text.queries import load_text_model
+
+        with self._write_lock:
+            self._require_writable()
+            enc = None
+            if text_model is not None:
+                if isinstance(text_model, (str, os.PathLike)):
+                    enc = load_text_model(text_model, dim=self.dim)
+                    if source is None:
+                        source = os.path.abspath(os.fspath(text_model))
+                elif isinstance(text_model, CaptionEncoder):
+                    enc = text_model
+                else:
+                    raise TypeError(f"text_model must be a CaptionEncoder, the path of one, or None; got "
+                                    f"{type(text_model).__name__}")
+                if not enc.is_fitted:
+                    raise ValueError("the caption encoder is not fitted: fit it (or load a saved one) first")
+                if enc.dim != self.dim:
+                    raise ValueError(f"the caption model embeds text in {enc.dim}-D, but the store's descriptors "
+                                     f"are {self.dim}-D; a joint model's caption encoder and image model share one "
+                                     "dimension")
+            with self._lock:
+                cfg = json.loads(json.dumps(self._config))
+            old = cfg.get("text")
+            gen = int(cfg["generation"]) + 1
+            try:
+                if enc is None:
+                    cfg["text"] = None
+                else:
+                    name = f"text.{gen}.safetensors"
+                    enc.save(self.path / name)
+                    digest, _ = _sha256_file(self.path / name)
+                    cfg["text"] = {"file": name, "sha256": digest, "dim": int(enc.dim), "terms": int(enc.num_terms),
+                                   "source": (source or "")[:4096]}
+                cfg["generation"] = gen
+                with self._lock:
+                    self._config = cfg
+                self._write_config()
+            except BaseException:
+                self._abandon()
+                raise
+            if old is not None and (cfg["text"] is None or old["file"] != cfg["text"]["file"]):
+                with contextlib.suppress(OSError, StoreCorruptError):
+                    _remove_entry(self._file(old["file"], "old file"))
+
+    def encode_text(self, text: "str | Sequence[str]", *, rerank: "Sequence[Any] | None" = (), text_model: Any = None,
+                    max_chars: int | None = None):
+        """Caption embeddings ``θ(t)`` ``(Q, D)`` of text queries with the store's caption
+        model, after checking that they can be searched here: a caption model, no whitening or
+        αDBA, no re-ranker in ``rerank`` that needs pixels (:func:`imret.retrieval.check_text_pipeline`);
+        ``ValueError`` saying why not otherwise. A text none of whose words the model knows
+        embeds to zeros (:meth:`search` reports it). ``text_model``: a caption encoder to use
+        instead of the store's own (of the store's dimension); ``max_chars``: the longest text
+        accepted (default :data:`imret.text.queries.MAX_TEXT_CHARS`)."""
+        from ..retrieval import check_text_pipeline
+        from ..text.queries import check_text_queries
+
+        texts = check_text_queries(text) if max_chars is None else check_text_queries(text, max_chars=max_chars)
+        enc = self.text_model if text_model is None else text_model
+        if text_model is not None and int(getattr(text_model, "dim", -1)) != self.dim:
+            raise ValueError(f"the caption model embeds text in {getattr(text_model, 'dim', '?')}-D, but the store's "
+                             f"descriptors are {self.dim}-D")
+        if enc is None:
+            raise ValueError(f"{self.path} has no caption model, so it cannot be searched by text; add the caption "
+                             f"model of a joint image-caption model with `imret index configure {self.path} "
+                             "--text-model FILE` (Store.set_text_model)")
+        with self._lock:
+            w, dba = self._config["whitening"], self._config["dba"]
+        check_text_pipeline(whitening=None if w is None else w["kind"], dba=dba,
+                            rerankers=rerank or (), where=str(self.path),
+                            fix=f"drop them with `imret index configure {self.path} --whiten none --dba-k 0` to "
+                                "search by text (or keep a second store without them)")
+        return np.asarray(enc.encode_text(texts), dtype=np.float32)
+
+    def _search_text(self, text: Any, *, k: int, query_expansion: QueryExpansion | None, rerank: Any,
+                     on_error: str, text_model: Any = None) -> "SearchResults | SearchHits":
+        """:meth:`search` with ``text=``: see there."""
+        from ..retrieval import needs_query_image
+        from ..text.queries import text_card
+
+        single = isinstance(text, str)
+        if rerank is None:  # the store's own stages were chosen for photos: those that need pixels are left out
+            specs = [sp for sp in self.rerank_specs if not needs_query_image(sp)]
+        else:
+            specs = [rerank] if isinstance(rerank, str) else list(rerank)
+        theta = self.encode_text(text, rerank=specs, text_model=text_model)  # refuses pixel stages before any is built
+        stages = self.rerankers(specs)
+        texts = [text] if single else list(text)
+        known = np.any(theta != 0, axis=1)
+        if not known.all() and on_error == "raise":
+            i = int(np.flatnonzero(~known)[0])
+            from ..text.queries import NoKnownWordError
+
+            raise NoKnownWordError(f"no word of text query {i} ({texts[i][:80]!r}) is in the caption model's "
+                                   f"vocabulary ({(text_model or self.text_model).num_terms} terms); try other words")
+        out = SearchResults(
+            SearchHits(query=t, error=None if known[i] else "no word of the text is in the caption model's vocabulary",
+                       image=text_card(t))
+            for i, t in enumerate(texts))
+        rows = np.flatnonzero(known)
+        depth = max(int(k), rerank_depth(stages))
+        for lo in range(0, rows.size, _SEARCH_BATCH):
+            part = rows[lo:lo + _SEARCH_BATCH]
+            with self._lock:
+                scores, ids = self.search_vectors(theta[part], depth, query_expansion=query_expansion)
+                res = (truncate(apply_rerankers(stages, self.postprocess(theta[part]), scores, ids, None), int(k))
+                       if stages else SearchResult(scores[:, :int(k)], ids[:, :int(k)]))
+                hits = self.hits(res.scores, res.ids, res.extras)
+            for r, h in zip(part.tolist(), hits):
+                out[r].extend(h)
+        return out[0] if single else out
+
     # -- writing -----------------------------------------------------------------------------
 
     def _require_writable(self) -> None:
@@ -1505,6 +1673,8 @@ class Store:
             live.update((self._config["local"]["file"], _crc_sidecar(self._config["local"]["file"])))
         if self._config["index"]:
             live.add(self._config["index"]["dir"])
+        if self._config.get("text"):
+            live.add(self._config["text"]["file"])
         for entry in self.path.iterdir():
             name = entry.name
             stale = (name.startswith(".") and ".tmp" in name) or (
@@ -1871,8 +2041,10 @@ class Store:
     @_store_errors
     def search(
         self,
-        queries: Any,
+        queries: Any = None,
         *,
+        text: "str | Sequence[str] | None" = None,
+        text_model: Any = None,
         bboxes: Sequence[Sequence[float] | None] | None = None,
         k: int = 10,
         query_expansion: QueryExpansion | None = None,
@@ -1899,12 +2071,29 @@ class Store:
         :class:`~imret.retrieval.Reranker` objects applied after the first stage; None: the
         store's own (``configure(rerank=...)``), ``[]``: none. Each stage sees its own top_k
         candidates whatever ``k`` is; what it finds per hit is in :attr:`Hit.extras`.
+
+        ``text``: one text query (a ``str``) or a list of them instead of images, searched with
+        the store's caption model (:meth:`set_text_model`) by ``θ(t)·φ``; :attr:`SearchHits.query`
+        is the text (and :attr:`SearchHits.image` a picture of it). Refused (``ValueError``) on a
+        store without a caption model or with whitening / αDBA, and for a ``rerank`` stage that
+        needs pixels (``sift``, ``cnn``, ``aml``); the store's own such stages are skipped (see
+        :mod:`imret.retrieval`). A text none of whose words the model knows raises
+        :class:`~imret.text.queries.NoKnownWordError` (``on_error="raise"``) or gets an empty
+        :class:`SearchHits` with its ``error`` (``"skip"``). ``text_model``: a caption model to
+        use instead of the store's own.
         """
         from ..images import ImageError, check_image_input, image_label, image_list, is_single_image
 
         if on_error not in ("raise", "skip"):
             raise ValueError(f"unknown on_error {on_error!r}; available: 'raise', 'skip'")
         positive_int(k, "k")
+        if text is not None:
+            if queries is not None or bboxes is not None or extract_kw:
+                raise ValueError("give text=... or query images, not both (a text query has no box or extraction)")
+            return self._search_text(text, k=int(k), query_expansion=query_expansion, rerank=rerank,
+                                     on_error=on_error, text_model=text_model)
+        if queries is None:
+            raise ValueError("give query images (or text=...)")
         single = is_single_image(queries)
         items = [check_image_input(q, i) for i, q in enumerate([queries] if single else image_list(queries, "queries"))]
         if single and bboxes is not None and len(bboxes) == 4 and all(
@@ -2062,6 +2251,8 @@ class Store:
                 "dba": cfg["dba"],
                 "backend": dict(cfg["backend"]),
                 "rerank": list(cfg["rerank"]),
+                "text": None if cfg.get("text") is None else {
+                    k: cfg["text"][k] for k in ("dim", "terms", "source", "sha256")},
                 "local": None,
                 "disk_bytes": disk,
             }
@@ -2073,6 +2264,8 @@ class Store:
                                 "bytes_per_image": layout.nbytes,
                                 "file_bytes": f.stat().st_size if f.is_file() else 0}
             out = json.loads(json.dumps(out))  # a copy: the writer changes cfg in place
+            if out["text"] is not None:  # text queries need the raw descriptors (imret.retrieval)
+                out["text"]["searchable"] = cfg["whitening"] is None and cfg["dba"] is None
             if cfg["dba"] is not None and cfg["dba"].get("rows") is not None:
                 out["dba"] = dict(out["dba"], rows_not_augmented=n - cfg["dba"]["rows"])
             searcher = self._searcher()
@@ -2131,6 +2324,14 @@ class Store:
                 got = _row_crcs(np.asarray(m[start:start + ids.size])).astype(np.int64)
                 problems.extend(f"local features of image {i} do not match their checksum"
                                 for i in ids[got != expected].tolist())
+        with self._lock:
+            text = self._config.get("text")
+        if text is not None:  # the caption model: present, inside the store, as its checksum says
+            try:
+                if _sha256_file(self._file(text["file"], "text model file"))[0] != text["sha256"]:
+                    problems.append(f"text model file {text['file']} does not match its checksum")
+            except (OSError, StoreCorruptError) as e:
+                problems.append(f"text model file {text['file']}: {e}")
         with self._lock:
             ids = [r[0] for r in self._db.execute("SELECT id FROM images WHERE id < ? ORDER BY id", (n,))]
             if ids != list(range(n)):
@@ -2294,6 +2495,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise StoreCorruptError(f"{path} lacks keys {missing}")
     config.setdefault("local", None)  # stores written before local features and re-rankers
     config.setdefault("rerank", [])
+    config.setdefault("text", None)  # stores written before text queries
     try:
         _check_config(config, path.parent)
     except (ValueError, TypeError) as e:
@@ -2309,6 +2511,7 @@ _NAME_PATTERNS = {
     "whitening.file": re.compile(r"whitening\.\d{1,18}\.npz"),
     "index.dir": re.compile(r"index\.\d{1,18}"),
     "local.file": re.compile(r"local\.\d{1,18}\.rec"),
+    "text.file": re.compile(r"text\.\d{1,18}\.safetensors"),
 }
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -2401,6 +2604,16 @@ def _check_config(c: dict[str, Any], root: Path) -> None:
 
     for spec in c["rerank"]:
         parse_rerank(spec)
+    if c["text"] is not None:
+        t = _dict_with(c["text"], {"file", "sha256", "dim", "terms", "source"}, "text")
+        _check_name(t["file"], "text.file")
+        if not isinstance(t["sha256"], str) or not _HEX64.fullmatch(t["sha256"]):
+            raise ValueError(f"text.sha256 must be 64 hex digits, got {t['sha256']!r}")
+        if _int_in(t["dim"], 1, 1 << 20, "text.dim") != c["dim"]:
+            raise ValueError(f"text.dim is {t['dim']} but the store's descriptors are {c['dim']}-D")
+        _int_in(t["terms"], 1, 1 << 31, "text.terms")
+        if not isinstance(t["source"], str) or len(t["source"]) > 4096:
+            raise ValueError("text.source must be a string of at most 4096 characters")
     if c["index"] is not None:
         x = _dict_with(c["index"], {"dir", "rows", "remove_seq"}, "index")
         _check_name(x["dir"], "index.dir")

@@ -4,6 +4,9 @@
 * :mod:`.encoder`: :class:`CaptionEncoder`, tf-idf + learned projection ``θ(t) = Wᵀt / ‖Wᵀt‖``,
   and the caption tf-idf similarity that serves as semantic relevance between images.
 * :mod:`.losses`: the paper's visual and cross-modal ranking losses with in-batch triplet mining.
+* :mod:`.queries`: text queries of a search (checks of untrusted text, loading a caption model
+  file as untrusted input, a picture of a text for result sheets); the searches themselves are
+  :meth:`imret.retrieval.Retriever.search` and :meth:`imret.index.store.Store.search` with ``text=``.
 
 Importing this package does no I/O and imports neither scikit-learn nor NLTK (the ``text``
 extra); they are imported when an encoder is built.

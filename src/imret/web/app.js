@@ -15,6 +15,9 @@
  *            clears it), #bbox-readout, #crop-add (a centred box, for keyboard users),
  *            #crop-clear, #k-select, #qe-toggle, #localize-toggle (sends localize=true: hits
  *            get the box of the query object),
+ *            #text-form (shown when /api/info server.text.available: the store has a caption model),
+ *            #text-input (the text query; maxlength = server.text.max_chars), #text-btn (searches
+ *            by text: a JSON POST /api/search {text, k, qe}),
  *            #search-btn (disabled, reading "Searching…", while a search runs), #search-status
  *            (visible while a search runs), #query-caption, #took (also names the re-rankers that
  *            ran), #stale-note (visible while the drawn box differs from the one the shown results
@@ -22,7 +25,7 @@
  *            #results-empty (the empty / error text: class "error" and "Search failed: ..." after a
  *            failed search, whose old results are cleared),
  *            #results: data-state = idle | loading | done | error, data-seq = number of result
- *            lists rendered so far (wait for it to change), data-query = "upload" | "id:<n>";
+ *            lists rendered so far (wait for it to change), data-query = "upload" | "id:<n>" | "text";
  *            each hit is li[data-testid=result] with data-id, data-name, data-rank (1-based),
  *            data-score, data-inliers and data-box ("x1,y1,x2,y2" in the hit image's pixels)
  *            when the server sent them; its button.tile-btn searches with that indexed image
@@ -54,7 +57,7 @@
     "view-search", "dropzone", "dropzone-empty", "file-input", "choose-btn", "change-btn",
     "preview-wrap", "preview-stage", "preview-img", "crop-box", "bbox-readout", "crop-add", "crop-clear",
     "query-caption", "search-form", "k-select", "qe-toggle", "qe-label", "localize-toggle", "search-btn",
-    "took", "results", "results-empty", "search-status", "stale-note",
+    "took", "results", "results-empty", "search-status", "stale-note", "text-form", "text-input", "text-btn",
     "view-browse", "browse-grid", "browse-empty", "page-prev", "page-next", "page-info",
     "page-jump", "page-input", "add-wrap", "add-btn", "add-input", "server-version",
   ]) el[id] = $(id);
@@ -64,7 +67,7 @@
     auth: { writes: false, reads: false },
     writes: false,
     maxUpload: 0,
-    query: null,        // {kind: "upload", file, name, url} | {kind: "indexed", id, name, url}
+    query: null,        // {kind: "upload", file, name, url} | {kind: "indexed", id, name, url} | {kind: "text", text, name}
     box: null,          // [x1, y1, x2, y2] in natural (original, EXIF-upright) pixels, or null
     searchCtl: null,    // AbortController of the search in flight
     resultsBox: null,   // the box the shown results were searched with ("x1,y1,x2,y2", "" for the
@@ -97,10 +100,11 @@
     return t ? { Authorization: "Bearer " + t } : {};
   }
 
-  async function api(path, { method = "GET", body, signal } = {}) {
+  async function api(path, { method = "GET", body, signal, json = false } = {}) {
     let res;
+    const headers = json ? { ...authHeaders(), "Content-Type": "application/json" } : authHeaders();
     try {
-      res = await fetch(path, { method, body, signal, headers: authHeaders() });
+      res = await fetch(path, { method, body, signal, headers });
     } catch (e) {
       if (e.name === "AbortError") throw e;
       throw new ApiError(0, "network", "Cannot reach the server (" + e.message + ").");
@@ -259,6 +263,9 @@
     el["add-wrap"].hidden = !state.writes;
     el["server-version"].textContent = server.version ? "imret " + server.version : "imret";
     fillK(server.default_k || 10, server.max_k || 100);
+    const text = server.text || {};
+    el["text-form"].hidden = !text.available;
+    if (text.max_chars) el["text-input"].maxLength = text.max_chars;
     const qe = server.query_expansion || {};
     const on = !!qe.method && qe.method !== "none";
     el["qe-toggle"].checked = on;
@@ -327,6 +334,28 @@
     runSearch();
   }
 
+  // A text query: the drop zone goes back to its empty state (a photo can still be chosen), the
+  // caption shows the text, and the results come as for a photo.
+  function setQueryText(raw) {
+    const text = (raw || "").trim();
+    if (!text) { showMessage("Type a few words to search by text.", "error"); el["text-input"].focus(); return; }
+    clearMessage();
+    releaseBlobs("preview");
+    state.query = { kind: "text", text, name: text };
+    state.box = null;
+    el["preview-img"].removeAttribute("src");
+    el["preview-wrap"].hidden = true;
+    el["dropzone-empty"].hidden = false;
+    el["change-btn"].hidden = true;
+    el.dropzone.classList.remove("has-image");
+    el["search-btn"].disabled = false;
+    updateCaption();
+    renderBox();
+    runSearch();
+  }
+
+  el["text-form"].addEventListener("submit", (e) => { e.preventDefault(); setQueryText(el["text-input"].value); });
+
   function showPreview(url, name) {
     state.box = null;
     const img = el["preview-img"];
@@ -347,8 +376,9 @@
     const q = state.query;
     if (!q) return;
     const img = el["preview-img"];
-    const dims = img.naturalWidth ? ` · ${img.naturalWidth} × ${img.naturalHeight}` : "";
-    const what = q.kind === "indexed" ? `Indexed image #${q.id}: ${q.name}` : `Your photo: ${q.name}`;
+    const dims = img.naturalWidth && q.kind !== "text" ? ` · ${img.naturalWidth} × ${img.naturalHeight}` : "";
+    const what = q.kind === "indexed" ? `Indexed image #${q.id}: ${q.name}`
+      : q.kind === "text" ? `Text: “${q.text}”` : `Your photo: ${q.name}`;
     el["query-caption"].textContent = what + dims + (extra ? " · " + extra : "");
     el["query-caption"].title = q.name;  // the full name, also where the caption is cut
   }
@@ -394,7 +424,8 @@
     if (!state.box || !w || !img.clientWidth) {
       box.hidden = true;
       box.removeAttribute("data-bbox");
-      el["bbox-readout"].textContent = (state.query ? "Whole image. " : "") + "Drag on the photo to search a region.";
+      el["bbox-readout"].textContent = state.query && state.query.kind === "text" ? ""
+        : (state.query ? "Whole image. " : "") + "Drag on the photo to search a region.";
       if (!state.box) updateStale();  // (a box not drawn yet, before the photo is laid out, changes nothing)
       return;
     }
@@ -563,7 +594,8 @@
   window.addEventListener("dragover", (e) => e.preventDefault());
   window.addEventListener("drop", (e) => e.preventDefault());
   document.addEventListener("paste", (e) => {
-    if (state.view !== "search" || e.target === el["token-input"] || e.target === el["page-input"]) return;
+    if (state.view !== "search" || e.target === el["token-input"] || e.target === el["page-input"]
+        || e.target === el["text-input"]) return;
     const f = [...(e.clipboardData ? e.clipboardData.files : [])].find((x) => x.type.startsWith("image/"));
     if (f) { e.preventDefault(); setQueryUpload(f); }
   });
@@ -587,7 +619,10 @@
     busy(+1);
     try {
       let data;
-      if (q.kind === "indexed" && !bbox) {
+      if (q.kind === "text") {
+        const body = JSON.stringify({ text: q.text, k, qe: qe === "true" });
+        data = await api("/api/search", { method: "POST", body, signal: ctl.signal, json: true });
+      } else if (q.kind === "indexed" && !bbox) {
         const params = localize ? { k, qe, localize: "true" } : { k, qe };
         data = await api(withParams(`/api/images/${q.id}/similar`, params), { signal: ctl.signal });
       } else {
@@ -683,7 +718,7 @@
       return li;
     });
     el.results.replaceChildren(...items);
-    el.results.dataset.query = q.kind === "indexed" ? `id:${q.id}` : "upload";
+    el.results.dataset.query = q.kind === "indexed" ? `id:${q.id}` : q.kind === "text" ? "text" : "upload";
     el.results.dataset.state = "done";
     el.results.dataset.seq = String(++state.resultsSeq);
     state.resultsBox = bbox ? bbox.join(",") : "";
@@ -697,7 +732,8 @@
     const stages = ran.length ? ` · re-ranked by ${ran.join(" + ")}` : "";
     el.took.textContent = `${hits.length} result${hits.length === 1 ? "" : "s"}${took}${stages}`;
     const qb = data.query && data.query.bbox;
-    updateCaption(bbox ? `searched region ${(qb || bbox).map((v) => Math.round(v)).join(",")}`
+    if (q.kind === "text") updateCaption("searched by text");
+    else updateCaption(bbox ? `searched region ${(qb || bbox).map((v) => Math.round(v)).join(",")}`
       : "searched the whole image");
   }
 
