@@ -218,7 +218,7 @@ def test_torchrun_build_equals_the_single_process_build(photos, single, tmp_path
     # rank 0 alone reports, as one process does: 36 photos, the copy, the broken file
     assert proc.stdout.count("added 36 image(s)") == 1, proc.stdout
     assert "1 already indexed (same content), 1 skipped" in proc.stdout
-    assert proc.stdout.count("(2 processes)") == 1
+    assert proc.stdout.count("(2 processes, each working") == 1
     assert proc.stderr.count("broken.jpg: not a recognised image format") == 1, proc.stderr[-3000:]
 
 
@@ -281,3 +281,45 @@ def test_a_rank_killed_mid_way_then_a_rerun_leaves_every_image_once(photos, sing
     assert f"added {36 - committed} image(s)" in rerun.stdout
     assert f"{committed + 1} already indexed" in rerun.stdout  # the committed photos and the copy
     _assert_same_store(out, single)
+
+
+FAILING_RANK = """
+import os, sys
+from imret.index.store import Store
+from imret.cli import main
+
+if os.environ["RANK"] == "1":  # this rank's extraction fails at its third batch
+    calls = []
+    plain = Store.prepare_rows
+
+    def failing(self, paths, **kw):
+        calls.append(paths)
+        if len(calls) == 3:
+            raise MemoryError("out of memory (simulated)")
+        return plain(self, paths, **kw)
+
+    Store.prepare_rows = failing
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_failing_rank_or_store_stops_the_run_with_one_clear_error(photos, single, tmp_path):
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    out = tmp_path / "store"
+    cmd = _torchrun(["index", "build", str(photos), "--out", str(out), "--commit-every", "2", *MODEL_ARGS])
+    cmd[cmd.index("-m", 2):cmd.index("imret.cli") + 1] = [str(script)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("imret: error: process 1 of 2 failed: MemoryError: out of memory (simulated)") == 1, \
+        proc.stderr[-3000:]
+    reference, _ = _content(single)
+    # two batches of 2 x 2 files committed (one of them broken.jpg), nothing of the third
+    assert _content(out)[0] == reference[:7]
+    # rank 0 cannot open the store: it says why, the other rank stops quietly
+    proc = subprocess.run(_torchrun(["index", "add", str(tmp_path / "missing"), str(photos), "--no-progress"]),
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("imret: error: no store at") == 1, proc.stderr[-3000:]
+    assert "RankStopped" not in proc.stderr and "rank 0 could not open" not in proc.stderr

@@ -894,7 +894,9 @@ def _index_distributed(args, open_writer, out: str, *, build: bool) -> int:
     if not info.is_main:
         return 0
     _print_add_report(run.report, run.seconds)
-    print(f"store {out}: {run.images} images, backend {run.backend} ({run.processes} processes)")
+    busy = " / ".join(f"{100 * b / max(run.seconds, 1e-9):.0f} %" for b in run.busy)
+    print(f"store {out}: {run.images} images, backend {run.backend} ({run.processes} processes, "
+          f"each working {busy} of the time)")
     return 0 if not build or run.report.added or run.report.duplicates else 1
 
 

@@ -85,8 +85,11 @@ class IndexRun:
         images: images in the store at the end (rank 0; 0 elsewhere).
         backend: the store's backend spec (rank 0; "" elsewhere).
         processes: how many processes took part.
-        seconds: wall time of the add on rank 0, from the store being open to the last
-            commit (hashing included; opening or creating the store not).
+        seconds: wall time of the add on rank 0, from every rank having the store open and
+            its model loaded to the last commit (hashing included).
+        busy: per rank, the seconds it spent hashing and extracting within ``seconds`` (rank
+            0; empty elsewhere): the rest is waiting for the slowest slice and for rank 0's
+            commits.
     """
 
     report: AddReport | None
@@ -94,6 +97,7 @@ class IndexRun:
     backend: str
     processes: int
     seconds: float = 0.0
+    busy: tuple[float, ...] = ()
 
 
 def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
@@ -197,6 +201,7 @@ class _Comm:
         self.dist = dist
         self.info = info
         self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self.busy = [0.0] * info.world_size  # rank 0: seconds each rank spent on its jobs
 
     def broadcast(self, obj: Any) -> Any:
         box = [obj]
@@ -223,28 +228,32 @@ class _Comm:
         (so the ranks stay in step for the stop message)."""
         box = [None]
         self.dist.scatter_object_list(box, jobs, src=0, group=self.group)
+        t0 = time.perf_counter()
         try:
-            mine: tuple[str, Any] = ("ok", own(box[0]))
+            mine: tuple[str, Any, float] = ("ok", own(box[0]), time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - collected, then raised below with the others
-            mine = ("error", e)
+            mine = ("error", e, 0.0)
         replies: list[Any] = [None] * self.info.world_size
-        self.dist.gather_object(("ok", None), replies, dst=0, group=self.group)
+        self.dist.gather_object(("ok", None, 0.0), replies, dst=0, group=self.group)
         replies[0] = mine
         if mine[0] == "error":
             raise mine[1]
-        for r, (status, value) in enumerate(replies):
+        for r, (status, value, seconds) in enumerate(replies):
             if status != "ok":
                 raise StoreError(f"process {r} of {self.info.world_size} failed: {value}")
-        return [value for _, value in replies]
+            self.busy[r] += float(seconds)
+        return [value for _, value, _ in replies]
 
 
 def _do(job: tuple[str, Any], store: Store | None, extract_kw: dict[str, Any]) -> Any:
     kind, arg = job
+    if kind == "open":  # the store is open (see _follow): load the model now, not in the first batch
+        return store.model.dim
     if kind == "hash":
         return hash_files(arg)
     if kind == "extract":
         return store.prepare_rows(arg, **extract_kw) if arg else None
-    raise ValueError(f"unknown job {kind!r}; available: 'hash', 'extract', 'stop'")
+    raise ValueError(f"unknown job {kind!r}; available: 'open', 'hash', 'extract', 'stop'")
 
 
 def _follow(comm: _Comm, device: str, extract_kw: dict[str, Any]) -> None:
@@ -260,12 +269,13 @@ def _follow(comm: _Comm, device: str, extract_kw: dict[str, Any]) -> None:
                 if arg is not None:
                     raise RankStopped(f"rank 0 stopped: {arg}")
                 return
+            t0 = time.perf_counter()
             try:
-                if store is None and kind == "extract":
+                if store is None and kind in ("open", "extract"):
                     store = Store.open(path, device=device)
-                out: tuple[str, Any] = ("ok", _do((kind, arg), store, extract_kw))
+                out: tuple[str, Any, float] = ("ok", _do((kind, arg), store, extract_kw), time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001 - rank 0 reports it and stops the run
-                out = ("error", f"{type(e).__name__}: {e}")
+                out = ("error", f"{type(e).__name__}: {e}", 0.0)
             comm.reply(out)
     finally:
         if store is not None:
@@ -282,8 +292,10 @@ def _lead(comm: _Comm, open_writer, commit_every: int, progress: bool, extract_k
     stop_reason: str | None = "rank 0 failed"
     try:
         with store:
-            t0 = time.perf_counter()
             comm.broadcast((str(store.path.resolve()), None))
+            comm.run([("open", None)] * world, lambda job: _do(job, store, extract_kw))
+            comm.busy = [0.0] * world
+            t0 = time.perf_counter()
             files, _ = _image_files(paths)
             files = [os.path.abspath(p) for p in files]
             bounds = shard_bounds(len(files), world)
@@ -305,7 +317,7 @@ def _lead(comm: _Comm, open_writer, commit_every: int, progress: bool, extract_k
             finally:
                 bar.update(bar.total - bar.n)
                 bar.close()
-            run = IndexRun(report, len(store), store.backend_spec, world, time.perf_counter() - t0)
+            run = IndexRun(report, len(store), store.backend_spec, world, time.perf_counter() - t0, tuple(comm.busy))
         stop_reason = None
         return run
     except Exception as e:
