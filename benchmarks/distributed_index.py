@@ -35,7 +35,8 @@ BACKBONE = "tf_efficientnet_lite0"
 
 
 def _build(photos: Path, out: Path, procs: int, image_size: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "imret.cli", "index", "build", str(photos), "--out", str(out),
            "--model", BACKBONE, "--image-size", str(image_size), "--threads", "1", "--workers", "0", "--no-progress"]
     if procs > 1:

@@ -106,7 +106,9 @@ def test_add_with_precomputed_hashes_and_a_slicing_extractor_equals_a_plain_add(
         def extractor(batch):
             calls.append(len(batch))
             cuts = shard_bounds(len(batch), 3)
-            done = {k: st.prepare_rows(batch[a:b], workers=0) if b > a else None for k, (a, b) in reversed(list(enumerate(cuts)))}
+            done = {}
+            for k, (a, b) in reversed(list(enumerate(cuts))):
+                done[k] = st.prepare_rows(batch[a:b], workers=0) if b > a else None
             return merge_prepared([done[k] for k in range(len(cuts))], [a for a, _ in cuts])
 
         hashes = dict(zip((os.path.abspath(p) for p in paths), hash_files(paths)))

@@ -17,6 +17,8 @@ others open it read-only, for the model and the preprocessing, and do the expens
    ``commit_every x processes`` new images is cut into contiguous slices, one per rank; each
    rank extracts its slice (:meth:`Store.prepare_rows`: descriptors, and local features when
    the store keeps them), rank 0 gathers the slices in rank order and commits the batch.
+   (All files are hashed before the first batch, so a file rewritten during the run keeps
+   the hash it had then: the same as in one process, over a longer window.)
 
 Rows therefore reach the store in input order, exactly as a single process adds them: a
 finished run gives the same ids, paths and descriptors as ``imret index build`` without
