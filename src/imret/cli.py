@@ -3,7 +3,8 @@
     imret extract IMAGES... --out feats.npy     descriptors of images (folders, files, --list)
     imret eval DATASET [--out DIR]              revisited Oxford/Paris or a labelled set
     imret eval --captions CSV --text-model T    text <-> image recall and semantic NDCG (joint model)
-    imret index build PHOTOS... --out STORE     a persistent index (see imret.index.store)
+    imret index build PHOTOS... --out STORE     a persistent index (see imret.index.store); --procs M
+                                                or torchrun: M extracting processes (imret.index.distributed)
     imret index add|remove|info|configure|rebuild|export STORE ...
     imret search STORE QUERY... [--csv ...]     ranked (score, id, path): table, JSON(L), CSV, HTML, PNG
     imret search STORE --text "a dog ..."       the same by text (a store with a caption model)
@@ -833,7 +834,8 @@ def _model_source(args) -> str:
     return src
 
 
-def cmd_index_build(args) -> int:
+def _new_store(args, device: str):
+    """``index build``: every argument checked, then the store created: ``(store, paths)``."""
     from .index import check_spec
     from .index.store import Preprocessing, Store, check_new_store_dir
 
@@ -853,11 +855,86 @@ def cmd_index_build(args) -> int:
     if text is not None and text.dim != int(model.dim):
         raise ValueError(f"--text-model {args.text_model!r} embeds text in {text.dim}-D, but the model's descriptors "
                          f"are {model.dim}-D; give the caption model of the same joint model")
-    t0 = time.perf_counter()
-    with Store.create(args.out, model, model_source=_model_source(args), preprocessing=pre,
-                      backend=args.backend, device=args.device, backend_options=_backend_options()) as store:
-        if text is not None:
+    store = Store.create(args.out, model, model_source=_model_source(args), preprocessing=pre,
+                         backend=args.backend, device=device, backend_options=_backend_options())
+    if text is not None:
+        try:
             store.set_text_model(text, source=os.path.abspath(args.text_model))
+        except BaseException:
+            store.close()
+            raise
+    return store, paths
+
+
+def _opened_store(args, device: str):
+    """``index add``: ``(store opened writable, paths)``."""
+    from .index.store import Store
+
+    paths = _collect_images(args.images, args.list)
+    store = Store.open(args.store, writable=True, device=device, backend_options=_backend_options(),
+                       holder=_holder(args))
+    return store, paths
+
+
+def _under_torchrun() -> bool:
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+
+
+def _launch_procs(args) -> int | None:
+    """``--procs M`` (M > 1) outside torchrun: run this same command in M processes under
+    ``torchrun --standalone`` and return its exit status; None when there is nothing to launch
+    (no --procs, M = 1, or already a torchrun process: --procs is then ignored)."""
+    if args.procs is None or args.procs == 1 or _under_torchrun():
+        return None
+    import subprocess
+
+    from .index.distributed import torchrun_command
+
+    sys.stdout.flush()
+    return subprocess.run(torchrun_command(args.procs, args.argv)).returncode
+
+
+def _index_distributed(args, open_writer, out: str, *, build: bool) -> int:
+    """``index build|add`` in one process of a torchrun job (see imret.index.distributed)."""
+    import torch
+
+    from .index.distributed import RankStopped, index_distributed, rank_device
+    from .train.distributed import cleanup, init_distributed
+
+    info = init_distributed(os.environ, "cpu")  # gloo: what travels are paths and CPU rows
+    if not info.is_main:  # rank 0 speaks for the run (the others' warnings repeat its own)
+        import warnings
+
+        warnings.simplefilter("ignore", UserWarning)
+    try:
+        device = rank_device(args.device, info, torch.cuda.is_available())
+        if device.startswith("cuda:"):
+            torch.cuda.set_device(torch.device(device))
+        run = index_distributed(info, lambda: open_writer(args, device), commit_every=args.commit_every,
+                                device=device, progress=info.is_main and not args.no_progress,
+                                **_runtime_kwargs(args))
+    except RankStopped:
+        return 1  # rank 0 prints the reason
+    finally:
+        cleanup()
+    if not info.is_main:
+        return 0
+    _print_add_report(run.report, run.seconds)
+    busy = " / ".join(f"{100 * b / max(run.seconds, 1e-9):.0f} %" for b in run.busy)
+    print(f"store {out}: {run.images} images, backend {run.backend} ({run.processes} processes, "
+          f"each working {busy} of the time)")
+    return 0 if not build or run.report.added or run.report.duplicates else 1
+
+
+def cmd_index_build(args) -> int:
+    rc = _launch_procs(args)
+    if rc is not None:
+        return rc
+    if _under_torchrun():
+        return _index_distributed(args, _new_store, args.out, build=True)
+    store, paths = _new_store(args, args.device)
+    t0 = time.perf_counter()
+    with store:
         report = store.add(paths, commit_every=args.commit_every, progress=not args.no_progress, **_runtime_kwargs(args))
         _print_add_report(report, time.perf_counter() - t0)
         print(f"store {args.out}: {len(store)} images, backend {store.backend_spec}")
@@ -865,12 +942,14 @@ def cmd_index_build(args) -> int:
 
 
 def cmd_index_add(args) -> int:
-    from .index.store import Store
-
-    paths = _collect_images(args.images, args.list)
+    rc = _launch_procs(args)
+    if rc is not None:
+        return rc
+    if _under_torchrun():
+        return _index_distributed(args, _opened_store, args.store, build=False)
+    store, paths = _opened_store(args, args.device)
     t0 = time.perf_counter()
-    with Store.open(args.store, writable=True, device=args.device, backend_options=_backend_options(),
-                    holder=_holder(args)) as store:
+    with store:
         report = store.add(paths, commit_every=args.commit_every, progress=not args.no_progress, **_runtime_kwargs(args))
         _print_add_report(report, time.perf_counter() - t0)
         print(f"store {args.store}: {len(store)} images")
@@ -1503,6 +1582,11 @@ def _add_debug_everywhere(parser: argparse.ArgumentParser) -> None:
                 _add_debug_everywhere(sp)
 
 
+_PROCS_HELP = ("extract with this many processes on this machine (runs itself under torchrun --standalone; "
+               "with --device cuda each process takes one GPU); for several machines run "
+               "`torchrun ... -m imret.cli index build|add ...` instead")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imret", description="Instance-level image retrieval")
     parser.add_argument("--version", action="version", version=f"imret {package_version()}")
@@ -1577,7 +1661,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default="exact",
                    help=f"search backend spec ({', '.join(BACKEND_KINDS)}): 'exact', 'ann', 'faiss:IVF4096,SQ8?nprobe=32', "
                         "'faiss:HNSW32', 'milvus:./vectors.db', 'milvus:http://host:19530' (default exact)")
-    b.add_argument("--commit-every", type=_positive_int, default=64, help="images per committed batch (default 64)")
+    b.add_argument("--commit-every", type=_positive_int, default=64,
+                   help="images per committed batch (default 64; with several processes: per process)")
+    b.add_argument("--procs", type=_positive_int, default=None, help=_PROCS_HELP)
     b.add_argument("--text-model", metavar="FILE",
                    help="also keep this caption model (the text half of the joint image-caption model given by "
                         "--model) in the store, for imret search --text")
@@ -1588,7 +1674,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("store")
     a.add_argument("images", nargs="*", help="image files and/or folders")
     a.add_argument("--list", help=_LIST_HELP)
-    a.add_argument("--commit-every", type=_positive_int, default=64, help="images per committed batch (default 64)")
+    a.add_argument("--commit-every", type=_positive_int, default=64,
+                   help="images per committed batch (default 64; with several processes: per process)")
+    a.add_argument("--procs", type=_positive_int, default=None, help=_PROCS_HELP)
     _add_runtime_args(a)
     a.set_defaults(func=cmd_index_add)
 
@@ -1800,6 +1888,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)  # may print --help and exit: inside, for a broken pipe
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # index --procs relaunches it under torchrun
         if getattr(args, "threads", None):
             import torch
 

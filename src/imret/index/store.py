@@ -1214,6 +1214,8 @@ class Store:
         save: bool = True,
         progress: bool = False,
         on_commit: Callable[[int], None] | None = None,
+        hashes: dict[str, tuple[str, int] | str] | None = None,
+        extractor: Callable[[list[str]], tuple[Any, np.ndarray | None]] | None = None,
         **extract_kw: Any,
     ) -> AddReport:
         """Index image files; files already in the store (same content hash) are not added twice.
@@ -1233,6 +1235,12 @@ class Store:
 
         Other threads keep searching meanwhile: hashing and extraction run without the
         store's read lock, which is taken only to look up duplicates and to commit a batch.
+
+        Two hooks let :mod:`imret.index.distributed` spread the work over processes while this
+        process stays the one writer: ``hashes`` maps absolute paths to ``(sha256, size)``
+        already computed (or to the reason the file is not indexed; paths missing from it are
+        hashed here), and ``extractor(paths) -> (extraction, local records or None)`` replaces
+        :meth:`prepare_rows` for each batch (``extract_kw`` and ``progress`` then go unused).
         """
         with self._write_lock:
             self._require_writable()
@@ -1246,7 +1254,7 @@ class Store:
             def flush() -> None:
                 if pending:
                     before = len(report.added)
-                    self._add_batch(pending, report, progress=progress, **extract_kw)
+                    self._add_batch(pending, report, progress=progress, extractor=extractor, **extract_kw)
                     pending.clear()
                     unsaved[0] += len(report.added) - before
                     if unsaved[0] >= save_every:
@@ -1259,8 +1267,11 @@ class Store:
             report.skipped.extend((os.path.abspath(d), "a directory with no images in it") for d in empty)
             for p in files:
                 p = os.path.abspath(p)
+                known = None if hashes is None else hashes.get(p)
                 try:
-                    digest, size = _hash_image_file(p)  # file I/O: no lock needed
+                    if isinstance(known, str):
+                        raise _NotAnImageFile(known)
+                    digest, size = known if known is not None else _hash_image_file(p)  # file I/O: no lock needed
                 except _NotAnImageFile as e:
                     report.skipped.append((p, str(e)))
                     continue
@@ -1292,10 +1303,32 @@ class Store:
             row = self._db.execute("SELECT id FROM images WHERE sha256 = ? AND removed = 0", (sha256,)).fetchone()
         return None if row is None else int(row[0])
 
-    def _add_batch(self, batch: list[tuple[str, str, int]], report: AddReport, *, progress: bool, **extract_kw: Any) -> None:
+    def prepare_rows(self, paths: Sequence[str], *, progress: bool = False, **extract_kw: Any):
+        """What :meth:`add` computes for a batch of image files before it writes anything:
+        ``(extraction, records)``, the :class:`imret.extract.Extraction` of ``paths`` with the
+        store's model and preprocessing, and the local-feature records of its rows (an array
+        of :class:`~imret.local.storage.RecordLayout` rows) or None when the store keeps no
+        local features. Changes nothing, so it runs on read-only stores too: the processes of
+        :mod:`imret.index.distributed` prepare their share of each batch with it."""
+        ex = self._extract(list(paths), progress=progress, **extract_kw)  # the slow part
+        with self._lock:
+            local = self._config["local"]
+        if local is None or len(ex.indices) == 0:
+            return ex, None
+        recs, _ = self._compute_local(self.local_extractor(), self._local_layout(),
+                                      [paths[int(i)] for i in ex.indices])  # slow too (SIFT, CNN features)
+        return ex, recs
+
+    def _add_batch(self, batch: list[tuple[str, str, int]], report: AddReport, *, progress: bool,
+                   extractor: Callable | None = None, **extract_kw: Any) -> None:
         # the caller holds _write_lock, so no other thread changes the row count, the files
         # or the configuration until this returns; _lock is taken only to read and to commit
-        ex = self._extract([b[0] for b in batch], progress=progress, **extract_kw)  # the slow part
+        paths = [b[0] for b in batch]
+        if extractor is None:
+            ex, recs = self.prepare_rows(paths, progress=progress, **extract_kw)
+        else:
+            ex, recs = extractor(paths)
+            _check_prepared(ex, recs, len(paths), self.dim)
         for s in ex.skipped:
             report.skipped.append((s.path, s.reason))
         if len(ex.indices) == 0:
@@ -1314,9 +1347,11 @@ class Store:
             vec = raw if vectors_file is None else self.postprocess(raw)
             width = self.search_dim
             local = self._config["local"]
-        if local is not None:  # the slow part too (SIFT, or the model's local features)
+        if local is not None:
             layout = self._local_layout()
-            recs, _ = self._compute_local(self.local_extractor(), layout, [batch[int(i)][0] for i in ex.indices])
+            if recs is None or recs.shape != (m, layout.width):
+                raise StoreError(f"the extractor gave local-feature records of shape {getattr(recs, 'shape', None)} "
+                                 f"for {m} rows of width {layout.width}")
         ids = np.arange(n, n + m, dtype=np.int64)
         # 1. rows first (fsynced), past the committed count where no reader looks yet ...
         self._write_rows(_DESCRIPTORS, self.dim, n, raw)
@@ -2354,6 +2389,23 @@ class Store:
 
 _LOCAL_KINDS = ("sift", "cnn")
 _MAPS_CACHED = 2000  # database feature maps a store keeps in memory for localisation
+
+
+def _check_prepared(ex: Any, recs: Any, n: int, dim: int) -> None:
+    """Refuse what an ``extractor`` hook of :meth:`Store.add` returned for ``n`` paths unless it
+    has the shape of :meth:`Store.prepare_rows`' result (rows, then input positions)."""
+    d = getattr(ex, "descriptors", None)
+    idx = getattr(ex, "indices", None)
+    if not isinstance(d, np.ndarray) or d.dtype != np.float32 or d.ndim != 2 or d.shape[1] != dim:
+        raise StoreError(f"the extractor gave descriptors {getattr(d, 'shape', type(d).__name__)} "
+                         f"({getattr(d, 'dtype', '')}); expected (M, {dim}) float32")
+    if not isinstance(idx, np.ndarray) or idx.shape != (d.shape[0],) or (
+            idx.size and (np.any(np.diff(idx) <= 0) or idx[0] < 0 or idx[-1] >= n)):
+        raise StoreError(f"the extractor gave row positions {idx!r}; expected {d.shape[0]} increasing "
+                         f"positions in [0, {n})")
+    if recs is not None and (not isinstance(recs, np.ndarray) or recs.ndim != 2 or len(recs) != d.shape[0]):
+        raise StoreError(f"the extractor gave local-feature records {getattr(recs, 'shape', type(recs).__name__)} "
+                         f"for {d.shape[0]} rows")
 
 
 def _hit_extras(extras: dict[str, np.ndarray] | None, q: int, j: int) -> dict[str, Any]:
