@@ -219,7 +219,7 @@ def test_tuning_is_deterministic_given_the_seed(tuned, collection):
 
     def stable(rec):
         d = rec.to_dict()
-        for key in ("qps", "exact_qps", "tuning_s"):
+        for key in ("qps", "exact_qps", "tuning_s", "build_s"):
             d.pop(key)
         d["tried"] = [(m["spec"], m["recall"], m["recall_lower"]) for m in d["tried"]]
         return d
@@ -243,8 +243,21 @@ def test_unreachable_target_falls_back_to_exact(collection):
     strict = dataclasses.replace(SMALL, probe_fraction=(("PQ", 1 / 64), ("SQ8", 1 / 64), ("Flat", 1 / 64)))
     t = tune(collection, None, AutoTarget(recall=0.999, k=10), policy=strict)
     assert t.backend is None and t.record.spec == "exact"
-    assert {m.spec.split("?")[0] for m in t.record.tried} == {"faiss:IVF256,SQ8", "faiss:IVF256,Flat"}
-    assert "no IVF setting" in t.record.reason
+    # SQ8 fell far short at Flat's largest nprobe: Flat, which only removes SQ8's error, is not built
+    assert {m.spec.split("?")[0] for m in t.record.tried} == {"faiss:IVF256,SQ8"}
+    assert "no IVF setting" in t.record.reason and "IVF256,Flat not built" in t.record.reason
+    always = dataclasses.replace(strict, flat_gain=1.0)
+    t = tune(collection, None, AutoTarget(recall=0.999, k=10), policy=always)
+    assert t.backend is None and {m.spec.split("?")[0] for m in t.record.tried} == {"faiss:IVF256,SQ8",
+                                                                                   "faiss:IVF256,Flat"}
+
+
+def test_flat_is_tried_only_where_it_can_close_the_gap():
+    flat = tuning.Candidate("IVF64,Flat", "nprobe", (1, 2, 4))
+    sq8 = [tuning.Measurement(f"faiss:IVF64,SQ8?nprobe={p}", r, r - 0.01, 1.0) for p, r in ((1, 0.5), (4, 0.95))]
+    assert tuning.flat_can_help(sq8, flat, 0.97) and tuning.flat_can_help(sq8, flat, 0.98)
+    assert not tuning.flat_can_help(sq8, flat, 0.985)  # 0.95 < 0.985 - 0.03
+    assert tuning.flat_can_help([], flat, 0.999)  # SQ8 not tried (or not at that nprobe)
 
 
 # -- the record --------------------------------------------------------------------------------
@@ -258,6 +271,7 @@ def test_record_round_trips_and_rejects_bad_values(tuned):
         ({"k": 0}, r"backend.tuning.k must be an integer in \[1, 10000\], got 0"),
         ({"n": -1}, r"backend.tuning.n must be an integer in \[0, "),
         ({"qps": float("inf")}, r"backend.tuning.qps must be a number"),
+        ({"build_s": -1}, r"backend.tuning.build_s must be a number in \[0, "),
         ({"recall": "0.9"}, r"backend.tuning.recall must be a number in \[0, 1\], got '0.9'"),
         ({"sample": 10**6}, r"backend.tuning.sample must be an integer in \[0, 100000\]"),
         ({"sample": 30_000}, r"sample \(30000\) exceeds backend.tuning.n"),
