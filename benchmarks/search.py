@@ -714,8 +714,8 @@ def render_auto(run: dict) -> str:
               "exact search in the same run. *Total build* = tuning included; *chosen index* = training and "
               "filling the chosen index only.", ""]
     lines += ["| N | chose | held-out recall (lower bound) | held-out QPS × exact | queries recall@100 | QPS | × exact "
-              "(by CPU) | 1-query ms | total build s (of it the chosen index) | RSS MiB (peak) | index MiB | default `ann` "
-              "at this N: recall, × exact |",
+              "(by CPU) | 1-query ms | total build s (CPU s; of it the chosen index) | RSS MiB (peak) | index MiB | "
+              "default `ann` at this N: recall, × exact, build s (CPU s) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for res in run["sizes"]:
@@ -725,12 +725,13 @@ def render_auto(run: dict) -> str:
             continue
         t = a["tuning"]
         ann = by.get("ann")
-        ann_cell = (f"{ann['recall']:.4f}, {ann['qps_vs_exact']:.1f}× (`{ann['spec']}`)" if ann else "–")
+        ann_cell = (f"{ann['recall']:.4f}, {ann['qps_vs_exact']:.1f}×, {ann['build_s']:.1f} ({ann['build_cpu_s']:.1f}) "
+                    f"(`{ann['spec']}`)" if ann else "–")
         peak = f" ({_mib(a['rss_peak_bytes'])})" if a.get("rss_peak_bytes") is not None else ""
         lines.append(f"| {res['n']:,} | `{a['spec']}` | {t['recall']:.4f} ({t['recall_lower']:.4f}) | "
                      f"{t['qps'] / max(t['exact_qps'], 1e-9):.1f} | **{a['recall']:.4f}** | {a['qps']:,.0f} | "
                      f"**{a['qps_vs_exact']:.1f}** ({a['qps_cpu_vs_exact']:.1f}) | {a['single_ms']:.2f} | "
-                     f"{a['build_s']:.1f} ({t['build_s']:.1f}) | {_mib(a['rss_held_bytes'])}{peak} | "
+                     f"{a['build_s']:.1f} ({a['build_cpu_s']:.1f}; {t['build_s']:.1f}) | {_mib(a['rss_held_bytes'])}{peak} | "
                      f"{_mib(a.get('index_bytes'))} | {ann_cell} |")
         families: dict[str, list[str]] = {}
         for x in t["tried"]:
@@ -738,11 +739,28 @@ def render_auto(run: dict) -> str:
             families.setdefault(fam.removeprefix("faiss:"), []).append(
                 f"{param.replace('=', ' ')} {x['recall']:.3f} ({x['recall_lower']:.3f}, {x['qps']:,.0f} QPS)")
         tried = "; ".join(f"`{fam}`: " + ", ".join(v) for fam, v in families.items()) or "none"
-        notes.append(f"- N = {res['n']:,} (load {res['loadavg_start'][0]:.1f} → {res['loadavg_end'][0]:.1f}): "
+        ex = by["exact"]
+        notes.append(f"- N = {res['n']:,} (load {res['loadavg_start'][0]:.1f} → {res['loadavg_end'][0]:.1f}; exact "
+                     f"search {ex['qps']:,.0f} QPS, matmul peak {res['gflops']['peak']:.0f} GFLOP/s by wall clock, "
+                     f"{res['gflops']['peak_cpu']:.0f} by CPU seconds): "
                      f"{t['reason']}. Tuning took {t['tuning_s']:.1f} s: exact reference search of the "
                      f"{t['sample']} held-out rows ({t['exact_qps']:,.0f} QPS), the index built from the other "
                      f"{t['n'] - t['sample']:,} rows, then per setting the held-out recall (lower bound): {tried}.")
     lines += [""] + notes
+    done = [res for res in run["sizes"] if any(r["name"] == "auto" and "tuning" in r for r in res["backends"])]
+    if done:
+        autos = [next(r for r in res["backends"] if r["name"] == "auto") for res in done]
+        gap = max(abs(r["tuning"]["recall"] - r["recall"]) for r in autos)
+        lines += ["", f"The recall measured on the held-out database rows and the recall on the benchmark's own "
+                      f"queries differ by at most {gap:.4f}. On a busy machine exact search (one large matrix "
+                      "product) loses more to the other processes than IVF search does, so the wall-clock "
+                      "× exact is higher than the by-CPU one; the by-CPU figure is the one to compare across runs."]
+        big = max(done, key=lambda res: res["n"])
+        a = next(r for r in big["backends"] if r["name"] == "auto")
+        ok = a["recall"] >= 0.95 and a["qps_vs_exact"] >= 50
+        lines += ["", f"Bar at N = {big['n']:,}: recall@100 ≥ 0.95 at ≥ 50× exact QPS: recall {a['recall']:.4f} at "
+                      f"{a['qps_vs_exact']:.1f}× wall-clock ({a['qps_cpu_vs_exact']:.1f}× by CPU) → "
+                      f"**{'pass' if ok else 'FAIL'}**."]
     return "\n".join(lines + ["", AUTO_END]) + "\n"
 
 
