@@ -1010,6 +1010,13 @@ def cmd_index_info(args) -> int:
                                 if qe["method"] != "none" else "none"))
         b = info["backend"]
         print(f"backend    {b['spec'] or b['requested']} (searching with {b['searching_with']}, {b['ntotal']} vectors)")
+        t = b.get("tuning")
+        if t:
+            print(f"tuned      for recall@{t['k']} >= {t['target_recall']:g} ({b['requested']}): {t['type']}"
+                  + "".join(f" {key}={v}" for key, v in t["params"].items())
+                  + f", recall {t['recall']:.3f} (lower bound {t['recall_lower']:.3f}) on {t['sample']} held-out rows, "
+                  f"{t['qps']:,.0f} QPS ({t['qps'] / max(t['exact_qps'], 1e-9):.1f}x exact), tuned at {t['n']} rows "
+                  f"in {t['tuning_s']:.1f} s; {t['reason']}")
         loc = info.get("local")
         print("local      " + (f"{loc['kind']}, at most {loc['max_keypoints']} x {loc['dim']}-D ({loc['codec']}), "
                                f"{_human_bytes(loc['bytes_per_image'])}/image, {_human_bytes(loc['file_bytes'])} in all"
@@ -1660,7 +1667,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="the store directory to create")
     b.add_argument("--backend", default="exact",
                    help=f"search backend spec ({', '.join(BACKEND_KINDS)}): 'exact', 'ann', 'faiss:IVF4096,SQ8?nprobe=32', "
-                        "'faiss:HNSW32', 'milvus:./vectors.db', 'milvus:http://host:19530' (default exact)")
+                        "'faiss:HNSW32', 'milvus:./vectors.db', 'milvus:http://host:19530', or 'auto?recall=0.95&k=100' "
+                        "(index and nprobe tuned on the collection for that recall@k; keys recall, k, sample, seed) "
+                        "(default exact)")
     b.add_argument("--commit-every", type=_positive_int, default=64,
                    help="images per committed batch (default 64; with several processes: per process)")
     b.add_argument("--procs", type=_positive_int, default=None, help=_PROCS_HELP)
@@ -1694,7 +1703,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = isub.add_parser("configure", help="whitening, query expansion, DBA, backend (recomputes and rebuilds as needed)")
     c.add_argument("store")
-    c.add_argument("--backend", help="new backend spec; the index is rebuilt")
+    c.add_argument("--backend", help="new backend spec (as for 'index build', e.g. 'auto?recall=0.95&k=100'); "
+                   "the index is rebuilt")
     c.add_argument("--whiten", choices=["none", "pca", "lw"], help="fit PCA whitening on the indexed descriptors, or learned whitening (Lw) from --pairs")
     c.add_argument("--pairs", help="CSV of matching pairs 'a,b' (image ids or indexed paths) for --whiten lw")
     c.add_argument("--local", metavar="KIND", help="local features to keep with every image, computed now for the "

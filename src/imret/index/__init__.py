@@ -3,6 +3,8 @@
 ``create_backend("exact" | "faiss:..." | "ann" | "milvus:...", dim)`` builds an empty backend;
 ``load_backend(spec, dim, directory)`` reopens one saved with :meth:`Backend.save`. FAISS and
 Milvus are optional: their adapters import them lazily and name the extra to install.
+``auto?recall=0.95&k=100`` is chosen from the collection's own vectors by
+:func:`imret.index.tuning.tune` (the store does so when it builds its index).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ __all__ = [
 
 
 def resolve_spec(spec: str | BackendSpec, n_hint: int | None = None) -> BackendSpec:
-    """Parse ``spec`` and turn the ``ann`` alias into a concrete FAISS spec sized for ``n_hint`` rows."""
+    """Parse ``spec`` and turn the ``ann`` alias into a concrete FAISS spec sized for ``n_hint`` rows
+    (``auto`` stays as it is: only the vectors can resolve it, see :func:`imret.index.tuning.tune`)."""
     s = parse_spec(spec)
     if s.kind == "ann":
         from .faiss_backend import default_ann_spec
@@ -42,7 +45,8 @@ def check_spec(spec: str | BackendSpec, *, dim: int | None = None) -> BackendSpe
     """Check a whole backend spec before any work depends on it; returns it parsed.
 
     Checks what :func:`parse_spec` checks (the kind, the target) and also every parameter name
-    and value (``exact`` takes none; ``ann``: ``nprobe``, ``efSearch``; ``faiss:``: see
+    and value (``exact`` takes none; ``ann``: ``nprobe``, ``efSearch``; ``auto``: see
+    :data:`imret.index.tuning.AUTO_PARAMS`; ``faiss:``: see
     :data:`imret.index.faiss_backend.FAISS_PARAMS`; ``milvus:``: see
     :data:`imret.index.milvus_backend.PARAMS`), and that the optional package the backend
     needs is installed. With ``dim``, FAISS also builds the (empty, untrained) index of a
@@ -62,6 +66,10 @@ def check_spec(spec: str | BackendSpec, *, dim: int | None = None) -> BackendSpe
         from .faiss_backend import _faiss, check_ann_params
 
         check_ann_params(s.params)
+        _faiss()
+    elif s.kind == "auto":  # parse_spec checked the parameters
+        from .faiss_backend import _faiss
+
         _faiss()
     elif s.kind == "faiss":
         from .faiss_backend import FaissBackend, _faiss, _parse_params
@@ -89,6 +97,9 @@ def create_backend(spec: str | BackendSpec, dim: int, *, root: str | os.PathLike
     (the store directory; default the working directory). ``n_hint`` sizes the ``ann`` alias.
     """
     s = resolve_spec(spec, n_hint)
+    if s.kind == "auto":
+        raise ValueError(f"{str(s)!r} is chosen from the collection's vectors: build it with "
+                         "imret.index.tuning.tune(vectors, alive, auto_target(params)) or in a store")
     if s.kind == "exact":
         return ExactBackend(dim, spec=str(s))
     if s.kind == "faiss":
@@ -104,8 +115,8 @@ def load_backend(spec: str | BackendSpec, dim: int, directory: str | os.PathLike
                  root: str | os.PathLike | None = None) -> Backend:
     """Reopen a backend saved into ``directory``; its spec and dim must match."""
     s = parse_spec(spec)
-    if s.kind == "ann":
-        raise ValueError("a saved backend has a concrete spec; 'ann' is resolved when the index is built")
+    if s.kind in ("ann", "auto"):
+        raise ValueError(f"a saved backend has a concrete spec; {s.kind!r} is resolved when the index is built")
     if s.kind == "exact":
         return ExactBackend.load(directory, spec=str(s))
     if s.kind == "faiss":

@@ -9,6 +9,8 @@ short spec string that is saved in the store and rebuilds the same index::
     faiss:IVF4096,SQ8?nprobe=32            after '?', '&'-separated
     faiss:IVF1024,PQ64x8,RFlat?nprobe=16&k_factor=8   PQ codes re-ranked with the raw vectors
     ann                                    the default approximate index, sized from N at build
+    auto?recall=0.95&k=100                 index and search parameters tuned on the collection for a
+                                           recall@k target (see :mod:`imret.index.tuning`)
     milvus:./vectors.db                    Milvus Lite, embedded (relative to the store directory)
     milvus:http://host:19530?index=HNSW    a Milvus server or cluster
 
@@ -36,9 +38,10 @@ __all__ = [
     "as_rows",
     "as_ids",
     "tie_aware_recall",
+    "tie_aware_hits",
 ]
 
-BACKEND_KINDS = ("exact", "faiss", "milvus", "ann")
+BACKEND_KINDS = ("exact", "faiss", "milvus", "ann", "auto")
 
 
 @dataclass(frozen=True)
@@ -78,11 +81,15 @@ def parse_spec(spec: str | BackendSpec) -> BackendSpec:
             params[key] = value
         if not params:
             raise ValueError(f"bad parameters {query!r} in backend spec {spec!r}; expected key=value&key=value")
-    if kind in ("exact", "ann") and target:
+    if kind in ("exact", "ann", "auto") and target:
         raise ValueError(f"backend {kind!r} takes no target, got {spec!r}")
     if kind in ("faiss", "milvus") and not target:
         example = "faiss:IVF4096,SQ8?nprobe=32" if kind == "faiss" else "milvus:./vectors.db"
         raise ValueError(f"backend {kind!r} needs a target, e.g. {example!r}; got {spec!r}")
+    if kind == "auto":
+        from .tuning import auto_target
+
+        auto_target(params)  # names the bad key or value and the valid range
     return BackendSpec(kind, target, params)
 
 
@@ -209,21 +216,50 @@ def tie_aware_recall(
     ``exact_scores`` the exact ``(Q, >=k)`` scores, ``approx_ids`` ``(Q, >=k)``.
     Returns the mean over queries of hits / min(k, N).
     """
+    per_query = tie_aware_hits(q, x, x_ids, exact_scores, approx_ids, k, tol=tol)
+    return float(per_query.mean()) if per_query.size else 1.0
+
+
+def tie_aware_hits(
+    q: np.ndarray,
+    x: np.ndarray,
+    x_ids: np.ndarray | None,
+    exact_scores: np.ndarray,
+    approx_ids: np.ndarray,
+    k: int,
+    *,
+    tol: float = 1e-5,
+) -> np.ndarray:
+    """Per-query recall@k of :func:`tie_aware_recall`: ``(Q,)`` float64, hits / min(k, N).
+
+    ``x_ids=None``: the ids are row numbers of ``x`` (which may hold more rows than were
+    indexed, e.g. a store's whole matrix), and ``min(k, N)`` is taken per query as the number
+    of finite exact scores among the first ``k`` (exact search pads with ``-inf``). A query
+    with nothing to find scores 1.0.
+    """
     k = _check_k(k)
-    order = np.argsort(x_ids)
-    sorted_ids = x_ids[order]
-    n = x_ids.shape[0]
-    want = min(k, n)
-    if want == 0:
-        return 1.0
-    hits = 0
-    for qi in range(q.shape[0]):
+    nq = q.shape[0]
+    out = np.ones(nq)
+    if x_ids is not None:
+        order = np.argsort(x_ids)
+        sorted_ids = x_ids[order]
+        n = x_ids.shape[0]
+    for qi in range(nq):
+        if x_ids is None:
+            want = int(np.count_nonzero(np.isfinite(exact_scores[qi, :k])))
+        else:
+            want = min(k, n)
+        if want == 0:
+            continue
         kth = exact_scores[qi, want - 1]
         found = approx_ids[qi, :k]
         found = np.unique(found[found >= 0])
-        pos = np.searchsorted(sorted_ids, found)
-        ok = (pos < n) & (sorted_ids[np.minimum(pos, n - 1)] == found)
-        rows = order[pos[ok]]
-        true = x[rows] @ q[qi]
-        hits += int(np.count_nonzero(true >= kth - tol))
-    return hits / (q.shape[0] * want)
+        if x_ids is None:
+            rows = found[found < x.shape[0]]
+        else:
+            pos = np.searchsorted(sorted_ids, found)
+            ok = (pos < n) & (sorted_ids[np.minimum(pos, n - 1)] == found)
+            rows = order[pos[ok]]
+        true = np.asarray(x[rows], dtype=np.float32) @ q[qi]
+        out[qi] = np.count_nonzero(true >= kth - tol) / want
+    return out

@@ -264,6 +264,18 @@ class FaissBackend(Backend):
         self._n_dead = int(stored.size - live.size)
         self._ids = np.sort(live)  # sorted live ids, for duplicate checks and remove counts
 
+    def set_params(self, params: dict[str, Any]) -> None:
+        """Change search parameters (``nprobe``, ``efSearch``, ``k_factor``) in place, no rebuild;
+        :attr:`spec` follows. ``efConstruction`` only applies before rows are added."""
+        merged = {**self.params, **_parse_params(params)}
+        old = self.params
+        self._setup(self.dim, self.factory, merged)
+        try:
+            self._apply_params()
+        except ValueError:
+            self._setup(self.dim, self.factory, old)
+            raise
+
     def _apply_params(self) -> None:
         faiss = _faiss()
         chain = _chain(self._index)

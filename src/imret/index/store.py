@@ -77,6 +77,7 @@ from ..whitening import Whitening
 from . import check_spec, create_backend, load_backend, resolve_spec
 from .base import Backend, BackendSpec, parse_spec
 from .exact import ExactBackend
+from .tuning import TuningRecord, auto_target, retune_due, tune
 
 __all__ = [
     "STORE_FORMAT",
@@ -1550,6 +1551,9 @@ class Store:
                 if kind == "exact" or n > 0:
                     self._build_backend(resolve_spec(requested, n_hint=len(self)))
                 return
+            if parse_spec(requested).kind == "auto" and retune_due(self._config["backend"].get("tuning"), len(self)):
+                self._build_backend(parse_spec(requested))  # the collection has grown: tune again
+                return
             if parse_spec(spec).kind == "exact":
                 return
             if backend is None:
@@ -1598,8 +1602,19 @@ class Store:
             if old is not None:
                 old.close()
         b = None
+        tuning = None
         try:
-            b = create_backend(self._with_options(spec_str), dim, root=self.path, n_hint=int(alive.sum()))
+            if spec.kind == "auto":  # choose the index on the vectors themselves
+                tuned = tune(vec, alive, auto_target(spec.params))
+                b, tuning = tuned.backend, tuned.record.to_dict()
+                if b is None:  # exact search was chosen
+                    with self._lock:
+                        self._config["backend"].update(spec="exact", tuning=tuning)
+                        self._replace_index_dir(None)
+                        self._building = False
+                    return
+            else:
+                b = create_backend(self._with_options(spec_str), dim, root=self.path, n_hint=int(alive.sum()))
             if not b.is_trained:
                 need = b.min_train_size
                 live_ids = np.flatnonzero(alive)
@@ -1615,7 +1630,8 @@ class Store:
                 rng = np.random.default_rng(0)
                 sample = np.sort(rng.choice(live_ids, size=min(live_ids.size, max(need, 100_000)), replace=False))
                 b.train(np.asarray(vec[sample]))
-            self._add_rows_to(b, 0, n, vec, alive)
+            if tuning is None:  # a tuned backend holds every live row already
+                self._add_rows_to(b, 0, n, vec, alive)
             name, gen = self._save_backend_files(b)
         except BaseException:
             if b is not None:
@@ -1629,6 +1645,8 @@ class Store:
             self._backend_remove_seq = seq
             self._building = False
             self._config["backend"]["spec"] = b.spec
+            if tuning is not None:
+                self._config["backend"]["tuning"] = tuning
             self._config["generation"] = gen
             self._replace_index_dir({"dir": name, "rows": n, "remove_seq": seq})
 
@@ -2621,13 +2639,19 @@ def _check_config(c: dict[str, Any], root: Path) -> None:
     if not isinstance(c["query_expansion"], dict):
         raise ValueError("query_expansion must be an object")
     QueryExpansion.from_dict(c["query_expansion"])  # ValueError naming the bad key or value
-    b = _dict_with(c["backend"], {"requested", "spec"}, "backend")
+    b = _dict_with(c["backend"], {"requested", "spec"}, "backend", optional={"tuning"})
     for key in ("requested", "spec"):
         if b[key] is None and key == "spec":
             continue
         if not isinstance(b[key], str):
             raise ValueError(f"backend.{key} must be a string, got {b[key]!r}")
         check_backend_spec(b[key], root)
+    if b.get("tuning") is not None:  # what the auto backend chose and measured
+        rec = TuningRecord.from_dict(b["tuning"])
+        if parse_spec(b["requested"]).kind != "auto":
+            raise ValueError(f"backend.tuning is only kept for an 'auto' backend, not {b['requested']!r}")
+        if b["spec"] is not None and rec.spec != b["spec"]:
+            raise ValueError(f"backend.tuning.spec {rec.spec!r} is not the backend's spec {b['spec']!r}")
     if c["whitening"] is not None:
         w = _dict_with(c["whitening"], {"file", "sha256", "kind", "dim"}, "whitening")
         _check_name(w["file"], "whitening.file")
