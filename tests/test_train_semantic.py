@@ -201,6 +201,10 @@ def test_imret_train_dispatches_to_the_semantic_trainer(data, tmp_path, capsys):
     assert (tmp_path / "cli" / "model_best.safetensors").is_file() and (tmp_path / "cli" / "text_best.safetensors").is_file()
     saved = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
     assert saved["loss"]["margin"] == 0.2 and saved["data"]["kind"] == "captions"
+    out = capsys.readouterr().out
+    assert "dev NDCG@3" in out and "t->i R@1" in out  # the epoch line shows the dev metrics
+    assert f"best text   {tmp_path / 'cli' / 'text_best.safetensors'}" in out and "dev rsum" in out
+    assert "Medium mAP" not in out
 
 
 @pytest.mark.parametrize(

@@ -1498,6 +1498,13 @@ def cmd_train(args) -> int:
                 return
             val = "" if s.map_medium is None else (
                 f"  mAP E/M/H {100 * s.map_easy:.2f}/{100 * s.map_medium:.2f}/{100 * s.map_hard:.2f}")
+            dev = getattr(s, "dev", None)  # the joint image-caption trainer's dev metrics
+            if dev:
+                ndcg = sorted((k for k in dev if k.startswith("ndcg@")), key=lambda k: int(k[5:]))[:1]
+                val += "  dev " + "  ".join(
+                    f"{name} {100 * dev[key]:.1f}" for name, key in [("NDCG@" + k[5:], k) for k in ndcg]
+                    + [("PCC", "pcc_all"), ("t->i R@1", "t2i_r@1"), ("R@10", "t2i_r@10")]
+                    if dev.get(key) is not None)
             p = "" if s.gem_p is None else f"  p {s.gem_p:.3f}"
             print(f"epoch {s.epoch}/{cfg.epochs}  step {s.step}  loss {s.loss:.4f}  lr {s.lr:.3g}{p}{val}  "
                   f"{s.images_per_s:.1f} img/s  {s.seconds:.1f} s", flush=True)
@@ -1516,7 +1523,12 @@ def cmd_train(args) -> int:
             if result.last_model is not None:
                 print(f"  last model  {result.last_model}")
             if result.best_model is not None:
-                print(f"  best model  {result.best_model} (Medium mAP {100 * result.best_map:.2f})")
+                metric = getattr(result, "metric", "")  # the joint trainer picks its best epoch by a dev metric
+                what = f"dev {metric} {result.best_map:.4g}, epoch {result.best_epoch}" if metric else \
+                    f"Medium mAP {100 * result.best_map:.2f}"
+                print(f"  best model  {result.best_model} ({what})")
+            if getattr(result, "best_text", None) is not None:
+                print(f"  best text   {result.best_text} (the caption model: imret index build ... --text-model)")
             print(f"  metrics     {result.metrics}, curves {result.curves}")
     finally:
         cleanup()
