@@ -241,3 +241,18 @@ def test_combine_scales_sympow_matches_dirtorch_pool():
         want.append(v / np.linalg.norm(v))
     np.testing.assert_allclose(got, np.stack(want), atol=1e-6)
     assert (got[0, :5] == 0).all()
+
+
+def test_store_keeps_the_imported_mode(tmp_path, photos):
+    from imret.index.store import Preprocessing, Store
+
+    _dirtorch_ckpt(tmp_path / "dir.pt")
+    m = load_model(tmp_path / "dir.pt")
+    pre = Preprocessing(image_size=SIZE, scales=SCALES)
+    with Store.create(tmp_path / "store", m, preprocessing=pre) as st:
+        st.add(photos, workers=0)
+    want = extract(m, photos, scales=SCALES, image_size=SIZE).descriptors
+    with Store.open(tmp_path / "store") as st:
+        np.testing.assert_allclose(np.asarray(st.descriptors()), want, atol=1e-6)
+        assert st.model.spec.multiscale == "dirtorch"  # the saved model carries it: queries match
+        np.testing.assert_allclose(st.encode(photos[:1]).descriptors, want[:1], atol=1e-6)
