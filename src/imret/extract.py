@@ -336,7 +336,8 @@ def extract(
             the revisited Oxford/Paris evaluation code does, ``"crop"`` fits the crop itself
             to ``image_size`` (see :func:`imret.images.load_image`).
         scales: resize factors of the ``image_size`` input, e.g. ``(1, 2**-0.5, 0.5)``;
-            descriptors are combined by the GeM power mean (``model.multiscale_power()``).
+            descriptors are combined by the GeM power mean (``model.multiscale_power()``),
+            or as ``multiscale`` says.
         image_size: long side in pixels after resizing (never upscaled; aspect kept).
         batch_size: images of equal size per forward pass; default 1 on the CPU (at ~1024 px
             a batch of 4 ran 1.5-2x slower per image than single images, cache-bound; see
