@@ -177,7 +177,7 @@ def main(argv=None) -> int:
             data.append({"peer": peer_name, "net": r["net"], "multiscale": mode, **c, "imret_s": r[mode + "_s"],
                          "peer_s": r["peer_s"]})
             label = f"`{mode}`" + (" (import default)" if mode == r["mode"] else " (before)")
-            rows.append(f"| {peer_name} | {r['net']} | {label} | {c['centred_min']:.6f} | {c['centred_median']:.6f} "
+            rows.append(f"| {peer_name} | {r['net']} | {label} | {c['centred_min']:.7f} | {c['centred_median']:.7f} "
                         f"| {c['cos_min']:.7f} | {c['max_abs']:.1e} |")
     amx = "amx" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
     scales = ", ".join(f"{s:.4g}" for s in SCALES)
