@@ -41,6 +41,7 @@ backend must pass it again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -48,7 +49,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -56,7 +57,7 @@ from .._checks import positive_int
 from .base import Backend, BackendSpec, _check_k, as_ids, as_rows
 
 __all__ = ["INDEX_TYPES", "LITE_INDEX_TYPES", "MAX_TOPK", "PARAMS", "MilvusBackend", "MilvusConfig",
-           "milvus_config"]
+           "check_no_secrets", "milvus_config"]
 
 #: Every parameter a ``milvus:`` spec accepts, with what it does.
 PARAMS: dict[str, str] = {
@@ -171,10 +172,18 @@ def milvus_config(target: str, params: dict[str, str] | None = None, *, root: Pa
         raise ValueError("the milvus backend needs a target, e.g. 'milvus:./vectors.db' or "
                          "'milvus:http://host:19530'")
     public = {k: v for k, v in params.items() if k != "token"}
+    token = params.get("token", "")
 
     scheme = urlsplit(target).scheme.lower()
     if scheme in _SERVER_SCHEMES:
-        lite, uri = False, target
+        lite = False
+        target, user_info = _split_user_info(target)
+        if user_info:
+            if token:
+                raise ValueError(f"milvus target {_redact(target)!r} has credentials both in the URI and in "
+                                 f"the token parameter; give them once, as the token")
+            token = user_info
+        uri = target
     elif len(scheme) > 1:  # a single letter is a Windows drive
         raise ValueError(f"milvus target {_redact(target)!r} has scheme {scheme!r}; expected a local '.db' "
                          f"path or one of {', '.join(s + '://' for s in _SERVER_SCHEMES)}")
@@ -186,7 +195,15 @@ def milvus_config(target: str, params: dict[str, str] | None = None, *, root: Pa
             path = (Path(root) if root is not None else Path.cwd()) / path
         lite, uri = True, os.path.abspath(path)
 
-    collection = params.get("collection", _DEFAULT_COLLECTION)
+    if "collection" in params:
+        collection = params["collection"]
+    elif not lite and root is not None:
+        # stores sharing a server get a collection each: named after the store directory,
+        # and written into the spec so that the store finds it again wherever it moves
+        collection = _store_collection(Path(root))
+        public["collection"] = collection
+    else:
+        collection = _DEFAULT_COLLECTION
     if not collection or collection[0].isdigit() or not all(
             c.isascii() and (c.isalnum() or c == "_") for c in collection):
         raise ValueError(f"milvus collection name must be letters, digits and '_', not starting with a digit; "
@@ -212,7 +229,46 @@ def milvus_config(target: str, params: dict[str, str] | None = None, *, root: Pa
         (build if name in build else search)[name] = _positive_int(name, params[name])
     return MilvusConfig(spec=str(BackendSpec("milvus", target, public)), uri=uri, lite=lite,
                         collection=collection, db_name=params.get("db_name", ""), index_type=index,
-                        index_params=build, search_params=search, token=params.get("token", ""))
+                        index_params=build, search_params=search, token=token)
+
+
+def _split_user_info(uri: str) -> tuple[str, str]:
+    """``(uri without 'user:password@', 'user:password')``; the second is empty without one."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, ""
+    user_info, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=host)), unquote(user_info)
+
+
+def _store_collection(root: Path) -> str:
+    """The default server collection of the store at ``root``: ``imret_`` + 16 hex digits of
+    the SHA-256 of its absolute path."""
+    return "imret_" + hashlib.sha256(os.path.abspath(root).encode()).hexdigest()[:16]
+
+
+def check_no_secrets(spec: str | BackendSpec) -> None:
+    """Raise ``ValueError`` when a ``milvus:`` spec carries credentials (a ``token``
+    parameter, or ``user:password@`` in the URI).
+
+    For specs that are saved (a store's ``store.json``): the token must come from elsewhere,
+    e.g. ``Store.open(..., backend_options={"token": ...})`` or ``IMRET_MILVUS_TOKEN`` for the CLI.
+    """
+    from .base import parse_spec
+
+    s = parse_spec(spec)
+    if s.kind != "milvus":
+        return
+    if "token" in s.params or _split_user_info(s.target)[1]:
+        raise ValueError(f"backend {_public(s)!r} holds Milvus credentials, which would be saved in clear; "
+                         f"pass the token with IMRET_MILVUS_TOKEN (CLI) or "
+                         f"backend_options={{'token': ...}} (Store.create / Store.open) instead")
+
+
+def _public(s: BackendSpec) -> str:
+    target = _split_user_info(s.target)[0] if "://" in s.target else s.target
+    params = {k: v for k, v in s.params.items() if k != "token"}
+    return str(BackendSpec(s.kind, target, params))
 
 
 class MilvusBackend(Backend):
