@@ -147,6 +147,22 @@ def test_remove_and_replace(server, data):
             b.add(x[2:3], ids[2:3])
 
 
+@pytest.mark.parametrize("consistency", [None, "Strong"])
+def test_own_writes_are_read_at_once(server, data, consistency):
+    """Session (the server default) and Strong: rows are found, and removed rows gone, as
+    soon as add / remove return, with no flush."""
+    x, ids, _ = data
+    extra = {"consistency": consistency} if consistency else {}
+    with backend(server, f"visible_{consistency or 'default'}", **extra) as b:
+        assert b.describe()["consistency"] == (consistency or "Session")
+        for start in range(0, 300, 100):
+            b.add(x[start:start + 100], ids[start:start + 100])
+            assert b.ntotal == start + 100 - start // 100  # one removed per round
+            np.testing.assert_array_equal(b.search(x[start:start + 100], 1)[1][:, 0], ids[start:start + 100])
+            assert b.remove(ids[start:start + 1]) == 1
+            assert b.search(x[start:start + 1], 1)[1][0, 0] != ids[start]
+
+
 def test_credentials(server):
     port = server.rpartition(":")[2]
     # user:password in the URI is used as the token and kept out of spec, describe() and errors

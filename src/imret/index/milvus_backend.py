@@ -10,10 +10,12 @@ over 50k 256-D rows).
 ``milvus:http://host:19530`` (or ``https://``, ``tcp://``) talks to a Milvus standalone
 server or a cluster. Move there when several processes must write or search at once, when
 the collection outgrows one machine, or when search runs on another host. Start Milvus with
-its docker compose file (standalone) or its helm chart (Kubernetes cluster), then switch the
-store over, which rebuilds the index from the stored descriptors::
+its docker compose file (standalone), its helm chart (Kubernetes cluster) or, to try it on
+one machine, the ``milvus`` package (``pip install 'imret[milvus-server]'``, then
+``milvus-server --data DIR``), then switch the store over, which rebuilds the index from the
+stored descriptors::
 
-    imret index configure STORE --backend 'milvus:http://host:19530?collection=NAME'
+    imret index configure STORE --backend 'milvus:http://host:19530'
 
 The descriptors stay in the store, so a Milvus collection is a derived copy that can always
 be rebuilt (``imret index rebuild STORE``).
@@ -21,11 +23,22 @@ be rebuilt (``imret index rebuild STORE``).
 Parameters after ``?`` (see :data:`PARAMS`)::
 
     milvus:./vectors.db?index=HNSW&M=16&efConstruction=200&ef=128
-    milvus:http://host:19530?collection=products&index=IVF_FLAT&nlist=4096&nprobe=32&token=user:pw
+    milvus:http://host:19530?collection=products&index=IVF_FLAT&nlist=4096&nprobe=32
+
+Collections: Milvus Lite uses ``imret`` (one database file per store). On a server, a
+backend made for a store (``root`` given) without ``?collection=`` uses
+``imret_`` + 16 hex digits of the SHA-256 of the store directory's absolute path, so stores
+sharing a server never touch each other's collection, and writes that name into its
+:attr:`~MilvusBackend.spec` (saved in the store), so the store finds it again if moved. A
+collection of that name is replaced only when this module made it.
 
 The collection has an INT64 primary key ``id`` and a FLOAT_VECTOR field ``vector`` indexed
-for inner product (``IP``). Reads use ``Strong`` consistency, so rows are searchable as soon
-as :meth:`MilvusBackend.add` returns. Milvus Lite, though, searches new rows by brute force
+for inner product (``IP``). Reads use ``Strong`` consistency on Milvus Lite and ``Session``
+on a server (``?consistency=``): either way a process finds the rows it added as soon as
+:meth:`MilvusBackend.add` returns. ``Strong`` also waits for every other client's writes,
+which on a server costs a time tick (~200 ms) per request (measured: 200 ms against 4 ms
+for one query); with ``Session`` another process's rows appear a moment later. Milvus Lite,
+though, searches new rows by brute force
 (exact, and slow at scale) until they are flushed into a segment and that segment is
 indexed, which a load of the collection does at once and its background worker only some
 time after a flush. :meth:`MilvusBackend.flush` (and :meth:`~MilvusBackend.save`, which the
@@ -34,9 +47,13 @@ when rows were inserted since it was loaded: when it returns, searches use the i
 reload builds the index of the new rows only (seconds per 10k rows) and is skipped when no
 rows were inserted. A server indexes on its own and is never released.
 
-The token goes to the client only: it is left out of :attr:`MilvusBackend.spec`,
-:meth:`MilvusBackend.describe`, ``milvus.json`` and error messages, so whoever reopens the
-backend must pass it again.
+Credentials: ``?token=user:password`` (or an API key), or ``user:password@`` in the URI,
+which is moved into the token. The token goes to the client only: it is left out of
+:attr:`MilvusBackend.spec`, :meth:`MilvusBackend.describe`, ``milvus.json`` and error
+messages, so whoever reopens the backend must pass it again. A store refuses a spec that
+holds credentials (:func:`check_no_secrets`; its spec is saved in ``store.json``): give it
+the token with ``Store.open(..., backend_options={"token": ...})`` or, for the CLI,
+``IMRET_MILVUS_TOKEN``.
 """
 
 from __future__ import annotations
@@ -56,7 +73,7 @@ import numpy as np
 from .._checks import positive_int
 from .base import Backend, BackendSpec, _check_k, as_ids, as_rows
 
-__all__ = ["INDEX_TYPES", "LITE_INDEX_TYPES", "MAX_TOPK", "PARAMS", "MilvusBackend", "MilvusConfig",
+__all__ = ["CONSISTENCY_LEVELS", "INDEX_TYPES", "LITE_INDEX_TYPES", "MAX_TOPK", "PARAMS", "MilvusBackend", "MilvusConfig",
            "check_no_secrets", "milvus_config"]
 
 #: Every parameter a ``milvus:`` spec accepts, with what it does.
@@ -70,7 +87,12 @@ PARAMS: dict[str, str] = {
     "nprobe": "IVF: clusters visited per query (default 16)",
     "token": "server authentication, 'user:password' or an API key (never stored or shown)",
     "db_name": "Milvus database (default: the server's default database)",
+    "consistency": "reads: Session (server default: this process sees its own writes) or Strong "
+                   "(Milvus Lite default: every write of any process; on a server ~200 ms a request)",
 }
+
+#: Consistency levels of reads; both let a process read what it wrote (the backend's contract).
+CONSISTENCY_LEVELS = ("Session", "Strong")
 
 #: Build / search parameters per index family, with their defaults.
 _HNSW_PARAMS = {"M": 16, "efConstruction": 200}
@@ -149,6 +171,7 @@ class MilvusConfig:
     index_type: str
     index_params: dict[str, int]
     search_params: dict[str, int]
+    consistency: str = "Strong"
     token: str = field(default="", repr=False)
 
     @property
@@ -227,9 +250,12 @@ def milvus_config(target: str, params: dict[str, str] | None = None, *, root: Pa
             takes = ", ".join([*build, *search]) or "none of M, efConstruction, ef, nlist, nprobe"
             raise ValueError(f"milvus parameter {name} does not apply to index {index}; it takes {takes}")
         (build if name in build else search)[name] = _positive_int(name, params[name])
+    consistency = params.get("consistency", "Strong" if lite else "Session")
+    if consistency not in CONSISTENCY_LEVELS:
+        raise ValueError(f"milvus consistency must be one of {', '.join(CONSISTENCY_LEVELS)}, got {consistency!r}")
     return MilvusConfig(spec=str(BackendSpec("milvus", target, public)), uri=uri, lite=lite,
                         collection=collection, db_name=params.get("db_name", ""), index_type=index,
-                        index_params=build, search_params=search, token=token)
+                        index_params=build, search_params=search, consistency=consistency, token=token)
 
 
 def _split_user_info(uri: str) -> tuple[str, str]:
@@ -294,6 +320,7 @@ class MilvusBackend(Backend):
         self._client = None
         self._written = False  # rows inserted or deleted since the last flush
         self._unindexed = False  # rows inserted since the collection was (re)loaded
+        self._deleted = False  # rows deleted since the last insert (see _read_level)
         self.config = milvus_config(target, params, root=root)
         self._connect()
         try:
@@ -437,8 +464,15 @@ class MilvusBackend(Backend):
     @property
     def ntotal(self) -> int:
         res = self._call("count", "query", self.config.collection, filter="", output_fields=["count(*)"],
-                         consistency_level="Strong")
+                         consistency_level=self._read_level)
         return int(res[0]["count(*)"])
+
+    @property
+    def _read_level(self) -> str:
+        """The consistency of the next read. Session reads wait for this client's last write,
+        as pymilvus records it; a Milvus 2.3 server returns no timestamp for a delete, so
+        after deletes reads are Strong until an insert (whose timestamp is later) returns."""
+        return "Strong" if self._deleted else self.config.consistency
 
     def _rows_per_request(self) -> int:
         return max(1, min(10_000, _BATCH_BYTES // (4 * self.dim)))
@@ -451,7 +485,8 @@ class MilvusBackend(Backend):
             chunk = ids[start:start + step].tolist()
             rows.extend(self._call("query", "query", self.config.collection,
                                    filter=f"{_PK} in [{','.join(map(str, chunk))}]",
-                                   output_fields=[field], limit=len(chunk), consistency_level="Strong"))
+                                   output_fields=[field], limit=len(chunk),
+                                   consistency_level=self._read_level))
         return rows
 
     def _existing(self, ids: np.ndarray) -> np.ndarray:
@@ -481,6 +516,7 @@ class MilvusBackend(Backend):
             rows = [{_PK: i, _VEC: v} for i, v in zip(ids[start:start + step].tolist(), x[start:start + step])]
             self._written = self._unindexed = True
             self._call(method, method, self.config.collection, rows)
+            self._deleted = False
 
     def remove(self, ids: np.ndarray) -> int:
         """Delete the given ids (unknown ones are ignored); returns how many were removed."""
@@ -490,6 +526,7 @@ class MilvusBackend(Backend):
             return 0
         present = self._existing(ids)
         self._written = self._written or present.size > 0
+        self._deleted = self._deleted or (present.size > 0 and self.config.consistency == "Session")
         for start in range(0, present.size, _ID_CHUNK):
             self._call("delete", "delete", self.config.collection, ids=present[start:start + _ID_CHUNK].tolist())
         return int(present.size)
@@ -512,7 +549,7 @@ class MilvusBackend(Backend):
         step = max(1, min(1024, _RESULT_BUDGET // k))
         for start in range(0, nq, step):
             res = self._call("search", "search", self.config.collection, data=list(q[start:start + step]),
-                             limit=k, anns_field=_VEC, output_fields=[], consistency_level="Strong",
+                             limit=k, anns_field=_VEC, output_fields=[], consistency_level=self._read_level,
                              search_params={"metric_type": "IP", "params": params})
             for r, hits in enumerate(res, start=start):
                 hit_ids, hit_scores = _hits_arrays(hits)
@@ -608,7 +645,8 @@ class MilvusBackend(Backend):
         return {"spec": cfg.spec, "dim": self.dim, "ntotal": self.ntotal,
                 "engine": "milvus-lite" if cfg.lite else "milvus", "uri": cfg.safe_uri,
                 "collection": cfg.collection, "db_name": cfg.db_name, "index": cfg.index_type,
-                "index_params": dict(cfg.index_params), "search_params": dict(cfg.search_params)}
+                "index_params": dict(cfg.index_params), "search_params": dict(cfg.search_params),
+                "consistency": cfg.consistency}
 
     def __repr__(self) -> str:
         return f"MilvusBackend({self.spec!r}, dim={self.dim}, {'open' if self._client is not None else 'closed'})"
