@@ -73,8 +73,8 @@ import numpy as np
 from .._checks import positive_int
 from .base import Backend, BackendSpec, _check_k, as_ids, as_rows
 
-__all__ = ["CONSISTENCY_LEVELS", "INDEX_TYPES", "LITE_INDEX_TYPES", "MAX_TOPK", "PARAMS", "MilvusBackend", "MilvusConfig",
-           "check_no_secrets", "milvus_config"]
+__all__ = ["CONSISTENCY_LEVELS", "INDEX_TYPES", "LITE_INDEX_TYPES", "MAX_TOPK", "PARAMS", "MilvusBackend",
+           "MilvusConfig", "check_no_secrets", "milvus_config"]
 
 #: Every parameter a ``milvus:`` spec accepts, with what it does.
 PARAMS: dict[str, str] = {
