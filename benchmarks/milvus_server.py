@@ -141,7 +141,7 @@ def render(run: dict) -> str:
         "",
         f"Machine: {run['cpu']}, {run['cores']} logical cores, AMX: {'yes' if run['amx'] else 'no'}, no GPU; "
         f"Milvus server {run['milvus']} (the `milvus` package's standalone binary, embedded etcd and "
-        f"RocksMQ, on 127.0.0.1), pymilvus {run['pymilvus']}, milvus_lite {run['milvus_lite']}. Shared "
+        f"RocksMQ, reached at 127.0.0.1), pymilvus {run['pymilvus']}, milvus_lite {run['milvus_lite']}. Shared "
         f"2-core VM: load average {run['loadavg_start'][0]:.1f} at the start, "
         f"{run['loadavg_end'][0]:.1f} at the end. CPU seconds count this process and its children "
         f"(the server, Milvus Lite's engine); *QPS by CPU* = queries × {run['cores']} / CPU seconds, the "
