@@ -181,6 +181,7 @@ def test_credentials(server):
         with pytest.raises(ConnectionError, match=f"cannot connect to Milvus at {server}") as e:
             MilvusBackend(D, server, {"collection": "creds", **params})
         assert "s3cret" not in str(e.value)
+        assert ("no token was given" in str(e.value)) == (not params)
     assert time.monotonic() - start < 60
 
 

@@ -357,8 +357,10 @@ class MilvusBackend(Backend):
         except Exception as e:
             self._client = None
             self._release_lite()
-            hint = (" (one process at a time may open a Milvus Lite database; use a Milvus server to share one)"
-                    if cfg.lite else "")
+            if cfg.lite:
+                hint = " (one process at a time may open a Milvus Lite database; use a Milvus server to share one)"
+            else:
+                hint = "" if cfg.token else " (no token was given: a server with authentication needs one)"
             raise ConnectionError(f"cannot connect to Milvus at {cfg.safe_uri}: {self._clean(e)}{hint}") from None
 
     def _clean(self, e: BaseException) -> str:
