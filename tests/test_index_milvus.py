@@ -373,6 +373,7 @@ def test_create_replaces_an_imret_collection_only(root, data):
     ("./vectors", {}, "must be a path ending in '.db'"),
     ("ftp://h/x.db", {}, "scheme 'ftp'"),
     ("", {}, "needs a target"),
+    ("http://h:19530", {"consistency": "Eventually"}, "consistency must be one of Session, Strong"),
 ])
 def test_bad_specs(target, params, match):
     with pytest.raises(ValueError, match=match):
@@ -390,11 +391,18 @@ def test_config_defaults_and_secrets():
     assert ivf.index_params == {"nlist": 128} and ivf.search_params == {"nprobe": 4}
     assert set(LITE_INDEX_TYPES) == {"FLAT", "HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8", "AUTOINDEX"}
     assert set(PARAMS) == {"collection", "index", "M", "efConstruction", "ef", "nlist", "nprobe", "token",
-                           "db_name"}
-    server = milvus_config("https://alice:pw@milvus.example:19530", {"token": "s3cret", "db_name": "prod"})
+                           "db_name", "consistency"}
+    assert cfg.consistency == "Strong" and milvus_config("./x.db", {"consistency": "Session"}).consistency == "Session"
+    assert milvus_config("http://h:19530").consistency == "Session"
+    server = milvus_config("https://milvus.example:19530", {"token": "s3cret", "db_name": "prod"})
     assert not server.lite and server.token == "s3cret" and server.db_name == "prod"
     assert "s3cret" not in server.spec and "s3cret" not in repr(server)
-    assert server.safe_uri == "https://***@milvus.example:19530"
+    # user:password in the URI becomes the token (percent-escapes undone), out of the URI and spec
+    in_uri = milvus_config("https://alice:p%40w@milvus.example:19530")
+    assert in_uri.token == "alice:p@w" and in_uri.uri == in_uri.safe_uri == "https://milvus.example:19530"
+    assert "alice" not in in_uri.spec + repr(in_uri)
+    with pytest.raises(ValueError, match="both in the URI and in the token"):
+        milvus_config("https://alice:pw@milvus.example:19530", {"token": "s3cret"})
 
 
 def test_missing_pymilvus_names_the_extra(monkeypatch, tmp_path):

@@ -10,10 +10,12 @@ over 50k 256-D rows).
 ``milvus:http://host:19530`` (or ``https://``, ``tcp://``) talks to a Milvus standalone
 server or a cluster. Move there when several processes must write or search at once, when
 the collection outgrows one machine, or when search runs on another host. Start Milvus with
-its docker compose file (standalone) or its helm chart (Kubernetes cluster), then switch the
-store over, which rebuilds the index from the stored descriptors::
+its docker compose file (standalone), its helm chart (Kubernetes cluster) or, to try it on
+one machine, the ``milvus`` package (``pip install 'imret[milvus-server]'``, then
+``milvus-server --data DIR``), then switch the store over, which rebuilds the index from the
+stored descriptors::
 
-    imret index configure STORE --backend 'milvus:http://host:19530?collection=NAME'
+    imret index configure STORE --backend 'milvus:http://host:19530'
 
 The descriptors stay in the store, so a Milvus collection is a derived copy that can always
 be rebuilt (``imret index rebuild STORE``).
@@ -21,11 +23,22 @@ be rebuilt (``imret index rebuild STORE``).
 Parameters after ``?`` (see :data:`PARAMS`)::
 
     milvus:./vectors.db?index=HNSW&M=16&efConstruction=200&ef=128
-    milvus:http://host:19530?collection=products&index=IVF_FLAT&nlist=4096&nprobe=32&token=user:pw
+    milvus:http://host:19530?collection=products&index=IVF_FLAT&nlist=4096&nprobe=32
+
+Collections: Milvus Lite uses ``imret`` (one database file per store). On a server, a
+backend made for a store (``root`` given) without ``?collection=`` uses
+``imret_`` + 16 hex digits of the SHA-256 of the store directory's absolute path, so stores
+sharing a server never touch each other's collection, and writes that name into its
+:attr:`~MilvusBackend.spec` (saved in the store), so the store finds it again if moved. A
+collection of that name is replaced only when this module made it.
 
 The collection has an INT64 primary key ``id`` and a FLOAT_VECTOR field ``vector`` indexed
-for inner product (``IP``). Reads use ``Strong`` consistency, so rows are searchable as soon
-as :meth:`MilvusBackend.add` returns. Milvus Lite, though, searches new rows by brute force
+for inner product (``IP``). Reads use ``Strong`` consistency on Milvus Lite and ``Session``
+on a server (``?consistency=``): either way a process finds the rows it added as soon as
+:meth:`MilvusBackend.add` returns. ``Strong`` also waits for every other client's writes,
+which on a server costs a time tick (~200 ms) per request (measured: 200 ms against 4 ms
+for one query); with ``Session`` another process's rows appear a moment later. Milvus Lite,
+though, searches new rows by brute force
 (exact, and slow at scale) until they are flushed into a segment and that segment is
 indexed, which a load of the collection does at once and its background worker only some
 time after a flush. :meth:`MilvusBackend.flush` (and :meth:`~MilvusBackend.save`, which the
@@ -34,13 +47,18 @@ when rows were inserted since it was loaded: when it returns, searches use the i
 reload builds the index of the new rows only (seconds per 10k rows) and is skipped when no
 rows were inserted. A server indexes on its own and is never released.
 
-The token goes to the client only: it is left out of :attr:`MilvusBackend.spec`,
-:meth:`MilvusBackend.describe`, ``milvus.json`` and error messages, so whoever reopens the
-backend must pass it again.
+Credentials: ``?token=user:password`` (or an API key), or ``user:password@`` in the URI,
+which is moved into the token. The token goes to the client only: it is left out of
+:attr:`MilvusBackend.spec`, :meth:`MilvusBackend.describe`, ``milvus.json`` and error
+messages, so whoever reopens the backend must pass it again. A store refuses a spec that
+holds credentials (:func:`check_no_secrets`; its spec is saved in ``store.json``): give it
+the token with ``Store.open(..., backend_options={"token": ...})`` or, for the CLI,
+``IMRET_MILVUS_TOKEN``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -48,15 +66,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 
 from .._checks import positive_int
 from .base import Backend, BackendSpec, _check_k, as_ids, as_rows
 
-__all__ = ["INDEX_TYPES", "LITE_INDEX_TYPES", "MAX_TOPK", "PARAMS", "MilvusBackend", "MilvusConfig",
-           "milvus_config"]
+__all__ = ["CONSISTENCY_LEVELS", "INDEX_TYPES", "LITE_INDEX_TYPES", "MAX_TOPK", "PARAMS", "MilvusBackend",
+           "MilvusConfig", "check_no_secrets", "milvus_config"]
 
 #: Every parameter a ``milvus:`` spec accepts, with what it does.
 PARAMS: dict[str, str] = {
@@ -69,7 +87,12 @@ PARAMS: dict[str, str] = {
     "nprobe": "IVF: clusters visited per query (default 16)",
     "token": "server authentication, 'user:password' or an API key (never stored or shown)",
     "db_name": "Milvus database (default: the server's default database)",
+    "consistency": "reads: Session (server default: this process sees its own writes) or Strong "
+                   "(Milvus Lite default: every write of any process; on a server ~200 ms a request)",
 }
+
+#: Consistency levels of reads; both let a process read what it wrote (the backend's contract).
+CONSISTENCY_LEVELS = ("Session", "Strong")
 
 #: Build / search parameters per index family, with their defaults.
 _HNSW_PARAMS = {"M": 16, "efConstruction": 200}
@@ -148,6 +171,7 @@ class MilvusConfig:
     index_type: str
     index_params: dict[str, int]
     search_params: dict[str, int]
+    consistency: str = "Strong"
     token: str = field(default="", repr=False)
 
     @property
@@ -171,10 +195,18 @@ def milvus_config(target: str, params: dict[str, str] | None = None, *, root: Pa
         raise ValueError("the milvus backend needs a target, e.g. 'milvus:./vectors.db' or "
                          "'milvus:http://host:19530'")
     public = {k: v for k, v in params.items() if k != "token"}
+    token = params.get("token", "")
 
     scheme = urlsplit(target).scheme.lower()
     if scheme in _SERVER_SCHEMES:
-        lite, uri = False, target
+        lite = False
+        target, user_info = _split_user_info(target)
+        if user_info:
+            if token:
+                raise ValueError(f"milvus target {_redact(target)!r} has credentials both in the URI and in "
+                                 f"the token parameter; give them once, as the token")
+            token = user_info
+        uri = target
     elif len(scheme) > 1:  # a single letter is a Windows drive
         raise ValueError(f"milvus target {_redact(target)!r} has scheme {scheme!r}; expected a local '.db' "
                          f"path or one of {', '.join(s + '://' for s in _SERVER_SCHEMES)}")
@@ -186,7 +218,15 @@ def milvus_config(target: str, params: dict[str, str] | None = None, *, root: Pa
             path = (Path(root) if root is not None else Path.cwd()) / path
         lite, uri = True, os.path.abspath(path)
 
-    collection = params.get("collection", _DEFAULT_COLLECTION)
+    if "collection" in params:
+        collection = params["collection"]
+    elif not lite and root is not None:
+        # stores sharing a server get a collection each: named after the store directory,
+        # and written into the spec so that the store finds it again wherever it moves
+        collection = _store_collection(Path(root))
+        public["collection"] = collection
+    else:
+        collection = _DEFAULT_COLLECTION
     if not collection or collection[0].isdigit() or not all(
             c.isascii() and (c.isalnum() or c == "_") for c in collection):
         raise ValueError(f"milvus collection name must be letters, digits and '_', not starting with a digit; "
@@ -210,9 +250,51 @@ def milvus_config(target: str, params: dict[str, str] | None = None, *, root: Pa
             takes = ", ".join([*build, *search]) or "none of M, efConstruction, ef, nlist, nprobe"
             raise ValueError(f"milvus parameter {name} does not apply to index {index}; it takes {takes}")
         (build if name in build else search)[name] = _positive_int(name, params[name])
+    consistency = params.get("consistency", "Strong" if lite else "Session")
+    if consistency not in CONSISTENCY_LEVELS:
+        raise ValueError(f"milvus consistency must be one of {', '.join(CONSISTENCY_LEVELS)}, got {consistency!r}")
     return MilvusConfig(spec=str(BackendSpec("milvus", target, public)), uri=uri, lite=lite,
                         collection=collection, db_name=params.get("db_name", ""), index_type=index,
-                        index_params=build, search_params=search, token=params.get("token", ""))
+                        index_params=build, search_params=search, consistency=consistency, token=token)
+
+
+def _split_user_info(uri: str) -> tuple[str, str]:
+    """``(uri without 'user:password@', 'user:password')``; the second is empty without one."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, ""
+    user_info, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=host)), unquote(user_info)
+
+
+def _store_collection(root: Path) -> str:
+    """The default server collection of the store at ``root``: ``imret_`` + 16 hex digits of
+    the SHA-256 of its absolute path."""
+    return "imret_" + hashlib.sha256(os.path.abspath(root).encode()).hexdigest()[:16]
+
+
+def check_no_secrets(spec: str | BackendSpec) -> None:
+    """Raise ``ValueError`` when a ``milvus:`` spec carries credentials (a ``token``
+    parameter, or ``user:password@`` in the URI).
+
+    For specs that are saved (a store's ``store.json``): the token must come from elsewhere,
+    e.g. ``Store.open(..., backend_options={"token": ...})`` or ``IMRET_MILVUS_TOKEN`` for the CLI.
+    """
+    from .base import parse_spec
+
+    s = parse_spec(spec)
+    if s.kind != "milvus":
+        return
+    if "token" in s.params or _split_user_info(s.target)[1]:
+        raise ValueError(f"backend {_public(s)!r} holds Milvus credentials, which would be saved in clear; "
+                         f"pass the token with IMRET_MILVUS_TOKEN (CLI) or "
+                         f"backend_options={{'token': ...}} (Store.create / Store.open) instead")
+
+
+def _public(s: BackendSpec) -> str:
+    target = _split_user_info(s.target)[0] if "://" in s.target else s.target
+    params = {k: v for k, v in s.params.items() if k != "token"}
+    return str(BackendSpec(s.kind, target, params))
 
 
 class MilvusBackend(Backend):
@@ -238,6 +320,7 @@ class MilvusBackend(Backend):
         self._client = None
         self._written = False  # rows inserted or deleted since the last flush
         self._unindexed = False  # rows inserted since the collection was (re)loaded
+        self._deleted = False  # rows deleted since the last insert (see _read_level)
         self.config = milvus_config(target, params, root=root)
         self._connect()
         try:
@@ -274,8 +357,10 @@ class MilvusBackend(Backend):
         except Exception as e:
             self._client = None
             self._release_lite()
-            hint = (" (one process at a time may open a Milvus Lite database; use a Milvus server to share one)"
-                    if cfg.lite else "")
+            if cfg.lite:
+                hint = " (one process at a time may open a Milvus Lite database; use a Milvus server to share one)"
+            else:
+                hint = "" if cfg.token else " (no token was given: a server with authentication needs one)"
             raise ConnectionError(f"cannot connect to Milvus at {cfg.safe_uri}: {self._clean(e)}{hint}") from None
 
     def _clean(self, e: BaseException) -> str:
@@ -381,8 +466,15 @@ class MilvusBackend(Backend):
     @property
     def ntotal(self) -> int:
         res = self._call("count", "query", self.config.collection, filter="", output_fields=["count(*)"],
-                         consistency_level="Strong")
+                         consistency_level=self._read_level)
         return int(res[0]["count(*)"])
+
+    @property
+    def _read_level(self) -> str:
+        """The consistency of the next read. Session reads wait for this client's last write,
+        as pymilvus records it; a Milvus 2.3 server returns no timestamp for a delete, so
+        after deletes reads are Strong until an insert (whose timestamp is later) returns."""
+        return "Strong" if self._deleted else self.config.consistency
 
     def _rows_per_request(self) -> int:
         return max(1, min(10_000, _BATCH_BYTES // (4 * self.dim)))
@@ -395,7 +487,8 @@ class MilvusBackend(Backend):
             chunk = ids[start:start + step].tolist()
             rows.extend(self._call("query", "query", self.config.collection,
                                    filter=f"{_PK} in [{','.join(map(str, chunk))}]",
-                                   output_fields=[field], limit=len(chunk), consistency_level="Strong"))
+                                   output_fields=[field], limit=len(chunk),
+                                   consistency_level=self._read_level))
         return rows
 
     def _existing(self, ids: np.ndarray) -> np.ndarray:
@@ -425,6 +518,7 @@ class MilvusBackend(Backend):
             rows = [{_PK: i, _VEC: v} for i, v in zip(ids[start:start + step].tolist(), x[start:start + step])]
             self._written = self._unindexed = True
             self._call(method, method, self.config.collection, rows)
+            self._deleted = False
 
     def remove(self, ids: np.ndarray) -> int:
         """Delete the given ids (unknown ones are ignored); returns how many were removed."""
@@ -434,6 +528,7 @@ class MilvusBackend(Backend):
             return 0
         present = self._existing(ids)
         self._written = self._written or present.size > 0
+        self._deleted = self._deleted or (present.size > 0 and self.config.consistency == "Session")
         for start in range(0, present.size, _ID_CHUNK):
             self._call("delete", "delete", self.config.collection, ids=present[start:start + _ID_CHUNK].tolist())
         return int(present.size)
@@ -456,7 +551,7 @@ class MilvusBackend(Backend):
         step = max(1, min(1024, _RESULT_BUDGET // k))
         for start in range(0, nq, step):
             res = self._call("search", "search", self.config.collection, data=list(q[start:start + step]),
-                             limit=k, anns_field=_VEC, output_fields=[], consistency_level="Strong",
+                             limit=k, anns_field=_VEC, output_fields=[], consistency_level=self._read_level,
                              search_params={"metric_type": "IP", "params": params})
             for r, hits in enumerate(res, start=start):
                 hit_ids, hit_scores = _hits_arrays(hits)
@@ -552,7 +647,8 @@ class MilvusBackend(Backend):
         return {"spec": cfg.spec, "dim": self.dim, "ntotal": self.ntotal,
                 "engine": "milvus-lite" if cfg.lite else "milvus", "uri": cfg.safe_uri,
                 "collection": cfg.collection, "db_name": cfg.db_name, "index": cfg.index_type,
-                "index_params": dict(cfg.index_params), "search_params": dict(cfg.search_params)}
+                "index_params": dict(cfg.index_params), "search_params": dict(cfg.search_params),
+                "consistency": cfg.consistency}
 
     def __repr__(self) -> str:
         return f"MilvusBackend({self.spec!r}, dim={self.dim}, {'open' if self._client is not None else 'closed'})"

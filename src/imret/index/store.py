@@ -2714,12 +2714,17 @@ def check_new_store_dir(path: str | os.PathLike, *, exist_ok: bool = False) -> b
 
 
 def check_backend_spec(spec: str, root: Path) -> BackendSpec:
-    """Parse a backend spec for the store at ``root``; a Milvus Lite file must lie inside it.
+    """Parse a backend spec for the store at ``root``; a Milvus Lite file must lie inside it,
+    and a Milvus spec holds no credentials.
 
     Raises ``ValueError`` naming the spec (a store never writes outside its directory, and a
     store's own description cannot point it at someone else's database).
     """
     s = parse_spec(spec)
+    if s.kind == "milvus":
+        from .milvus_backend import check_no_secrets
+
+        check_no_secrets(s)  # store.json is no place for a token
     if s.kind == "milvus" and "://" not in s.target:
         target = s.target
         parts = Path(target).parts
