@@ -17,6 +17,7 @@ with the reason otherwise. Selenium Manager is never used (the driver path is ex
 nothing is downloaded.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -149,13 +150,13 @@ def _get_json(url: str, timeout: float = 2.0) -> dict:
         return json.loads(r.read())
 
 
-@pytest.fixture(scope="module")
-def server(store_dir, tmp_path_factory):
-    """`python -m imret.cli serve STORE` on a free port; yields its base URL."""
+@contextlib.contextmanager
+def serve_store(store_dir: Path, log: Path, n_images: int):
+    """`python -m imret.cli serve STORE` on a free port, its output in ``log``; yields its base
+    URL once /api/health answers with ``n_images`` images, and stops it on exit."""
     if not installed("fastapi", "uvicorn", "multipart"):
         pytest.skip("the server needs the serve extra (pip install -e '.[serve]')")
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "imret.cli", "serve", str(store_dir), "--port", str(port), "--threads", "1"]
     with open(log, "wb") as out:
@@ -173,7 +174,7 @@ def server(store_dir, tmp_path_factory):
                 if time.monotonic() > deadline:
                     pytest.fail(f"the server did not answer /api/health within {WAIT_S} s:\n{log.read_text()}")
                 time.sleep(0.2)
-        assert health["status"] == "ok" and health["images"] == N_DB
+        assert health["status"] == "ok" and health["images"] == n_images
         yield base
     finally:
         proc.terminate()
@@ -182,6 +183,13 @@ def server(store_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(store_dir, tmp_path_factory):
+    """`python -m imret.cli serve STORE` on a free port; yields its base URL."""
+    with serve_store(store_dir, tmp_path_factory.mktemp("serve") / "serve.log", N_DB) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
