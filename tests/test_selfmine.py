@@ -409,7 +409,8 @@ def test_cli_mine_and_clean_end_to_end(tmp_path, capsys, monkeypatch):
         w = csv.writer(f)
         w.writerow(["path", "label"])
         w.writerows(zip(files, labels))
-    assert _run(["clean", str(tmp_path / "noisy.csv"), "--out", str(tmp_path / "clean"), *MODEL]) == 0
+    assert _run(["clean", str(tmp_path / "noisy.csv"), "--out", str(tmp_path / "clean"), "--mode", "largest",
+                 *MODEL]) == 0
     text = capsys.readouterr().out
     assert "kept 11, dropped 1" in text
     kept = load_csv_dataset(tmp_path / "clean" / "cleaned.csv")
@@ -417,6 +418,11 @@ def test_cli_mine_and_clean_end_to_end(tmp_path, capsys, monkeypatch):
     assert Path(files[1]).name in (tmp_path / "clean" / "dropped.html").read_text()
     rep = json.loads((tmp_path / "clean" / "clean.json").read_text())
     assert [d["path"] for d in rep["dropped_images"]] == [files[1]]
+    # the default mode, vote: verified images stay; the others are kept or dropped by their neighbours' labels
+    assert _run(["clean", str(tmp_path / "noisy.csv"), "--out", str(tmp_path / "vote"), "--vote-k", "3", *MODEL]) == 0
+    rep = json.loads((tmp_path / "vote" / "clean.json").read_text())
+    assert rep["mode"] == "vote" and rep["kept"] + rep["dropped"] == 12 and rep["kept"] >= 11
+    assert all("of its 3 nearest neighbours" in d["reason"] for d in rep["dropped_images"])
 
 
 def test_cli_errors(tmp_path, capsys):
