@@ -1,6 +1,7 @@
 """`imret search` with many queries, in-process: folders, --list, --csv with boxes, CSV and
 JSON-lines rows checked against Store.search, one batched extraction, skipped queries."""
 
+import os
 import csv
 import importlib
 import json
@@ -155,6 +156,13 @@ def test_html_sheet_of_a_folder(store, query_folder, tmp_path):
     assert main(["search", str(store), str(query_folder), "-k", "2", "--format", "html", "--out", str(out), *RUN]) == 0
     text = out.read_text()
     assert text.count("data:image/jpeg;base64,") == 3 * (1 + 2) and "sub/c.jpg" in text
+    # each result links to its photo relative to the page, so that both can move together
+    import re
+    from urllib.parse import unquote
+
+    links = re.findall(r"<a href='([^']*)'", text)
+    assert len(links) == 3 * 2 and "file:" not in text
+    assert all(not os.path.isabs(unquote(h)) and (out.parent / unquote(h)).resolve().is_file() for h in links)
 
 
 def test_bad_arguments_fail_before_any_extraction(store, query_folder, tmp_path, monkeypatch, capsys):

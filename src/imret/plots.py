@@ -504,6 +504,22 @@ _FIGURE = ("margin:0;background:#fff;border:1px solid #ddd;border-radius:6px;pad
            "width:{w}px;flex:none;font:12px system-ui,sans-serif;color:#222")
 
 
+def _link(path: str, base: str | os.PathLike | None) -> str:
+    """The ``href`` of an image file: relative to the folder ``base`` (URL-quoted, ``/``
+    separators) when given and possible (same drive), else its absolute ``file://`` address
+    (a relative ``path`` stays relative)."""
+    from urllib.parse import quote
+
+    if base is not None:
+        try:
+            rel = os.path.relpath(os.path.abspath(path), os.path.abspath(os.fspath(base)))
+        except ValueError:  # another drive (Windows): no relative path exists
+            rel = None
+        if rel is not None:
+            return quote(Path(rel).as_posix())
+    return Path(path).resolve().as_uri() if os.path.isabs(path) else quote(Path(path).as_posix())
+
+
 def results_html(
     query: ImageLike | np.ndarray,
     hits: Sequence[Any],
@@ -513,6 +529,7 @@ def results_html(
     thumb: int = 128,
     error: str | None = None,
     more: int = 0,
+    link_base: str | os.PathLike | None = None,
 ) -> str:
     """One query's results as an HTML fragment: the query's thumbnail (its box drawn), then a
     row of the hits' thumbnails with rank, score, id and file name under each.
@@ -522,7 +539,10 @@ def results_html(
     add its verified ``inliers`` (captioned) and the ``box`` of the query object in it (drawn). Thumbnails are inline
     JPEG data URIs of at most ``thumb`` (32..512) pixels a side, so the fragment stands
     alone (a notebook cell, a mailed page); styles are inline, every name is HTML-escaped.
-    ``error`` says why the query has no results; ``more`` counts hits left out.
+    ``error`` says why the query has no results; ``more`` counts hits left out. Each result
+    links to its file: relative to ``link_base`` (the folder of the page that will hold the
+    fragment) when given, so that the page and the photos can move together; else an absolute
+    ``file://`` address.
     """
     import html
 
@@ -543,7 +563,7 @@ def results_html(
         parts.append(f"<div style='align-self:center;color:#a00'>not searched: {html.escape(error)}</div>")
     for rank, h in enumerate(hits, 1):
         path = os.fspath(h.path)
-        target = Path(path).resolve().as_uri() if os.path.isabs(path) else path
+        target = _link(path, link_base)
         extras = getattr(h, "extras", None) or {}
         found = f" · {int(extras['inliers'])} inliers" if "inliers" in extras else ""
         parts.append(
@@ -572,7 +592,8 @@ def write_results_html(
 
     ``results`` holds, per query, objects with ``score``, ``id`` and ``path`` attributes
     (:class:`imret.index.store.Hit`). Thumbnails are embedded as data URIs, so the file can
-    be moved or mailed; each result links to its original file. ``query_names`` label the
+    be moved or mailed; each result links to its original file, by a path relative to the
+    page's folder (the page and the photos can move together). ``query_names`` label the
     queries (default: their paths).
     """
     import html
@@ -591,7 +612,8 @@ def write_results_html(
     ]
     for i, (q, hits) in enumerate(zip(query_images, results)):
         parts.append(results_html(q, hits, name=None if query_names is None else query_names[i],
-                                  query_box=None if query_boxes is None else query_boxes[i], thumb=thumb))
+                                  query_box=None if query_boxes is None else query_boxes[i], thumb=thumb,
+                                  link_base=Path(path).parent))
     parts.append("</body></html>\n")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
