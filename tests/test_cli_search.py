@@ -1,10 +1,10 @@
 """`imret search` with many queries, in-process: folders, --list, --csv with boxes, CSV and
 JSON-lines rows checked against Store.search, one batched extraction, skipped queries."""
 
-import os
 import csv
 import importlib
 import json
+import os
 import shutil
 
 import pytest
