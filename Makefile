@@ -2,12 +2,17 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
+# On a machine without a GPU, `make TORCH_INDEX=https://download.pytorch.org/whl/cpu demo` installs
+# the CPU-only torch wheels first: PyPI's wheels bring 4.1 GB of CUDA libraries (nvidia, triton)
+# of the 6.6 GB venv (measured 2026-12-07). Empty (the default): torch from PyPI.
+TORCH_INDEX ?=
 
 .PHONY: demo test bench bench-search bench-postprocess bench-train bench-finetune bench-serve clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
+	$(if $(TORCH_INDEX),$(VENV)/bin/pip install -q torch torchvision --index-url $(TORCH_INDEX))
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 

@@ -56,3 +56,20 @@ def test_quickstart_runs_as_written(tmp_path, monkeypatch, capsys):
     assert [r[4] for r in rows] == [h.path for h in hits]
     # the same object (class folder) comes first: pretrained weights, not random ones
     assert {Path(r[4]).parent.name for r in rows[:3]} == {photos[4].parent.name}
+
+
+def test_first_screen_is_what_ci_runs():
+    """CI runs the README's first ```bash block (scripts/readme_first_screen.py): it must hold the
+    two set-up commands, and each must be a Makefile target."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_first_screen", README.parent / "scripts" / "readme_first_screen.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cmds = mod.first_screen_commands(README.read_text(encoding="utf-8"))
+    assert cmds == ["make demo", "make test"]
+    makefile = (README.parent / "Makefile").read_text(encoding="utf-8")
+    assert all(re.search(rf"^{c.split()[1]}:", makefile, re.M) for c in cmds)
+    assert "scripts/readme_first_screen.py" in (README.parent / ".ci" / "run").read_text(encoding="utf-8")
+    with pytest.raises(ValueError, match="no ```bash block"):
+        mod.first_screen_commands("# title\n")
