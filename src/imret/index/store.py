@@ -639,6 +639,18 @@ class Store:
         leads outside the store directory: a store's files are untrusted input."""
         return _contained(self.path, self.path / name, f"the store's {what} {name!r}")
 
+    def _checked_file(self, info: dict[str, Any], what: str) -> Path:
+        """The store's file ``info["file"]`` (as :meth:`_file`), after its SHA-256 matched
+        ``info["sha256"]`` from store.json; :class:`StoreCorruptError` when missing or changed."""
+        f = self._file(info["file"], what)
+        try:
+            digest, _ = _sha256_file(f)
+        except FileNotFoundError:
+            raise StoreCorruptError(f"the store's {what} {f} is missing") from None
+        if digest != info["sha256"]:
+            raise StoreCorruptError(f"{what} {f} does not match its checksum in store.json")
+        return f
+
     def _committed_summary(self) -> str:
         try:
             with self._lock:
@@ -702,15 +714,7 @@ class Store:
             if self._config["whitening"] is None:
                 return None
             if self._whitening is None:
-                info = self._config["whitening"]
-                f = self._file(info["file"], "whitening file")
-                try:
-                    digest, _ = _sha256_file(f)
-                except FileNotFoundError:
-                    raise StoreCorruptError(f"whitening file {f} is missing") from None
-                if digest != info["sha256"]:
-                    raise StoreCorruptError(f"whitening file {f} does not match its checksum in store.json")
-                self._whitening = Whitening.load(f)
+                self._whitening = Whitening.load(self._checked_file(self._config["whitening"], "whitening file"))
             return self._whitening
 
     @_store_errors
@@ -988,11 +992,7 @@ class Store:
             if self._model is None:
                 from ..models.factory import load_model
 
-                info = self._config["model"]  # never changes after creation
-                f = self._file(info["file"], "model file")
-                digest, _ = _sha256_file(f)
-                if digest != info["sha256"]:
-                    raise StoreCorruptError(f"model file {f} does not match its checksum in store.json")
+                f = self._checked_file(self._config["model"], "model file")  # never changes after creation
                 self._model = _prepare_model(load_model(f, device=self.device), self.device)
             return self._model
 
@@ -1043,13 +1043,7 @@ class Store:
                 return cached[1]
             from ..text.queries import load_text_model
 
-            f = self._file(info["file"], "text model file")
-            try:
-                digest, _ = _sha256_file(f)
-            except FileNotFoundError:
-                raise StoreCorruptError(f"the store's text model file {f} is missing") from None
-            if digest != info["sha256"]:
-                raise StoreCorruptError(f"text model file {f} does not match its checksum in store.json")
+            f = self._checked_file(info, "text model file")
             try:
                 enc = load_text_model(f, dim=self.dim)
             except (ValueError, OSError) as e:
