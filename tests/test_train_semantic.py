@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import copy
 import csv
+import os
 import random
+import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -295,11 +300,6 @@ def test_grouped_mining_fast_path_equals_the_sorting_one():
 
 
 def _torchrun(args, cwd):
-    import os
-    import socket
-    import subprocess
-    import sys
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -346,6 +346,7 @@ def test_torchrun_two_processes_train_like_one(data, tmp_path, request, case):
     if case == "frozen-resumed":
         first = _torchrun([path, "--set", "epochs=1"], tmp_path)
         assert first.stdout.count("epoch 1/1") == 1  # only rank 0 reports
+        shutil.copytree(tmp_path / "ddp", tmp_path / "then-one")  # resumed below by one process
         proc = _torchrun([path, "--resume"], tmp_path)
         assert "resuming after epoch 1" in proc.stdout and proc.stdout.count(f"epoch 2/{epochs}") == 1
         # rank 0 described the training and dev images once; no temporary folder left behind
@@ -379,3 +380,10 @@ def test_torchrun_two_processes_train_like_one(data, tmp_path, request, case):
     with torch.no_grad():
         torch.testing.assert_close(ma(x), mb(x), atol=1e-5, rtol=0)
     assert (tmp_path / "ddp" / "text_best.safetensors").is_file() and (tmp_path / "ddp" / "steps.csv").is_file()
+    if case == "frozen-resumed":  # the checkpoint of 2 processes resumes in one, to the same model
+        SemanticTrainer(config_from_dict({**d, "out": str(tmp_path / "then-one"), "resume": True})).fit()
+        c = torch.load(tmp_path / "then-one" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+        assert c["global_step"] == 2 * epochs
+        assert max(_max_difference(c["model"], b["model"]), _max_difference(c["text"], b["text"])) <= 1e-5
+        assert [r["loss"] for r in read_log(tmp_path / "then-one" / "log.csv")] == [r["loss"] for r in ra[:1]] + [
+            pytest.approx(rb[1]["loss"], rel=1e-5)]
