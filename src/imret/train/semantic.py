@@ -45,12 +45,33 @@ learning rate, dev metrics), ``steps.csv`` (loss every ``log_every`` steps), ``c
 ``checkpoint_last.pt`` (``resume: true`` continues from it). ``log.csv`` and the checkpoint are
 rewritten after every epoch, the curves at the end of :meth:`SemanticTrainer.fit`.
 
-One process only for now: under ``torchrun`` with more than one process the trainer refuses
-with a message (the gathered-batch scheme of :mod:`imret.train.trainer` is the way to add it).
+Distributed (``torchrun``, :mod:`imret.train.distributed`): ``batch_size`` is the *global*
+batch, and a run of ``W`` processes trains the same model as one process (to float round-off).
+Every rank draws the same step batches and caption rows (seeded by ``seed`` and the epoch);
+rank ``r`` takes the ``r``-th contiguous slice of each batch (``np.array_split``) and embeds
+its images (``φ``) and their drawn captions (``θ``); the slices are all-gathered with this
+rank's rows put back into its autograd graph, so every rank computes the loss of the whole
+batch (with the whole batch's relevance matrix) and back-propagates it into its own rows. The
+gradients of all ranks are then *summed* (an all-reduce, not DDP's mean): the gradient of a
+loss with respect to a parameter is the sum of what flows through each row, so the sum is the
+single-process gradient, and the identical optimizer step on every rank keeps the parameters
+(head, GeM ``p``, trunk, ``W``) equal. Rank 0 computes the frozen-trunk cache (the others wait,
+then read it; a rank that cannot see the cache folder computes its own, written under its own
+temporary name and moved in place atomically) and the PCA start of the FC layer, which it
+broadcasts. Dev evaluation: each rank embeds a slice of the dev images, the slices are
+all-gathered and every rank computes the same metrics (so all agree on the best epoch).
+Rank 0 alone writes files and logs. ``checkpoint_last.pt`` does not depend on the number of
+processes: a run can resume with another. Not exact across process counts: BatchNorm with
+``model.freeze_batchnorm: false`` (each rank's statistics come from its slice; rank 0's
+running statistics are saved) and random layers in a trained trunk (dropout, drop-path). Each
+rank needs at least one image per step (``batch_size >= W``).
+
+    torchrun --nproc-per-node 2 -m imret.cli train configs/train_semantic.yaml
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -71,7 +92,7 @@ from torch import nn
 from ..fileio import atomic_path
 from ..models import RetrievalNet, save_model
 from .config import ModelConfig, OptimConfig, SCHEDULES, OPTIMIZERS, _build, _choice
-from .distributed import DistInfo
+from .distributed import DistInfo, all_gather_rows, barrier, broadcast_object, broadcast_parameters
 
 __all__ = [
     "CaptionDataConfig",
@@ -591,7 +612,8 @@ class SemanticTrainer:
 
     Args:
         config: the configuration.
-        dist: this process's place in a ``torchrun`` job; only one process is supported.
+        dist: this process's place in a ``torchrun`` job (:func:`~imret.train.distributed.init_distributed`);
+            with more than one process every rank runs :meth:`fit` (and :meth:`evaluate`) together.
         progress: tqdm progress bars.
         logger: where messages go (default ``logging.getLogger("imret.train")``).
         on_epoch: called with each epoch's :class:`SemanticEpochStats`.
@@ -616,10 +638,6 @@ class SemanticTrainer:
             raise TypeError(f"config must be a SemanticTrainConfig, got {type(config).__name__}")
         self.config = cfg = config
         self.dist = dist or DistInfo()
-        if self.dist.world_size > 1:
-            raise ValueError(
-                f"semantic (data.kind: captions) training runs in one process for now; got a torchrun job of "
-                f"{self.dist.world_size} processes. Run it without torchrun (freeze_trunk: true needs no more)")
         self.progress, self.on_epoch, self.on_trunk_batch = progress, on_epoch, on_trunk_batch
         self.log = logger or logging.getLogger("imret.train")
         self.out = Path(cfg.out)
@@ -632,6 +650,11 @@ class SemanticTrainer:
             raise FileExistsError(f"{self.out / CHECKPOINT_NAME} exists: set resume: true to continue it, or use another out")
 
         self.images, self.dev = load_captioned_splits(cfg.data)
+        if min(cfg.batch_size, len(self.images)) < self.dist.world_size:
+            raise ValueError(
+                f"batch_size {min(cfg.batch_size, len(self.images))} (images per step, all processes together) is "
+                f"smaller than the {self.dist.world_size} processes: every process needs an image per step; "
+                f"raise batch_size or use fewer processes")
         self.model = build_model(cfg.model).to(self.device)
         self.dim = self.model.dim
         # text side: tf-idf of the training captions, W at random (seeded)
@@ -669,10 +692,13 @@ class SemanticTrainer:
         self._train_feats: list[np.ndarray] | None = None
         self._dev_feats: list[np.ndarray] | None = None
         self._fc_ready = False
+        self._cache_ready = False
         self.optimizer = self._optimizer()
         self.scheduler = self._scheduler()
         if cfg.resume:
             self._load_checkpoint()
+        # the same seeded start on every rank already; made certain (a no-op on one process)
+        broadcast_parameters(list(self.model.parameters()) + list(self.encoder.parameters()))
 
     # ------------------------------------------------------------------------- pieces
 
@@ -712,13 +738,28 @@ class SemanticTrainer:
         d = self.config.data
         return trunk_features(self.model, paths, image_size=d.image_size, mode=self.mode, cache_dir=self.cache_dir,
                               device=self.device, workers=d.workers, autocast_dtype=self.amp_dtype,
-                              progress=self.progress, on_batch=self.on_trunk_batch)
+                              progress=self.progress and self.dist.is_main, on_batch=self.on_trunk_batch)
 
     def train_features(self) -> list[np.ndarray]:
         """The cached trunk features of the training images (computed on the first call)."""
         if self._train_feats is None:
             self._train_feats = self._trunk(self.images.paths)
         return self._train_feats
+
+    def _prepare_cache(self) -> None:
+        """Frozen trunk: the training (and dev) trunk features, computed by rank 0 first and then
+        read by the other ranks, so that one trunk pass serves the whole job."""
+        if self.mode is None or self._cache_ready:  # (a flag, the same on every rank: each waits at the barrier once)
+            return
+        self._cache_ready = True
+        if self.dist.is_main:
+            self.train_features()
+            if self.dev is not None and self._dev_feats is None:
+                self._dev_feats = self._trunk(self.dev.paths)
+        barrier()
+        self.train_features()
+        if self.dev is not None and self._dev_feats is None:
+            self._dev_feats = self._trunk(self.dev.paths)
 
     def _set_trainable_mode(self) -> None:
         from .multistage import freeze_batchnorm
@@ -735,19 +776,26 @@ class SemanticTrainer:
         self._fc_ready = True
         if self.config.fc_init != "pca" or self.model.whiten is None:
             return
-        if self.mode == "pooled":
-            v = torch.tensor(np.asarray(self.train_features()[0]), dtype=torch.float64)
-        else:
-            v = torch.cat([self.model.pool(m.float()).double().cpu() for m in self._pooled_batches()])
-        if self.model.head.l2_before_whiten:
-            v = torch.nn.functional.normalize(v, dim=1)
-        n, c = v.shape
-        if self.dim > min(n, c):
-            raise ValueError(f"fc_init: pca gives at most min(images, channels) = {min(n, c)} components, "
-                             f"model.whitening is {self.dim}; use fc_init: identity or a smaller dimension")
-        mean = v.mean(0)
-        _, _, vt = torch.linalg.svd(v - mean, full_matrices=False)
-        self.model.set_whitening(vt[: self.dim].float(), mean.float())
+        pca: tuple[torch.Tensor, torch.Tensor] | str | None = None
+        if self.dist.is_main:  # one trunk pass (freeze_trunk: false) and one SVD for the job, broadcast
+            if self.mode == "pooled":
+                v = torch.tensor(np.asarray(self.train_features()[0]), dtype=torch.float64)
+            else:
+                v = torch.cat([self.model.pool(m.float()).double().cpu() for m in self._pooled_batches()])
+            if self.model.head.l2_before_whiten:
+                v = torch.nn.functional.normalize(v, dim=1)
+            n, c = v.shape
+            if self.dim > min(n, c):
+                pca = (f"fc_init: pca gives at most min(images, channels) = {min(n, c)} components, "
+                       f"model.whitening is {self.dim}; use fc_init: identity or a smaller dimension")
+            else:
+                mean = v.mean(0)
+                _, _, vt = torch.linalg.svd(v - mean, full_matrices=False)
+                pca = (vt[: self.dim].float(), mean.float())
+        pca = broadcast_object(pca)
+        if isinstance(pca, str):  # raised on every rank, so that none waits for the others
+            raise ValueError(pca)
+        self.model.set_whitening(*pca)
         self.model.to(self.device)
         self.optimizer = self._optimizer()  # the FC layer is a new module
         self.scheduler = self._scheduler()
@@ -791,21 +839,24 @@ class SemanticTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """The dev metrics of the current model (:func:`dev_metrics`)."""
+        """The dev metrics of the current model (:func:`dev_metrics`). Distributed: every rank must
+        call it; each embeds a contiguous slice of the dev images and all get the same metrics."""
         self.model.eval()
+        n = len(self.dev)
+        mine = np.array_split(np.arange(n), self.dist.world_size)[self.dist.rank]
+        parts = [torch.empty(0, self.dim)]
         if self.mode is not None:
             if self._dev_feats is None:
                 self._dev_feats = self._trunk(self.dev.paths)
-            phi = torch.cat([describe_features(self.model, self._dev_feats, self.mode, rows=np.arange(s, min(s + 512, len(self.dev))),
-                                               device=self.device) for s in range(0, len(self.dev), 512)])
+            parts += [describe_features(self.model, self._dev_feats, self.mode, rows=mine[s:s + 512], device=self.device).cpu()
+                      for s in range(0, len(mine), 512)]
         else:
             d = self.config.data
             ds = _SquareImages(self.dev.paths, d.image_size, self.model.mean, self.model.std)
-            n = len(ds)
-            phi = torch.empty(n, self.dim)
-            for x, idx in _loader(ds, [list(range(s, min(n, s + 32))) for s in range(0, n, 32)], d.workers, self.device):
+            for x, _ in _loader(ds, [mine[s:s + 32].tolist() for s in range(0, len(mine), 32)], d.workers, self.device):
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-                    phi[idx] = self.model(x.to(self.device)).float().cpu()
+                    parts.append(self.model(x.to(self.device)).float().cpu())
+        phi, _ = all_gather_rows(torch.cat([p.float() for p in parts]).to(self.device))
         theta = None if self.config.visual_only else self.encoder(self.dev_caption_tfidf).cpu().numpy()
         return dev_metrics(phi.float().cpu().numpy(), theta, self.dev_owner, self.dev_relevance, self.config.validation.ks)
 
@@ -817,6 +868,10 @@ class SemanticTrainer:
 
         cfg = self.config
         batches, caps = self._epoch_batches(epoch)
+        # this rank's contiguous slice of every batch (all batches have one size)
+        size = len(batches[0]) if batches else 0
+        mine = np.array_split(np.arange(size), self.dist.world_size)[self.dist.rank]
+        lo, hi = (int(mine[0]), int(mine[-1]) + 1) if len(mine) else (0, 0)
         self._set_trainable_mode()
         self.encoder.train()
         if self.mode is None:
@@ -826,24 +881,25 @@ class SemanticTrainer:
             aug = RetrievalAugment(d.image_size) if d.augment else None
             ds = _SquareImages(self.images.paths, d.image_size, self.model.mean, self.model.std, augment=aug, seed=cfg.seed)
             ds.epoch = epoch
-            source = _loader(ds, [b.tolist() for b in batches], d.workers, self.device)
+            source = _loader(ds, [b[lo:hi].tolist() for b in batches], d.workers, self.device)
         else:
             self.train_features()
-            source = ((None, torch.as_tensor(b)) for b in batches)
+            source = ((None, torch.as_tensor(b[lo:hi])) for b in batches)
         sums = np.zeros(5)
         window, in_window = 0.0, 0
         bar = tqdm(source, total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                   disable=not self.progress, leave=False)
+                   disable=not (self.progress and self.dist.is_main), leave=False)
         for step, (images, idx) in enumerate(bar):
             idx = idx.numpy()
             if self.mode is None and self.on_trunk_batch is not None:
                 self.on_trunk_batch(len(idx))
-            phi = self._embed_batch(idx, images)
-            theta = None if cfg.visual_only else self.encoder(self.caption_tfidf[caps[step]])
-            rel = tfidf_similarity(self.image_tfidf[idx])
+            phi = self._gathered(self._embed_batch(idx, images))
+            theta = None if cfg.visual_only else self._gathered(self.encoder(self.caption_tfidf[caps[step][lo:hi]]))
+            rel = tfidf_similarity(self.image_tfidf[batches[step]])  # the whole batch's, on every rank
             out = self.loss(phi, theta, rel)
             self.optimizer.zero_grad(set_to_none=True)
             out.total.backward()
+            self._sum_gradients()
             self.optimizer.step()
             self.global_step += 1
             v = float(out.total.detach())
@@ -853,13 +909,56 @@ class SemanticTrainer:
             window += v
             in_window += 1
             if self.global_step % cfg.log_every == 0:
-                steps_log.writerow([epoch + 1, self.global_step, repr(window / in_window)])
+                if steps_log is not None:
+                    steps_log.writerow([epoch + 1, self.global_step, repr(window / in_window)])
                 bar.set_postfix(loss=f"{window / in_window:.4f}")
                 window, in_window = 0.0, 0
         bar.close()
         m = sums / max(1, len(batches))
         return {"loss": float(m[0]), "loss_v": float(m[1]), "loss_t1": float(m[2]), "loss_t2": float(m[3]),
                 "triplets": float(m[4]), "steps": len(batches)}
+
+    def _gathered(self, local: torch.Tensor) -> torch.Tensor:
+        """The whole batch's rows (rank order) with this rank's own rows kept in its autograd
+        graph, the others' as constants (one process: ``local``)."""
+        if self.dist.world_size == 1:
+            return local
+        full, off = all_gather_rows(local)
+        return torch.cat([full[:off], local, full[off + local.shape[0]:]])
+
+    def _sum_gradients(self) -> None:
+        """Sum the optimizer's gradients over the ranks (in place; a no-op on one process).
+
+        Each rank's gradient is the part of the whole-batch loss's gradient that flows through
+        its own rows; the sum is the single-process gradient. A parameter with no gradient on
+        any rank keeps none (as in one process: the optimizer skips it)."""
+        if self.dist.world_size == 1:
+            return
+        import torch.distributed as tdist
+
+        from .distributed import _comm_device
+
+        dev = _comm_device()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        seen = torch.tensor([float(p.grad is not None) for p in params], device=dev)
+        tdist.all_reduce(seen)
+        params = [p for p, k in zip(params, seen.tolist()) if k > 0]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for i, p in enumerate(params):  # buckets of ~16M values: one collective each
+            bucket.append(p)
+            size += p.numel()
+            if i + 1 == len(params) or size + params[i + 1].numel() > 1 << 24:
+                flat = torch.cat([q.grad.reshape(-1).to(dev, torch.float32) for q in bucket])
+                tdist.all_reduce(flat)
+                at = 0
+                for q in bucket:
+                    q.grad.copy_(flat[at:at + q.numel()].view_as(q.grad))
+                    at += q.numel()
+                bucket, size = [], 0
 
     def _save_pair(self, stem: str) -> tuple[Path, Path]:
         model_path, text_path = self.out / f"model_{stem}.safetensors", self.out / f"text_{stem}.safetensors"
@@ -903,9 +1002,10 @@ class SemanticTrainer:
         """Train from the current epoch to ``config.epochs`` (or stop after ``until_epoch``)."""
         from .config import save_config
 
-        cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.out / "config.yaml")
+        cfg, main = self.config, self.dist.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
         if not self._fc_ready:
             self._init_fc()
         metric = cfg.selection_metric
@@ -914,17 +1014,20 @@ class SemanticTrainer:
         steps_path = self.out / "steps.csv"
         new_steps = not (cfg.resume and steps_path.is_file())
         last = (None, None)
-        with open(steps_path, "w" if new_steps else "a", newline="", encoding="utf-8") as f:
-            steps_log = csv.writer(f)
-            if new_steps:
-                steps_log.writerow(["epoch", "step", "loss"])
+        with contextlib.ExitStack() as stack:
+            steps_log = None
+            if main:
+                f = stack.enter_context(open(steps_path, "w" if new_steps else "a", newline="", encoding="utf-8"))
+                steps_log = csv.writer(f)
+                if new_steps:
+                    steps_log.writerow(["epoch", "step", "loss"])
             for epoch in range(self.start_epoch, end):
                 t0 = time.perf_counter()
-                if self.mode is not None:
-                    self.train_features()  # the one trunk pass, outside the epoch's timing of steps
+                self._prepare_cache()  # the one trunk pass, outside the epoch's timing of steps
                 t1 = time.perf_counter()
                 parts = self._train_epoch(epoch, steps_log)
-                f.flush()
+                if main:
+                    f.flush()
                 train_s = time.perf_counter() - t1
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.scheduler.step()
@@ -940,24 +1043,27 @@ class SemanticTrainer:
                     images_per_s=parts["steps"] * min(cfg.batch_size, len(self.images)) / max(train_s, 1e-9),
                     seconds=time.perf_counter() - t0, dev=dev)
                 self.rows.append(stats.row())
-                last = self._save_pair("last")
+                last = self.out / "model_last.safetensors", self.out / "text_last.safetensors"
                 if improved:
                     self.best_value, self.best_epoch = float(dev[metric]), done
-                    self._save_pair("best")
-                elif self.dev is None:
-                    self._save_pair("best")  # no dev split: the last epoch is the model
                 self.start_epoch = done
-                self._write_log()
-                with atomic_path(self.out / CHECKPOINT_NAME) as tmp:
-                    torch.save(self._checkpoint_state(), tmp)
+                if main:
+                    self._save_pair("last")
+                    if improved or self.dev is None:  # no dev split: the last epoch is the model
+                        self._save_pair("best")
+                    self._write_log()
+                    with atomic_path(self.out / CHECKPOINT_NAME) as tmp:
+                        torch.save(self._checkpoint_state(), tmp)
+                barrier()  # the epoch's files are there for every rank
                 self.log.info("epoch %d/%d: loss %.5f (L_v %.4f, L_t1 %.4f, L_t2 %.4f), %s", done, cfg.epochs, parts["loss"],
                               parts["loss_v"], parts["loss_t1"], parts["loss_t2"],
                               "" if dev is None else f"dev {metric} {dev[metric]:.4f}")
                 history.append(stats)
                 if self.on_epoch is not None:
                     self.on_epoch(stats)
-        if history:
+        if history and main:
             self._write_log(curves=True)
+        barrier()
         best_model = self.out / "model_best.safetensors"
         return SemanticTrainResult(
             out=self.out, epochs=self.start_epoch, steps=self.global_step, history=history, metric=metric,
