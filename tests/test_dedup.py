@@ -215,6 +215,56 @@ def test_duplicate_check_rejects_a_shared_patch_in_another_photo(photos):
     assert pc.inliers == loose.inliers >= 10
 
 
+def test_aligned_correlation_against_known_transforms():
+    """b = a's pixels under a known map (an integer shift, a 2x downscale, a mirror): the right
+    transform correlates fully, a transform off by 3 pixels does not."""
+    from imret.dedup import aligned_correlation
+
+    pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(60, 80))
+    a = np.kron(noise, np.ones((4, 4)))  # 240 x 320, structure at 4 px
+    a = (255 * (a - a.min()) / (a.max() - a.min())).astype(np.uint8)
+    b = a[20:200, 40:300]  # a crop: a pixel (x, y) is b pixel (x - 40, y - 20)
+    shift = np.array([[1.0, 0, -40], [0, 1, -20], [0, 0, 1]])
+    g, loc = aligned_correlation(a, b, shift)
+    assert g > 0.99 and loc > 0.995  # (blur at b's borders, which lie inside a, costs a little)
+    off = shift.copy()
+    off[0, 2] += 3
+    assert aligned_correlation(a, b, off)[0] < 0.6
+    half = np.asarray(Image.fromarray(a).resize((160, 120), Image.BILINEAR))  # a pixel centre x -> (x + 0.5) / 2 - 0.5
+    down = np.array([[0.5, 0, -0.25], [0, 0.5, -0.25], [0, 0, 1]])
+    assert aligned_correlation(a, half, down)[0] > 0.97
+    mirror = a[:, ::-1]
+    flip = np.array([[-1.0, 0, a.shape[1] - 1], [0, 1, 0], [0, 0, 1]])
+    assert aligned_correlation(a, mirror, flip)[0] > 0.999 and aligned_correlation(a, mirror, np.eye(3))[0] < 0.3
+    assert aligned_correlation(a, b, np.array([[1.0, 0, 5000], [0, 1, 0], [0, 0, 1]])) == (0.0, 0.0)  # no overlap
+
+
+def test_duplicate_check_compares_aligned_pixels(photos):
+    """The shared-patch pair again, with the shared-part ratio off: the geometry passes, the pixels
+    of the rest of the frame do not; a real copy passes both."""
+    pytest.importorskip("cv2")
+    from imret.local.sift import SiftExtractor
+
+    originals = photos[1]
+    a = Image.open(originals[0]).convert("RGB")
+    b = Image.open(originals[1]).convert("RGB").resize(a.size)
+    w, h = a.size
+    box = (int(0.3 * w), int(0.3 * h), int(0.7 * w), int(0.7 * h))
+    b.paste(a.crop(box), box[:2])
+    ex = SiftExtractor()
+    geometric = DuplicateCheck(min_inliers=10, min_inlier_ratio=0.0)
+    assert geometric(ex(a), ex(b)).confirmed  # without pixels: confirmed
+    pc = geometric(ex(a), ex(b), images=(a, b))
+    assert not pc.confirmed and "pixels differ once aligned" in pc.reason
+    copy = a.resize((w // 2, h // 2))
+    assert geometric(ex(a), ex(copy), images=(a, copy)).confirmed
+    assert DuplicateCheck(min_inliers=10, min_inlier_ratio=0.0, min_correlation=0)(ex(a), ex(b), images=(a, b)).confirmed
+    with pytest.raises(ValueError, match="min_correlation"):
+        DuplicateCheck(min_correlation=1.5)
+
+
 # ------------------------------------------------------------------------------ pipeline
 
 
