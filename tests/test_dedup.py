@@ -324,7 +324,7 @@ def test_find_duplicates_without_verification_is_descriptor_only(photos, random_
 @pytest.mark.slow
 def test_find_duplicates_mobilenet_default_threshold(photos, mobilenet_weights):
     """Real ImageNet weights: test-time variants make flipped and rotated copies candidates;
-    every group is found and nothing else merged. (The default threshold, 0.75, was set on real
+    every group is found and nothing else merged. (The default threshold, 0.7, was set on real
     photos with Lite0; on these generated photos MobileNetV2's copies score lower, so the
     candidate bar is 0.5 here, and verification keeps the distinct photos apart.)"""
     pytest.importorskip("cv2")
