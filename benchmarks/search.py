@@ -538,7 +538,7 @@ def bench_size(n: int, args, data: Descriptors, tmp: Path) -> dict:
     nlist = int(re.match(r"IVF(\d+)", ann.target).group(1)) if ann.target.startswith("IVF") else 1024
     nprobe = ann.params.get("nprobe", "16")
     if args.exact_precision or args.exact_only:
-        res["exact_precision"] = bench_exact_precision(x, q, args.k, max(args.repeats, 3))
+        res["exact_precision"] = bench_exact_precision(x, q, args.k, args.repeats)
         release_memory()
     if args.exact_only:
         res.update(backends=[], skipped=[], loadavg_end=os.getloadavg())

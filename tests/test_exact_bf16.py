@@ -85,8 +85,28 @@ def test_too_small_bound_breaks_the_result(monkeypatch):
         return eps * 1e-6, r * 1e-6
 
     monkeypatch.setattr(exact_mod, "error_bound", tiny)
+    monkeypatch.setattr(exact_mod, "_CHECK_BOUND", False)  # else the search notices (next test)
     s, i = exact_search(q, x, k, precision="bf16")
     assert not np.array_equal(i, ref[1])
+
+
+@needs_bf16
+def test_a_broken_bound_is_caught_and_fp32_takes_over(monkeypatch):
+    """Each search checks the bound on its re-scored candidates; a bf16 product that broke it
+    (here: a bound 10^6 times too small) sends this and later searches to fp32."""
+    q, x, k = near_ties(n_queries=2)
+    ref = reference(q, x, k)
+    true_bound = exact_mod.error_bound
+
+    def tiny_bf16(qt, stats, precision):
+        eps, r = true_bound(qt, stats, precision)
+        return (eps * 1e-6, r * 1e-6) if precision == "bf16" else (eps, r)
+
+    monkeypatch.setattr(exact_mod, "error_bound", tiny_bf16)
+    monkeypatch.setitem(exact_mod._SPEEDUP, "bf16", 2.0)
+    assert_same(exact_search(q, x, k, precision="bf16"), ref)
+    assert exact_mod._SPEEDUP["bf16"] == 0.0
+    assert resolve_precision("auto") == "fp32"
 
 
 @needs_bf16

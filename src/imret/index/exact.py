@@ -45,7 +45,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 AUTO_MIN_SPEEDUP = 1.5
 U32 = 2.0 ** -24  # unit roundoff of float32 (round to nearest)
 U16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
-_TINY = 2.0 ** -126  # smallest normal float32: bounds what flushing a subnormal loses
+_TINY = 2.0 ** -126  # smallest normal float32: bounds what flushing a subnormal to zero loses
 
 
 def _gamma(n: int, u: float = U32) -> float:
@@ -79,14 +79,12 @@ class _RowStats:
         """Bounds for float32 rows ``x`` and, if given, their bfloat16 rounding ``xr``."""
         if x.shape[0] == 0:
             return _RowStats(0.0, 0.0, 0.0)
-        slack = _norm_slack(x.shape[1])
-        nx = float(torch.linalg.vector_norm(x, dim=1).max()) * slack
+        nx = float(_norms(x).max())
         if xr is None:
             return _RowStats(nx, 0.0, 0.0)
         xr32 = xr.float()
-        nr = float(torch.linalg.vector_norm(xr32, dim=1).max()) * slack
-        nd = float(torch.linalg.vector_norm(x - xr32, dim=1).max()) * slack  # x − bf16(x) is exact in float32
-        return _RowStats(nx, nr, nd)
+        # x − bf16(x) is exact in float32 (the low bits of x)
+        return _RowStats(nx, float(_norms(xr32).max()), float(_norms(x - xr32).max()))
 
     def merge(self, other: "_RowStats") -> "_RowStats":
         return _RowStats(max(self.x, other.x), max(self.xr, other.xr), max(self.dx, other.dx))
@@ -96,6 +94,13 @@ def _norm_slack(d: int) -> float:
     """Factor that turns a float32 Euclidean norm of a ``d``-vector into an upper bound of the
     real one: the sum of squares has relative error ≤ γ_d, the square root adds ≤ u."""
     return (1 + 2 * _gamma(d + 2)) * (1 + 2 ** -20)
+
+
+def _norms(v: torch.Tensor) -> torch.Tensor:
+    """Upper bounds (float64) of the Euclidean norms of the rows of float32 ``v``: the float32
+    norm times :func:`_norm_slack`, plus ``sqrt(d)·2^-63`` for squares lost to underflow."""
+    d = v.shape[1]
+    return torch.linalg.vector_norm(v, dim=1).double() * _norm_slack(d) + math.sqrt(d) * 2.0 ** -63
 
 
 def error_bound(q: torch.Tensor, stats: _RowStats, precision: str) -> tuple[torch.Tensor, float]:
@@ -121,20 +126,24 @@ def error_bound(q: torch.Tensor, stats: _RowStats, precision: str) -> tuple[torc
     Adding the exact score's own error: ``eps = ‖q‖ max‖δx‖ + ‖δq‖ max‖x̃‖ + γ_D ‖q̃‖ max‖x̃‖
     + γ_D ‖q‖ X``, ``r = v / (1 − v)``.
 
-    Both add ``η = 4 (D + 1) 2^-126`` for what flushing subnormal products or sums to zero can
-    lose. Norms are computed in float32 and inflated to upper bounds (:func:`_norm_slack`). For unit rows the bf16
+    Both add ``η = 2 (D + 1) 2^-126 (1 + ‖q‖)(1 + X)`` for what flushing subnormal factors,
+    products or sums to zero can lose (a flushed factor loses at most the other factor times
+    2^-126). Norms are computed in float32 and inflated to upper bounds (:func:`_norms`).
+
+    Assumptions, checked where they can be: the product accumulates in float32 (checked once
+    per process by :func:`bf16_speedup`; otherwise bf16 is refused), and rounds to nearest.
+    Every search also checks the bound on each re-scored candidate; a violation (a product that
+    breaks the assumptions) switches the process to fp32 and redoes the search. For unit rows the bf16
     bound is about ``2 · 0.6 v ≈ 0.005`` plus ``v |a|``; the fp32 bound about ``6e-5``.
     """
     d = q.shape[1]
-    slack = _norm_slack(d)
-    nq = torch.linalg.vector_norm(q, dim=1).double() * slack
+    nq = _norms(q)
     g = _gamma(d)
-    eta = 4 * (d + 1) * _TINY
+    eta = 2 * (d + 1) * _TINY * (1 + nq) * (1 + stats.x)
     if precision == "fp32":
         return 2 * g * nq * stats.x + eta, 0.0
     qr = q.bfloat16().float()
-    nqr = torch.linalg.vector_norm(qr, dim=1).double() * slack
-    ndq = torch.linalg.vector_norm(q - qr, dim=1).double() * slack
+    nqr, ndq = _norms(qr), _norms(q - qr)
     eps = nq * stats.dx + ndq * stats.xr + g * nqr * stats.xr + g * nq * stats.x + eta
     return eps, U16 / (1 - U16)
 
@@ -142,6 +151,7 @@ def error_bound(q: torch.Tensor, stats: _RowStats, precision: str) -> tuple[torc
 # -- choosing the precision -------------------------------------------------------------------
 
 _SPEEDUP: dict[str, float] = {}
+_CHECK_BOUND = True  # check the bound on every re-scored candidate (tests turn it off)
 _SPEEDUP_LOCK = threading.Lock()
 
 
@@ -327,16 +337,31 @@ def exact_search(
             for j in range(len(redo)):
                 found[j].append(torch.nonzero(hit[j]).flatten() + start)
         extra = {qi: torch.cat(f) for qi, f in zip(redo, found)}
-    return _rescore_top_k(qt, x, cand, best_i, extra, k, ids)
+    try:
+        return _rescore_top_k(qt, x, cand, best_i, extra, k, ids, check=(a64, eps, r) if _CHECK_BOUND else None)
+    except _BoundViolated:
+        if precision == "fp32":
+            raise RuntimeError("the float32 first pass broke its error bound; this machine's matrix "
+                               "product is not IEEE float32") from None
+        with _SPEEDUP_LOCK:
+            _SPEEDUP["bf16"] = 0.0  # the bf16 product breaks the bound's assumptions: never again
+        return exact_search(q, x, k, ids=ids, alive=alive, block_rows=block_rows, precision="fp32")
+
+
+class _BoundViolated(Exception):
+    """A re-scored candidate's exact score lies outside the first pass's error bound."""
 
 
 def _rescore_top_k(qt: torch.Tensor, x: np.ndarray, cand: torch.Tensor, rows: torch.Tensor,
                    extra: dict[int, torch.Tensor], k: int, ids: np.ndarray | None,
+                   check: tuple[torch.Tensor, torch.Tensor, float] | None = None,
                    chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Exact scores of each query's candidate rows, then its top ``k`` by (score desc, row asc).
 
     ``cand`` ``(Q, W)`` marks which of ``rows`` ``(Q, W)`` are candidates; ``extra`` replaces
-    the candidates of some queries by a row list of any length.
+    the candidates of some queries by a row list of any length. ``check`` = ``(a, eps, r)``, the
+    first-pass scores ``(Q, W)`` and bound: raises :class:`_BoundViolated` where a candidate's
+    exact score is outside it.
     """
     nq = qt.shape[0]
     out_s = torch.full((nq, k), -math.inf)
@@ -375,6 +400,12 @@ def _rescore_top_k(qt: torch.Tensor, x: np.ndarray, cand: torch.Tensor, rows: to
         m = (b - a) * c * d
         xs = gather(r.flatten(), xbuf[:m].view((b - a) * c, d)).view(b - a, c, d)
         e = exact_scores(xs, qt[a:b, None, :], dim=2, out=pbuf[:m].view(b - a, c, d))
+        if check is not None:
+            a_, eps_, r_ = check
+            av = torch.gather(a_[a:b], 1, o)
+            err = (e.double() - av).abs() - r_ * av.abs() - eps_[a:b, None]
+            if bool((valid & (err > 0)).any()):
+                raise _BoundViolated
         e = torch.where(valid, e, -math.inf)
         r = torch.where(valid, r, torch.iinfo(torch.int64).max)
         e, r = top(e, r)
