@@ -877,20 +877,27 @@ def render_exact(run: dict) -> str:
               "is the bare product (Q×D)@(D×N) at the peak measured in the same run (best of "
               "(Q×D)@(D×65536) and 4096³ for fp32, (Q×D)@(D×65536) for bf16, just before and just after); both "
               "searches use rows prepared once as the backend keeps them (bf16: a bfloat16 copy, half the "
-              "size, and the norm bounds; its preparation time is given apart).", ""]
-    lines += ["| N | load | fp32 / bf16 peak GFLOP/s | fp32 floor s | fp32 exact s (CPU s) | × fp32 floor (by CPU) | "
-              "bf16 exact s (CPU s) | × fp32 floor | × bf16 floor | bf16 speed-up (by CPU) | identical | auto |",
+              "size, and the norm bounds; its preparation time is given apart). *fp32 floor* is the bare product "
+              "at the search's shape; in brackets the ratio against the best fp32 rate of any shape (4096³, "
+              "which this machine runs faster) and the same ratio in CPU seconds per thread.", ""]
+    lines += ["| N | load | fp32 GFLOP/s: search shape / 4096³; bf16 | fp32 floor s (same shape) | fp32 exact s (CPU s) | "
+              "× fp32 floor (× 4096³ peak; by CPU) | bf16 exact s (CPU s) | × fp32 floor | × bf16 floor | "
+              "bf16 speed-up (by CPU) | identical | auto |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for res in run["sizes"]:
         e = res.get("exact_precision")
         if e is None:
             continue
         f, b = e["fp32"], e["bf16"]
+        flops = 2 * res["queries"] * res["n"] * res["dim"]
+        shape = max(e["gflops_fp32_before"]["search_shape"], e["gflops_fp32_after"]["search_shape"])
+        square = max(e["gflops_fp32_before"]["square_4096"], e["gflops_fp32_after"]["square_4096"])
+        floor = flops / (shape * 1e9)  # the bare (Q x D) @ (D x N) product at this run's best rate
         lines.append(f"| {res['n']:,} | {res['loadavg_start'][0]:.1f} → {res['loadavg_end'][0]:.1f} | "
-                     f"{e['peak_fp32']:.0f} / {e['peak_bf16']:.0f} | {e['floor_fp32_s']:.3f} | "
-                     f"{f['search_s']:.3f} ({f['search_cpu_s']:.2f}) | **{f['vs_floor_fp32']:.2f}** "
-                     f"({f['vs_floor_fp32_cpu']:.2f}) | {b['search_s']:.3f} ({b['search_cpu_s']:.2f}) | "
-                     f"**{b['vs_floor_fp32']:.2f}** | {b['vs_floor_bf16']:.2f} | **{e['bf16_vs_fp32']:.2f}×** "
+                     f"{shape:.0f} / {square:.0f}; {e['peak_bf16']:.0f} | {floor:.3f} | "
+                     f"{f['search_s']:.3f} ({f['search_cpu_s']:.2f}) | **{f['search_s'] / floor:.2f}** "
+                     f"({f['vs_floor_fp32']:.2f}; {f['vs_floor_fp32_cpu']:.2f}) | {b['search_s']:.3f} ({b['search_cpu_s']:.2f}) | "
+                     f"**{b['search_s'] / floor:.2f}** | {b['vs_floor_bf16']:.2f} | **{e['bf16_vs_fp32']:.2f}×** "
                      f"({e['bf16_vs_fp32_cpu']:.2f}×) | {'yes' if e['identical'] else 'NO (' + str(e['differing_ids']) + ' ids)'} | "
                      f"{e['auto_chooses']} |")
     lines.append("")

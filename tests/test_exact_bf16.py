@@ -207,6 +207,10 @@ def test_backends_of_both_precisions_agree_through_add_and_remove(tmp_path):
         b.add(x[800:], ids[800:])
         b.remove(ids[::7])
     assert_same(b32.search(q, k), b16.search(q, k))
+    # the bfloat16 copy was extended by the second add, not rebuilt: the same as a fresh one
+    xr, stats = b16._prepared_rows("bf16", x)
+    xr_fresh, stats_fresh = prepare_rows(x, "bf16")
+    assert torch.equal(xr, xr_fresh) and stats == stats_fresh
     alive = np.ones(x.shape[0], bool)
     alive[::7] = False
     ref_s, ref_rows = reference(q, x, k, alive)

@@ -447,7 +447,7 @@ class ExactBackend(Backend):
     that of the first pass (:func:`exact_search`; the results do not depend on it): ``auto``
     takes ``bf16`` where this machine's bf16 matrix product is at least 1.5x faster than fp32
     (:func:`bf16_speedup`). The bf16 path keeps a bfloat16 copy of the rows (half their size),
-    made at the first search after rows are added.
+    extended at the first search after rows are added.
     """
 
     supports_remove = True
@@ -463,7 +463,7 @@ class ExactBackend(Backend):
         self._alive = np.zeros((0,), bool)
         self._n = 0
         self._id_set: dict[int, int] | None = None
-        self._prepared: dict[str, tuple] = {}  # precision -> (n, prepare_rows(...))
+        self._prepared: dict[str, tuple] = {}  # precision -> (rows prepared, prepare_rows(...))
         self._lock = threading.Lock()
 
     @classmethod
@@ -515,7 +515,6 @@ class ExactBackend(Backend):
         for r, v in enumerate(ids, start=self._n):
             index[int(v)] = r
         self._n = need
-        self._prepared.clear()
 
     def remove(self, ids: np.ndarray) -> int:
         ids = np.asarray(ids, dtype=np.int64).ravel()
@@ -529,13 +528,26 @@ class ExactBackend(Backend):
         return removed
 
     def _prepared_rows(self, precision: str, x: np.ndarray):
-        """The bfloat16 copy and norm bounds of the current rows, made once after each add."""
+        """The bfloat16 copy and norm bounds of the current rows, extended by the rows added
+        since the last search (rows only ever append; removals only clear ``alive``)."""
         with self._lock:
-            got = self._prepared.get(precision)
-            if got is None or got[0] != x.shape[0]:
-                got = (x.shape[0], prepare_rows(x, precision))
-                self._prepared = {precision: got}
-            return got[1]
+            n, got = self._prepared.get(precision, (0, (None, _RowStats(0.0, 0.0, 0.0))))
+            if n > x.shape[0]:
+                n, got = 0, (None, _RowStats(0.0, 0.0, 0.0))
+            if n < x.shape[0]:
+                xr_new, st_new = prepare_rows(x[n:], precision)
+                xr, st = got
+                if xr_new is not None:
+                    if xr is None or xr.shape[0] < x.shape[0]:  # grow geometrically, as the rows do
+                        grown = torch.empty((max(x.shape[0], 2 * n), x.shape[1]), dtype=torch.bfloat16)
+                        if n:
+                            grown[:n] = xr[:n]
+                        xr = grown
+                    xr[n:x.shape[0]] = xr_new
+                got = (xr, st.merge(st_new))
+                self._prepared = {precision: (x.shape[0], got)}
+            xr, st = got
+            return (None if xr is None else xr[: x.shape[0]]), st
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = as_rows(q, self.dim, "queries")
