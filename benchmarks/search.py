@@ -911,6 +911,24 @@ def render_exact(run: dict) -> str:
                      f"{e['auto_chooses']}. Preparing the rows took {e['fp32']['prepare_s']:.2f} s (fp32: norm bounds) "
                      f"and {e['bf16']['prepare_s']:.2f} s (bf16 copy + bounds), once per index state.")
     lines.append("")
+    bars = []
+    for res in run["sizes"]:
+        e = res.get("exact_precision")
+        if e is None:
+            continue
+        flops = 2 * res["queries"] * res["n"] * res["dim"]
+        shape = max(e["gflops_fp32_before"]["search_shape"], e["gflops_fp32_after"]["search_shape"])
+        floor = flops / (shape * 1e9)
+        used = e[e["auto_chooses"]]["search_s"] / floor
+        fp32 = e["fp32"]["search_s"] / floor
+        bars.append(f"- N = {res['n']:,}: `exact` as shipped (auto → {e['auto_chooses']}) took {used:.2f}× the fp32 "
+                    f"floor → **{'pass' if used <= 1.2 else 'FAIL'}** (bar ≤ 1.2×); the fp32 path alone {fp32:.2f}× "
+                    f"→ **{'pass' if fp32 <= 1.2 else 'FAIL'}**; bf16 + re-scoring {e['bf16_vs_fp32']:.2f}× faster "
+                    f"than fp32 exact ({e['bf16_vs_fp32_cpu']:.2f}× by CPU) with "
+                    f"{'identical ids and scores' if e['identical'] else 'DIFFERENT results'}"
+                    + (" (the ≥ 3× bar is for AMX; this machine has none)." if not m.get("amx") else
+                       f" → **{'pass' if e['bf16_vs_fp32'] >= 3 and e['identical'] else 'FAIL'}** (bar ≥ 3× on AMX)."))
+    lines += ["Bars:", ""] + bars + [""]
     return "\n".join(lines + [EXACT_END]) + "\n"
 
 
