@@ -202,7 +202,7 @@ def resolve_precision(precision: str) -> str:
 
 # -- search -----------------------------------------------------------------------------------
 
-def _block_rows(n_queries: int, budget_bytes: int = 128 << 20) -> int:
+def _block_rows(n_queries: int, budget_bytes: int = 256 << 20) -> int:
     # the scores block (Q x B float32) stays within budget_bytes
     return int(min(65536, max(4096, budget_bytes // (4 * max(n_queries, 1)))))
 
@@ -279,7 +279,7 @@ def exact_search(
     best_s = torch.empty((nq, sum(widths)), dtype=qa.dtype)  # bf16 scores are kept as computed
     best_i = torch.empty((nq, sum(widths)), dtype=torch.int64)
     dropped = torch.full((nq,), -math.inf, dtype=qa.dtype)
-    buf = torch.empty((nq, min(block, n)), dtype=qa.dtype)  # reused: fresh blocks cost page faults
+    buf = torch.empty(nq * min(block, n), dtype=qa.dtype)  # reused: fresh blocks cost page faults
     seen = _RowStats(0.0, 0.0, 0.0)
     col = 0
     for start, kk in zip(starts, widths):
@@ -287,7 +287,7 @@ def exact_search(
         xb, st = rows_block(start, stop)
         if st is not None:
             seen = seen.merge(st)
-        sc = torch.mm(qa, xb.T, out=buf) if stop - start == buf.shape[1] else qa @ xb.T
+        sc = torch.mm(qa, xb.T, out=buf[: nq * (stop - start)].view(nq, stop - start))
         dead = dead_block(start, stop)
         if dead is not None:
             sc[:, dead] = -math.inf
