@@ -133,8 +133,16 @@ def error_bound(q: torch.Tensor, stats: _RowStats, precision: str) -> tuple[torc
     Assumptions, checked where they can be: the product accumulates in float32 (checked once
     per process by :func:`bf16_speedup`; otherwise bf16 is refused), and rounds to nearest.
     Every search also checks the bound on each re-scored candidate; a violation (a product that
-    breaks the assumptions) switches the process to fp32 and redoes the search. For unit rows the bf16
-    bound is about ``2 · 0.6 v ≈ 0.005`` plus ``v |a|``; the fp32 bound about ``6e-5``.
+    breaks the assumptions) switches the process to fp32 and redoes the search. For unit rows
+    in 512-D the bf16 ``eps`` is about ``0.004`` (``‖δx‖ ≤ 0.52 v``), plus ``v |a|``; the fp32
+    ``eps`` about ``6e-5``.
+
+    How :func:`exact_search` uses it: ``lower(a) = a − r|a| − eps`` and ``upper(a) = a + r|a| +
+    eps`` are increasing in ``a``, so ``L = lower(a_(k))`` (the k-th largest first-pass score)
+    is a lower bound of the k-th largest exact score, and a row can be in the exact top k only
+    if ``upper(a_j) ≥ L``: those rows are re-scored. Rows the first pass let go (beyond its
+    per-block top ``keep``) are covered by the largest score let go; where even that reaches
+    ``L`` the query is rescanned in full.
     """
     d = q.shape[1]
     nq = _norms(q)
