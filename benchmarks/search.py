@@ -34,6 +34,14 @@ is a prefix of a larger one; queries are a separate seeded stream, distinct from
         [--backends exact,ann,auto,ivfflat,ivfpq,hnsw,milvus] [--json out.json] [--write | --write-auto]
     .venv/bin/python benchmarks/search.py --render out.json --write   # re-render a saved run
 
+``--exact-precision`` adds, per size, the two first-pass precisions of exact search
+(``imret.index.exact``): the fp32 and bf16 matmul peaks of this machine at the search's shape,
+exact search with an fp32 first pass against the fp32 matmul floor, with a bf16 first pass
+(+ exact re-scoring) against fp32 and whether the two results are identical (ids and scores);
+``--exact-only`` runs only that (no backend is built)::
+
+    .venv/bin/python benchmarks/search.py --sizes 100000,1000000 --exact-only --write-exact
+
 ``--write`` replaces the section between ``<!-- search:begin -->`` and ``<!-- search:end -->``
 in BENCHMARKS.md (appends it the first time). ``--write-auto`` replaces only its subsection on
 the ``auto`` backend (``<!-- search-auto:begin -->`` ... ``<!-- search-auto:end -->``, put just
@@ -62,7 +70,7 @@ import numpy as np
 import torch
 
 from imret.index import create_backend, load_backend, parse_spec, resolve_spec, tie_aware_recall
-from imret.index.exact import ExactBackend
+from imret.index.exact import ExactBackend, bf16_speedup, exact_search, prepare_rows, resolve_precision
 from imret.index.tuning import auto_target, tune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,6 +78,7 @@ from _common import REPO, cpu_name, write_section  # noqa: E402
 
 BEGIN, END = "<!-- search:begin -->", "<!-- search:end -->"
 AUTO_BEGIN, AUTO_END = "<!-- search-auto:begin -->", "<!-- search-auto:end -->"
+EXACT_BEGIN, EXACT_END = "<!-- search-exact:begin -->", "<!-- search-exact:end -->"
 
 TEMPLATES = {
     "exact": "exact",
@@ -142,14 +151,16 @@ def machine() -> dict:
             versions[mod] = __import__(mod).__version__
         except Exception:  # optional; a broken install is reported as missing
             pass
-    amx = False
+    amx = avx512_bf16 = False
     try:
         with open("/proc/cpuinfo") as f:
-            amx = any(line.startswith("flags") and " amx" in line for line in f)
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+        amx = any(fl.startswith("amx") for fl in flags)
+        avx512_bf16 = "avx512_bf16" in flags
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": mem, "versions": versions,
-            "threads": torch.get_num_threads(), "amx": amx}
+            "threads": torch.get_num_threads(), "amx": amx, "avx512_bf16": avx512_bf16}
 
 
 def code_version() -> str:
@@ -290,6 +301,69 @@ def peak_gflops(q: int, d: int, repeats: int = 3) -> dict:
         cpu[name] = 2 * m * kk * n / best_cpu / 1e9
     out["peak"] = max(out.values())
     out["peak_cpu"] = max(cpu.values())
+    return out
+
+
+def bf16_gflops(q: int, d: int, repeats: int = 3) -> float:
+    """Best bf16 matmul GFLOP/s at the search's shape (Q x D) @ (D x 65536), by wall clock."""
+    a, b = torch.randn(q, d).bfloat16(), torch.randn(65536, d).bfloat16()
+    a @ b.T  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        with Clock() as c:
+            a @ b.T
+        best = min(best, c.wall)
+    return 2 * q * d * 65536 / best / 1e9
+
+
+def bench_exact_precision(x: np.ndarray, q: np.ndarray, k: int, repeats: int) -> dict:
+    """Exact search with an fp32 and a bf16 first pass, against the matmul floors of this run.
+
+    Both paths search as ``ExactBackend`` does (rows prepared once: the norm bounds, and for
+    bf16 the bfloat16 copy; preparing is timed apart). The floors are the bare products
+    (Q x D) @ (D x N) at the peaks measured just before and just after.
+    """
+    n, d = x.shape
+    flops = 2 * q.shape[0] * n * d
+    out: dict = {"gflops_fp32_before": peak_gflops(q.shape[0], d), "gflops_bf16_before": bf16_gflops(q.shape[0], d),
+                 "bf16_speedup_probe": bf16_speedup(), "auto_chooses": resolve_precision("auto")}
+    results = {}
+    for precision in ("fp32", "bf16"):
+        with Clock() as prep:
+            prepared = prepare_rows(x, precision)
+        exact_search(q[:10], x, k, precision=precision, prepared=prepared)  # warm-up
+        best = None
+        for _ in range(repeats):
+            with Clock() as c:
+                res = exact_search(q, x, k, precision=precision, prepared=prepared)
+            if best is None or c.wall < best[0].wall:
+                best = (c, res)
+        results[precision] = best[1]
+        out[precision] = {"search_s": best[0].wall, "search_cpu_s": best[0].cpu, "prepare_s": prep.wall}
+        del prepared
+        release_memory()
+        print(f"  exact {precision}: {best[0].wall:.3f} s (CPU {best[0].cpu:.2f} s), prepare {prep.wall:.2f} s", flush=True)
+    out["gflops_fp32_after"] = peak_gflops(q.shape[0], d)
+    out["gflops_bf16_after"] = bf16_gflops(q.shape[0], d)
+    threads = torch.get_num_threads()
+    peak32 = max(out["gflops_fp32_before"]["peak"], out["gflops_fp32_after"]["peak"])
+    peak32_cpu = max(out["gflops_fp32_before"]["peak_cpu"], out["gflops_fp32_after"]["peak_cpu"])
+    peak16 = max(out["gflops_bf16_before"], out["gflops_bf16_after"])
+    out.update(peak_fp32=peak32, peak_fp32_cpu=peak32_cpu, peak_bf16=peak16, floor_fp32_s=flops / (peak32 * 1e9),
+               floor_bf16_s=flops / (peak16 * 1e9), floor_fp32_cpu_s=flops / (peak32_cpu * 1e9))
+    for precision in ("fp32", "bf16"):
+        r = out[precision]
+        r["vs_floor_fp32"] = r["search_s"] / out["floor_fp32_s"]
+        r["vs_floor_fp32_cpu"] = r["search_cpu_s"] / threads / out["floor_fp32_cpu_s"]
+    out["bf16"]["vs_floor_bf16"] = out["bf16"]["search_s"] / out["floor_bf16_s"]
+    out["bf16_vs_fp32"] = out["fp32"]["search_s"] / out["bf16"]["search_s"]
+    out["bf16_vs_fp32_cpu"] = out["fp32"]["search_cpu_s"] / out["bf16"]["search_cpu_s"]
+    a, b = results["fp32"], results["bf16"]
+    out["identical"] = bool(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]))
+    out["differing_ids"] = int((a[1] != b[1]).sum())
+    print(f"  exact: fp32 {out['fp32']['vs_floor_fp32']:.2f}x its floor ({out['fp32']['vs_floor_fp32_cpu']:.2f}x by CPU), "
+          f"bf16 {out['bf16_vs_fp32']:.2f}x faster ({out['bf16_vs_fp32_cpu']:.2f}x by CPU), identical: {out['identical']}",
+          flush=True)
     return out
 
 
@@ -463,6 +537,12 @@ def bench_size(n: int, args, data: Descriptors, tmp: Path) -> dict:
     ann = resolve_spec(default_ann_spec(n))
     nlist = int(re.match(r"IVF(\d+)", ann.target).group(1)) if ann.target.startswith("IVF") else 1024
     nprobe = ann.params.get("nprobe", "16")
+    if args.exact_precision or args.exact_only:
+        res["exact_precision"] = bench_exact_precision(x, q, args.k, args.repeats)
+        release_memory()
+    if args.exact_only:
+        res.update(backends=[], skipped=[], loadavg_end=os.getloadavg())
+        return res
     res["stream_s"] = stream_seconds(x)
     res["stream_gbs"] = x.nbytes / res["stream_s"] / 1e9
     res["gflops_before"] = peak_gflops(args.queries, args.dim)  # again after exact search
@@ -663,6 +743,8 @@ def render(run: dict) -> str:
     lines += run.get("notes", [])
     if any(r["name"] == "auto" for res in run["sizes"] for r in res["backends"]):
         lines += ["", render_auto(run).rstrip("\n"), ""]
+    if any("exact_precision" in res for res in run["sizes"]):
+        lines += ["", render_exact(run).rstrip("\n"), ""]
     targets = run.get("targets")
     if targets:
         lines += ["", f"Targets at N = {targets['n']:,}:", ""]
@@ -774,6 +856,94 @@ def write_auto_section(text: str, path: Path) -> None:
     write_section(text, path, AUTO_BEGIN, AUTO_END)
 
 
+def render_exact(run: dict) -> str:
+    """The subsection on exact search's first-pass precision (fp32, bf16 + exact re-scoring)."""
+    m = run["machine"]
+    lines = [EXACT_BEGIN, f"### Exact search: fp32 or bf16 first pass, against the matmul floor ({run['date']})", ""]
+    lines += [f"Command: `{run['command']}`, on {run.get('code', 'unknown code')}. Machine: {m['cpu']} "
+              f"({'with' if m.get('amx') else '**no**'} AMX; AVX512-BF16 per `/proc/cpuinfo`: "
+              f"{'yes' if m.get('avx512_bf16') else 'no'}), {m['cores']} logical cores, no GPU, {m['threads']} torch "
+              "threads; a shared VM, so wall-clock figures vary with the load (given per size) and the CPU-second "
+              "figures are beside them.", ""]
+    lines += ["Exact search (`imret.index.exact`) multiplies the queries with the rows in blocks (first pass, in "
+              "fp32 or bf16), keeps per query every row whose first-pass score could reach the top k within a "
+              "proven error bound (`error_bound`: for bf16 the actual rounding errors of the factors by "
+              "Cauchy–Schwarz, the float32 accumulation γ_D, the bfloat16 rounding of the output, and the "
+              "re-scoring's own error), re-scores those exactly (float32 products summed along the row, "
+              "`exact_scores`) and returns the top k, ties by row. Both precisions therefore return the same ids "
+              "and scores bit for bit (`tests/test_exact_bf16.py` checks it on adversarial near-ties against a "
+              "brute-force reference, and that a bound 10⁶× too small breaks it). `exact` (precision `auto`) "
+              "takes bf16 where a bf16 product is measured ≥ 1.5× faster than fp32 once per process. The floor "
+              "is the bare product (Q×D)@(D×N) at the peak measured in the same run (best of "
+              "(Q×D)@(D×65536) and 4096³ for fp32, (Q×D)@(D×65536) for bf16, just before and just after); both "
+              "searches use rows prepared once as the backend keeps them (bf16: a bfloat16 copy, half the "
+              "size, and the norm bounds; its preparation time is given apart). *fp32 floor* is the bare product "
+              "at the search's shape; in brackets the ratio against the best fp32 rate of any shape (4096³, "
+              "which this machine runs faster) and the same ratio in CPU seconds per thread.", ""]
+    lines += ["| N | load | fp32 GFLOP/s: search shape / 4096³; bf16 | fp32 floor s (same shape) | fp32 exact s (CPU s) | "
+              "× fp32 floor (× 4096³ peak; by CPU) | bf16 exact s (CPU s) | × fp32 floor | × bf16 floor | "
+              "bf16 speed-up (by CPU) | identical | auto |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for res in run["sizes"]:
+        e = res.get("exact_precision")
+        if e is None:
+            continue
+        f, b = e["fp32"], e["bf16"]
+        flops = 2 * res["queries"] * res["n"] * res["dim"]
+        shape = max(e["gflops_fp32_before"]["search_shape"], e["gflops_fp32_after"]["search_shape"])
+        square = max(e["gflops_fp32_before"]["square_4096"], e["gflops_fp32_after"]["square_4096"])
+        floor = flops / (shape * 1e9)  # the bare (Q x D) @ (D x N) product at this run's best rate
+        lines.append(f"| {res['n']:,} | {res['loadavg_start'][0]:.1f} → {res['loadavg_end'][0]:.1f} | "
+                     f"{shape:.0f} / {square:.0f}; {e['peak_bf16']:.0f} | {floor:.3f} | "
+                     f"{f['search_s']:.3f} ({f['search_cpu_s']:.2f}) | **{f['search_s'] / floor:.2f}** "
+                     f"({f['vs_floor_fp32']:.2f}; {f['vs_floor_fp32_cpu']:.2f}) | {b['search_s']:.3f} ({b['search_cpu_s']:.2f}) | "
+                     f"**{b['search_s'] / floor:.2f}** | {b['vs_floor_bf16']:.2f} | **{e['bf16_vs_fp32']:.2f}×** "
+                     f"({e['bf16_vs_fp32_cpu']:.2f}×) | {'yes' if e['identical'] else 'NO (' + str(e['differing_ids']) + ' ids)'} | "
+                     f"{e['auto_chooses']} |")
+    lines.append("")
+    for res in run["sizes"]:
+        e = res.get("exact_precision")
+        if e is None:
+            continue
+        lines.append(f"- N = {res['n']:,}: fp32 peak {e['peak_fp32']:.0f} GFLOP/s by wall clock ({e['peak_fp32_cpu']:.0f} "
+                     f"by CPU seconds), bf16 {e['peak_bf16']:.0f}; the process's probe (`bf16_speedup`, a "
+                     f"(256×512)@(512×8192) product) measured bf16 {e['bf16_speedup_probe']:.2f}× fp32, so `auto` took "
+                     f"{e['auto_chooses']}. Preparing the rows took {e['fp32']['prepare_s']:.2f} s (fp32: norm bounds) "
+                     f"and {e['bf16']['prepare_s']:.2f} s (bf16 copy + bounds), once per index state.")
+    lines.append("")
+    bars = []
+    for res in run["sizes"]:
+        e = res.get("exact_precision")
+        if e is None:
+            continue
+        flops = 2 * res["queries"] * res["n"] * res["dim"]
+        shape = max(e["gflops_fp32_before"]["search_shape"], e["gflops_fp32_after"]["search_shape"])
+        floor = flops / (shape * 1e9)
+        used = e[e["auto_chooses"]]["search_s"] / floor
+        fp32 = e["fp32"]["search_s"] / floor
+        bars.append(f"- N = {res['n']:,}: `exact` as shipped (auto → {e['auto_chooses']}) took {used:.2f}× the fp32 "
+                    f"floor → **{'pass' if used <= 1.2 else 'FAIL'}** (bar ≤ 1.2×); the fp32 path alone {fp32:.2f}× "
+                    f"→ **{'pass' if fp32 <= 1.2 else 'FAIL'}**; bf16 + re-scoring {e['bf16_vs_fp32']:.2f}× faster "
+                    f"than fp32 exact ({e['bf16_vs_fp32_cpu']:.2f}× by CPU) with "
+                    f"{'identical ids and scores' if e['identical'] else 'DIFFERENT results'}"
+                    + (" (the ≥ 3× bar is for AMX; this machine has none)." if not m.get("amx") else
+                       f" → **{'pass' if e['bf16_vs_fp32'] >= 3 and e['identical'] else 'FAIL'}** (bar ≥ 3× on AMX)."))
+    lines += ["Bars:", ""] + bars + [""]
+    return "\n".join(lines + [EXACT_END]) + "\n"
+
+
+def write_exact_section(text: str, path: Path) -> None:
+    """Replace the exact-precision subsection in BENCHMARKS.md; the first time, put it just before
+    the auto subsection (or the end of the search section)."""
+    old = path.read_text(encoding="utf-8")
+    if EXACT_BEGIN not in old:
+        anchor = AUTO_BEGIN if AUTO_BEGIN in old else END
+        if anchor in old:
+            head, _, tail = old.partition(anchor)
+            path.write_text(head + EXACT_BEGIN + "\n" + EXACT_END + "\n\n" + anchor + tail, encoding="utf-8")
+    write_section(text, path, EXACT_BEGIN, EXACT_END)
+
+
 # -- main -------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -797,6 +967,11 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true", help="update the search section of BENCHMARKS.md")
     ap.add_argument("--write-auto", action="store_true",
                     help="update only the auto-backend subsection of the search section of BENCHMARKS.md")
+    ap.add_argument("--exact-precision", action="store_true",
+                    help="also measure exact search with fp32 and bf16 first passes against the matmul floors")
+    ap.add_argument("--exact-only", action="store_true", help="measure only that (no backend is built)")
+    ap.add_argument("--write-exact", action="store_true",
+                    help="update only the exact-precision subsection of the search section of BENCHMARKS.md")
     ap.add_argument("--render", default=None, metavar="JSON", help="only re-render a saved run's section")
     args = ap.parse_args(argv)
     faulthandler.enable()  # a crash inside FAISS or Milvus leaves a traceback in the log
@@ -824,6 +999,14 @@ def main(argv=None) -> int:
             run["sizes"].append(bench_size(n, args, data, tmp))
         run["total_s"] = time.perf_counter() - t_start
         shutil.rmtree(tmp, ignore_errors=True)
+    if args.exact_only:
+        text = render_exact(run)
+        print(text)
+        if args.json and not args.render:
+            Path(args.json).write_text(json.dumps(run, indent=1, default=float))
+        if args.write_exact:
+            write_exact_section(text, REPO / "BENCHMARKS.md")
+        return 0
     run["targets"] = targets(run)
     run["notes"] = notes(run)
     text = render(run)
@@ -834,6 +1017,8 @@ def main(argv=None) -> int:
         write_section(text, REPO / "BENCHMARKS.md", BEGIN, END)
     elif args.write_auto:
         write_auto_section(render_auto(run), REPO / "BENCHMARKS.md")
+    if args.write_exact and not args.write and any("exact_precision" in r for r in run["sizes"]):
+        write_exact_section(render_exact(run), REPO / "BENCHMARKS.md")
     return 0
 
 

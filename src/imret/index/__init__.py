@@ -45,7 +45,7 @@ def check_spec(spec: str | BackendSpec, *, dim: int | None = None) -> BackendSpe
     """Check a whole backend spec before any work depends on it; returns it parsed.
 
     Checks what :func:`parse_spec` checks (the kind, the target) and also every parameter name
-    and value (``exact`` takes none; ``ann``: ``nprobe``, ``efSearch``; ``auto``: see
+    and value (``exact``: ``precision``; ``ann``: ``nprobe``, ``efSearch``; ``auto``: see
     :data:`imret.index.tuning.AUTO_PARAMS`; ``faiss:``: see
     :data:`imret.index.faiss_backend.FAISS_PARAMS`; ``milvus:``: see
     :data:`imret.index.milvus_backend.PARAMS`), and that the optional package the backend
@@ -60,8 +60,9 @@ def check_spec(spec: str | BackendSpec, *, dim: int | None = None) -> BackendSpe
     """
     s = parse_spec(spec)
     if s.kind == "exact":
-        if s.params:
-            raise ValueError(f"backend 'exact' takes no parameters, got {', '.join(map(repr, s.params))} in {str(s)!r}")
+        from .exact import _precision_of
+
+        _precision_of(str(s))  # only precision=auto|fp32|bf16
     elif s.kind == "ann":
         from .faiss_backend import _faiss, check_ann_params
 
