@@ -44,7 +44,7 @@ CHROMEDRIVER = Path(os.environ.get("IMRET_CHROMEDRIVER", "/usr/bin/chromedriver"
 ARTIFACTS = REPO / "test-artifacts"
 QUERY = "paris_eiffel_000266"
 N_DB = 80
-WAIT_S = 60
+WAIT_S = 180  # start-up of `imret serve` (about 10 s on a quiet 2-core machine; a loaded one is slower)
 
 
 # --- fixtures: store, server, browser ------------------------------------------------------------

@@ -51,7 +51,7 @@ def no_heavy_work(monkeypatch):
     ("faiss:HNSW32?efSearch=many", "parameter efSearch='many' must be a positive integer"),
     ("ann?nprobe=0", "parameter nprobe='0' must be a positive integer"),
     ("ann?ef=10", "unknown 'ann' parameter(s) 'ef'; valid: nprobe, efSearch"),
-    ("exact?block=4", "backend 'exact' takes no parameters, got 'block'"),
+    ("exact?block=4", "backend 'exact' takes only 'precision', got 'block'"),
     ("hnsw", "unknown backend 'hnsw' in spec 'hnsw'; available: exact, faiss, milvus, ann"),
     ("milvus:vectors.txt", "a Milvus Lite target must be a path ending in '.db'"),
     ("milvus:./v.db?index=HNSW&nlist=8", "milvus parameter nlist does not apply to index HNSW; it takes M, efConstruction, ef"),
@@ -106,7 +106,7 @@ def test_index_configure_checks_the_backend_before_fitting(copy_store, built, mo
 
     monkeypatch.setattr(imret.whitening, "fit_pca_whitening", refuse)
     assert main(["index", "configure", str(store), "--whiten", "pca", "--backend", "exact?nprobe=3"]) == 1
-    assert "backend 'exact' takes no parameters, got 'nprobe'" in capsys.readouterr().err
+    assert "backend 'exact' takes only 'precision', got 'nprobe'" in capsys.readouterr().err
     assert main(["index", "configure", str(store), "--whiten", "pca", "--qe", "alpha", "--qe-k", "0"]) == 1
     assert "query expansion k must be a positive integer, got 0" in capsys.readouterr().err
     assert main(["index", "configure", str(store), "--pairs", "p.csv"]) == 1
