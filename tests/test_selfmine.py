@@ -431,3 +431,37 @@ def test_cli_errors(tmp_path, capsys):
     assert "--min-inliers must be at least 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _parser().parse_args(["clean", "x.csv", "--out", "o", "--mode", "biggest"])
+
+
+def test_cli_mine_then_train_on_the_mined_classes(tmp_path, capsys):
+    """No labels anywhere: ``imret mine`` on a folder of photos, then ``imret train`` (AP loss,
+    class-balanced batches) on the mined ``classes.csv``."""
+    pytest.importorskip("cv2")
+    yaml = pytest.importorskip("yaml")
+    import torch
+
+    from imret.train.metrics_log import read_metrics
+
+    root = make_labelled_folder(tmp_path / "photos", n_classes=3, per_class=4, seed=5)
+    mined = tmp_path / "mined"
+    assert _run(["mine", str(root), "--out", str(mined), "--k", "11", *MODEL]) == 0
+    capsys.readouterr()
+    with open(mined / "classes.csv") as f:
+        rows = list(csv.DictReader(f))
+    folders = {r["path"]: Path(r["path"]).parent.name for r in rows}
+    assert len(rows) == 12 and not {r["label"] for r in rows} & set(folders.values())  # component ids, not folders
+    assert len({(folders[r["path"]], r["label"]) for r in rows}) == 3  # one pseudo-class per object
+    out = tmp_path / "run"
+    cfg = {"out": str(out), "epochs": 2, "device": "cpu", "seed": 0, "log_every": 1,
+           "model": {"backbone": "mobilenetv2_100", "pretrained": False},
+           "data": {"kind": "csv", "csv": str(mined / "classes.csv"), "root": str(mined), "image_size": 64,
+                    "workers": 0},
+           "loss": {"name": "ap"}, "mining": {"strategy": "all", "classes_per_batch": 3, "per_class": 4},
+           "optim": {"lr": 1e-3}}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    assert _run(["train", str(tmp_path / "train.yaml"), "--no-progress"]) == 0, capsys.readouterr().err
+    assert "epoch 2/2" in capsys.readouterr().out
+    metrics = read_metrics(out / "metrics.csv")
+    assert [r["epoch"] for r in metrics] == [1, 2] and all(np.isfinite(r["loss"]) for r in metrics)
+    ck = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert ck["epoch"] == 2 and ck["global_step"] == 2  # 12 images = one batch of 3 pseudo-classes x 4 per epoch
