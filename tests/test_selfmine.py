@@ -433,6 +433,7 @@ def test_cli_errors(tmp_path, capsys):
         _parser().parse_args(["clean", "x.csv", "--out", "o", "--mode", "biggest"])
 
 
+@pytest.mark.slow
 def test_cli_mine_then_train_on_the_mined_classes(tmp_path, capsys):
     """No labels anywhere: ``imret mine`` on a folder of photos, then ``imret train`` (AP loss,
     class-balanced batches) on the mined ``classes.csv``."""
