@@ -193,6 +193,17 @@ def test_duplicate_check_rotation_sign(photos):
         DuplicateCheck(min_coverage=2)
 
 
+def _shared_patch_pair(photos):
+    """``(a, b)``: one photo, and another photo of its size with a's central 40 % x 40 % pasted in place."""
+    originals = photos[1]
+    a = Image.open(originals[0]).convert("RGB")
+    b = Image.open(originals[1]).convert("RGB").resize(a.size)
+    w, h = a.size
+    box = (int(0.3 * w), int(0.3 * h), int(0.7 * w), int(0.7 * h))
+    b.paste(a.crop(box), box[:2])
+    return a, b
+
+
 def test_duplicate_check_rejects_a_shared_patch_in_another_photo(photos):
     """Two photos that share one unchanged region at the same place (a sign shot twice from one
     spot): the identity fits the region's keypoints, the frames coincide, but most of the shared
@@ -200,12 +211,7 @@ def test_duplicate_check_rejects_a_shared_patch_in_another_photo(photos):
     pytest.importorskip("cv2")
     from imret.local.sift import SiftExtractor
 
-    originals = photos[1]
-    a = Image.open(originals[0]).convert("RGB")
-    b = Image.open(originals[1]).convert("RGB").resize(a.size)
-    w, h = a.size
-    box = (int(0.3 * w), int(0.3 * h), int(0.7 * w), int(0.7 * h))
-    b.paste(a.crop(box), box[:2])
+    a, b = _shared_patch_pair(photos)
     ex = SiftExtractor()
     fa, fb = ex(a), ex(b)
     loose = DuplicateCheck(min_inliers=10, min_inlier_ratio=0.0)(fa, fb)
@@ -247,18 +253,13 @@ def test_duplicate_check_compares_aligned_pixels(photos):
     pytest.importorskip("cv2")
     from imret.local.sift import SiftExtractor
 
-    originals = photos[1]
-    a = Image.open(originals[0]).convert("RGB")
-    b = Image.open(originals[1]).convert("RGB").resize(a.size)
-    w, h = a.size
-    box = (int(0.3 * w), int(0.3 * h), int(0.7 * w), int(0.7 * h))
-    b.paste(a.crop(box), box[:2])
+    a, b = _shared_patch_pair(photos)
     ex = SiftExtractor()
     geometric = DuplicateCheck(min_inliers=10, min_inlier_ratio=0.0)
     assert geometric(ex(a), ex(b)).confirmed  # without pixels: confirmed
     pc = geometric(ex(a), ex(b), images=(a, b))
     assert not pc.confirmed and "pixels differ once aligned" in pc.reason
-    copy = a.resize((w // 2, h // 2))
+    copy = a.resize((a.size[0] // 2, a.size[1] // 2))
     assert geometric(ex(a), ex(copy), images=(a, copy)).confirmed
     assert DuplicateCheck(min_inliers=10, min_inlier_ratio=0.0, min_correlation=0)(ex(a), ex(b), images=(a, b)).confirmed
     with pytest.raises(ValueError, match="min_correlation"):
