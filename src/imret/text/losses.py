@@ -323,8 +323,53 @@ def _check_weights(weights: Any) -> tuple[float, float, float]:
             raise ValueError(f"weights must be finite numbers >= 0 (w_v, w_t1, w_t2), got {weights!r}")
         out.append(float(w))
     if sum(out) == 0:
-        raise ValueError(f"at least one weight must be positive, got {weights!r}")
+        raise ValueError(f"weights must hold at least one positive number, got {weights!r}")
     return out[0], out[1], out[2]
+
+
+class JointOptions(NamedTuple):
+    """The validated settings of :func:`joint_ranking_loss` (see :func:`check_joint_options`)."""
+
+    margin: float
+    weights: tuple[float, float, float]
+    min_gap: float
+    per_anchor: int | None
+    reduction: str
+    cross_modal: str
+    cross_margin: float | None
+
+
+def check_joint_options(
+    *,
+    margin: Any = 0.1,
+    weights: Any = (1.0, 1.0, 1.0),
+    min_gap: Any = 0.0,
+    per_anchor: Any = None,
+    reduction: Any = "mean",
+    cross_modal: Any = "pairs",
+    cross_margin: Any = 0.2,
+) -> JointOptions:
+    """Validate the settings of the joint loss once, for the function, the module and the trainer's config.
+
+    Raises ``ValueError`` whose message starts with the setting's name, then the bad value and the
+    valid choices.
+    """
+    margin = _check_margin(margin)
+    w = _check_weights(weights)
+    if isinstance(min_gap, bool) or not isinstance(min_gap, (int, float)) or not math.isfinite(min_gap) or min_gap < 0:
+        raise ValueError(f"min_gap must be a finite number >= 0, got {min_gap!r}")
+    if per_anchor is not None and (isinstance(per_anchor, bool) or not isinstance(per_anchor, int) or per_anchor < 1):
+        raise ValueError(f"per_anchor must be a positive integer or None, got {per_anchor!r}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction {reduction!r} is unknown; available: 'mean', 'sum'")
+    if cross_modal not in CROSS_MODAL:
+        raise ValueError(f"cross_modal {cross_modal!r} is unknown; available: {', '.join(map(repr, CROSS_MODAL))}")
+    if cross_margin is not None:
+        try:
+            cross_margin = _check_margin(cross_margin)
+        except ValueError:
+            raise ValueError(f"cross_margin must be a finite number >= 0 or None, got {cross_margin!r}") from None
+    return JointOptions(margin, w, float(min_gap), per_anchor, reduction, cross_modal, cross_margin)
 
 
 def joint_ranking_loss(
@@ -372,12 +417,10 @@ def joint_ranking_loss(
             raise ValueError(f"theta is None (visual-only) but the cross-modal weights are {w1}, {w2}; set them to 0")
     else:
         _check_embeddings(theta, "theta", n)
-    margin = _check_margin(margin)
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"unknown reduction {reduction!r}; available: 'mean', 'sum'")
-    if cross_modal not in CROSS_MODAL:
-        raise ValueError(f"unknown cross_modal {cross_modal!r}; available: {', '.join(map(repr, CROSS_MODAL))}")
-    xmargin = margin if cross_margin is None else _check_margin(cross_margin)
+    o = check_joint_options(margin=margin, weights=weights, min_gap=min_gap, per_anchor=per_anchor,
+                            reduction=reduction, cross_modal=cross_modal, cross_margin=cross_margin)
+    margin, min_gap, per_anchor = o.margin, o.min_gap, o.per_anchor
+    xmargin = margin if o.cross_margin is None else o.cross_margin
     rel = _check_relevance(relevance, n).to(phi.device)
     cross = theta is not None and (w1 > 0 or w2 > 0)
     if cross_modal == "pairs":
@@ -430,20 +473,11 @@ class JointRankingLoss(nn.Module):
         cross_margin: float | None = 0.2,
     ):
         super().__init__()
-        if cross_modal not in CROSS_MODAL:
-            raise ValueError(f"unknown cross_modal {cross_modal!r}; available: {', '.join(map(repr, CROSS_MODAL))}")
-        self.cross_modal = cross_modal
-        self.cross_margin = None if cross_margin is None else _check_margin(cross_margin)
-        self.margin = _check_margin(margin)
-        self.weights = _check_weights(weights)
-        if per_anchor is not None and (isinstance(per_anchor, bool) or not isinstance(per_anchor, int) or per_anchor < 1):
-            raise ValueError(f"per_anchor must be a positive integer or None, got {per_anchor!r}")
-        if isinstance(min_gap, bool) or not isinstance(min_gap, (int, float)) or not math.isfinite(min_gap) or min_gap < 0:
-            raise ValueError(f"min_gap must be a finite number >= 0, got {min_gap!r}")
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"unknown reduction {reduction!r}; available: 'mean', 'sum'")
-        self.min_gap, self.per_anchor = float(min_gap), per_anchor
-        self.cross_modal_self, self.reduction = bool(cross_modal_self), reduction
+        o = check_joint_options(margin=margin, weights=weights, min_gap=min_gap, per_anchor=per_anchor,
+                                reduction=reduction, cross_modal=cross_modal, cross_margin=cross_margin)
+        self.margin, self.weights, self.min_gap, self.per_anchor = o.margin, o.weights, o.min_gap, o.per_anchor
+        self.reduction, self.cross_modal, self.cross_margin = o.reduction, o.cross_modal, o.cross_margin
+        self.cross_modal_self = bool(cross_modal_self)
 
     def forward(self, phi: torch.Tensor, theta: torch.Tensor | None, relevance: torch.Tensor | np.ndarray) -> JointLoss:
         return joint_ranking_loss(

@@ -196,7 +196,6 @@ class SemanticTrainConfig:
     def __post_init__(self) -> None:
         from ..precision import PRECISIONS
         from ..text.encoder import TfidfConfig
-        from ..text.losses import _check_weights
 
         _choice("data.kind", self.data.kind, ("captions",))
         _choice("loss.name", self.loss.name, ("semantic",))
@@ -237,21 +236,15 @@ class SemanticTrainConfig:
         w = self.loss.weights
         if not isinstance(w, list):
             raise ValueError(f"loss.weights: expected a list [w_v, w_t1, w_t2], got {w!r}")
-        try:
-            self.loss.weights = list(_check_weights(w))
-        except ValueError as e:
-            raise ValueError(f"loss.weights: {e}") from None
-        if self.loss.margin < 0:
-            raise ValueError(f"loss.margin must be >= 0, got {self.loss.margin}")
-        if self.loss.per_anchor is not None and self.loss.per_anchor < 1:
-            raise ValueError(f"loss.per_anchor must be >= 1 or null, got {self.loss.per_anchor}")
-        if self.loss.min_gap < 0:
-            raise ValueError(f"loss.min_gap must be >= 0, got {self.loss.min_gap}")
-        from ..text.losses import CROSS_MODAL
+        from ..text.losses import check_joint_options
 
-        _choice("loss.cross_modal", self.loss.cross_modal, CROSS_MODAL)
-        if self.loss.cross_margin < 0:
-            raise ValueError(f"loss.cross_margin must be >= 0, got {self.loss.cross_margin}")
+        try:
+            o = check_joint_options(margin=self.loss.margin, weights=w, min_gap=self.loss.min_gap,
+                                    per_anchor=self.loss.per_anchor, cross_modal=self.loss.cross_modal,
+                                    cross_margin=self.loss.cross_margin)
+        except ValueError as e:
+            raise ValueError(f"loss.{e}") from None
+        self.loss.weights = list(o.weights)
         if self.model.whitening is None:
             raise ValueError("model.whitening: the joint embedding needs the FC layer to D dims, e.g. model.whitening: 512")
         try:
