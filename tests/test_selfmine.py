@@ -320,6 +320,24 @@ def test_clean_vote_keeps_unverified_views_and_drops_wrong_labels(monkeypatch):
     with pytest.raises(ValueError, match=r"vote_share must be a number in \(0, 1\], got 0"):
         sm.clean(paths, noisy, list(range(24)), mode="vote", descriptors=x, vote_share=0, workers=0)
 
+    # unreadable images (valid=False): dropped, never verified, never a voter. Image 0's descriptor
+    # is made the twin of image 4's: as a voter it would change the shares of 4 and its neighbours
+    calls = []
+    monkeypatch.setattr(sm, "_verify_one", lambda i, j, s: calls.append((i, j)) or (50 if true[i] == true[j] and verifiable[i] and verifiable[j] else 2))
+    x2 = x.copy()
+    x2[0] = x2[4]
+    valid = np.ones(24, bool)
+    valid[0] = False
+    res = sm.clean(paths, noisy, list(range(24)), mode="vote", descriptors=x2, vote_k=5, workers=0, valid=valid)
+    assert sorted(res.dropped.tolist()) == [0] + wrong
+    assert res.reasons[0].startswith("unreadable") and res.per_label["obj0"]["kept"] == 4
+    assert calls and all(0 not in c for c in calls)
+    np.testing.assert_allclose(sm.label_vote_share(x2, noisy, 5, valid=valid)[1:],
+                               _brute_vote_share(x2[1:], noisy[1:], 5), atol=1e-12)
+    assert sm.label_vote_share(x2, noisy, 5, valid=valid)[0] == 0.0
+    with pytest.raises(ValueError, match=r"valid must be a \(24,\) bool mask"):
+        sm.clean(paths, noisy, list(range(24)), mode="vote", descriptors=x2, workers=0, valid=np.ones(23, bool))
+
 
 # ----------------------------------------------------------------------------- writers
 

@@ -260,7 +260,7 @@ def cmd_clean(args) -> int:
         got, done, skipped = _descriptors(args, paths, out)
         _report_failures("no global descriptor for", [(s["path"], s["reason"]) for s in skipped])
         desc = np.zeros((len(paths), got.shape[1]), np.float32)
-        desc[:, 0] = 1.0  # unreadable images: any unit row (they have no local features either)
+        desc[:, 0] = 1.0  # unreadable images: a placeholder unit row, masked out by valid= below
         row = {p: r for r, p in enumerate(done)}
         for i, p in enumerate(paths):
             if p in row:
@@ -271,15 +271,12 @@ def cmd_clean(args) -> int:
     load, failures = _cached_sift(paths, out / "sift", extractor, _workers(args), not args.no_progress)
     _report_failures("no local features for", failures)
     tag = paths_tag(paths, extractor.max_keypoints, extractor.max_side)
+    valid = np.ones(len(paths), bool)
+    valid[missing] = False  # no global descriptor: neither verified nor a voter
     res = clean(paths, labels, load, mode=args.mode, descriptors=desc, min_inliers=args.min_inliers,
                 all_pairs_up_to=args.all_pairs_up_to, k=args.k, workers=_workers(args),
                 checkpoint=out / "verified.jsonl", tag=tag, progress=not args.no_progress,
-                vote_k=args.vote_k, vote_share=args.vote_share)
-    for i in missing:  # no descriptor: it cannot be voted for (and has no local features either)
-        if res.keep[i]:
-            res.keep[i] = False
-            res.reasons[i] = "unreadable: no global descriptor"
-            res.per_label[str(labels[i])]["kept"] -= 1
+                vote_k=args.vote_k, vote_share=args.vote_share, valid=valid)
     n_rows = write_clean_csv(out / "cleaned.csv", res)
     write_clean_html(out / "dropped.html", res)
     s = res.summary()

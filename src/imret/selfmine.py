@@ -748,16 +748,35 @@ def _clean_edges(groups: dict[Any, np.ndarray], x: np.ndarray | None, all_pairs_
     return e[np.lexsort((e[:, 1], e[:, 0]))]
 
 
-def label_vote_share(descriptors: Any, labels: Sequence[Any], k: int = DEFAULT_VOTE_K) -> np.ndarray:
+def _valid_mask(valid: Any, n: int) -> np.ndarray:
+    if valid is None:
+        return np.ones(n, bool)
+    v = np.asarray(valid)
+    if v.dtype != bool or v.shape != (n,):
+        raise ValueError(f"valid must be a ({n},) bool mask, got {v.dtype} of shape {v.shape}")
+    return v
+
+
+def label_vote_share(descriptors: Any, labels: Sequence[Any], k: int = DEFAULT_VOTE_K, *,
+                     valid: Any = None) -> np.ndarray:
     """``(N,)`` for each image, the share of its ``k`` nearest neighbours' similarity (weights
     ``max(0, cosine)``, itself excluded, ties by index) that carries its own label; 0 when the
-    weights sum to 0 or there is no other image."""
+    weights sum to 0 or there is no other image.
+
+    ``valid``: optional ``(N,)`` bool mask; rows outside it (images whose descriptor could not
+    be computed) are never neighbours, and their own share is 0.
+    """
     x = _rows(descriptors, "descriptors")
     n = x.shape[0]
     if len(labels) != n:
         raise ValueError(f"{len(labels)} labels for {n} descriptor rows")
     k = _int_at_least(k, "k", 1)
+    ok = _valid_mask(valid, n)
     out = np.zeros(n, np.float64)
+    if not ok.all():
+        idx = np.flatnonzero(ok)
+        out[idx] = label_vote_share(x[idx], [labels[i] for i in idx.tolist()], k)
+        return out
     if n < 2:
         return out
     _, codes = np.unique(np.asarray([repr(v) if not isinstance(v, str) else "s:" + v for v in labels], dtype=object),
@@ -792,6 +811,7 @@ def clean(
     progress: bool = False,
     vote_k: int = DEFAULT_VOTE_K,
     vote_share: float = DEFAULT_VOTE_SHARE,
+    valid: Any = None,
     **verify_kw: Any,
 ) -> CleanResult:
     """Clean a labelled image set by geometric verification within each label.
@@ -819,6 +839,9 @@ def clean(
             ``all_pairs_up_to``.
         min_inliers, workers, checkpoint, tag, progress, verify_kw: as in :func:`mine`.
         vote_k, vote_share: ``mode="vote"``'s neighbours and share (defaults 10 and 0.5).
+        valid: optional ``(N,)`` bool mask of the images that could be read; the others are
+            dropped (reason "unreadable"), never verified and never vote (their rows of
+            ``descriptors`` are ignored).
 
     Returns:
         A :class:`CleanResult` with a reason for every dropped image.
@@ -843,11 +866,12 @@ def clean(
             raise ValueError(f"descriptors has {x.shape[0]} rows for {n} images")
     if mode == "vote" and x is None:
         raise ValueError("mode 'vote' needs descriptors=... (the neighbours that vote on each label)")
+    ok_image = _valid_mask(valid, n)
     groups: dict[Any, list[int]] = {}
     for i, lab in enumerate(labels):
         groups.setdefault(lab, []).append(i)
     garr = {lab: np.asarray(v, np.int64) for lab, v in groups.items()}
-    edges = _clean_edges(garr, x, all_pairs_up_to, k)
+    edges = _clean_edges({lab: idx[ok_image[idx]] for lab, idx in garr.items()}, x, all_pairs_up_to, k)
     inl = verify_edges(edges, features_of, workers=workers, checkpoint=checkpoint, tag=tag, progress=progress,
                        **verify_kw)
     ok = inl >= min_inliers
@@ -856,7 +880,7 @@ def clean(
     keep = np.zeros(n, bool)
     reasons = [""] * n
     per_label: dict[str, dict[str, int]] = {}
-    share = label_vote_share(x, labels, vote_k) if mode == "vote" else None
+    share = label_vote_share(x, labels, vote_k, valid=ok_image) if mode == "vote" else None
     for lab, idx in garr.items():
         name = repr(lab) if not isinstance(lab, str) else f"'{lab}'"
         if idx.size == 1:
@@ -888,6 +912,9 @@ def clean(
                     else:
                         reasons[i] = (f"outside the largest verified group of label {name} "
                                       f"(its group: {size_of[int(comp[i])]} images; largest: {int(sizes[best])})")
+        for i in idx[~ok_image[idx]].tolist():
+            keep[i] = False
+            reasons[i] = "unreadable: no descriptor or local features"
         per_label[str(lab)] = {"images": int(idx.size), "kept": int(keep[idx].sum())}
     return CleanResult(paths, labels, keep, reasons, edges, inl, min_inliers, mode, per_label)
 
