@@ -884,3 +884,17 @@ def test_avif_is_listed_by_every_listing_and_decoded(tmp_path):
     img = load_image(listed[1])
     assert img.size == (80, 60) and img.mode == "RGB"
     assert _mae(img, _smooth(80, 60)) < 8  # lossy, but the same picture
+
+
+def test_expand_image_inputs_replaces_folders_and_reports_empty_ones(tmp_path):
+    from imret.images import expand_image_inputs
+
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    for name in ("a/2.jpg", "a/1.png", "a/sub/3.jpg", "a/notes.txt", "a/.hidden.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    files, empty = expand_image_inputs([tmp_path / "a", str(tmp_path / "missing.jpg"), tmp_path / "empty"])
+    assert files == [str(tmp_path / "a" / "1.png"), str(tmp_path / "a" / "2.jpg"), str(tmp_path / "a" / "sub" / "3.jpg"),
+                     str(tmp_path / "missing.jpg")]
+    assert empty == [str(tmp_path / "empty")]
+    assert expand_image_inputs([]) == ([], [])

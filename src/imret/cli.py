@@ -211,17 +211,11 @@ def _collect_images(inputs: Sequence[str], list_file: str | None) -> list[str]:
     not a regular file is skipped with its reason by the extraction.
     """
     from .extract import read_paths_file
-    from .images import list_images
+    from .images import expand_image_inputs
 
-    paths: list[str] = []
-    for item in inputs:
-        if os.path.isdir(item):
-            found = list_images(item)
-            if not found:
-                raise ValueError(f"no images found in folder {item!r}")
-            paths.extend(str(p) for p in found)
-        else:
-            paths.append(item)  # a missing or bad file is reported by extraction, not here
+    paths, empty = expand_image_inputs(inputs)  # a missing or bad file is reported by extraction
+    if empty:
+        raise ValueError(f"no images found in folder {empty[0]!r}")
     if list_file:
         paths.extend(read_paths_file(list_file))
     if not paths:

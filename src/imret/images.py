@@ -32,7 +32,7 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from numbers import Real
 
 import numpy as np
@@ -51,6 +51,7 @@ __all__ = [
     "image_list",
     "is_single_image",
     "exif_orientation",
+    "expand_image_inputs",
     "list_images",
     "load_image",
     "open_regular_file",
@@ -508,6 +509,25 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[str]:
             if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
         )
     return sorted(found)
+
+
+def expand_image_inputs(items: Iterable[str | os.PathLike]) -> tuple[list[str], list[str]]:
+    """The image files named by ``items``: each folder replaced by its images
+    (:func:`list_images`, sorted), each other item kept as given (a missing or unreadable file
+    is the reader's to report). Returns ``(files, empty_folders)``: the folders that hold no
+    image, for the caller to refuse or to report."""
+    files: list[str] = []
+    empty: list[str] = []
+    for item in items:
+        p = os.fspath(item)
+        if os.path.isdir(p):
+            found = list_images(p)
+            files.extend(found)
+            if not found:
+                empty.append(p)
+        else:
+            files.append(p)
+    return files, empty
 
 
 # ---------------------------------------------------------------------------- helpers

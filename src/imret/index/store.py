@@ -254,27 +254,18 @@ def _image_files(paths: Any) -> tuple[list[str], list[str]]:
     each folder replaced by its images (:func:`imret.images.list_images`), checked before
     anything is read, and the folders that hold no image. Images in memory are refused with
     a ``TypeError`` saying why (a store indexes files)."""
-    from ..images import IMAGE_INPUTS, list_images
+    from ..images import IMAGE_INPUTS, expand_image_inputs
 
     if isinstance(paths, (str, os.PathLike, Image.Image, np.ndarray)):
         paths = [paths]
-    out: list[str] = []
-    empty: list[str] = []
+    paths = list(paths)
     for i, p in enumerate(paths):
         if not isinstance(p, (str, os.PathLike)) or not isinstance(os.fspath(p), str):
             hint = ("a store indexes files: save the image first (image.save('photo.jpg')) and add the file"
                     if isinstance(p, (Image.Image, np.ndarray)) else "expected image files or folders")
             raise TypeError(f"Store.add: item {i} is a {type(p).__name__}; {hint} "
                             f"(searches take {IMAGE_INPUTS})")
-        p = os.fspath(p)
-        if os.path.isdir(p):
-            found = list_images(p)
-            out.extend(found)
-            if not found:
-                empty.append(p)
-        else:
-            out.append(p)
-    return out, empty
+    return expand_image_inputs(paths)
 
 
 def _hash_image_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
