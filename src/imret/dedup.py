@@ -758,7 +758,7 @@ class DedupResult:
         """A self-contained page: per group, the members' thumbnails (data URIs) with path, score, edit."""
         import html
 
-        from .plots import _data_uri
+        from .plots import thumbnail_data_uri
 
         fig = ("margin:0;background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px;"
                f"width:{thumb}px;flex:none;font:12px system-ui,sans-serif;color:#222")
@@ -778,7 +778,7 @@ class DedupResult:
                 border = ";border:2px solid #3b6fd4" if e == "original" else ""
                 parts.append(
                     f"<figure style='{fig}{border}'><a href='{html.escape(target)}'>"
-                    f"<img alt='{html.escape(os.path.basename(path))}' style='{img}' src='{_data_uri(path, thumb, None)}'>"
+                    f"<img alt='{html.escape(os.path.basename(path))}' style='{img}' src='{thumbnail_data_uri(path, thumb, None)}'>"
                     f"</a><figcaption style='margin-top:4px;word-break:break-all'><b>{html.escape(e)}</b> · {s:.3f}"
                     f"<br>{html.escape(os.path.basename(path))}</figcaption></figure>")
             parts.append("</div></section>")

@@ -43,6 +43,7 @@ __all__ = [
     "draw_revisitop_topk",
     "topk_grid_size",
     "results_html",
+    "thumbnail_data_uri",
     "write_results_html",
 ]
 
@@ -490,7 +491,9 @@ def draw_revisitop_topk(
     )
 
 
-def _data_uri(img: ImageLike, thumb: int, box: Sequence[float] | None) -> str:
+def thumbnail_data_uri(img: ImageLike, thumb: int = 160, box: Sequence[float] | None = None) -> str:
+    """A ``data:image/jpeg;base64,...`` URI of a ``thumb x thumb`` tile of ``img`` (fitted, cropped
+    to ``box`` when given), for self-contained HTML reports."""
     import base64
     import io
 
@@ -557,7 +560,7 @@ def results_html(
              f"word-break:break-all'>query: {html.escape(name)}</div>"
              "<div style='display:flex;flex-wrap:wrap;gap:8px'>",
              f"<figure style='{fig};border:2px solid #3b6fd4'><img alt='query' style='{img}' "
-             f"src='{_data_uri(query, thumb, query_box)}'><figcaption>query"
+             f"src='{thumbnail_data_uri(query, thumb, query_box)}'><figcaption>query"
              f"{' (box)' if query_box is not None else ''}</figcaption></figure>"]
     if error is not None:
         parts.append(f"<div style='align-self:center;color:#a00'>not searched: {html.escape(error)}</div>")
@@ -568,7 +571,7 @@ def results_html(
         found = f" · {int(extras['inliers'])} inliers" if "inliers" in extras else ""
         parts.append(
             f"<figure style='{fig}'><a href='{html.escape(target)}' style='color:inherit;text-decoration:none'>"
-            f"<img alt='result {rank}' style='{img}' src='{_data_uri(path, thumb, extras.get('box'))}'></a>"
+            f"<img alt='result {rank}' style='{img}' src='{thumbnail_data_uri(path, thumb, extras.get('box'))}'></a>"
             f"<figcaption style='margin-top:4px;word-break:break-all'><b>#{rank} · {h.score:.4f}</b> · id {h.id}"
             f"{found}<br>{html.escape(os.path.basename(path))}</figcaption></figure>")
     if more > 0:

@@ -932,7 +932,7 @@ def write_clean_html(path: str | os.PathLike, result: CleanResult, *, thumb: int
     every dropped image with its reason (thumbnails as inline JPEG data URIs)."""
     import html
 
-    from .plots import _data_uri
+    from .plots import thumbnail_data_uri
 
     thumb = _int_at_least(thumb, "thumb", 16)
     kept_shown = _int_at_least(kept_shown, "kept_shown", 0)
@@ -958,11 +958,11 @@ def write_clean_html(path: str | os.PathLike, result: CleanResult, *, thumb: int
                      "<div style='display:flex;flex-wrap:wrap;gap:8px'>")
         for i in keep[:kept_shown]:
             parts.append(f"<figure style='{fig};border-color:#2a8a2a'><img alt='kept' style='{img}' "
-                         f"src='{_data_uri(result.paths[i], thumb, None)}'><figcaption>kept<br>"
+                         f"src='{thumbnail_data_uri(result.paths[i], thumb, None)}'><figcaption>kept<br>"
                          f"{html.escape(os.path.basename(result.paths[i]))}</figcaption></figure>")
         for i in drop:
             parts.append(f"<figure style='{fig};border:2px solid #c03030'><img alt='dropped' style='{img}' "
-                         f"src='{_data_uri(result.paths[i], thumb, None)}'><figcaption><b>dropped</b>: "
+                         f"src='{thumbnail_data_uri(result.paths[i], thumb, None)}'><figcaption><b>dropped</b>: "
                          f"{html.escape(result.reasons[i])}<br>{html.escape(result.paths[i])}</figcaption></figure>")
         parts.append("</div>")
     parts.append("</body></html>\n")
