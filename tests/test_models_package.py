@@ -479,3 +479,14 @@ def test_a_two_level_head_fits_the_net_and_checkpoints(two_level_head, tmp_path)
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="unexpected keys .*extra.weight"):
         load_weights(net, tmp_path / "bad.pth")
+
+
+def test_level_stage_names_stage_and_stride():
+    from imret.models.backbones import create_trunk, level_stage
+
+    trunk, _ = create_trunk("resnet18", pretrained=False)
+    assert level_stage(trunk, -1) == (None, 32)  # the final map
+    assert level_stage(trunk, -2) == (3, 16)  # layer3: DELF's / DOLG's local stage
+    assert level_stage(trunk, 1) == (1, 4)
+    with pytest.raises(ValueError, match="stage"):
+        level_stage(trunk, 7)

@@ -48,17 +48,6 @@ def dequantize_int8(codes: np.ndarray) -> np.ndarray:
     return (x / np.maximum(n, 1e-12)).astype(np.float32)
 
 
-def _resolve_stage(trunk: torch.nn.Module, level: int) -> tuple[int | None, int | None]:
-    """``(timm stage index or None for the final map, its stride or None)`` of ``level``."""
-    from ..models.backbones import _resolve_stages, _stage_info
-
-    stage = _resolve_stages(trunk, type(trunk).__name__, (int(level),))[0]
-    info = _stage_info(trunk)
-    entry = info[-1 if stage is None else stage]
-    red = entry.get("reduction")
-    return stage, (int(red) if red else None)
-
-
 class CnnLocalExtractor:
     """Local features from a :class:`~imret.models.RetrievalNet`'s feature map at one trunk stage.
 
@@ -108,11 +97,13 @@ class CnnLocalExtractor:
         self.max_keypoints = int(max_keypoints)
         self.image_size = int(image_size)
         self.min_score = float(min_score)
-        self.stage, self.stride = _resolve_stage(model.trunk, self.level)
+        from ..models.backbones import level_stage
+
+        self.stage, self.stride = level_stage(model.trunk, self.level)
         head = getattr(model, "head", None)
         available = bool(getattr(head, "attention", None) is not None and getattr(head, "local", False))
         if available:
-            head_stage, _ = _resolve_stage(model.trunk, int(head.levels[0]))
+            head_stage, _ = level_stage(model.trunk, int(head.levels[0]))
             available = head_stage == self.stage
         if attention is True and not available:
             raise ValueError(

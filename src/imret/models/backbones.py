@@ -44,6 +44,7 @@ __all__ = [
     "create_trunk",
     "create_backbone",
     "feature_maps",
+    "level_stage",
     "trunk_channels",
     "describe_levels",
     "find_package_weights",
@@ -459,6 +460,17 @@ def create_backbone(
         raise ValueError(f"levels must not repeat a stage, got {levels}")
     trunk, _ = create_trunk(name, pretrained, **kwargs)
     return trunk, describe_levels(trunk, None if levels == LAST_MAP else levels, name=name)
+
+
+def level_stage(trunk: nn.Module, level: int) -> tuple[int | None, int | None]:
+    """``(stage, stride)`` of one feature level of ``trunk`` (counted as :func:`create_backbone`
+    counts them: ``-1`` the final map, ``-2`` the stage before it): its timm stage index (None
+    for the final map) and the map's stride (None where timm does not say). Raises
+    ``ValueError`` naming the valid levels when ``level`` is out of range."""
+    stage = _resolve_stages(trunk, type(trunk).__name__, (int(level),))[0]
+    info = _stage_info(trunk)
+    red = info[-1 if stage is None else stage].get("reduction")
+    return stage, (int(red) if red else None)
 
 
 def feature_maps(trunk: nn.Module, levels: FeatureLevels, x: torch.Tensor) -> list[torch.Tensor]:
