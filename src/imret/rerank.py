@@ -24,9 +24,10 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
 
 import numpy as np
+
+from .specs import spec_value, split_spec
 
 __all__ = ["RERANK_KINDS", "RerankSpec", "RerankSources", "PathSources", "parse_rerank", "check_rerank",
            "build_reranker", "build_rerankers"]
@@ -71,30 +72,13 @@ def _show(v: Any) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def _value(text: str) -> Any:
-    t = text.strip()
-    if t.lower() in ("true", "false"):
-        return t.lower() == "true"
-    if t.lower() in ("none", "null"):
-        return None
-    for conv in (int, float):
-        try:
-            return conv(t)
-        except ValueError:
-            pass
-    return t
-
-
 def parse_rerank(spec: "str | RerankSpec") -> RerankSpec:
     """Parse ``kind[:top_k][?key=value&...]``; raises ``ValueError`` naming the valid kinds."""
     if isinstance(spec, RerankSpec):
         return spec
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"re-ranker spec must be a non-empty string, got {spec!r}; kinds: {', '.join(RERANK_KINDS)}")
-    text = spec.strip()
-    head, _, query = text.partition("?")
-    kind, colon, top = head.partition(":")
-    kind = kind.strip().lower()
+    kind, colon, top, raw = split_spec(spec, "re-ranker spec")
     if kind not in _KINDS:
         raise ValueError(f"unknown re-ranker {kind!r} in {spec!r}; available: {', '.join(RERANK_KINDS)}")
     if colon:
@@ -106,14 +90,7 @@ def parse_rerank(spec: "str | RerankSpec") -> RerankSpec:
             raise ValueError(f"the number of candidates in {spec!r} must be a positive integer, got {top!r}")
     else:
         top_k = _KINDS[kind][0]
-    params: dict[str, Any] = {}
-    if query:
-        for key, value in parse_qsl(query, keep_blank_values=True):
-            if not key or key in params:
-                raise ValueError(f"bad or repeated parameter {key!r} in re-ranker spec {spec!r}")
-            params[key] = _value(value)
-        if not params:
-            raise ValueError(f"bad parameters {query!r} in re-ranker spec {spec!r}; expected key=value&key=value")
+    params: dict[str, Any] = {k: spec_value(v) for k, v in raw.items()}
     return RerankSpec(kind, top_k, params)
 
 

@@ -24,11 +24,11 @@ import abc
 import os
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
 
 import numpy as np
 
 from .._checks import positive_int
+from ..specs import split_spec
 
 __all__ = [
     "BACKEND_KINDS",
@@ -66,21 +66,11 @@ def parse_spec(spec: str | BackendSpec) -> BackendSpec:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"backend spec must be a non-empty string, got {spec!r}; kinds: {', '.join(BACKEND_KINDS)}")
     spec = spec.strip()
-    head, _, query = spec.partition("?")
-    kind, _, target = head.partition(":")
-    kind = kind.strip().lower()
+    kind, _, target, params = split_spec(spec, "backend spec")
     if kind == "flat":
         kind = "exact"
     if kind not in BACKEND_KINDS:
         raise ValueError(f"unknown backend {kind!r} in spec {spec!r}; available: {', '.join(BACKEND_KINDS)}")
-    params: dict[str, str] = {}
-    if query:
-        for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
-            if not key:
-                raise ValueError(f"bad parameter in backend spec {spec!r}")
-            params[key] = value
-        if not params:
-            raise ValueError(f"bad parameters {query!r} in backend spec {spec!r}; expected key=value&key=value")
     if kind in ("exact", "ann", "auto") and target:
         raise ValueError(f"backend {kind!r} takes no target, got {spec!r}")
     if kind in ("faiss", "milvus") and not target:

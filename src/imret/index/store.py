@@ -2434,15 +2434,14 @@ def _hit_extras(extras: dict[str, np.ndarray] | None, q: int, j: int) -> dict[st
 
 def _parse_local(spec: Any) -> dict[str, Any]:
     """``"sift"``, ``"cnn?level=-2&max_keypoints=300"`` -> ``{"kind", "params"}`` (checked)."""
-    from urllib.parse import parse_qsl
-
-    from ..rerank import _value
+    from ..specs import split_spec, spec_value
 
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"local features are named by a string ({', '.join(_LOCAL_KINDS)}), got {spec!r}")
-    kind, _, query = spec.strip().partition("?")
-    params = {k: _value(v) for k, v in parse_qsl(query, keep_blank_values=True)} if query else {}
-    out = _local_spec({"kind": kind.strip().lower(), "params": params})
+    kind, colon, target, raw = split_spec(spec, "local features spec")
+    if colon:
+        raise ValueError(f"local features {kind!r} take no ':' part, got {spec!r}; e.g. 'cnn?level=-2'")
+    out = _local_spec({"kind": kind, "params": {k: spec_value(v) for k, v in raw.items()}})
     from ..local.extractors import check_local_params
 
     check_local_params(out["kind"], out["params"])
