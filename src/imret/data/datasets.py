@@ -26,7 +26,6 @@ training run should not silently train on fewer images). Screen a list up front 
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..csvfiles import layout_rows
 from ..images import ImageError, list_images, load_image, open_image, to_tensor
 from ..safepickle import load_data_pickle
 from .transforms import Transform, sample_rng
@@ -237,41 +237,26 @@ def load_csv_dataset(
     root = csv_path.parent if image_root is None else Path(image_root)
     paths: list[str] = []
     names: list[str] = []
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next((row for row in reader if any(c.strip() for c in row)), None)
-        if header is None:
-            raise ValueError(f"{csv_path}: empty file")
-        key = tuple(c.strip().lower() for c in header)
-        layout = _CSV_LAYOUTS.get(key)
-        if layout is None:
-            known = "; ".join(",".join(k) for k in _CSV_LAYOUTS)
-            raise ValueError(f"{csv_path}: unknown header {','.join(header)!r}; known layouts: {known}")
-        col = {name: i for i, name in enumerate(key)}
-        for row in reader:
-            if not row or all(not c.strip() for c in row):
-                continue
-            where = f"{csv_path}:{reader.line_num}"
-            if len(row) != len(key):
-                raise ValueError(f"{where}: expected {len(key)} columns ({','.join(key)}), got {len(row)}: {row!r}")
-            if layout == "gldv2":
-                image_id, label = row[col["id"]].strip(), row[col["landmark_id"]].strip()
-                if not image_id or not label:
-                    raise ValueError(f"{where}: empty id or landmark_id in {row!r}")
-                paths.append(_gld(root, image_id, extension, where))
-                names.append(label)
-            elif layout == "gldv2_clean":
-                label, ids = row[col["landmark_id"]].strip(), row[col["images"]].split()
-                if not label or not ids:
-                    raise ValueError(f"{where}: empty landmark_id or images in {row!r}")
-                paths.extend(_gld(root, i, extension, where) for i in ids)
-                names.extend([label] * len(ids))
-            else:
-                p, label = row[col["path"]].strip(), row[col["label"]].strip()
-                if not p or not label:
-                    raise ValueError(f"{where}: empty path or label in {row!r}")
-                paths.append(p if os.path.isabs(p) else os.path.join(root, p))
-                names.append(label)
+    for layout, cells, where in layout_rows(csv_path, _CSV_LAYOUTS, example="path,label"):
+        row = list(cells.values())
+        if layout == "gldv2":
+            image_id, label = cells["id"].strip(), cells["landmark_id"].strip()
+            if not image_id or not label:
+                raise ValueError(f"{where}: empty id or landmark_id in {row!r}")
+            paths.append(_gld(root, image_id, extension, where))
+            names.append(label)
+        elif layout == "gldv2_clean":
+            label, ids = cells["landmark_id"].strip(), cells["images"].split()
+            if not label or not ids:
+                raise ValueError(f"{where}: empty landmark_id or images in {row!r}")
+            paths.extend(_gld(root, i, extension, where) for i in ids)
+            names.extend([label] * len(ids))
+        else:
+            p, label = cells["path"].strip(), cells["label"].strip()
+            if not p or not label:
+                raise ValueError(f"{where}: empty path or label in {row!r}")
+            paths.append(p if os.path.isabs(p) else os.path.join(root, p))
+            names.append(label)
     if not paths:
         raise ValueError(f"{csv_path}: no image rows after the header")
     if check_exists:

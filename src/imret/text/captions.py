@@ -20,11 +20,12 @@ Nothing here opens an image or imports anything heavy.
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from ..csvfiles import layout_rows
 
 __all__ = [
     "CaptionedImages",
@@ -139,48 +140,23 @@ def read_captions_csv(
     paths: list[str] = []
     captions: list[list[str]] = []
     seen_ids: dict[str, int] = {}
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = next((row for row in reader if any(c.strip() for c in row)), None)
-            if header is None:
-                raise ValueError(f"{csv_path}: empty file; expected a header 'path,caption'")
-            key = tuple(c.strip().lower() for c in header)
-            layout = _LAYOUTS.get(key)
-            if layout is None:
-                known = "; ".join(",".join(k) for k in _LAYOUTS)
-                raise ValueError(
-                    f"{csv_path}:{reader.line_num}: unknown header {','.join(header)!r}; known layouts: {known}"
-                )
-            col = {name: i for i, name in enumerate(key)}
-            for row in reader:
-                if not row or all(not c.strip() for c in row):
-                    continue
-                where = f"{csv_path}:{reader.line_num}"
-                if len(row) != len(key):
-                    raise ValueError(
-                        f"{where}: expected {len(key)} columns ({','.join(key)}), got {len(row)}: {row!r:.200}"
-                    )
-                p = _clean_cell(row[col["path"]], "path", where)
-                cap = _clean_cell(row[col["caption"]], "caption", where)
-                if len(cap) > max_caption_chars:
-                    raise ValueError(f"{where}: caption of {len(cap)} characters; the limit is {max_caption_chars}")
-                if layout == "with_ids":
-                    cid = _clean_cell(row[col["caption_id"]], "caption_id", where)
-                    if cid in seen_ids:
-                        raise ValueError(f"{where}: caption_id {cid!r} repeats line {seen_ids[cid]}")
-                    seen_ids[cid] = reader.line_num
-                full = os.path.normpath(p if os.path.isabs(p) else os.path.join(root, p))
-                i = order.get(full)
-                if i is None:
-                    i = order[full] = len(paths)
-                    paths.append(full)
-                    captions.append([])
-                captions[i].append(cap)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{csv_path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    except csv.Error as e:
-        raise ValueError(f"{csv_path}: malformed CSV: {e}") from None
+    for layout, cells, where in layout_rows(csv_path, _LAYOUTS, example="path,caption"):
+        p = _clean_cell(cells["path"], "path", where)
+        cap = _clean_cell(cells["caption"], "caption", where)
+        if len(cap) > max_caption_chars:
+            raise ValueError(f"{where}: caption of {len(cap)} characters; the limit is {max_caption_chars}")
+        if layout == "with_ids":
+            cid = _clean_cell(cells["caption_id"], "caption_id", where)
+            if cid in seen_ids:
+                raise ValueError(f"{where}: caption_id {cid!r} repeats line {seen_ids[cid]}")
+            seen_ids[cid] = int(where.rsplit(":", 1)[1])
+        full = os.path.normpath(p if os.path.isabs(p) else os.path.join(root, p))
+        i = order.get(full)
+        if i is None:
+            i = order[full] = len(paths)
+            paths.append(full)
+            captions.append([])
+        captions[i].append(cap)
     if not paths:
         raise ValueError(f"{csv_path}: no caption rows after the header")
     if check_exists:
