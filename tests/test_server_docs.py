@@ -285,3 +285,40 @@ def test_docs_render_in_a_browser_offline(live_server, driver):
     # a CSP refusal or a failed load is logged as SEVERE
     severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert severe == [], severe
+
+
+@pytest.mark.parametrize("token, token_reads", [(None, False), ("s3cret-token", False), ("s3cret-token", True)])
+def test_schema_declares_the_token_where_it_is_asked_for(store_path, token, token_reads):
+    """Swagger UI shows its "Authorize" button and padlocks from the schema's security schemes:
+    they must sit on exactly the endpoints that check the token."""
+    from fastapi.testclient import TestClient
+
+    from imret.server import ServerConfig, create_app
+
+    with TestClient(create_app(store_path, ServerConfig(token=token, token_reads=token_reads))) as c:
+        schema = c.get("/openapi.json", headers={"Authorization": f"Bearer {token}"} if token else {}).json()
+        schemes = schema.get("components", {}).get("securitySchemes", {})
+        ops = {(m.upper(), p): op for p, item in schema["paths"].items() for m, op in item.items()}
+
+        def secured(method, path):
+            return {k for d in ops[(method, path)].get("security", []) for k in d}
+
+        if token is None:
+            assert schemes == {} and all(not op.get("security") for op in ops.values())
+            return
+        assert {v["type"] for v in schemes.values()} == {"http", "apiKey"}
+        assert [v for v in schemes.values() if v["type"] == "http"][0]["scheme"] == "bearer"
+        assert secured("POST", "/api/images") == set(schemes) == secured("DELETE", "/api/images/{image_id}")
+        assert secured("POST", "/api/search") == (set(schemes) if token_reads else set())
+        assert secured("GET", "/api/health") == set()
+        # what the schema says is what the server does
+        r = c.delete("/api/images/0")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        r = c.post("/api/search", json={"text": "x"}, headers={"X-Api-Token": "wrong"})
+        assert r.status_code == (403 if token_reads else 409)
+
+
+@needs_swagger_ui
+def test_docs_assets_are_cached_by_browsers(client):
+    r = client.get("/docs/assets/swagger-ui-bundle.js")
+    assert r.status_code == 200 and r.headers["cache-control"] == "public, max-age=86400" and r.headers.get("etag")

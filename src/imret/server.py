@@ -1351,6 +1351,7 @@ def create_app(store, config: ServerConfig | None = None, *, url: str | None = N
     from fastapi import Path as PathParam
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    from fastapi.security import APIKeyHeader, HTTPBearer
     from fastapi.staticfiles import StaticFiles
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -1506,13 +1507,28 @@ def create_app(store, config: ServerConfig | None = None, *, url: str | None = N
         if not secrets.compare_digest(given.encode(), config.token.encode()):
             raise ApiError(403, "forbidden", "wrong API token")
 
-    def read_auth(request: Request) -> None:
-        if config.token_reads:
-            _check_token(request)
+    # The token schemes are declared as dependencies only where a token is asked for, so that
+    # /openapi.json lists them (Swagger UI's "Authorize" button) on exactly the endpoints that
+    # need one; _check_token reads the headers itself (auto_error=False: no FastAPI error shape).
+    bearer = HTTPBearer(auto_error=False, description="the server's API token: Authorization: Bearer <token>")
+    api_key = APIKeyHeader(name="X-Api-Token", auto_error=False, description="the API token, as a header")
 
-    def write_auth(request: Request) -> None:
-        if config.token is not None:
+    if config.token_reads:
+        def read_auth(request: Request, _b=Depends(bearer), _k=Depends(api_key)) -> None:
             _check_token(request)
+    else:
+        def read_auth(request: Request) -> None:
+            pass
+
+    if config.token is not None:
+        def write_auth(request: Request, _b=Depends(bearer), _k=Depends(api_key)) -> None:
+            _check_token(request)
+            _check_writable()
+    else:
+        def write_auth(request: Request) -> None:
+            _check_writable()
+
+    def _check_writable() -> None:
         if config.read_only:
             raise ApiError(403, "read_only", "this server was started read-only: adds and removes are disabled")
 
@@ -1573,10 +1589,12 @@ def create_app(store, config: ServerConfig | None = None, *, url: str | None = N
 
     @app.get("/docs/assets/{name}", include_in_schema=False)
     async def api_docs_asset(name: str):
+        # Swagger UI's bundle is 1.4 MB: let browsers keep it a day (revalidated by ETag after)
+        cache = {"Cache-Control": "public, max-age=86400"}
         if swagger_ui is not None and name in _DOCS_ASSETS:
-            return FileResponse(swagger_ui / name, media_type=_DOCS_ASSETS[name])
+            return FileResponse(swagger_ui / name, media_type=_DOCS_ASSETS[name], headers=cache)
         if swagger_ui is not None and name == _DOCS_INIT and (WEB_DIR / _DOCS_INIT).is_file():
-            return FileResponse(WEB_DIR / _DOCS_INIT, media_type="text/javascript; charset=utf-8")
+            return FileResponse(WEB_DIR / _DOCS_INIT, media_type="text/javascript; charset=utf-8", headers=cache)
         raise ApiError(404, "not_found", f"no API docs asset {sanitise_name(name)!r}")
 
     # -- reads ---------------------------------------------------------------------------------
