@@ -151,3 +151,20 @@ def test_refinement_stage_needs_no_local_features(base):
         assert len(hits) == 5 and all(a.score >= b.score for a, b in zip(hits, hits[1:]))
         with pytest.raises(StoreError, match="keeps no local features|keeps none"):
             st.search(q, k=5, rerank="sift:5")
+
+
+def test_sift_records_are_the_same_on_threads(base, photos, tmp_path):
+    """RootSIFT of a batch on 3 threads gives the serial records byte for byte, in input order;
+    an unreadable file and a missing row give empty records (the failure counted)."""
+    from imret.local.extractors import create_local_extractor
+
+    ex = create_local_extractor("sift", {"max_keypoints": 64, "max_side": 320})
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    paths = [photos[0], None, str(bad), *photos[1:6]]
+    with Store.open(base) as st:
+        serial, f1 = st._compute_local(ex, ex.layout(), paths, workers=1)
+        threaded, f3 = st._compute_local(ex, ex.layout(), paths, workers=3)
+    assert f1 == f3 == 1
+    assert serial.tobytes() == threaded.tobytes()
+    assert len(ex.layout().unpack(serial[0])) > 10 and ex.layout().unpack(serial[2]) is None

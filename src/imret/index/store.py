@@ -268,6 +268,16 @@ def _image_files(paths: Any) -> tuple[list[str], list[str]]:
     return expand_image_inputs(paths)
 
 
+_FAILED = object()  # a local-feature extraction that raised (counted, stored as an empty record)
+
+
+def _local_threads(workers: int | None) -> int:
+    """Threads for RootSIFT: ``workers`` when given (0 or 1: this thread), else up to 4."""
+    if workers is None:
+        return max(1, min(4, os.cpu_count() or 1))
+    return max(1, int(workers))
+
+
 def _hash_image_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
     """``(sha256, size)`` of the image file at ``path``, read once through one descriptor.
 
@@ -952,18 +962,31 @@ class Store:
                 raise StoreCorruptError(f"{self.path / name}: {e}") from None
         return out
 
-    def _compute_local(self, extractor, layout, paths: Sequence[str | None]) -> tuple[np.ndarray, int]:
-        """Records for image files (None: an empty record); returns ``(rows, n_failed)``."""
-        feats, failed = [], 0
-        for p in paths:
-            f = None
-            if p is not None:
-                try:
-                    f = extractor(p, None)
-                except Exception:  # an unreadable or vanished file: no local features for it
-                    failed += 1
-            feats.append(f)
-        return layout.pack_many(feats), failed
+    def _compute_local(self, extractor, layout, paths: Sequence[str | None],
+                       workers: int | None = None) -> tuple[np.ndarray, int]:
+        """Records for image files (None: an empty record); returns ``(rows, n_failed)``.
+
+        RootSIFT runs on ``workers`` threads (OpenCV releases the GIL; default: up to 4, as many
+        as the CPU has); CNN features run in this thread (the model uses the CPU's threads)."""
+
+        def one(p: str | None):
+            if p is None:
+                return None
+            try:
+                return extractor(p, None)
+            except Exception:  # an unreadable or vanished file: no local features for it
+                return _FAILED
+
+        threads = _local_threads(workers) if getattr(extractor, "kind", None) == "sift" else 1
+        if threads > 1 and len(paths) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(threads, len(paths))) as pool:
+                feats = list(pool.map(one, paths))
+        else:
+            feats = [one(p) for p in paths]
+        failed = sum(f is _FAILED for f in feats)
+        return layout.pack_many([None if f is _FAILED else f for f in feats]), failed
 
     def postprocess(self, x: np.ndarray) -> np.ndarray:
         """Apply the store's whitening to raw descriptors (queries or new rows): the same
@@ -1302,7 +1325,8 @@ class Store:
         if local is None or len(ex.indices) == 0:
             return ex, None
         recs, _ = self._compute_local(self.local_extractor(), self._local_layout(),
-                                      [paths[int(i)] for i in ex.indices])  # slow too (SIFT, CNN features)
+                                      [paths[int(i)] for i in ex.indices],  # slow too (SIFT, CNN features)
+                                      workers=extract_kw.get("workers"))
         return ex, recs
 
     def _add_batch(self, batch: list[tuple[str, str, int]], report: AddReport, *, progress: bool,
