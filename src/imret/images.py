@@ -47,6 +47,7 @@ __all__ = [
     "ImageError",
     "check_image_input",
     "check_image_type",
+    "crop_geometry",
     "image_label",
     "image_list",
     "is_single_image",
@@ -533,6 +534,31 @@ def expand_image_inputs(items: Iterable[str | os.PathLike]) -> tuple[list[str], 
 # ---------------------------------------------------------------------------- helpers
 
 
+def crop_geometry(
+    width: int,
+    height: int,
+    box: tuple[float, float, float, float] | None,
+    image_size: int | None,
+    crop_resize: str = "image",
+    path: str = "<image>",
+) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+    """Where :func:`load_image` crops an upright ``width x height`` image and what size the
+    crop is resized to: ``((x1, y1, x2, y2), (target_w, target_h))``, the box rounded outward
+    to whole pixels (the whole image without one), then sized by ``image_size`` and
+    ``crop_resize`` (see :func:`load_image`). Decoders other than Pillow (the GPU path) use it
+    to give the same input sizes. Raises :class:`ImageError` for a box outside the image."""
+    crop = (0, 0, width, height) if box is None else _round_box(box, width, height, path)
+    crop_w, crop_h = crop[2] - crop[0], crop[3] - crop[1]
+    if image_size is None:
+        target = (crop_w, crop_h)
+    elif box is None or crop_resize == "crop":
+        target = new_size(crop_w, crop_h, image_size)
+    else:  # the whole image's factor applied to the crop
+        factor = min(1.0, image_size / max(width, height))
+        target = (max(1, round(crop_w * factor)), max(1, round(crop_h * factor)))
+    return crop, target
+
+
 def _decode(
     src: Image.Image,
     path: str,
@@ -572,18 +598,8 @@ def _decode(
     shown_w, shown_h = (stored_h, stored_w) if swapped else (stored_w, stored_h)
 
     # the crop at original resolution, displayed then stored coordinates
-    if box is None:
-        crop = (0, 0, shown_w, shown_h)
-    else:
-        crop = _round_box(box, shown_w, shown_h, path)
+    crop, (target_w, target_h) = crop_geometry(shown_w, shown_h, box, image_size, crop_resize, path)
     crop_w, crop_h = crop[2] - crop[0], crop[3] - crop[1]
-    if image_size is None:
-        target_w, target_h = crop_w, crop_h
-    elif box is None or crop_resize == "crop":
-        target_w, target_h = new_size(crop_w, crop_h, image_size)
-    else:  # the whole image's factor applied to the crop
-        factor = min(1.0, image_size / max(shown_w, shown_h))
-        target_w, target_h = max(1, round(crop_w * factor)), max(1, round(crop_h * factor))
     x1, y1, x2, y2 = _shown_to_stored(crop, orientation, shown_w, shown_h)
     if swapped:
         target_w, target_h = target_h, target_w
