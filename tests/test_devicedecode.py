@@ -80,3 +80,32 @@ def test_decode_choices():
     assert device_decoding("cpu", torch.device("cuda")) is False
     with pytest.raises(ValueError, match="unknown decode 'gpu'; available: auto, cpu, device"):
         device_decoding("gpu", torch.device("cpu"))
+
+
+def test_extract_with_device_decoding_matches_pillow(tmp_path):
+    """extract(decode="device") on the CPU: the same rows and skips as Pillow's path, descriptors
+    within the resize filters' difference; a PNG and a broken JPEG go through Pillow."""
+    import imret
+    from imret.extract import extract
+
+    torch.manual_seed(0)
+    model = imret.create_model("resnet18", "gem", pretrained=False)
+    paths = [_photo(tmp_path, 301 + 7 * i, 217 + 5 * i, orientation=(6 if i == 2 else None), name=f"p{i}.jpg")
+             for i in range(4)]
+    Image.open(paths[0]).save(tmp_path / "q.png")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(open(paths[1], "rb").read()[:300])
+    images = paths + [str(tmp_path / "q.png"), str(broken)]
+    boxes = [None, (20, 10, 250, 200), None, None, None, None]
+    ref = extract(model, images, bboxes=boxes, image_size=160, workers=2, decode="cpu")
+    got = extract(model, images, bboxes=boxes, image_size=160, workers=2, decode="device")
+    assert got.indices.tolist() == ref.indices.tolist() == [0, 1, 2, 3, 4]
+    assert [s.reason for s in got.skipped] == [s.reason for s in ref.skipped] and len(ref.skipped) == 1
+    cos = (got.descriptors * ref.descriptors).sum(1)
+    assert cos.min() > 0.999, cos
+    assert cos[4] > 0.99999  # the PNG: Pillow on both paths
+    # auto is Pillow on a CPU: bit-identical to decode="cpu"
+    auto = extract(model, images, bboxes=boxes, image_size=160, workers=2)
+    np.testing.assert_array_equal(auto.descriptors, ref.descriptors)
+    with pytest.raises(ValueError, match="unknown decode"):
+        extract(model, images, decode="nvjpeg")
