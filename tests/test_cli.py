@@ -52,6 +52,19 @@ def test_extract_list_file(labelled, tmp_path):
     assert (tmp_path / "f.paths.txt").read_text().splitlines() == files
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+def test_extract_decode_device_on_cpu(labelled, tmp_path):
+    """--decode device (torchvision's decoder; the GPU path's code on the CPU) gives the rows of
+    --decode cpu within the resize filters' difference."""
+    files = sorted(str(p) for p in labelled.rglob("*.jpg"))[:3]
+    for how in ("cpu", "device"):
+        assert main(["extract", *files, "--out", str(tmp_path / how), *MODEL, "--decode", how]) == 0
+    a, pa, _ = load_extraction(tmp_path / "cpu")
+    b, pb, _ = load_extraction(tmp_path / "device")
+    assert pa == pb == files
+    assert (a * b).sum(1).min() > 0.999
+
+
 def test_eval_revisitop_writes_table_json_and_plots(revisitop, tmp_path, capsys):
     out = tmp_path / "res"
     assert main(["eval", str(revisitop.parent), "--out", str(out), *MODEL]) == 0

@@ -91,6 +91,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--device", default="cpu", help="torch device (default cpu)")
     e.add_argument("--batch-size", type=int, default=None, help="images of equal size per forward pass (default: 1 on CPU, 8 on GPU)")
     e.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
+    e.add_argument("--decode", choices=["auto", "cpu", "device"], default="auto",
+                   help="where JPEGs are decoded: auto (on a CUDA --device, else Pillow on the CPU), cpu, or "
+                        "device (torchvision's decoder on --device)")
     e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="fp32, or bf16/fp16 autocast where the hardware has it")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -185,6 +188,7 @@ def _extract_kwargs(args) -> dict:
         progress=not args.no_progress,
         min_size=getattr(args, "min_size", None),
         refinement=getattr(args, "refine", None),
+        decode=getattr(args, "decode", "auto"),
     )
 
 
@@ -808,7 +812,8 @@ def _holder(args) -> dict[str, str]:
 
 
 def _runtime_kwargs(args) -> dict:
-    return dict(batch_size=args.batch_size, workers=args.workers, precision=args.precision)
+    return dict(batch_size=args.batch_size, workers=args.workers, precision=args.precision,
+                decode=getattr(args, "decode", "auto"))
 
 
 def _print_add_report(report, dt: float) -> None:
