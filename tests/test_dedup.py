@@ -247,6 +247,44 @@ def test_aligned_correlation_against_known_transforms():
     assert aligned_correlation(a, b, np.array([[1.0, 0, 5000], [0, 1, 0], [0, 0, 1]])) == (0.0, 0.0)  # no overlap
 
 
+def test_aligned_correlation_on_downscaled_pixels_and_the_grey_cache(photos, tmp_path, monkeypatch):
+    """Pixels given smaller than the frames of the transform (``frames``) correlate as the full
+    ones do; the grey cache decodes each file once and drops the least recently used past its
+    byte budget."""
+    pytest.importorskip("cv2")
+    from imret.dedup import _GreyCache, aligned_correlation
+
+    a = np.asarray(Image.open(photos[1][0]).convert("L"))  # 320 x 240
+    b = a[30:210, 50:290]
+    shift = np.array([[1.0, 0, -50], [0, 1, -30], [0, 0, 1]])
+    full = aligned_correlation(a, b, shift)
+    small_a = np.asarray(Image.fromarray(a).resize((160, 120), Image.BILINEAR))
+    frames = ((a.shape[1], a.shape[0]), (b.shape[1], b.shape[0]))
+    got = aligned_correlation(small_a, b, shift, frames=frames)
+    assert full[0] > 0.99 and got[0] > 0.97
+    assert aligned_correlation(small_a, b, shift)[0] < 0.5  # the same pixels without the frames: misaligned
+    assert aligned_correlation(a, b, shift, frames=frames) == full  # frames equal to the sizes: unchanged
+
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((40, 50), 60 * i, np.uint8)).save(p)
+        paths.append(p)
+    loads = []
+    import imret.local.sift as sift_mod
+
+    real = sift_mod.load_local_image
+    monkeypatch.setattr(sift_mod, "load_local_image", lambda *a, **k: (loads.append(a[0]), real(*a, **k))[1])
+    cache = _GreyCache(side=25, max_bytes=2 * 25 * 20)  # two 25 x 20 images
+    x = cache(paths[0])
+    assert x.shape == (20, 25) and x.dtype == np.uint8 and int(x[0, 0]) == 0
+    cache(paths[1]), cache(paths[0]), cache(paths[2])  # 1 is now the least recent: dropped
+    assert len(loads) == 3 and set(cache.items) == {str(paths[0]), str(paths[2])} and cache.bytes == 1000
+    assert int(cache(paths[1])[0, 0]) == 60 and len(loads) == 4
+    with pytest.raises((OSError, ValueError)):
+        cache(tmp_path / "missing.jpg")
+
+
 def test_duplicate_check_compares_aligned_pixels(photos):
     """The shared-patch pair again, with the shared-part ratio off: the geometry passes, the pixels
     of the rest of the frame do not; a real copy passes both."""

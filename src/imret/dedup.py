@@ -424,7 +424,10 @@ def _inside_count(keypoints: np.ndarray, h: np.ndarray, dst: tuple[int, int]) ->
 
 
 def _grey(image: Any) -> np.ndarray:
-    """``(H, W)`` float32 luma of a path, a PIL image or an ``H x W [x 3]`` uint8 array."""
+    """``(H, W)`` float32 luma of a path, a PIL image or an ``H x W [x 3]`` uint8 array, or of what
+    a zero-argument callable returns (pixels decoded only when needed)."""
+    if callable(image) and not isinstance(image, (np.ndarray, Image.Image)):
+        image = image()
     if isinstance(image, np.ndarray):
         a = image.astype(np.float32)
         return a if a.ndim == 2 else a[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
@@ -436,7 +439,52 @@ def _grey(image: Any) -> np.ndarray:
     return np.asarray(img.convert("L"), np.float32)
 
 
-def aligned_correlation(image_a: Any, image_b: Any, h: np.ndarray, *, side: int = 256, sigma: float = 1.0) -> tuple[float, float]:
+# Long side the pixels of a photo are kept at between the checks of one run (the side RootSIFT
+# is computed at, so rParis-sized photos are kept whole), and the memory they may take.
+GREY_SIDE = 1024
+GREY_BYTES = 256 << 20
+
+
+class _GreyCache:
+    """Grey pixels of image files, each decoded once (EXIF orientation applied, long side at most
+    ``side``) and kept as uint8 while they fit in ``max_bytes``, the least recently used dropped
+    first. ``cache(path) -> (H, W) uint8 array``; an unreadable file raises as :func:`_grey`."""
+
+    def __init__(self, side: int = GREY_SIDE, max_bytes: int = GREY_BYTES) -> None:
+        self.side, self.max_bytes, self.bytes = side, max_bytes, 0
+        self.items: dict[str, np.ndarray] = {}  # insertion order = use order
+
+    def __call__(self, path: str | os.PathLike) -> np.ndarray:
+        from .local.sift import load_local_image
+
+        key = os.fspath(path)
+        if key in self.items:
+            self.items[key] = self.items.pop(key)  # now the most recent
+            return self.items[key]
+        img, _ = load_local_image(key, max_side=self.side)
+        a = np.asarray(img.convert("L"), np.uint8)
+        self.items[key] = a
+        self.bytes += a.nbytes
+        while self.bytes > self.max_bytes and len(self.items) > 1:
+            self.bytes -= self.items.pop(next(iter(self.items))).nbytes
+        return a
+
+
+def _rescale_frames(h: np.ndarray, frame_a: tuple[int, int], size_a: tuple[int, int],
+                    frame_b: tuple[int, int], size_b: tuple[int, int]) -> np.ndarray:
+    """``h`` (a's frame pixels to b's) between the same photos resized to ``size_a`` and ``size_b``
+    (all ``(w, h)``; pixel centres at integers, so ``x -> (x + 0.5) s - 0.5``)."""
+    def to(frame: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+        fx, fy = size[0] / frame[0], size[1] / frame[1]
+        return np.array([[fx, 0, 0.5 * fx - 0.5], [0, fy, 0.5 * fy - 0.5], [0, 0, 1]])
+
+    if tuple(frame_a) == tuple(size_a) and tuple(frame_b) == tuple(size_b):
+        return h
+    return to(frame_b, size_b) @ h @ np.linalg.inv(to(frame_a, size_a))
+
+
+def aligned_correlation(image_a: Any, image_b: Any, h: np.ndarray, *, side: int = 256, sigma: float = 1.0,
+                        frames: tuple[tuple[int, int], tuple[int, int]] | None = None) -> tuple[float, float]:
     """How well ``h`` (a's pixels to b's, ``(3, 3)``) lays b's pixels onto a's: ``(ncc, local)``.
 
     a is resized to ``side`` pixels on its long side, b to the same scale through ``h`` (its
@@ -447,12 +495,17 @@ def aligned_correlation(image_a: Any, image_b: Any, h: np.ndarray, *, side: int 
     almost perfectly (re-encoding, resizing and colour changes are smooth or affine in grey
     level); two shots of one scene do not, even when one fits the other by a similarity.
     ``(0, 0)`` when fewer than 64 pixels overlap.
+
+    ``frames``: the sizes ``(w, h)`` of a's and b's frames ``h`` is expressed in, when the images
+    are given at other sizes (downscaled copies of the same photos): ``h`` is rescaled to them.
     """
     from .local.types import require_cv2
 
     cv2 = require_cv2()
     ga, gb = _grey(image_a), _grey(image_b)
     h = np.asarray(h, np.float64)
+    if frames is not None:
+        h = _rescale_frames(h, frames[0], (ga.shape[1], ga.shape[0]), frames[1], (gb.shape[1], gb.shape[0]))
     lin = h[:2, :2]
     scale = math.sqrt(abs(float(np.linalg.det(lin)))) or 1.0  # b pixels per a pixel
     sa = min(1.0, side / max(ga.shape))
@@ -570,7 +623,9 @@ class DuplicateCheck:
 
     def __call__(self, fa: Any, fb: Any, images: tuple[Any, Any] | None = None) -> PairCheck:
         """Check the local features ``fa`` of image a against ``fb`` of image b; with ``images``
-        (a's and b's pixels: paths, PIL images or arrays) also their aligned correlation."""
+        (a's and b's pixels: paths, PIL images or arrays, the latter possibly downscaled from
+        the frames of ``fa`` and ``fb``, or zero-argument callables returning one of them) also
+        their aligned correlation."""
         if fa is None or fb is None or len(fa) == 0 or len(fb) == 0:
             return PairCheck(False, reason="no local features")
         tries = [(False, fa, self._fit(fa, fb))]
@@ -611,7 +666,7 @@ class DuplicateCheck:
             return PairCheck(False, **out, reason=f"neither frame inside the other (coverage {cov[0]:.2f}, {cov[1]:.2f})")
         if images is not None and self.min_correlation > 0:
             try:
-                g, loc = aligned_correlation(images[0], images[1], h)
+                g, loc = aligned_correlation(images[0], images[1], h, frames=(fa.size, fb.size))
             except (OSError, ValueError) as e:  # unreadable pixels: no photometric evidence
                 return PairCheck(False, **out, reason=f"pixels not comparable: {e}")
             if g < self.min_correlation and loc < max(self.min_correlation, 0.99):
@@ -876,6 +931,14 @@ def deduplicate(
             cache[i] = features(i)  # type: ignore[misc]
         return cache[i]
 
+    grey_cache = _GreyCache()
+
+    def pixels(i: int) -> Callable[[], np.ndarray]:
+        """Image i's grey pixels for the photometric check, decoded when a pair first gets there,
+        then kept while they fit in memory (an unreadable file raises there: the pair is not
+        confirmed)."""
+        return lambda: grey_cache(paths[i])
+
     checks: dict[tuple[int, int], PairCheck] = {}
     confirmed: list[DuplicatePair] = []
     for (a, b), s, v in tqdm(zip(cands.pairs.tolist(), cands.scores.tolist(), cands.variants.tolist()),
@@ -884,7 +947,7 @@ def deduplicate(
         if not verify:
             confirmed.append(DuplicatePair(a, b, float(s), -1, names[v] if v < len(names) else ""))
             continue
-        pc = check(feats(a), feats(b), images=(paths[a], paths[b]))
+        pc = check(feats(a), feats(b), images=(pixels(a), pixels(b)))
         checks[(a, b)] = pc
         if pc.confirmed:
             confirmed.append(DuplicatePair(a, b, float(s), pc.inliers, pc.edit(), pc.flip, pc.rotation))
@@ -904,7 +967,7 @@ def deduplicate(
                 p = direct.get((min(ref, i), max(ref, i)))
                 mem.append((i, float(s), p.edit if p else ""))
                 continue
-            pc = checks.get((ref, i)) or check(feats(ref), feats(i), images=(paths[ref], paths[i]))  # reference -> member
+            pc = checks.get((ref, i)) or check(feats(ref), feats(i), images=(pixels(ref), pixels(i)))  # reference -> member
             mem.append((i, float(s), pc.edit() if pc.confirmed else "similar"))
         ordered.append(g)
         members.append(mem)
