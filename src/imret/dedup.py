@@ -15,7 +15,10 @@ every image also flipped and rotated (test-time augmentation, :data:`DEFAULT_TTA
 a candidate when any variant of one is close to the other. Local features then confirm a pair
 only if one photo maps onto the other by a similarity (plus a crop), possibly mirrored: RootSIFT
 is rotation invariant, and a mirror is matched by permuting the descriptor bins
-(:func:`mirror_features`), so no image is decoded twice.
+(:func:`mirror_features`), so no image is decoded twice. A copy fits that map exactly (its
+inliers are off it by localisation noise only, :func:`affine_residuals`) and its pixels, laid
+onto the other's, correlate (:func:`aligned_correlation`); a second shot of the scene from the
+same spot does neither.
 
 :func:`find_duplicates` runs all of it on image files with a model;
 :func:`find_duplicates_in_store` on a :class:`~imret.index.store.Store` (its descriptors and, when
