@@ -12,10 +12,11 @@ Precision = correct predicted pairs / predicted pairs, recall = found true pairs
 recall per edit.
 
 imret runs with the library's defaults: EfficientNet-Lite0 (ImageNet weights from pip), GeM,
-512 px, test-time variants flip / rot90 / rot180, candidates at cosine >= 0.75 among 8
-neighbours, RootSIFT verification (:class:`imret.dedup.DuplicateCheck`). The same descriptors
-also give the rows without test-time variants and without verification (descriptor only,
-cosine >= 0.85). imagededup (``pip install imagededup``) PHash and DHash with its default
+512 px, test-time variants flip / rot90 / rot180, candidates at cosine >= 0.7 among 8
+neighbours, RootSIFT verification (:class:`imret.dedup.DuplicateCheck`: a near-similarity, the
+inliers' median residual from it, the aligned pixels' correlation). The same descriptors
+also give the rows without the residual test (the default before it), without test-time
+variants and without verification (descriptor only, cosine >= 0.85). imagededup (``pip install imagededup``) PHash and DHash with its default
 Hamming threshold (10 of 64 bits).
 
     .venv/bin/python benchmarks/dedup.py [--originals 100] [--distinct 150] [--seed 0] [--write]
@@ -168,10 +169,19 @@ def main() -> int:
 
         full = run("imret (default: variants + RootSIFT)", variants=var, variant_names=dedup.DEFAULT_TTA)
         full["seconds"] += t_describe
+        run("imret, without the inlier-residual test (the previous default)", variants=var,
+            variant_names=dedup.DEFAULT_TTA, check=dedup.DuplicateCheck(max_residual=0))["seconds"] += t_describe
         run("imret, no test-time variants", variants=None)["seconds"] += t_describe * t_plain / t_tta
         run("imret, descriptors only (--no-verify)", variants=var, variant_names=dedup.DEFAULT_TTA,
             verify=False)["seconds"] += t_describe
         wrong = [(paths[a], paths[b]) for a, b in group_pairs(full["res"].groups) - set(truth)]
+        # median inlier residual of the confirmed (photo, copy) pairs, the largest per edit
+        resid = {}
+        for p in full["res"].pairs:
+            if (p.a, p.b) in truth:
+                e = truth[(p.a, p.b)]
+                resid[e] = max(resid.get(e, 0.0), p.residual)
+        wrong_resid = [p.residual for p in full["res"].pairs if (p.a, p.b) not in truth]
         missed = [(truth[t], full["res"].pairs and paths[t[1]]) for t in truth if t not in group_pairs(full["res"].groups)]
 
         try:
@@ -199,7 +209,9 @@ def main() -> int:
            "hashes: in each other's list); truth: the (photo, copy) pairs. imret: "
            f"{BACKBONE} + GeM (ImageNet weights from pip), {SIZE} px, library defaults "
            f"(variants {', '.join(dedup.DEFAULT_TTA)}; cosine ≥ {dedup.DEFAULT_THRESHOLD_VERIFY} among "
-           f"{dedup.DEFAULT_K} neighbours, then RootSIFT + MAGSAC++ near-similarity, mirrored too; "
+           f"{dedup.DEFAULT_K} neighbours, then RootSIFT + MAGSAC++ near-similarity, mirrored too, inliers' median "
+           f"residual ≤ {dedup.DuplicateCheck().max_residual:g} px, aligned grey NCC ≥ "
+           f"{dedup.DuplicateCheck().min_correlation:g}; "
            f"descriptor only: cosine ≥ {dedup.DEFAULT_THRESHOLD_DESCRIPTOR}). Time: the whole run on this CPU, "
            f"{args.threads} torch threads (imret rows include describing the files).", "",
            "| method | precision | recall | " + " | ".join(edits) + " | pairs predicted | time (s) |",
@@ -215,6 +227,11 @@ def main() -> int:
                 f"{Path(a).name} ~ {Path(b).name}" for a, b in wrong[:5]) if wrong else "no wrong pair")
             + "; " + (f"{len(missed)} missed: " + ", ".join(e for e, _ in missed[:10]) if missed else "none missed")
             + ".", "",
+            "Median residual of the inliers from the least-squares affine map (pixels of the coarser image at "
+            "≤ 1024 px), largest over the copies found, per edit: "
+            + ", ".join(f"{e} {resid[e]:.2f}" for e in edits if e in resid)
+            + (f"; over the wrong pairs confirmed: {min(wrong_resid):.2f}-{max(wrong_resid):.2f}" if wrong_resid else "")
+            + f" (bar {dedup.DuplicateCheck().max_residual:g}).", "",
             "Lowest cosine of a (photo, copy) pair per edit, without / with the variants: "
             + ", ".join(f"{e} {a:.2f} / {b:.2f}" for e, (a, b) in cos.items())
             + f". Distinct photos (no variants): highest {other[0]:.2f}, 10th {other[min(9, other.size - 1)]:.2f}, "

@@ -221,6 +221,75 @@ def test_duplicate_check_rejects_a_shared_patch_in_another_photo(photos):
     assert pc.inliers == loose.inliers >= 10
 
 
+def test_affine_residuals_closed_form():
+    """An exact similarity leaves nothing; isotropic Gaussian noise of sigma per coordinate leaves
+    a Rayleigh median sigma * sqrt(2 ln 2); a non-affine (perspective) map leaves its departure
+    from the best affine one."""
+    from imret.dedup import affine_residuals
+
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, [1000, 800], size=(4000, 2))
+    th, s = np.deg2rad(33), 0.6
+    sim = np.array([[s * np.cos(th), -s * np.sin(th)], [s * np.sin(th), s * np.cos(th)]])
+    q = p @ sim.T + [17.0, -5.0]
+    assert np.abs(affine_residuals(p, q)).max() < 1e-9
+    q[:, 0] = -q[:, 0]  # mirrored: still affine
+    assert np.abs(affine_residuals(p, q)).max() < 1e-9
+    sigma = 0.2
+    r = affine_residuals(p, q + rng.normal(0, sigma, q.shape))
+    assert np.median(r) == pytest.approx(sigma * np.sqrt(2 * np.log(2)), rel=0.04)
+    w = 1 + 1e-4 * p[:, 0]  # a slight perspective: x / w
+    persp = affine_residuals(p, p / w[:, None])
+    assert np.median(persp) > 3 * sigma
+    with pytest.raises(ValueError, match="N >= 3"):
+        affine_residuals(p[:2], q[:2])
+    with pytest.raises(ValueError, match="one shape"):
+        affine_residuals(p, q[:10])
+
+
+def test_duplicate_check_residual_warped_copy_passes_second_render_fails():
+    """One textured scene rendered twice: view 1, and view 2 from a camera turned a little (a
+    homography with a small perspective part, which every geometric test lets through as a
+    near-similarity); and a copy of view 1 resized, turned a quarter and re-encoded. The copy's
+    inliers sit on an exact map (residual noise only), the second render's do not."""
+    pytest.importorskip("cv2")
+    import cv2
+
+    from imret.local.sift import SiftExtractor
+    from imret.local.types import LocalFeatures
+    from imret.synthetic import make_object
+
+    world = np.asarray(make_object(np.random.default_rng(5), 512))
+    to_view1 = np.array([[1.0, 0, -40.5], [0, 1, -60.5], [0, 0, 1]])  # a fractional shift: view 1 is resampled too
+    turned = np.array([[1.0, 0, 0], [0, 1, 0], [6e-5, 3e-5, 1]]) @ to_view1
+
+    def render(h):
+        return Image.fromarray(cv2.warpPerspective(world, h, (400, 300), flags=cv2.INTER_LINEAR))
+
+    view1, view2 = render(to_view1), render(turned)
+    buf = io.BytesIO()
+    view1.resize((280, 210), Image.BICUBIC).transpose(Image.Transpose.ROTATE_90).save(buf, "JPEG", quality=40)
+    copy = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    ex = SiftExtractor()
+    f1, f2, fc = ex(view1), ex(view2), ex(copy)
+    check, geometric = DuplicateCheck(), DuplicateCheck(max_residual=0)
+    pc = check(f1, fc)
+    assert pc.confirmed and pc.edit() == "rotate90+resize", pc.reason
+    assert pc.residual < 0.3
+    assert geometric(f1, f2).confirmed  # the second render passes the geometric tests...
+    pc2 = check(f1, f2)
+    assert not pc2.confirmed and "inliers off an exact map" in pc2.reason and pc2.residual > 0.45, pc2
+    assert np.isnan(geometric(f1, f2).residual)  # not measured when off
+    # the unit is a pixel of the coarser image at the detection side: the same matches in frames
+    # three times as large (1200 x 900, detected at 1024) measure 3 / (1200 / 1024) as much
+    big = [LocalFeatures(f.keypoints * [3, 3] + [1, 1], f.descriptors, (3 * f.size[0], 3 * f.size[1]), f.scores, f.kind)
+           for f in (f1, f2)]
+    pc3 = DuplicateCheck(max_residual=10)(*big)
+    assert pc3.confirmed and pc3.residual == pytest.approx(pc2.residual * 3 / (1200 / 1024), rel=0.05)
+    with pytest.raises(ValueError, match="max_residual must be a finite number >= 0"):
+        DuplicateCheck(max_residual=-1)
+
+
 def test_aligned_correlation_against_known_transforms():
     """b = a's pixels under a known map (an integer shift, a 2x downscale, a mirror): the right
     transform correlates fully, a transform off by 3 pixels does not."""
@@ -245,6 +314,44 @@ def test_aligned_correlation_against_known_transforms():
     flip = np.array([[-1.0, 0, a.shape[1] - 1], [0, 1, 0], [0, 0, 1]])
     assert aligned_correlation(a, mirror, flip)[0] > 0.999 and aligned_correlation(a, mirror, np.eye(3))[0] < 0.3
     assert aligned_correlation(a, b, np.array([[1.0, 0, 5000], [0, 1, 0], [0, 0, 1]])) == (0.0, 0.0)  # no overlap
+
+
+def test_aligned_correlation_on_downscaled_pixels_and_the_grey_cache(photos, tmp_path, monkeypatch):
+    """Pixels given smaller than the frames of the transform (``frames``) correlate as the full
+    ones do; the grey cache decodes each file once and drops the least recently used past its
+    byte budget."""
+    pytest.importorskip("cv2")
+    from imret.dedup import _GreyCache, aligned_correlation
+
+    a = np.asarray(Image.open(photos[1][0]).convert("L"))  # 320 x 240
+    b = a[30:210, 50:290]
+    shift = np.array([[1.0, 0, -50], [0, 1, -30], [0, 0, 1]])
+    full = aligned_correlation(a, b, shift)
+    small_a = np.asarray(Image.fromarray(a).resize((160, 120), Image.BILINEAR))
+    frames = ((a.shape[1], a.shape[0]), (b.shape[1], b.shape[0]))
+    got = aligned_correlation(small_a, b, shift, frames=frames)
+    assert full[0] > 0.99 and got[0] > 0.97
+    assert aligned_correlation(small_a, b, shift)[0] < 0.5  # the same pixels without the frames: misaligned
+    assert aligned_correlation(a, b, shift, frames=frames) == full  # frames equal to the sizes: unchanged
+
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((40, 50), 60 * i, np.uint8)).save(p)
+        paths.append(p)
+    loads = []
+    import imret.local.sift as sift_mod
+
+    real = sift_mod.load_local_image
+    monkeypatch.setattr(sift_mod, "load_local_image", lambda *a, **k: (loads.append(a[0]), real(*a, **k))[1])
+    cache = _GreyCache(side=25, max_bytes=2 * 25 * 20)  # two 25 x 20 images
+    x = cache(paths[0])
+    assert x.shape == (20, 25) and x.dtype == np.uint8 and int(x[0, 0]) == 0
+    cache(paths[1]), cache(paths[0]), cache(paths[2])  # 1 is now the least recent: dropped
+    assert len(loads) == 3 and set(cache.items) == {str(paths[0]), str(paths[2])} and cache.bytes == 1000
+    assert int(cache(paths[1])[0, 0]) == 60 and len(loads) == 4
+    with pytest.raises((OSError, ValueError)):
+        cache(tmp_path / "missing.jpg")
 
 
 def test_duplicate_check_compares_aligned_pixels(photos):
@@ -347,6 +454,7 @@ def test_reports_parse_back(photos, random_model, tmp_path):
     assert {frozenset(m["key"] for m in g) for g in j["groups"]} == groups
     assert j["images"] == len(paths) and len(j["pairs"]) == len(groups)
     assert all(g[0]["edit"] == "original" for g in j["groups"])
+    assert all(0 <= pr["residual"] <= DuplicateCheck().max_residual for pr in j["pairs"])  # measured, under the bar
     rows = list(csv.DictReader(io.StringIO(dedup.write_report(res, tmp_path / "r.csv").read_text())))
     assert len(rows) == 2 * len(groups) and set(rows[0]) == {"group", "path", "score", "edit", "key"}
     by_group: dict[str, set] = {}
