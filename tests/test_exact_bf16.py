@@ -220,3 +220,45 @@ def test_backends_of_both_precisions_agree_through_add_and_remove(tmp_path):
     again = ExactBackend.load(tmp_path, spec="exact?precision=bf16")
     assert again.precision == "bf16"
     assert_same(again.search(q, k), b32.search(q, k))
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_group_selection_on_clustered_rows_matches_reference(prepared):
+    """The fp32 first pass picks rows by group maxima (blocks of at least 2·keep groups of 64) and,
+    with the rows prepared, drops rows the blocks before rule out. Rows near each query are stored
+    contiguously (so a few groups hold most of its top k), with exact duplicates, dead rows, a
+    block that ends in part of a group, and queries alike: ids and scores equal the reference."""
+    rs = np.random.default_rng(5)
+    d, k = 64, 5
+    q = unit(rs.standard_normal((6, d)))
+    q[5] = q[4]  # two queries alike
+    far = unit(rs.standard_normal((5737 - 6 * 70, d)))
+
+    def at(i, scores):  # rows whose score with query i is each of scores
+        z = rs.standard_normal((scores.size, d))
+        z -= (z @ q[i].astype(np.float64))[:, None] * q[i][None, :]
+        z /= np.linalg.norm(z, axis=1, keepdims=True)
+        return (scores[:, None] * q[i][None, :] + np.sqrt(1 - scores ** 2)[:, None] * z).astype(np.float32)
+
+    # per query 60 rows spread over the first block, scores 0.55..0.60 (its 13th ≈ 0.59: what the
+    # blocks after it are cut by), and 10 stored together in the third, scores 0.591..0.61: the
+    # top k comes from both
+    first = np.concatenate([far[:2048 - 360], *(at(i, np.linspace(0.55, 0.6, 60)) for i in range(6))])
+    third = [at(i, np.linspace(0.591, 0.61, 10)) for i in range(6)]
+    x = np.concatenate([first[rs.permutation(2048)], far[1688:3736], *third, far[3736:]])
+    x[2100:2110] = x[10]  # duplicates of a row of the first block, in the second
+    alive = rs.random(x.shape[0]) > 0.05
+    ref = reference(q, x, k, alive)
+    prep = prepare_rows(x, "fp32") if prepared else None
+    got = exact_search(q, x, k, alive=alive, block_rows=2048, precision="fp32", prepared=prep)
+    assert_same(got, ref)
+    # the group path was taken: 2048 / 64 = 32 groups ≥ 2 · keep (keep = k + 8 = 13)
+    assert exact_mod._GROUP * 2 * (k + 8) <= 2048
+    # and the whole block's top keep is inside the rows it keeps, with let_go below them
+    sc = torch.from_numpy(x[:2048]) @ torch.from_numpy(q).T
+    qq, rr, aa, let_go, floor = exact_mod._select(sc, k + 8, None)
+    for i in range(q.shape[0]):
+        top = torch.topk(sc[:, i], k + 8).indices.numpy()
+        assert set(top) <= set(rr[qq == i])
+        rest = np.setdiff1d(np.arange(2048), rr[qq == i])
+        assert sc[rest, i].max().item() <= let_go[i] <= np.sort(aa[qq == i])[-(k + 8)]
