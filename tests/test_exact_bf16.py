@@ -176,6 +176,12 @@ def test_exact_scores_do_not_depend_on_the_batch():
     one_by_one = torch.cat([exact_scores(x[j:j + 1], q[None]) for j in range(300)])
     batched = exact_scores(x.view(3, 100, 512), q[None, None, :].expand(3, 100, 512), dim=2).flatten()
     assert torch.equal(whole, one_by_one) and torch.equal(whole, batched)
+    # as the re-scoring runs it: 32 pairs at a time, products in place, scores into a buffer
+    into = torch.empty(300)
+    for a in range(0, 300, 32):
+        xs = x[a:a + 32].clone()
+        exact_scores(xs, q.expand_as(xs), out=xs, out_scores=into[a:a + 32])
+    assert torch.equal(whole, into)
 
 
 def test_precision_choices_and_spec(monkeypatch):

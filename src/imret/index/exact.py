@@ -8,7 +8,9 @@ reached in two passes over the database, in blocks of rows so memory stays bound
 
 1. an approximate pass, a matrix product in ``fp32`` or ``bf16`` (half the memory traffic,
    and about 2.5x the throughput where the CPU has AVX512-BF16 or AMX), keeping per query the
-   rows whose approximate score could, within a proven error bound, reach the top ``k``;
+   rows whose approximate score could, within a proven error bound, reach the top ``k``: per
+   block a set that holds its top ``keep`` (by group maxima in fp32, :func:`_select`), less the
+   rows that the blocks before rule out (:func:`_cut`), then the bound applied to them all;
 2. the kept rows (typically ``k`` plus a few) are re-scored by the exact rule and the top
    ``k`` returned.
 
@@ -261,27 +263,29 @@ def _select(sc: torch.Tensor, keep: int, cut: np.ndarray | None, *, groups: bool
     ``≥ floor`` where ``floor`` exceeds the bound that gave ``cut`` (a lower bound of the block's
     ``keep``-th largest score), None when unknown.
 
-    ``groups`` (``sc`` contiguous) and at least ``2 keep`` groups of :data:`_GROUP` rows: the ``keep`` groups of largest maximum
-    hold the top ``keep`` scores (a group holding one has its maximum ≥ it, and at most ``keep``
-    groups do); ``t`` = the least of their maxima is ``≤`` the ``keep``-th largest score (the
-    ``keep`` maxima are scores), so their rows scoring ``≥ t`` are kept and ``let_go = t``. One
-    streaming pass and a gather of ``keep`` groups per query cost about half of ``torch.topk``
-    over the whole block. Otherwise ``torch.topk`` per query.
+    With ``groups`` (``sc`` contiguous) and at least ``2 keep`` groups of :data:`_GROUP` rows:
+    the ``keep`` groups of largest maximum hold the top ``keep`` scores (a group holding one has
+    its maximum ≥ it, and at most ``keep`` groups do; every other group's maximum is ``≤ t``, the
+    least maximum chosen); ``t`` is ``≤`` the ``keep``-th largest score (the ``keep`` maxima are
+    scores), so the chosen groups' rows scoring ``≥ t`` are kept and ``let_go = t``. The group
+    maxima are one streaming pass over ``(B, Q)``, and the gather reads ``keep`` groups per query,
+    sorted by group so each is read from cache: less than ``torch.topk`` over the block (which
+    would also need it as ``(Q, B)``). Otherwise ``torch.topk`` per query.
     """
     b, nq = sc.shape
     ng = b // _GROUP
     c = None if cut is None else torch.from_numpy(cut).to(sc.dtype)
     if groups and ng >= 2 * keep:
         m = ng * _GROUP
-        groups = sc[:m].view(ng, _GROUP, nq)
-        gm = groups.amax(dim=1).T.contiguous()  # (Q, groups)
+        grouped = sc[:m].view(ng, _GROUP, nq)
+        gm = grouped.amax(dim=1).T.contiguous()  # (Q, groups)
         gv, gi = torch.topk(gm, keep, dim=1, sorted=False)
         t = gv.min(dim=1).values
         lim = t if c is None else torch.maximum(t, c)
         g, qq = gi.flatten(), torch.arange(nq).repeat_interleave(keep)
         o = torch.argsort(g, stable=True)  # by group: each group's rows are read once, from cache
         g, qq = g[o], qq[o]
-        vals = groups[g, :, qq]  # (Q keep, _GROUP)
+        vals = grouped[g, :, qq]  # (Q keep, _GROUP)
         p, j = torch.nonzero(vals >= lim[qq][:, None], as_tuple=True)
         out = [(qq[p].numpy(), (g[p] * _GROUP + j).numpy(), vals[p, j].float().numpy())]
         if m < b:  # the last rows, fewer than a group: all kept
