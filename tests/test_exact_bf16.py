@@ -57,6 +57,14 @@ def near_ties(n_queries=4, cluster=300, n_random=3000, dim=256, seed=0):
     return q, np.ascontiguousarray(x), cluster // 2
 
 
+@pytest.fixture(params=["rows", "queries"])
+def orientation(request, monkeypatch):
+    """Both layouts of the fp32 first pass: (rows x queries) with group maxima, which search
+    takes from _BY_ROWS_MIN_QUERIES queries on, and (queries x rows) with top-k below it."""
+    monkeypatch.setattr(exact_mod, "_BY_ROWS_MIN_QUERIES", 1 if request.param == "rows" else 10**9)
+    return request.param
+
+
 def assert_same(a, b):
     np.testing.assert_array_equal(a[1], b[1])
     np.testing.assert_array_equal(a[0], b[0])
@@ -64,7 +72,7 @@ def assert_same(a, b):
 
 @needs_bf16
 @pytest.mark.parametrize("block_rows", [None, 997])
-def test_near_ties_both_precisions_equal_reference(block_rows):
+def test_near_ties_both_precisions_equal_reference(block_rows, orientation):
     q, x, k = near_ties()
     ref = reference(q, x, k)
     # the k-th score really is inside a cluster of near-ties
@@ -133,7 +141,7 @@ def test_bound_holds_for_every_pair(precision):
 
 @needs_bf16
 @pytest.mark.parametrize("k", [1, 7, 50, 401, 5000])
-def test_duplicates_and_k_beyond_n(k):
+def test_duplicates_and_k_beyond_n(k, orientation):
     """Exact duplicates (ties broken by row), more duplicates than the first pass keeps per
     block (forces the rescan), k > N; alive mask and ids."""
     rs = np.random.default_rng(2)
@@ -229,7 +237,7 @@ def test_backends_of_both_precisions_agree_through_add_and_remove(tmp_path):
 
 
 @pytest.mark.parametrize("prepared", [False, True])
-def test_group_selection_on_clustered_rows_matches_reference(prepared):
+def test_group_selection_on_clustered_rows_matches_reference(prepared, orientation):
     """The fp32 first pass picks rows by group maxima (blocks of at least 2·keep groups of 64) and,
     with the rows prepared, drops rows the blocks before rule out. Rows near each query are stored
     contiguously (so a few groups hold most of its top k), with exact duplicates, dead rows, a

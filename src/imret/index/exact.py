@@ -238,6 +238,8 @@ def prepare_rows(x: np.ndarray, precision: str, block: int = 65536) -> tuple[tor
 #: Rows per group in the first pass's selection: the group maxima (one streaming pass over the
 #: scores) pick the ``keep`` groups that hold a query's top ``keep`` scores.
 _GROUP = 64
+#: Queries from which the fp32 first pass runs as (rows x queries) with group maxima.
+_BY_ROWS_MIN_QUERIES = 32
 
 
 def _cut(thr: np.ndarray, eps: np.ndarray, r: float, dtype: torch.dtype) -> np.ndarray:
@@ -365,6 +367,9 @@ def exact_search(
     # bound is known in advance. (B x Q) is the orientation the matrix product runs fastest in
     # (about 1.3x (Q x B) with MKL on AVX-512), and groups of rows are contiguous in it.
     keep = 2 * k + 16 if precision == "bf16" else k + max(8, k // 8)
+    # fp32 with many queries: (B x Q) and group maxima. bf16 runs as fast in (Q x B) and its group
+    # maxima are slow; a few queries are a matrix-vector product, faster in (Q x B) with top-k.
+    by_rows = precision == "fp32" and nq >= _BY_ROWS_MIN_QUERIES
     buf = torch.empty(nq * min(block, n), dtype=qa.dtype)  # reused: fresh blocks cost page faults
     eps_early = None if stats is None else error_bound(qt, stats, precision)
     thr = np.full(nq, -np.inf)  # a lower bound of every query's k-th largest first-pass score
@@ -375,15 +380,15 @@ def exact_search(
         xb, st = rows_block(start, stop)
         if st is not None:
             seen = seen.merge(st)
-        if precision == "fp32":
+        if by_rows:
             sc = torch.mm(xb, qa.T, out=buf[: nq * (stop - start)].view(stop - start, nq))
-        else:  # bf16 runs as fast in (Q x B), and its group maxima are slow: plain top-k there
+        else:  # (Q x B), plain top-k: see by_rows
             sc = torch.mm(qa, xb.T, out=buf[: nq * (stop - start)].view(nq, stop - start)).T
         dead = dead_block(start, stop)
         if dead is not None:
             sc[dead] = -math.inf
         cut = None if eps_early is None else _cut(thr, eps_early[0].numpy(), eps_early[1], qa.dtype)
-        bq, br, ba, bl, lb = _select(sc, keep, cut, groups=precision == "fp32")
+        bq, br, ba, bl, lb = _select(sc, keep, cut, groups=by_rows)
         pq.append(bq)
         pr.append(br + start)
         pa.append(ba)
