@@ -891,7 +891,7 @@ def render_exact(run: dict) -> str:
               "threads; a shared VM, so wall-clock figures vary with the load (given per size) and the CPU-second "
               "figures are beside them.", ""]
     lines += ["Exact search (`imret.index.exact`) multiplies the rows with the queries in blocks of 65,536 rows "
-              "(first pass, in fp32 or bf16; fp32 as (rows×D)@(D×Q), the orientation this machine's MKL runs "
+              "(first pass, in fp32 or bf16; fp32 from 32 queries on as (rows×D)@(D×Q), the orientation this machine's MKL runs "
               "fastest), keeps per query a set of rows that holds its top `keep` first-pass scores (fp32: the "
               "`keep` groups of 64 rows with the largest maxima, one streaming pass plus a gather; bf16: "
               "`torch.topk`), less rows the blocks before rule out, then every row whose first-pass score could "
