@@ -285,11 +285,14 @@ def peak_gflops(q: int, d: int, repeats: int = 3) -> dict:
     """Best fp32 matmul GFLOP/s: the search's shape (Q x D) @ (D x 65536) and a square 4096^3.
 
     ``peak`` is by wall clock; ``peak_cpu`` divides by CPU seconds per thread instead, which
-    discounts the time the threads were descheduled on a shared machine.
+    discounts the time the threads were descheduled on a shared machine; ``<shape>_cpu`` the
+    same per shape. ``rows_by_queries`` (not in the peaks): the same product computed the other
+    way round, (65536 x D) @ (D x Q), the orientation ``exact_search`` uses.
     """
     out, cpu = {}, {}
     threads = torch.get_num_threads()
-    for name, (m, kk, n) in {"search_shape": (q, d, 65536), "square_4096": (4096, 4096, 4096)}.items():
+    shapes = {"search_shape": (q, d, 65536), "square_4096": (4096, 4096, 4096), "rows_by_queries": (65536, d, q)}
+    for name, (m, kk, n) in shapes.items():
         a, b = torch.randn(m, kk), torch.randn(kk, n)
         a @ b  # warm-up
         best, best_cpu = math.inf, math.inf
@@ -299,8 +302,9 @@ def peak_gflops(q: int, d: int, repeats: int = 3) -> dict:
             best, best_cpu = min(best, c.wall), min(best_cpu, c.cpu / threads)
         out[name] = 2 * m * kk * n / best / 1e9
         cpu[name] = 2 * m * kk * n / best_cpu / 1e9
-    out["peak"] = max(out.values())
-    out["peak_cpu"] = max(cpu.values())
+    out.update({f"{name}_cpu": v for name, v in cpu.items()})
+    out["peak"] = max(out["search_shape"], out["square_4096"])
+    out["peak_cpu"] = max(cpu["search_shape"], cpu["square_4096"])
     return out
 
 
@@ -856,6 +860,27 @@ def write_auto_section(text: str, path: Path) -> None:
     write_section(text, path, AUTO_BEGIN, AUTO_END)
 
 
+def _exact_rates(res: dict) -> dict:
+    """This size's fp32 product rates (best of before and after the searches) and floors."""
+    e = res["exact_precision"]
+    g = (e["gflops_fp32_before"], e["gflops_fp32_after"])
+    flops = 2 * res["queries"] * res["n"] * res["dim"]
+    best = {key: max(x.get(key, 0.0) for x in g)
+            for key in ("search_shape", "square_4096", "search_shape_cpu", "rows_by_queries", "rows_by_queries_cpu")}
+    out = {"shape": best["search_shape"], "square": best["square_4096"], "rq": best["rows_by_queries"],
+           "floor": flops / (best["search_shape"] * 1e9),  # the bare (Q x D) @ (D x N) product
+           "floor_cpu": flops / (best["search_shape_cpu"] * 1e9) if best["search_shape_cpu"] else None}
+    if best["rows_by_queries"]:
+        out["rq_floor"] = flops / (best["rows_by_queries"] * 1e9)
+        out["rq_floor_cpu"] = flops / (best["rows_by_queries_cpu"] * 1e9)
+    return out
+
+
+def _by_cpu(r: dict, rates: dict, threads: int) -> str:
+    """CPU seconds per thread of a search over those of the same-shape floor (– if not recorded)."""
+    return f"{r['search_cpu_s'] / threads / rates['floor_cpu']:.2f}" if rates["floor_cpu"] else "–"
+
+
 def render_exact(run: dict) -> str:
     """The subsection on exact search's first-pass precision (fp32, bf16 + exact re-scoring)."""
     m = run["machine"]
@@ -865,39 +890,46 @@ def render_exact(run: dict) -> str:
               f"{'yes' if m.get('avx512_bf16') else 'no'}), {m['cores']} logical cores, no GPU, {m['threads']} torch "
               "threads; a shared VM, so wall-clock figures vary with the load (given per size) and the CPU-second "
               "figures are beside them.", ""]
-    lines += ["Exact search (`imret.index.exact`) multiplies the queries with the rows in blocks (first pass, in "
-              "fp32 or bf16), keeps per query every row whose first-pass score could reach the top k within a "
-              "proven error bound (`error_bound`: for bf16 the actual rounding errors of the factors by "
-              "Cauchy–Schwarz, the float32 accumulation γ_D, the bfloat16 rounding of the output, and the "
-              "re-scoring's own error), re-scores those exactly (float32 products summed along the row, "
-              "`exact_scores`) and returns the top k, ties by row. Both precisions therefore return the same ids "
-              "and scores bit for bit (`tests/test_exact_bf16.py` checks it on adversarial near-ties against a "
-              "brute-force reference, and that a bound 10⁶× too small breaks it). `exact` (precision `auto`) "
-              "takes bf16 where a bf16 product is measured ≥ 1.5× faster than fp32 once per process. The floor "
-              "is the bare product (Q×D)@(D×N) at the peak measured in the same run (best of "
-              "(Q×D)@(D×65536) and 4096³ for fp32, (Q×D)@(D×65536) for bf16, just before and just after); both "
-              "searches use rows prepared once as the backend keeps them (bf16: a bfloat16 copy, half the "
-              "size, and the norm bounds; its preparation time is given apart). *fp32 floor* is the bare product "
-              "at the search's shape; in brackets the ratio against the best fp32 rate of any shape (4096³, "
-              "which this machine runs faster) and the same ratio in CPU seconds per thread.", ""]
-    lines += ["| N | load | fp32 GFLOP/s: search shape / 4096³; bf16 | fp32 floor s (same shape) | fp32 exact s (CPU s) | "
-              "× fp32 floor (× 4096³ peak; by CPU) | bf16 exact s (CPU s) | × fp32 floor | × bf16 floor | "
-              "bf16 speed-up (by CPU) | identical | auto |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["Exact search (`imret.index.exact`) multiplies the rows with the queries in blocks of 65,536 rows "
+              "(first pass, in fp32 or bf16; fp32 from 32 queries on as (rows×D)@(D×Q), the orientation this machine's MKL runs "
+              "fastest), keeps per query a set of rows that holds its top `keep` first-pass scores (fp32: the "
+              "`keep` groups of 64 rows with the largest maxima, one streaming pass plus a gather; bf16: "
+              "`torch.topk`), less rows the blocks before rule out, then every row whose first-pass score could "
+              "reach the top k within a proven error bound (`error_bound`: for bf16 the actual rounding errors "
+              "of the factors by Cauchy–Schwarz, the float32 accumulation γ_D, the bfloat16 rounding of the "
+              "output, and the re-scoring's own error), re-scores those exactly (float32 products summed along "
+              "the row, `exact_scores`) and returns the top k, ties by row. Both precisions therefore return the "
+              "same ids and scores bit for bit (`tests/test_exact_bf16.py` checks it on adversarial near-ties "
+              "and clustered rows against a brute-force reference, and that a bound 10⁶× too small breaks it). "
+              "`exact` (precision `auto`) takes bf16 where a bf16 product is measured ≥ 1.5× faster than fp32 "
+              "once per process. Both searches use rows prepared once as the backend keeps them (bf16: a "
+              "bfloat16 copy, half the size, and the norm bounds; its preparation time is given apart). "
+              "*fp32 floor*: the bare product (Q×D)@(D×N) at the search's shape, at the best rate of "
+              "(Q×D)@(D×65536) measured just before and just after (the bar's floor); *by CPU*: CPU seconds per "
+              "thread against the same product's, the steadier figure on a loaded machine; *× 4096³ peak*: "
+              "against the best fp32 rate of any shape; *× rows×queries product*: against the same product "
+              "computed as (65536×D)@(D×Q), the orientation the search runs, i.e. what the search adds to its "
+              "own matrix product. bf16 figures are against the bf16 product (Q×D)@(D×65536).", ""]
+    lines += ["| N | load | fp32 GFLOP/s: search shape / 4096³ / rows×queries; bf16 | fp32 floor s (same shape) | "
+              "fp32 exact s (CPU s) | × fp32 floor (by CPU) | × 4096³ peak (by CPU) | × rows×queries product (by CPU) | "
+              "bf16 exact s (CPU s) | × fp32 floor | × bf16 floor | bf16 speed-up (by CPU) | identical | auto |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    threads = m["threads"]
     for res in run["sizes"]:
         e = res.get("exact_precision")
         if e is None:
             continue
         f, b = e["fp32"], e["bf16"]
-        flops = 2 * res["queries"] * res["n"] * res["dim"]
-        shape = max(e["gflops_fp32_before"]["search_shape"], e["gflops_fp32_after"]["search_shape"])
-        square = max(e["gflops_fp32_before"]["square_4096"], e["gflops_fp32_after"]["square_4096"])
-        floor = flops / (shape * 1e9)  # the bare (Q x D) @ (D x N) product at this run's best rate
+        r = _exact_rates(res)
+        rq = f"{r['rq']:.0f}" if r["rq"] else "–"
+        by_rq = (f"{f['search_s'] / r['rq_floor']:.2f} ({f['search_cpu_s'] / threads / r['rq_floor_cpu']:.2f})"
+                 if r["rq"] else "–")
         lines.append(f"| {res['n']:,} | {res['loadavg_start'][0]:.1f} → {res['loadavg_end'][0]:.1f} | "
-                     f"{shape:.0f} / {square:.0f}; {e['peak_bf16']:.0f} | {floor:.3f} | "
-                     f"{f['search_s']:.3f} ({f['search_cpu_s']:.2f}) | **{f['search_s'] / floor:.2f}** "
-                     f"({f['vs_floor_fp32']:.2f}; {f['vs_floor_fp32_cpu']:.2f}) | {b['search_s']:.3f} ({b['search_cpu_s']:.2f}) | "
-                     f"**{b['search_s'] / floor:.2f}** | {b['vs_floor_bf16']:.2f} | **{e['bf16_vs_fp32']:.2f}×** "
+                     f"{r['shape']:.0f} / {r['square']:.0f} / {rq}; {e['peak_bf16']:.0f} | {r['floor']:.3f} | "
+                     f"{f['search_s']:.3f} ({f['search_cpu_s']:.2f}) | **{f['search_s'] / r['floor']:.2f}** "
+                     f"({_by_cpu(f, r, threads)}) | {f['vs_floor_fp32']:.2f} ({f['vs_floor_fp32_cpu']:.2f}) | {by_rq} | "
+                     f"{b['search_s']:.3f} ({b['search_cpu_s']:.2f}) | "
+                     f"**{b['search_s'] / r['floor']:.2f}** | {b['vs_floor_bf16']:.2f} | **{e['bf16_vs_fp32']:.2f}×** "
                      f"({e['bf16_vs_fp32_cpu']:.2f}×) | {'yes' if e['identical'] else 'NO (' + str(e['differing_ids']) + ' ids)'} | "
                      f"{e['auto_chooses']} |")
     lines.append("")
@@ -916,14 +948,13 @@ def render_exact(run: dict) -> str:
         e = res.get("exact_precision")
         if e is None:
             continue
-        flops = 2 * res["queries"] * res["n"] * res["dim"]
-        shape = max(e["gflops_fp32_before"]["search_shape"], e["gflops_fp32_after"]["search_shape"])
-        floor = flops / (shape * 1e9)
+        r = _exact_rates(res)
+        floor = r["floor"]
         used = e[e["auto_chooses"]]["search_s"] / floor
         fp32 = e["fp32"]["search_s"] / floor
         bars.append(f"- N = {res['n']:,}: `exact` as shipped (auto → {e['auto_chooses']}) took {used:.2f}× the fp32 "
                     f"floor → **{'pass' if used <= 1.2 else 'FAIL'}** (bar ≤ 1.2×); the fp32 path alone {fp32:.2f}× "
-                    f"→ **{'pass' if fp32 <= 1.2 else 'FAIL'}**; bf16 + re-scoring {e['bf16_vs_fp32']:.2f}× faster "
+                    f"({_by_cpu(e['fp32'], r, m['threads'])} by CPU) → **{'pass' if fp32 <= 1.2 else 'FAIL'}**; bf16 + re-scoring {e['bf16_vs_fp32']:.2f}× faster "
                     f"than fp32 exact ({e['bf16_vs_fp32_cpu']:.2f}× by CPU) with "
                     f"{'identical ids and scores' if e['identical'] else 'DIFFERENT results'}"
                     + (" (the ≥ 3× bar is for AMX; this machine has none)." if not m.get("amx") else

@@ -57,6 +57,14 @@ def near_ties(n_queries=4, cluster=300, n_random=3000, dim=256, seed=0):
     return q, np.ascontiguousarray(x), cluster // 2
 
 
+@pytest.fixture(params=["rows", "queries"])
+def orientation(request, monkeypatch):
+    """Both layouts of the fp32 first pass: (rows x queries) with group maxima, which search
+    takes from _BY_ROWS_MIN_QUERIES queries on, and (queries x rows) with top-k below it."""
+    monkeypatch.setattr(exact_mod, "_BY_ROWS_MIN_QUERIES", 1 if request.param == "rows" else 10**9)
+    return request.param
+
+
 def assert_same(a, b):
     np.testing.assert_array_equal(a[1], b[1])
     np.testing.assert_array_equal(a[0], b[0])
@@ -64,7 +72,7 @@ def assert_same(a, b):
 
 @needs_bf16
 @pytest.mark.parametrize("block_rows", [None, 997])
-def test_near_ties_both_precisions_equal_reference(block_rows):
+def test_near_ties_both_precisions_equal_reference(block_rows, orientation):
     q, x, k = near_ties()
     ref = reference(q, x, k)
     # the k-th score really is inside a cluster of near-ties
@@ -133,7 +141,7 @@ def test_bound_holds_for_every_pair(precision):
 
 @needs_bf16
 @pytest.mark.parametrize("k", [1, 7, 50, 401, 5000])
-def test_duplicates_and_k_beyond_n(k):
+def test_duplicates_and_k_beyond_n(k, orientation):
     """Exact duplicates (ties broken by row), more duplicates than the first pass keeps per
     block (forces the rescan), k > N; alive mask and ids."""
     rs = np.random.default_rng(2)
@@ -176,6 +184,12 @@ def test_exact_scores_do_not_depend_on_the_batch():
     one_by_one = torch.cat([exact_scores(x[j:j + 1], q[None]) for j in range(300)])
     batched = exact_scores(x.view(3, 100, 512), q[None, None, :].expand(3, 100, 512), dim=2).flatten()
     assert torch.equal(whole, one_by_one) and torch.equal(whole, batched)
+    # as the re-scoring runs it: 32 pairs at a time, products in place, scores into a buffer
+    into = torch.empty(300)
+    for a in range(0, 300, 32):
+        xs = x[a:a + 32].clone()
+        exact_scores(xs, q.expand_as(xs), out=xs, out_scores=into[a:a + 32])
+    assert torch.equal(whole, into)
 
 
 def test_precision_choices_and_spec(monkeypatch):
@@ -220,3 +234,45 @@ def test_backends_of_both_precisions_agree_through_add_and_remove(tmp_path):
     again = ExactBackend.load(tmp_path, spec="exact?precision=bf16")
     assert again.precision == "bf16"
     assert_same(again.search(q, k), b32.search(q, k))
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_group_selection_on_clustered_rows_matches_reference(prepared, orientation):
+    """The fp32 first pass picks rows by group maxima (blocks of at least 2·keep groups of 64) and,
+    with the rows prepared, drops rows the blocks before rule out. Rows near each query are stored
+    contiguously (so a few groups hold most of its top k), with exact duplicates, dead rows, a
+    block that ends in part of a group, and queries alike: ids and scores equal the reference."""
+    rs = np.random.default_rng(5)
+    d, k = 64, 5
+    q = unit(rs.standard_normal((6, d)))
+    q[5] = q[4]  # two queries alike
+    far = unit(rs.standard_normal((5737 - 6 * 70, d)))
+
+    def at(i, scores):  # rows whose score with query i is each of scores
+        z = rs.standard_normal((scores.size, d))
+        z -= (z @ q[i].astype(np.float64))[:, None] * q[i][None, :]
+        z /= np.linalg.norm(z, axis=1, keepdims=True)
+        return (scores[:, None] * q[i][None, :] + np.sqrt(1 - scores ** 2)[:, None] * z).astype(np.float32)
+
+    # per query 60 rows spread over the first block, scores 0.55..0.60 (its 13th ≈ 0.59: what the
+    # blocks after it are cut by), and 10 stored together in the third, scores 0.591..0.61: the
+    # top k comes from both
+    first = np.concatenate([far[:2048 - 360], *(at(i, np.linspace(0.55, 0.6, 60)) for i in range(6))])
+    third = [at(i, np.linspace(0.591, 0.61, 10)) for i in range(6)]
+    x = np.concatenate([first[rs.permutation(2048)], far[1688:3736], *third, far[3736:]])
+    x[2100:2110] = x[10]  # duplicates of a row of the first block, in the second
+    alive = rs.random(x.shape[0]) > 0.05
+    ref = reference(q, x, k, alive)
+    prep = prepare_rows(x, "fp32") if prepared else None
+    got = exact_search(q, x, k, alive=alive, block_rows=2048, precision="fp32", prepared=prep)
+    assert_same(got, ref)
+    # the group path was taken: 2048 / 64 = 32 groups ≥ 2 · keep (keep = k + 8 = 13)
+    assert exact_mod._GROUP * 2 * (k + 8) <= 2048
+    # and the whole block's top keep is inside the rows it keeps, with let_go below them
+    sc = torch.from_numpy(x[:2048]) @ torch.from_numpy(q).T
+    qq, rr, aa, let_go, floor = exact_mod._select(sc, k + 8, None)
+    for i in range(q.shape[0]):
+        top = torch.topk(sc[:, i], k + 8).indices.numpy()
+        assert set(top) <= set(rr[qq == i])
+        rest = np.setdiff1d(np.arange(2048), rr[qq == i])
+        assert sc[rest, i].max().item() <= let_go[i] <= np.sort(aa[qq == i])[-(k + 8)]

@@ -367,3 +367,46 @@ def test_bad_auto_spec_fails_before_a_store_is_written(tmp_path, tiny_model):
     with pytest.raises(ValueError, match=r"k='0' must be an integer in \[1, 10000\]"):
         Store.create(tmp_path / "s", tiny_model, backend="auto?k=0")
     assert not (tmp_path / "s").exists()
+
+
+# -- in a Retriever (in memory) ----------------------------------------------------------------
+
+def test_retriever_tunes_on_its_rows_like_the_store_and_meets_the_target(tuned, collection, fresh, monkeypatch):
+    """Retriever(backend="auto?...") tunes on its own (post-processed) rows through the same
+    tune(): the same choice as tuning the matrix directly, its ids on the rows, and the recall
+    target met on queries outside the collection."""
+    from imret.retrieval import Retriever
+
+    monkeypatch.setattr(tuning, "DEFAULT_POLICY", SMALL)
+    ids = np.arange(N, dtype=np.int64) * 3 + 7  # not the row numbers
+    r = Retriever(backend="auto?recall=0.9&k=10", rescore=False).index(collection, ids)
+    rec, direct = r.tuning, tuned[0.9].record
+    assert rec.spec == direct.spec and rec.spec.startswith("faiss:IVF")
+    assert (rec.recall, rec.recall_lower) == (direct.recall, direct.recall_lower)
+    assert [(m.spec, m.recall) for m in rec.tried] == [(m.spec, m.recall) for m in direct.tried]  # times vary
+    assert rec.recall_lower >= 0.9 and rec.n == N
+    res = r.search(vectors=fresh, k=10)
+    assert np.isin(res.ids, ids).all()
+    rows = (res.ids - 7) // 3
+    assert brute_recall(fresh, collection, rows, 10).mean() >= 0.9
+    # re-indexed with another backend: no tuning record left behind
+    assert Retriever(backend="exact").index(collection[:100]).tuning is None
+
+
+def test_retriever_auto_on_a_small_database(monkeypatch):
+    from imret.retrieval import Retriever
+
+    x = mixture(300, stream=4)
+    # too few rows to hold queries out and still leave k: the size and the minimum are named
+    need = tuning.min_rows(AutoTarget(k=50))
+    held, rest = tuning.split_holdout(np.arange(need), 1000, 0)
+    assert held.size >= 2 and rest.size >= 50
+    assert tuning.split_holdout(np.arange(need - 1), 1000, 0)[1].size < 50
+    with pytest.raises(ValueError, match=f"recall@50 needs at least {need} rows, the database has 40"):
+        Retriever(backend="auto?k=50").index(x[:40])
+    with pytest.raises(ValueError, match="needs at least 20 rows, the database has 5"):
+        Retriever(backend="auto?k=5").index_images([f"missing{i}.jpg" for i in range(5)])  # before extracting
+    # big enough to tune, small enough that exact search is chosen, as the store does
+    r = Retriever(backend="auto?recall=0.99&k=10").index(x)
+    assert r.tuning.spec == "exact" and "fast enough" in r.tuning.reason
+    np.testing.assert_array_equal(r.search(vectors=x[:5], k=3).ids[:, 0], np.arange(5))

@@ -58,9 +58,10 @@ import numpy as np
 
 from ._checks import non_negative_float, positive_int
 from .expansion import QueryExpansion, alpha_database_augmentation, expand_with_neighbours
-from .index import check_spec, create_backend
+from .index import check_spec, create_backend, parse_spec
 from .index.base import Backend, as_rows
 from .index.exact import ExactBackend
+from .index.tuning import AutoTarget, TuningRecord, auto_target, check_tunable, tune
 from .whitening import Whitening
 
 __all__ = [
@@ -390,7 +391,9 @@ class Retriever:
         encoder: turns images into raw descriptors (needed only to index or search images).
         whitening: applied to database and query descriptors (None: none).
         dba: ``(k, alpha)`` of αDBA over the database (None: none).
-        backend: a backend spec string (``exact``, ``ann``, ``faiss:...``, ``milvus:...``) or a
+        backend: a backend spec string (``exact``, ``ann``, ``faiss:...``, ``milvus:...``, or
+            ``auto?recall=0.95&k=100``: the index tuned on the indexed rows as the store tunes it,
+            :func:`imret.index.tuning.tune`; what it chose is :attr:`tuning`) or a
             :class:`~imret.index.base.Backend` to fill.
         query_expansion: applied at search time (``QueryExpansion()`` is none).
         rescore: re-score an approximate backend's candidates with the stored rows.
@@ -438,6 +441,7 @@ class Retriever:
         self._row_of: np.ndarray | None = None
         self._searcher: Backend | None = None
         self._exact: ExactBackend | None = None
+        self._tuning: TuningRecord | None = None
 
     # -- the database ---------------------------------------------------------------------
 
@@ -465,6 +469,14 @@ class Retriever:
         self._row_of = np.full(int(ids.max()) + 1 if n else 0, -1, np.int64)
         self._row_of[ids] = np.arange(n)
         self._exact = ExactBackend.from_matrix(self._vectors, ids=ids)
+        self._tuning = None
+        target = self._auto_target()
+        if target is not None:  # the index chosen on these rows, as the store chooses it
+            check_tunable(n, target, "the database")
+            tuned = tune(self._vectors, None, target, ids=ids)
+            self._tuning = tuned.record
+            self._searcher = tuned.backend if tuned.backend is not None else self._exact
+            return self
         if isinstance(self.backend, Backend):
             b = self.backend
         else:
@@ -483,9 +495,26 @@ class Retriever:
     def index_images(self, images: Sequence[str | os.PathLike], **encode_kw: Any):
         """Encode and index database images (ids are their positions in ``images``; files
         that cannot be read are left out). Returns the :class:`~imret.extract.Extraction`."""
+        target = self._auto_target()
+        if target is not None:  # too few images to tune: say so before extracting them
+            check_tunable(len(images), target, "the database")
         ex = self._encoder().encode(images, **encode_kw)
         self.index(ex.descriptors, np.asarray(ex.indices, dtype=np.int64))
         return ex
+
+    def _auto_target(self) -> AutoTarget | None:
+        """The target of an ``auto`` backend spec; None for any other backend."""
+        if isinstance(self.backend, str):
+            spec = parse_spec(self.backend)
+            if spec.kind == "auto":
+                return auto_target(spec.params)
+        return None
+
+    @property
+    def tuning(self) -> TuningRecord | None:
+        """What an ``auto`` backend chose and measured at the last :meth:`index` (None for
+        other backends): the spec, held-out recall@k and its lower bound, QPS against exact."""
+        return self._tuning
 
     @property
     def vectors(self) -> np.ndarray:

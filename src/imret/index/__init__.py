@@ -100,7 +100,7 @@ def create_backend(spec: str | BackendSpec, dim: int, *, root: str | os.PathLike
     s = resolve_spec(spec, n_hint)
     if s.kind == "auto":
         raise ValueError(f"{str(s)!r} is chosen from the collection's vectors: build it with "
-                         "imret.index.tuning.tune(vectors, alive, auto_target(params)) or in a store")
+                         "imret.index.tuning.tune(vectors, alive, auto_target(params)), in a store or a Retriever")
     if s.kind == "exact":
         return ExactBackend(dim, spec=str(s))
     if s.kind == "faiss":

@@ -8,7 +8,9 @@ reached in two passes over the database, in blocks of rows so memory stays bound
 
 1. an approximate pass, a matrix product in ``fp32`` or ``bf16`` (half the memory traffic,
    and about 2.5x the throughput where the CPU has AVX512-BF16 or AMX), keeping per query the
-   rows whose approximate score could, within a proven error bound, reach the top ``k``;
+   rows whose approximate score could, within a proven error bound, reach the top ``k``: per
+   block a set that holds its top ``keep`` (by group maxima in fp32, :func:`_select`), less the
+   rows that the blocks before rule out (:func:`_cut`), then the bound applied to them all;
 2. the kept rows (typically ``k`` plus a few) are re-scored by the exact rule and the top
    ``k`` returned.
 
@@ -52,18 +54,21 @@ def _gamma(n: int, u: float = U32) -> float:
     return n * u / (1 - n * u)
 
 
-def exact_scores(x: torch.Tensor, q: torch.Tensor, dim: int = 1, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def exact_scores(x: torch.Tensor, q: torch.Tensor, dim: int = 1, *, out: torch.Tensor | None = None,
+                 out_scores: torch.Tensor | None = None) -> torch.Tensor:
     """The exact-search score of each pair: float32 ``x`` and ``q`` of one shape ``(..., D)``
     (``dim`` the last) → ``(...)`` float32.
 
     Elementwise float32 products summed along the last dimension by ``torch.sum`` (its order
     depends on ``D`` only, not on how many pairs are scored at once), so a pair gets the same
-    bits whichever batch it is scored in. ``out`` (the shape of ``x``) takes the products.
+    bits whichever batch it is scored in. ``out`` (the shape of ``x``; may be ``x``) takes the
+    products, ``out_scores`` the scores.
     Error against the real inner product: at most ``γ_D · Σ|q_i x_i| ≤ γ_D ‖q‖ ‖x‖`` with
     ``γ_n = n u / (1 - n u)``, ``u = 2^-24`` (Higham, *Accuracy and Stability of Numerical
     Algorithms*, 2nd ed., §3.1: any summation order).
     """
-    return torch.mul(x, q, out=out).sum(dim=dim)
+    p = torch.mul(x, q, out=out)
+    return p.sum(dim=dim) if out_scores is None else torch.sum(p, dim=dim, out=out_scores)
 
 
 @dataclass(frozen=True)
@@ -211,8 +216,8 @@ def resolve_precision(precision: str) -> str:
 # -- search -----------------------------------------------------------------------------------
 
 def _block_rows(n_queries: int, budget_bytes: int = 256 << 20) -> int:
-    # the scores block (Q x B float32) stays within budget_bytes
-    return int(min(65536, max(4096, budget_bytes // (4 * max(n_queries, 1)))))
+    # the scores block (B x Q float32) stays within budget_bytes; B a multiple of _GROUP
+    return int(min(65536, max(4096, budget_bytes // (4 * max(n_queries, 1))))) // _GROUP * _GROUP
 
 
 def prepare_rows(x: np.ndarray, precision: str, block: int = 65536) -> tuple[torch.Tensor | None, _RowStats]:
@@ -228,6 +233,82 @@ def prepare_rows(x: np.ndarray, precision: str, block: int = 65536) -> tuple[tor
             rb.copy_(xb)
         stats = stats.merge(_RowStats.of(xb, rb))
     return xr, stats
+
+
+#: Rows per group in the first pass's selection: the group maxima (one streaming pass over the
+#: scores) pick the ``keep`` groups that hold a query's top ``keep`` scores.
+_GROUP = 64
+#: Queries from which the fp32 first pass runs as (rows x queries) with group maxima.
+_BY_ROWS_MIN_QUERIES = 32
+
+
+def _cut(thr: np.ndarray, eps: np.ndarray, r: float, dtype: torch.dtype) -> np.ndarray:
+    """Per query a value ``c`` such that every first-pass score ``a < c`` has ``upper(a) <
+    lower(thr)``: such a row cannot be a candidate once the k-th largest score is ``≥ thr``.
+    Lowered by a relative 2^-20 (float32) or 2^-7 (bfloat16) so that rounding it to ``dtype``
+    (relative error ≤ 2^-24 or 2^-9) keeps it below."""
+    with np.errstate(invalid="ignore"):
+        lo = thr - r * np.abs(thr) - eps - eps  # lower(thr) − eps
+        c = np.where(lo >= 0, lo / (1 + r), lo / (1 - r))
+        rel = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -20
+        return np.where(np.isfinite(c), c - np.abs(c) * rel - 2.0 ** -100, -np.inf)
+
+
+def _select(sc: torch.Tensor, keep: int, cut: np.ndarray | None, *, groups: bool = True
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Per query (column of the first-pass scores ``sc`` ``(B, Q)``) a set of rows that holds its
+    top ``keep`` scores, less rows scoring below ``cut`` ``(Q,)`` (float64, or None).
+
+    Returns flat ``(query, row, score)`` int64 / int64 / float64 arrays (the scores as computed:
+    bfloat16 → float64 is exact), ``let_go`` ``(Q,)``: no row left out (other than by ``cut``)
+    scores above it, None when none is, and ``floor`` ``(Q,)``: at least ``keep`` rows kept score
+    ``≥ floor`` where ``floor`` exceeds the bound that gave ``cut`` (a lower bound of the block's
+    ``keep``-th largest score), None when unknown.
+
+    With ``groups`` (``sc`` contiguous) and at least ``2 keep`` groups of :data:`_GROUP` rows:
+    the ``keep`` groups of largest maximum hold the top ``keep`` scores (a group holding one has
+    its maximum ≥ it, and at most ``keep`` groups do; every other group's maximum is ``≤ t``, the
+    least maximum chosen); ``t`` is ``≤`` the ``keep``-th largest score (the ``keep`` maxima are
+    scores), so the chosen groups' rows scoring ``≥ t`` are kept and ``let_go = t``. The group
+    maxima are one streaming pass over ``(B, Q)``, and the gather reads ``keep`` groups per query,
+    sorted by group so each is read from cache: less than ``torch.topk`` over the block (which
+    would also need it as ``(Q, B)``). Otherwise ``torch.topk`` per query.
+    """
+    b, nq = sc.shape
+    ng = b // _GROUP
+    c = None if cut is None else torch.from_numpy(cut).to(sc.dtype)
+    if groups and ng >= 2 * keep:
+        m = ng * _GROUP
+        grouped = sc[:m].view(ng, _GROUP, nq)
+        gm = grouped.amax(dim=1).T.contiguous()  # (Q, groups)
+        gv, gi = torch.topk(gm, keep, dim=1, sorted=False)
+        t = gv.min(dim=1).values
+        lim = t if c is None else torch.maximum(t, c)
+        g, qq = gi.flatten(), torch.arange(nq).repeat_interleave(keep)
+        o = torch.argsort(g, stable=True)  # by group: each group's rows are read once, from cache
+        g, qq = g[o], qq[o]
+        vals = grouped[g, :, qq]  # (Q keep, _GROUP)
+        p, j = torch.nonzero(vals >= lim[qq][:, None], as_tuple=True)
+        out = [(qq[p].numpy(), (g[p] * _GROUP + j).numpy(), vals[p, j].float().numpy())]
+        if m < b:  # the last rows, fewer than a group: all kept
+            tail = sc[m:].T
+            qt_, jt = torch.nonzero(tail >= c[:, None] if c is not None else torch.ones_like(tail, dtype=torch.bool),
+                                    as_tuple=True)
+            out.append((qt_.numpy(), (jt + m).numpy(), tail[qt_, jt].float().numpy()))
+        q_, r_, a_ = (np.concatenate(z) for z in zip(*out))
+        t64 = t.double().numpy()
+        return q_, r_, a_.astype(np.float64), t64, t64
+    st = sc.T  # (Q, B), few rows
+    if keep < b:
+        v, i = torch.topk(st, keep, dim=1, sorted=False)
+        let_go = v.min(dim=1).values.double().numpy()
+        floor = let_go
+    else:
+        v, i = st, torch.arange(b).expand(nq, b)
+        let_go = floor = None
+    mask = torch.ones_like(v, dtype=torch.bool) if c is None else v >= c[:, None]
+    p, j = torch.nonzero(mask, as_tuple=True)
+    return p.numpy(), i[p, j].numpy(), v[p, j].double().numpy(), let_go, floor
 
 
 def exact_search(
@@ -279,74 +360,86 @@ def exact_search(
         dead = torch.from_numpy(dead_all[start:stop])
         return dead if bool(dead.any()) else None
 
-    # first pass: per query and block the top `keep` approximate scores, and the largest let go
-    # (the bf16 bound admits ~20 % more rows than k on unit descriptors; more trigger a rescan)
+    # first pass, per block of rows: scores (B x Q), then per query a set of rows that holds its
+    # top `keep` scores (the bf16 bound admits ~20 % more rows than k on unit descriptors; more
+    # trigger a rescan), and a value that no row left out scores above. Rows that provably cannot
+    # be candidates (below the cut that the blocks before give) are left out as well, where the
+    # bound is known in advance. (B x Q) is the orientation the matrix product runs fastest in
+    # (about 1.3x (Q x B) with MKL on AVX-512), and groups of rows are contiguous in it.
     keep = 2 * k + 16 if precision == "bf16" else k + max(8, k // 8)
-    starts = list(range(0, n, block))
-    widths = [min(keep, min(n, st + block) - st) for st in starts]
-    best_s = torch.empty((nq, sum(widths)), dtype=qa.dtype)  # bf16 scores are kept as computed
-    best_i = torch.empty((nq, sum(widths)), dtype=torch.int64)
-    dropped = torch.full((nq,), -math.inf, dtype=qa.dtype)
+    # fp32 with many queries: (B x Q) and group maxima. bf16 runs as fast in (Q x B) and its group
+    # maxima are slow; a few queries are a matrix-vector product, faster in (Q x B) with top-k.
+    by_rows = precision == "fp32" and nq >= _BY_ROWS_MIN_QUERIES
     buf = torch.empty(nq * min(block, n), dtype=qa.dtype)  # reused: fresh blocks cost page faults
+    eps_early = None if stats is None else error_bound(qt, stats, precision)
+    thr = np.full(nq, -np.inf)  # a lower bound of every query's k-th largest first-pass score
     seen = _RowStats(0.0, 0.0, 0.0)
-    col = 0
-    for start, kk in zip(starts, widths):
+    pq, pr, pa, let_go = [], [], [], []
+    for start in range(0, n, block):
         stop = min(n, start + block)
         xb, st = rows_block(start, stop)
         if st is not None:
             seen = seen.merge(st)
-        sc = torch.mm(qa, xb.T, out=buf[: nq * (stop - start)].view(nq, stop - start))
+        if by_rows:
+            sc = torch.mm(xb, qa.T, out=buf[: nq * (stop - start)].view(stop - start, nq))
+        else:  # (Q x B), plain top-k: see by_rows
+            sc = torch.mm(qa, xb.T, out=buf[: nq * (stop - start)].view(nq, stop - start)).T
         dead = dead_block(start, stop)
         if dead is not None:
-            sc[:, dead] = -math.inf
-        if kk < stop - start:
-            bs, bi = torch.topk(sc, kk, dim=1, sorted=False)
-            dropped = torch.maximum(dropped, bs.min(dim=1).values)
-            best_s[:, col:col + kk] = bs
-            best_i[:, col:col + kk] = bi + start
-        else:
-            best_s[:, col:col + kk] = sc
-            best_i[:, col:col + kk] = torch.arange(start, stop)
-        col += kk
+            sc[dead] = -math.inf
+        cut = None if eps_early is None else _cut(thr, eps_early[0].numpy(), eps_early[1], qa.dtype)
+        bq, br, ba, bl, lb = _select(sc, keep, cut, groups=by_rows)
+        pq.append(bq)
+        pr.append(br + start)
+        pa.append(ba)
+        if bl is not None:
+            let_go.append(bl)
+        if lb is not None:
+            thr = np.maximum(thr, lb)
     if stats is None:
         stats = seen
     # the bound: lb(a) = a − r|a| − eps ≤ e ≤ a + r|a| + eps = ub(a), both increasing in a
-    eps, r = error_bound(qt, stats, precision)
+    eps_t, r = error_bound(qt, stats, precision) if eps_early is None else eps_early
+    eps = eps_t.numpy()
 
-    def lower(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:  # e ≥ lower(a): increasing in a
-        return a - r * a.abs() - e if r else a - e
+    def lower(a: np.ndarray, e: np.ndarray) -> np.ndarray:  # e ≥ lower(a): increasing in a
+        return a - r * np.abs(a) - e if r else a - e
 
-    def upper(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:  # e ≤ upper(a): increasing in a
-        return a + r * a.abs() + e if r else a + e
+    def upper(a: np.ndarray, e: np.ndarray) -> np.ndarray:  # e ≤ upper(a): increasing in a
+        return a + r * np.abs(a) + e if r else a + e
 
-    a64 = best_s.double()
-    if best_s.shape[1] >= k:
-        ak = torch.topk(a64, k, dim=1).values[:, -1]
-    else:
-        ak = torch.full((nq,), -math.inf, dtype=torch.float64)
-    lbk = torch.where(torch.isfinite(ak), lower(ak, eps), -math.inf)  # the k-th exact score is ≥ this
-    cand = torch.isfinite(a64) & (upper(a64, eps[:, None]) >= lbk[:, None])
-    d64 = dropped.double()
-    incomplete = torch.isfinite(d64) & (upper(d64, eps) >= lbk)
-    redo = torch.nonzero(incomplete).flatten().tolist()
-    extra: dict[int, torch.Tensor] = {}
-    if redo:
+    pq, pr, pa = np.concatenate(pq), np.concatenate(pr), np.concatenate(pa)
+    # each query's k-th largest kept score (what follows the products works on these flat
+    # arrays in NumPy, on this thread: a thread team costs more than it saves on such steps)
+    count = np.bincount(pq, minlength=nq)
+    first = np.cumsum(count) - count
+    by_score = pa[np.lexsort((-pa, pq))]
+    ak = np.where(count >= k, by_score[np.minimum(first + k - 1, max(pa.size - 1, 0))] if pa.size else 0, -np.inf)
+    d64 = np.max(let_go, axis=0) if let_go else np.full(nq, -np.inf)
+    with np.errstate(invalid="ignore"):  # -inf + inf (bf16, dead rows) is NaN: never a candidate
+        lbk = np.where(np.isfinite(ak), lower(ak, eps), -np.inf)  # the k-th exact score is ≥ this
+        incomplete = np.isfinite(d64) & (upper(d64, eps) >= lbk)
+        cand = np.isfinite(pa) & (upper(pa, eps[pq]) >= lbk[pq]) & ~incomplete[pq]
+    # the candidates as flat (query, row, first-pass score) triples; incomplete queries rescanned
+    pq, pr, pa = [pq[cand]], [pr[cand]], [pa[cand]]
+    redo = np.flatnonzero(incomplete)
+    if redo.size:
         # rows let go in the first pass might reach the top k: rescan those queries in full
-        sub = torch.tensor(redo)
-        qsub, eps_sub, lb_sub = qa[sub], eps[sub], lbk[sub]
-        found: list[list[torch.Tensor]] = [[] for _ in redo]
+        qsub, eps_sub, lb_sub = qa[torch.from_numpy(redo)], eps[redo], lbk[redo]
         for start in range(0, n, block):
             stop = min(n, start + block)
-            sc = (qsub @ rows_block(start, stop)[0].T).double()
+            sc = (qsub @ rows_block(start, stop)[0].T).double().numpy()
             dead = dead_block(start, stop)
             if dead is not None:
-                sc[:, dead] = -math.inf
-            hit = torch.isfinite(sc) & (upper(sc, eps_sub[:, None]) >= lb_sub[:, None])
-            for j in range(len(redo)):
-                found[j].append(torch.nonzero(hit[j]).flatten() + start)
-        extra = {qi: torch.cat(f) for qi, f in zip(redo, found)}
+                sc[:, dead.numpy()] = -np.inf
+            with np.errstate(invalid="ignore"):
+                j, c = np.nonzero(np.isfinite(sc) & (upper(sc, eps_sub[:, None]) >= lb_sub[:, None]))
+            pq.append(redo[j])
+            pr.append(c + start)
+            pa.append(sc[j, c])
     try:
-        return _rescore_top_k(qt, x, cand, best_i, extra, k, ids, check=(a64, eps, r) if _CHECK_BOUND else None)
+        return _rescore_top_k(qt, x, np.concatenate(pq), np.concatenate(pr), k, ids,
+                              check=(np.concatenate(pa), eps, r) if _CHECK_BOUND else None)
     except _BoundViolated:
         if precision == "fp32":
             raise RuntimeError("the float32 first pass broke its error bound; this machine's matrix "
@@ -360,77 +453,53 @@ class _BoundViolated(Exception):
     """A re-scored candidate's exact score lies outside the first pass's error bound."""
 
 
-def _rescore_top_k(qt: torch.Tensor, x: np.ndarray, cand: torch.Tensor, rows: torch.Tensor,
-                   extra: dict[int, torch.Tensor], k: int, ids: np.ndarray | None,
-                   check: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-                   chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Exact scores of each query's candidate rows, then its top ``k`` by (score desc, row asc).
+#: Elements per step of the re-scoring: below ATen's grain size (32768), so each small step runs
+#: on the calling thread. A thread team for a few microseconds of work costs more than it saves,
+#: and on a loaded machine, where a team waits for its slowest descheduled thread, far more.
+_SERIAL_ELEMENTS = 16384
 
-    ``cand`` ``(Q, W)`` marks which of ``rows`` ``(Q, W)`` are candidates; ``extra`` replaces
-    the candidates of some queries by a row list of any length. ``check`` = ``(a, eps, r)``, the
-    first-pass scores ``(Q, W)`` and bound: raises :class:`_BoundViolated` where a candidate's
-    exact score is outside it.
+
+def _rescore_top_k(qt: torch.Tensor, x: np.ndarray, pq: np.ndarray, pr: np.ndarray, k: int,
+                   ids: np.ndarray | None, check: tuple[np.ndarray, np.ndarray, float] | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact scores of candidate pairs, then per query its top ``k`` by (score desc, row asc).
+
+    ``pq``, ``pr`` ``(P,)`` int64: the query and the row of each candidate pair (a row at most once
+    per query). ``check`` = ``(a, eps, r)``, the pairs' first-pass scores ``(P,)`` and the bound:
+    raises :class:`_BoundViolated` where a candidate's exact score is outside it. Returns
+    ``(scores, ids)`` ``(Q, k)``, padded with -inf / -1.
     """
-    nq = qt.shape[0]
-    out_s = torch.full((nq, k), -math.inf)
-    out_r = torch.full((nq, k), -1, dtype=torch.int64)
+    nq, d = qt.shape
+    npairs = pq.shape[0]
     xt = torch.from_numpy(x) if type(x) is np.ndarray and x.flags.c_contiguous else None
-
-    def gather(r: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    e = torch.empty(npairs)
+    step = max(1, _SERIAL_ELEMENTS // d)
+    xbuf, qbuf = torch.empty((step, d)), torch.empty((step, d))  # reused: they stay in cache
+    pq_t, pr_t = torch.from_numpy(pq), torch.from_numpy(pr)
+    for a in range(0, npairs, step):
+        b = min(npairs, a + step)
+        r = pr_t[a:b]
         if xt is not None:
-            return torch.index_select(xt, 0, r, out=out)
-        got = torch.from_numpy(np.ascontiguousarray(x[r.numpy()], dtype=np.float32))
-        return got if out is None else out.copy_(got)
-
-    def top(e: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top k of (Qc, C) scores by (score desc, row asc); invalid entries are -inf / -1."""
-        o = torch.argsort(r, dim=1, stable=True)
-        e, r = torch.gather(e, 1, o), torch.gather(r, 1, o)
-        o = torch.argsort(e, dim=1, descending=True, stable=True)[:, :k]
-        return torch.gather(e, 1, o), torch.gather(r, 1, o)
-
-    count = cand.sum(dim=1)
-    if extra:
-        count[list(extra)] = 0
-    d = qt.shape[1]
-    # reused buffers for the gathered rows and their products (fresh ones cost page faults)
-    size = chunk * int(count.max()) * d if nq else 0
-    xbuf, pbuf = torch.empty(size), torch.empty(size)
-    for a in range(0, nq, chunk):
-        b = min(nq, a + chunk)
-        c = int(count[a:b].max())
-        if c == 0:
-            continue
-        # each query's candidates first (stable: in column order), padded with its other rows
-        o = torch.argsort((~cand[a:b]).to(torch.int8), dim=1, stable=True)[:, :c]
-        r = torch.gather(rows[a:b], 1, o)
-        valid = torch.gather(cand[a:b], 1, o)
-        m = (b - a) * c * d
-        xs = gather(r.flatten(), xbuf[:m].view((b - a) * c, d)).view(b - a, c, d)
-        e = exact_scores(xs, qt[a:b, None, :], dim=2, out=pbuf[:m].view(b - a, c, d))
-        if check is not None:
-            a_, eps_, r_ = check
-            av = torch.gather(a_[a:b], 1, o)
-            err = (e.double() - av).abs() - r_ * av.abs() - eps_[a:b, None]
-            if bool((valid & (err > 0)).any()):
-                raise _BoundViolated
-        e = torch.where(valid, e, -math.inf)
-        r = torch.where(valid, r, torch.iinfo(torch.int64).max)
-        e, r = top(e, r)
-        m = e.shape[1]
-        out_s[a:b, :m], out_r[a:b, :m] = e, torch.where(torch.isfinite(e), r, -1)
-    for qi, r in extra.items():
-        if r.numel() == 0:
-            continue
-        e = torch.cat([exact_scores(gather(r[j:j + 65536]), qt[qi].expand(min(65536, r.numel() - j), -1))
-                       for j in range(0, r.numel(), 65536)])
-        e, r = top(e[None], r[None])
-        m = e.shape[1]
-        out_s[qi, :m], out_r[qi, :m] = e[0], r[0]
-    out_s, out_r = out_s.numpy(), out_r.numpy()
-    if ids is not None:
-        valid = out_r >= 0
-        out_r[valid] = np.asarray(ids, dtype=np.int64)[out_r[valid]]
+            xs = torch.index_select(xt, 0, r, out=xbuf[: b - a])
+        else:
+            xs = xbuf[: b - a].copy_(torch.from_numpy(np.ascontiguousarray(x[r.numpy()], dtype=np.float32)))
+        exact_scores(xs, torch.index_select(qt, 0, pq_t[a:b], out=qbuf[: b - a]), out=xs, out_scores=e[a:b])
+    en = e.numpy()
+    if check is not None and npairs:
+        a_, eps_, r_ = check
+        if bool((np.abs(en.astype(np.float64) - a_) - r_ * np.abs(a_) - eps_[pq] > 0).any()):
+            raise _BoundViolated
+    # per query: score descending, then row ascending
+    qn, rn = pq, pr
+    order = np.lexsort((rn, -en, qn))
+    qn, en, rn = qn[order], en[order], rn[order]
+    first = np.searchsorted(qn, np.arange(nq))
+    rank = np.arange(npairs) - first[qn]
+    top = rank < k
+    out_s = np.full((nq, k), -np.inf, np.float32)
+    out_r = np.full((nq, k), -1, np.int64)
+    out_s[qn[top], rank[top]] = en[top]
+    out_r[qn[top], rank[top]] = rn[top] if ids is None else np.asarray(ids, dtype=np.int64)[rn[top]]
     return out_s, out_r
 
 

@@ -70,9 +70,11 @@ __all__ = [
     "TuningRecord",
     "auto_target",
     "candidates",
+    "check_tunable",
     "flat_can_help",
     "ivf_nlist",
     "measure_recall",
+    "min_rows",
     "recall_lower_bound",
     "retune_due",
     "select",
@@ -417,10 +419,48 @@ class Tuned:
     record: TuningRecord
 
 
-def _add_rows(b: Backend, vectors: np.ndarray, ids: np.ndarray, chunk: int = 65536) -> None:
-    for lo in range(0, ids.size, chunk):
-        part = ids[lo:lo + chunk]
-        b.add(np.asarray(vectors[part], dtype=np.float32), part)
+def min_rows(target: AutoTarget) -> int:
+    """The fewest live rows :func:`tune` can measure ``target`` on: at least 20, so that
+    :func:`split_holdout` holds out two or more queries (a confidence bound needs a spread), and
+    enough that the rows left after holding out number ``k`` or more (else every search returns
+    them all and recall@k is 1 whatever the index)."""
+    n = max(20, target.k)
+    while n - min(target.sample, n // 10) < target.k:
+        n += 1
+    return n
+
+
+def check_tunable(n_live: int, target: AutoTarget, what: str = "the collection") -> None:
+    """Raise ``ValueError`` naming the size and the minimum where ``n_live`` rows are too few
+    to tune for ``target`` (:func:`min_rows`)."""
+    need = min_rows(target)
+    if n_live < need:
+        raise ValueError(f"'auto' tunes the index on {what}'s own rows, holding some out as queries: recall@"
+                         f"{target.k} needs at least {need} rows, {what} has {n_live}; use backend 'exact' "
+                         f"(exact search is what tuning would choose at this size) or a smaller k")
+
+
+def _add_rows(b: Backend, vectors: np.ndarray, rows: np.ndarray, labels: np.ndarray | None = None,
+              chunk: int = 65536) -> None:
+    """Add ``vectors[rows]`` labelled ``labels[rows]`` (the row numbers when None)."""
+    for lo in range(0, rows.size, chunk):
+        part = rows[lo:lo + chunk]
+        b.add(np.asarray(vectors[part], dtype=np.float32), part if labels is None else labels[part])
+
+
+def _row_numbers(labels: np.ndarray | None) -> Callable[[np.ndarray], np.ndarray]:
+    """Labels found by a search → row numbers (-1 stays -1); the identity when ``labels`` is None."""
+    if labels is None:
+        return lambda found: found
+    order = np.argsort(labels, kind="stable")
+    by_label = labels[order]
+
+    def rows(found: np.ndarray) -> np.ndarray:
+        pos = np.clip(np.searchsorted(by_label, found), 0, max(by_label.size - 1, 0))
+        ok = (found >= 0) & (by_label[pos] == found) if by_label.size else np.zeros(found.shape, bool)
+        return np.where(ok, order[pos], -1)
+
+    return rows
 
 
 def _timed_search(b: Backend, q: np.ndarray, k: int, clock: Callable[[], float]) -> tuple[np.ndarray, np.ndarray, float]:
@@ -431,19 +471,25 @@ def _timed_search(b: Backend, q: np.ndarray, k: int, clock: Callable[[], float])
 
 
 def tune(vectors: np.ndarray, alive: np.ndarray | None, target: AutoTarget, *,
-         policy: TuningPolicy | None = None, clock: Callable[[], float] = time.perf_counter) -> Tuned:
+         policy: TuningPolicy | None = None, clock: Callable[[], float] = time.perf_counter,
+         ids: np.ndarray | None = None) -> Tuned:
     """Choose and build the index for ``target`` over the live rows of ``vectors``.
 
-    ``vectors`` ``(N, D)`` float32 (array or memory map; ids are row numbers), ``alive`` an
-    optional ``(N,)`` bool mask of the live rows. Returns the built backend holding every
-    live row (None when exact search is chosen) and the :class:`TuningRecord`. Deterministic
-    given ``target.seed`` (see the module docstring); only the recorded times vary.
+    ``vectors`` ``(N, D)`` float32 (array or memory map), ``alive`` an optional ``(N,)`` bool
+    mask of the live rows, ``ids`` the ``(N,)`` labels the built index gives the rows (default:
+    the row numbers, as the store keeps them; an in-memory :class:`~imret.retrieval.Retriever`
+    passes its ids). Returns the built backend holding every live row (None when exact search
+    is chosen) and the :class:`TuningRecord`. Deterministic given ``target.seed`` (see the
+    module docstring); only the recorded times vary.
     """
     from . import create_backend
+    from .base import as_ids
 
     policy = policy or DEFAULT_POLICY
     t_start = clock()
     n_all, dim = vectors.shape
+    labels = None if ids is None else as_ids(ids, n_all)
+    to_rows = _row_numbers(labels)
     alive = np.ones(n_all, bool) if alive is None else np.asarray(alive, dtype=bool)
     live = np.flatnonzero(alive)
     k = target.k
@@ -485,13 +531,13 @@ def tune(vectors: np.ndarray, alive: np.ndarray | None, target: AutoTarget, *,
                 rows = np.sort(np.random.default_rng([target.seed, 1]).choice(rest, size=size, replace=False))
                 b.train(np.asarray(vectors[rows], dtype=np.float32))
                 del rows
-            _add_rows(b, vectors, rest)
+            _add_rows(b, vectors, rest, labels)
             build_s = clock() - t_build
             chosen = None
             for value in fam.values:
                 b.set_params({fam.param: value})
                 _, found, secs = _timed_search(b, q, k, clock)
-                per_query = measure_recall(q, vectors, gt_scores, found, k, alive=rest_alive)
+                per_query = measure_recall(q, vectors, gt_scores, to_rows(found), k, alive=rest_alive)
                 m = Measurement(fam.spec(value), float(per_query.mean()),
                                 recall_lower_bound(per_query, policy.z), q.shape[0] / secs)
                 tried.append(m)
@@ -500,7 +546,7 @@ def tune(vectors: np.ndarray, alive: np.ndarray | None, target: AutoTarget, *,
                     break
             if chosen is not None:
                 t_add = clock()
-                _add_rows(b, vectors, queries)  # the held-out rows join the collection
+                _add_rows(b, vectors, queries, labels)  # the held-out rows join the collection
                 build_s += clock() - t_add
                 reason = (f"{fam.param}={b.params[fam.param]} is the smallest {fam.param} of "
                           f"{fam.factory} whose recall@{k} lower bound reaches {target.recall:g}")
