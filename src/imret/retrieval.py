@@ -329,7 +329,7 @@ class Encoder:
     mean, ``crop_resize`` convention for query boxes, JPEG ``draft`` decoding, ``max_pixels``,
     ``min_size`` enlargement of small images)
     are part of the descriptor's meaning, so a database and its queries share one encoder;
-    the run-time ones (``device``, ``precision``, ``batch_size``, ``workers``) are not.
+    the run-time ones (``device``, ``precision``, ``batch_size``, ``workers``, ``compile``) are not.
     """
 
     model: Any
@@ -345,6 +345,7 @@ class Encoder:
     batch_size: int | None = None
     workers: int = 2
     progress: bool = False
+    compile: str = "auto"  # torch.compile of the network: auto | on | off (see imret.compiled)
 
     @property
     def dim(self) -> int:
@@ -362,7 +363,7 @@ class Encoder:
                        max_pixels=self.max_pixels, min_size=self.min_size, refinement=self.refinement,
                        device=self.device, precision=self.precision,
                        batch_size=self.batch_size, workers=self.workers, on_error=on_error,
-                       progress=self.progress)
+                       progress=self.progress, compile=self.compile)
 
 
 # --- the retriever --------------------------------------------------------------------------
