@@ -187,7 +187,7 @@ def _extract_kwargs(args) -> dict:
         workers=args.workers,
         device=args.device,
         precision=args.precision,
-        compile=args.compile,
+        compile=getattr(args, "compile", "auto"),
         progress=not args.no_progress,
         min_size=getattr(args, "min_size", None),
         refinement=getattr(args, "refine", None),
@@ -820,7 +820,7 @@ def _holder(args) -> dict[str, str]:
 
 
 def _runtime_kwargs(args) -> dict:
-    return dict(batch_size=args.batch_size, workers=args.workers, precision=args.precision, compile=args.compile)
+    return dict(batch_size=args.batch_size, workers=args.workers, precision=args.precision, compile=getattr(args, "compile", "auto"))
 
 
 def _print_add_report(report, dt: float) -> None:
