@@ -59,9 +59,13 @@ def test_decision():
     for mode in ("on", "auto"):  # ReLU-shift hooks: never compiled, whatever the mode
         use, why = compile_decision(mode, device=CPU, n_images=big, hooks=True)
         assert not use and "ReLU-shift" in why
+    use, why = compile_decision("auto", device=CPU, n_images=big, refined=True)
+    assert not use and "refinement" in why
+    assert compile_decision("on", device=CPU, n_images=1, refined=True)[0]
     assert resolve_auto("auto", device="cpu", n_images=big) == "on"
     assert resolve_auto("auto", device="cpu", n_images=small) == "off"
     assert resolve_auto("off", device="cpu", n_images=big) == "off"
+    assert resolve_auto("auto", device="cpu", n_images=big, refined=True) == "off"
 
 
 def test_auto_without_a_compiler_stays_eager(monkeypatch):

@@ -187,11 +187,14 @@ def compile_decision(
     device: torch.device,
     n_images: int,
     hooks: bool = False,
+    refined: bool = False,
     cached: bool = False,
 ) -> tuple[bool, str]:
     """Whether to compile, and why: ``mode`` (:data:`COMPILE_MODES`) for a run of ``n_images``
     on ``device``; ``hooks``: the model carries forward hooks for the run (ReLU-shift), which a
-    frozen graph would not see; ``cached``: a compiled graph for this network state exists."""
+    frozen graph would not see; ``refined``: SuperGlobal pooling switches replace the head's
+    forward (compiled with ``"on"`` only: ``"auto"`` keeps to the path the tests check);
+    ``cached``: a compiled graph for this network state exists."""
     check_compile(mode)
     if mode == "off":
         return False, "compile off"
@@ -201,6 +204,8 @@ def compile_decision(
         return True, "compile on"
     if cached:
         return True, "auto: a compiled graph is cached in this process"
+    if refined:
+        return False, "auto: eager with refinement switches (compile='on' compiles them too)"
     if device.type != "cpu":
         return False, f"auto: eager on {device.type} (compile is automatic on the CPU only; use compile='on')"
     if shutil.which("c++") is None and shutil.which("g++") is None and shutil.which("clang++") is None:
@@ -210,10 +215,10 @@ def compile_decision(
     return True, f"auto: compiled for {n_images} images"
 
 
-def resolve_auto(mode: str, *, device: str | torch.device, n_images: int) -> str:
+def resolve_auto(mode: str, *, device: str | torch.device, n_images: int, refined: bool = False) -> str:
     """``"auto"`` decided for a run of ``n_images`` done in several :func:`imret.extract.extract`
     calls (a store adds 64 images at a time): ``"on"`` or ``"off"``; other modes unchanged."""
     if check_compile(mode) != "auto":
         return mode
-    use, _ = compile_decision(mode, device=torch.device(device), n_images=n_images)
+    use, _ = compile_decision(mode, device=torch.device(device), n_images=n_images, refined=refined)
     return "on" if use else "off"

@@ -487,7 +487,7 @@ def _forward_for(model, mode: str, device: torch.device, amp_dtype, channels_las
     """The compiled per-scale forward to use (None: eager) and the reason, for ``compile=mode``."""
     hooks = refinement is not None and refinement.relup is not None
     variant = None if refinement is None else ("refined", refinement.gem_p, refinement.regional)
-    use, note = compile_decision(mode, device=device, n_images=n, hooks=hooks,
+    use, note = compile_decision(mode, device=device, n_images=n, hooks=hooks, refined=variant is not None,
                                  cached=is_cached(model, device, amp_dtype, channels_last, variant))
     if not use:
         return None, note

@@ -1263,7 +1263,8 @@ class Store:
             if extractor is None and extract_kw.get("compile", "auto") == "auto":  # decided for the whole run
                 from ..compiled import resolve_auto
 
-                extract_kw["compile"] = resolve_auto("auto", device=self.device, n_images=len(files))
+                refined = self.preprocessing.refinement is not None and self.preprocessing.refinement.active
+                extract_kw["compile"] = resolve_auto("auto", device=self.device, n_images=len(files), refined=refined)
             for p in files:
                 p = os.path.abspath(p)
                 known = None if hashes is None else hashes.get(p)
