@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import copy
 import datetime
-import math
 import os
 import resource
 import sys
