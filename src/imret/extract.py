@@ -34,7 +34,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from .images import (
     prepare_image,
     to_tensor,
 )
+from .compiled import CompiledForward, check_compile, compile_decision, compiled_forward, is_cached
 from .models.spec import MULTISCALE_MODES
 from .models.net import RetrievalNet
 from .precision import PRECISIONS, autocast_dtype
@@ -96,6 +97,8 @@ class Extraction:
         skipped: the inputs that failed, in input order.
         small: input positions of images that reached the network with a side under
             :data:`SMALL_SIDE` pixels (after ``min_size``).
+        compiled: whether the network ran as a compiled graph (:mod:`imret.compiled`).
+        compile_note: why it did or did not (``compile`` setting, fallback reason).
     """
 
     descriptors: np.ndarray
@@ -103,6 +106,8 @@ class Extraction:
     paths: list[str]
     skipped: list[SkippedImage] = field(default_factory=list)
     small: list[int] = field(default_factory=list)  # input positions whose network input had a side < SMALL_SIDE
+    compiled: bool = False
+    compile_note: str = ""
 
 
 def combine_scales(descs: Sequence[torch.Tensor], power: float = 1.0) -> torch.Tensor:
@@ -230,7 +235,10 @@ def _run_batch(
     channels_last: bool,
     refinement: Refinement | None = None,
     multiscale: str = "imret",
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
+    """``(B, 3, H, W)`` normalised inputs -> ``(B, D)`` combined descriptors; ``forward`` (one
+    scale's input -> float32 descriptors, e.g. a compiled graph) replaces the eager forward."""
     host = x
     x = x.to(device, non_blocking=True)
     descs = []
@@ -241,6 +249,9 @@ def _run_batch(
             xs = scale_input(x, s, multiscale)
         if channels_last:
             xs = xs.contiguous(memory_format=torch.channels_last)
+        if forward is not None:
+            descs.append(forward(xs))
+            continue
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             if refinement is None:
                 descs.append(model(xs).float())
@@ -333,6 +344,7 @@ def extract(
     min_size: int | None = None,
     refinement: Refinement | None = None,
     multiscale: str | None = None,
+    compile: str = "auto",
     decode: str = "auto",
 ) -> Extraction:
     """Extract L2-normalised descriptors of ``images``, skipping or raising on bad files.
@@ -379,6 +391,11 @@ def extract(
             (:data:`MULTISCALE_MODES`: ``"imret"``, ``"cirtorch"``, ``"dirtorch"``; see the
             module docstring); None (default) takes the model's ``spec.multiscale``, which a
             cirtorch or dirtorch import sets to its project's.
+        compile: run the network through ``torch.compile`` with frozen weights (see
+            :mod:`imret.compiled`): ``"on"``, ``"off"``, or ``"auto"`` (default: on the CPU for
+            runs of :data:`~imret.compiled.AUTO_MIN_IMAGES` images or more, or when this
+            process already compiled the network). A failed compilation warns and falls back
+            to eager mode; ``Extraction.compile_note`` says what ran and why.
         decode: where JPEG files are decoded (:data:`imret.devicedecode.DECODERS`): ``"auto"``
             (default) on the device when it is a CUDA GPU (nvJPEG, in the worker threads; other
             formats, files it refuses and ``min_size`` enlargements go through Pillow), else
@@ -403,6 +420,7 @@ def extract(
     if bboxes is not None and len(bboxes) != n:
         raise ValueError(f"got {len(bboxes)} bboxes for {n} images")
     amp_dtype = _check_precision(precision, device)
+    check_compile(compile)
     if min_size is not None:
         min_size = positive_int(min_size, "min_size")
 
@@ -414,6 +432,7 @@ def extract(
     mode = _multiscale_of(model, multiscale)
     # the peers' multi-scale modes reproduce their Pillow decoding and resizing: Pillow only
     on_device = device if use_device and mode == "imret" else None
+    forward, compile_note = _forward_for(model, compile, device, amp_dtype, channels_last, refinement, n)
     out = np.zeros((n, model.dim), dtype=np.float32)
     ok = np.zeros(n, dtype=bool)
     skipped: list[SkippedImage] = []
@@ -433,7 +452,7 @@ def extract(
         if device.type == "cuda" and x.device.type == "cpu":
             x = x.pin_memory()  # the copy to the GPU then overlaps (non_blocking in _run_batch)
         with torch.inference_mode():
-            d = _run_batch(model, x, scales, power, device, amp_dtype, channels_last, refinement, mode)
+            d = _run_batch(model, x, scales, power, device, amp_dtype, channels_last, refinement, mode, forward)
         idx = [i for i, _ in items]
         out[idx] = d.cpu().numpy()
         ok[idx] = True
@@ -481,13 +500,31 @@ def extract(
         warnings.warn(f"{len(small)} image(s) reach the network with a side under {SMALL_SIDE} px (e.g. {first!r}): "
                       "their descriptors pool a feature map of a few cells; pass min_size= (imret: --min-size) "
                       "to enlarge them", UserWarning, stacklevel=2)
+    if forward is not None and forward.failure is not None:
+        compile_note = f"eager: compilation failed ({forward.failure})"
     return Extraction(
         descriptors=out[indices],
         indices=indices.astype(np.int64),
         paths=[labels[i] for i in indices],
         skipped=sorted(skipped, key=lambda s: s.index),
         small=sorted(small),
+        compiled=forward is not None and forward.failure is None,
+        compile_note=compile_note,
     )
+
+
+def _forward_for(model, mode: str, device: torch.device, amp_dtype, channels_last: bool,
+                 refinement: Refinement | None, n: int) -> tuple[CompiledForward | None, str]:
+    """The compiled per-scale forward to use (None: eager) and the reason, for ``compile=mode``."""
+    hooks = refinement is not None and refinement.relup is not None
+    variant = None if refinement is None else ("refined", refinement.gem_p, refinement.regional)
+    use, note = compile_decision(mode, device=device, n_images=n, hooks=hooks, refined=variant is not None,
+                                 cached=is_cached(model, device, amp_dtype, channels_last, variant))
+    if not use:
+        return None, note
+    step = None if refinement is None else (lambda x: refined_descriptors(model, x, refinement))
+    return compiled_forward(model, device=device, amp_dtype=amp_dtype, channels_last=channels_last, step=step,
+                            variant=variant), note
 
 
 def describe_tensors(
@@ -501,6 +538,7 @@ def describe_tensors(
     channels_last: bool = True,
     refinement: Refinement | None = None,
     multiscale: str | None = None,
+    compile: str = "off",
 ) -> np.ndarray:
     """``(N, D)`` float32 descriptors of already decoded ``(3, H, W)`` image tensors, in input order.
 
@@ -509,7 +547,8 @@ def describe_tensors(
     ``batch_size`` (default 1 on the CPU, 8 on GPUs, as :func:`extract`). The model must
     already be in eval mode on ``device`` (this function does not move it, so that several
     threads may share it). ``refinement`` as in :func:`extract`, except ReLU-shift (it hooks
-    the shared model; use :func:`extract`) and ``multiscale`` as in :func:`extract`.
+    the shared model; use :func:`extract`) and ``multiscale`` as in :func:`extract`;
+    ``compile`` as in :func:`extract`, but ``"off"`` by default.
     """
     device, batch_size = _check_run(scales, device, batch_size)
     amp_dtype = _check_precision(precision, device)
@@ -519,6 +558,8 @@ def describe_tensors(
                          "may share; use extract(..., refinement=...) or relup=None")
     power = refined_power(model, refinement)
     mode = _multiscale_of(model, multiscale)
+    check_compile(compile)
+    forward, _ = _forward_for(model, compile, device, amp_dtype, channels_last, refinement, len(tensors))
     out = np.zeros((len(tensors), model.dim), dtype=np.float32)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, t in enumerate(tensors):
@@ -531,7 +572,7 @@ def describe_tensors(
                 part = idx[s:s + batch_size]
                 x = torch.stack([tensors[i] for i in part])
                 out[part] = _run_batch(model, x, scales, power, device, amp_dtype, channels_last,
-                                       refinement, mode).cpu().numpy()
+                                       refinement, mode, forward).cpu().numpy()
     return out
 
 

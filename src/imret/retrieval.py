@@ -330,8 +330,8 @@ class Encoder:
     mean, ``crop_resize`` convention for query boxes, JPEG ``draft`` decoding, ``max_pixels``,
     ``min_size`` enlargement of small images)
     are part of the descriptor's meaning, so a database and its queries share one encoder;
-    the run-time ones (``device``, ``precision``, ``batch_size``, ``workers``, ``decode``:
-    where JPEGs are decoded, see :func:`imret.extract.extract`) are not.
+    the run-time ones (``device``, ``precision``, ``batch_size``, ``workers``, ``compile``,
+    ``decode``: where JPEGs are decoded, see :func:`imret.extract.extract`) are not.
     """
 
     model: Any
@@ -347,6 +347,7 @@ class Encoder:
     batch_size: int | None = None
     workers: int = 2
     progress: bool = False
+    compile: str = "auto"  # torch.compile of the network: auto | on | off (see imret.compiled)
     decode: str = "auto"
 
     @property
@@ -365,7 +366,7 @@ class Encoder:
                        max_pixels=self.max_pixels, min_size=self.min_size, refinement=self.refinement,
                        device=self.device, precision=self.precision,
                        batch_size=self.batch_size, workers=self.workers, on_error=on_error,
-                       progress=self.progress, decode=self.decode)
+                       progress=self.progress, compile=self.compile, decode=self.decode)
 
 
 # --- the retriever --------------------------------------------------------------------------

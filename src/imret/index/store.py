@@ -1274,6 +1274,11 @@ class Store:
 
             files, empty = _image_files(paths)
             report.skipped.extend((os.path.abspath(d), "a directory with no images in it") for d in empty)
+            if extractor is None and extract_kw.get("compile", "auto") == "auto":  # decided for the whole run
+                from ..compiled import resolve_auto
+
+                refined = self.preprocessing.refinement is not None and self.preprocessing.refinement.active
+                extract_kw["compile"] = resolve_auto("auto", device=self.device, n_images=len(files), refined=refined)
             for p in files:
                 p = os.path.abspath(p)
                 known = None if hashes is None else hashes.get(p)

@@ -475,6 +475,7 @@ class Trainer:
             workers=self.config.data.workers,
             precision=self.config.precision if self.device.type == "cuda" else "fp32",
             channels_last=False,  # keep the parameters' memory format (DDP buckets, exact resume)
+            compile="off",  # the weights change every step: a frozen graph would be rebuilt each epoch
             progress=self.progress and self.dist.is_main,
         )
         self._train_mode()  # extraction put the network in eval mode

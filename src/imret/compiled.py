@@ -1,0 +1,224 @@
+"""Compiled forward passes for extraction: ``torch.compile`` (inductor) with weight freezing.
+
+:func:`imret.extract.extract` runs the network's per-scale forward pass (trunk, head, the
+optional autocast) through :func:`compiled_forward` when its ``compile`` setting says so
+(:data:`COMPILE_MODES`):
+
+- ``"off"``: eager PyTorch, as before.
+- ``"on"``: compile; when compilation fails, a ``UserWarning`` gives the reason and the run goes
+  on in eager mode (the result's ``compile_note`` says so too).
+- ``"auto"`` (default): compile only where it is safe and pays (:func:`compile_decision`): on
+  the CPU, without ReLU-shift hooks, with a C++ compiler on the path, and for at least
+  :data:`AUTO_MIN_IMAGES` images, or whenever this process already compiled the same network
+  with the same weights and precision (the cost is paid).
+
+The graph is compiled once per process for a network, its current weights, the device, the
+memory layout and the autocast dtype, with dynamic shapes (``dynamic=True``): one graph serves
+every image size and every scale, without padding (which would change GeM descriptors) and
+without a recompilation per size. (Networks with ceil-mode pooling, such as timm's ResNet-D
+variants with average-pool shortcuts, are the exception: inductor guards on the parity of the
+input sizes there, so they compile a few graphs, up to dynamo's limit of 8, then run eager.) Freezing folds the weights into the graph as constants,
+which lets oneDNN pre-pack the convolution weights; a later change of the weights (an optimizer
+step, ``load_state_dict``) changes the key (each tensor's ``_version`` counter), so a stale
+graph is never used. Across processes inductor's on-disk caches (FX graph and AOTAutograd
+caches, in ``$TORCHINDUCTOR_CACHE_DIR``, by default ``<tmp>/torchinductor_<user>``) make the
+second process's compilation much cheaper; dynamo's tracing is still paid once per process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import threading
+import types
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["COMPILE_MODES", "AUTO_MIN_IMAGES", "check_compile", "compile_decision", "resolve_auto",
+           "compiled_forward", "is_cached", "CompiledForward", "inductor_cache_dir"]
+
+COMPILE_MODES = ("auto", "on", "off")
+
+AUTO_MIN_IMAGES = 200
+"""``compile="auto"`` compiles for runs of at least this many images (unless a graph is already
+cached in the process). Compiling a ResNet50 costs about 30-70 s of CPU time on 2 cores (less
+with inductor's disk cache warm) and saves roughly 0.2-0.5 s per 1024 px image: the break-even
+is about a hundred images, and this margin keeps short runs (queries, small folders) eager."""
+
+
+def check_compile(mode: str) -> str:
+    """``mode`` when it is one of :data:`COMPILE_MODES`, else ``ValueError`` naming them."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; available: {', '.join(COMPILE_MODES)}")
+    return mode
+
+
+def inductor_cache_dir() -> str:
+    """Where inductor keeps its compiled graphs across processes (``$TORCHINDUCTOR_CACHE_DIR``,
+    by default ``<tmp>/torchinductor_<user>``); reading it creates the folder."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
+
+
+def _weights_key(model: torch.nn.Module) -> tuple:
+    """Identity and in-place version of every parameter and buffer: changes when any is replaced
+    or modified in place (optimizer steps and ``load_state_dict`` bump ``_version``)."""
+    out = []
+    for t in (*model.parameters(), *model.buffers()):
+        out.append((t.data_ptr(), tuple(t.shape), t.dtype, t._version))
+    return tuple(out)
+
+
+@dataclass
+class CompiledForward:
+    """One network's compiled per-scale forward: ``(B, 3, H, W) -> (B, D)`` float32.
+
+    Calls the compiled graph; the first call compiles it. Should compiling (or running the
+    graph) raise, the error is kept in ``failure``, a ``UserWarning`` names it, and this and
+    every later call run ``eager`` instead.
+    """
+
+    eager: Callable[[torch.Tensor], torch.Tensor]
+    graph: Callable[[torch.Tensor], torch.Tensor]
+    failure: str | None = None
+    ready: bool = False  # compiled and run once
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.ready and self.failure is None:
+            with self.lock:  # one thread compiles; the others wait for its graph
+                if not self.ready and self.failure is None:
+                    y = self._graph_or_none(x)
+                    self.ready = y is not None
+                    if y is not None:
+                        return y
+        if self.failure is None:
+            y = self._graph_or_none(x)
+            if y is not None:
+                return y
+        return self.eager(x)
+
+    def _graph_or_none(self, x: torch.Tensor) -> torch.Tensor | None:
+        try:
+            return self.graph(x)
+        except Exception as e:  # noqa: BLE001 - any compiler error: fall back, with the reason
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self.failure = f"{type(e).__name__}: {first}"[:300]
+            warnings.warn(f"torch.compile failed ({self.failure}); extracting in eager mode", UserWarning, stacklevel=3)
+            return None
+
+
+_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, CompiledForward]]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def _forward_fn(model, amp_dtype: torch.dtype | None, device_type: str, step: Callable | None):
+    step = step or model
+    if amp_dtype is None:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return step(x).float()
+    else:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device_type, dtype=amp_dtype):
+                return step(x).float()
+    return forward
+
+
+_SERIAL = itertools.count()
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own. Dynamo keeps the graphs it compiled per code object,
+    told apart by guards, and these do not cover every closure value (measured with torch 2.14:
+    a function differing only in its autocast arguments reused the other's graph); so that no
+    two entries of the cache can share a graph, each gets its own code."""
+    n = next(_SERIAL)
+    code = fn.__code__.replace(co_name=f"imret_forward_{n}", co_qualname=f"imret_forward_{n}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def _key(model, device: torch.device, amp_dtype, channels_last: bool, variant: Any) -> tuple:
+    return (str(device), amp_dtype, channels_last, variant, _weights_key(model))
+
+
+def is_cached(model, device: torch.device, amp_dtype, channels_last: bool, variant: Any = None) -> bool:
+    """Whether this process holds a working compiled graph for exactly this network state."""
+    entry = _CACHE.get(model, {}).get(_key(model, device, amp_dtype, channels_last, variant))
+    return entry is not None and entry.failure is None
+
+
+def compiled_forward(
+    model: torch.nn.Module,
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    step: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    variant: Any = None,
+) -> CompiledForward:
+    """The process-wide compiled forward of ``model`` (``step`` instead of ``model(x)`` when given,
+    with ``variant`` naming it in the cache key) under autocast ``amp_dtype`` (None: fp32).
+
+    Built lazily (``torch.compile(..., dynamic=True, options={"freezing": True})``): nothing is
+    compiled until the first call, which must run under ``torch.inference_mode`` or
+    ``torch.no_grad`` (freezing needs it). Entries are dropped with the model.
+    """
+    key = _key(model, device, amp_dtype, channels_last, variant)
+    with _LOCK:
+        per_model = _CACHE.setdefault(model, {})
+        entry = per_model.get(key)
+        if entry is None:
+            for old in [k for k in per_model if k[:4] == key[:4]]:  # the weights changed: drop stale graphs
+                del per_model[old]
+            fn = _forward_fn(model, amp_dtype, device.type, step)
+            graph = torch.compile(_own_code(fn), dynamic=True, options={"freezing": True})
+            entry = per_model[key] = CompiledForward(eager=fn, graph=graph)
+    return entry
+
+
+def compile_decision(
+    mode: str,
+    *,
+    device: torch.device,
+    n_images: int,
+    hooks: bool = False,
+    refined: bool = False,
+    cached: bool = False,
+) -> tuple[bool, str]:
+    """Whether to compile, and why: ``mode`` (:data:`COMPILE_MODES`) for a run of ``n_images``
+    on ``device``; ``hooks``: the model carries forward hooks for the run (ReLU-shift), which a
+    frozen graph would not see; ``refined``: SuperGlobal pooling switches replace the head's
+    forward (compiled with ``"on"`` only: ``"auto"`` keeps to the path the tests check);
+    ``cached``: a compiled graph for this network state exists."""
+    check_compile(mode)
+    if mode == "off":
+        return False, "compile off"
+    if hooks:
+        return False, "eager: ReLU-shift hooks the trunk, which a compiled graph would not follow"
+    if mode == "on":
+        return True, "compile on"
+    if cached:
+        return True, "auto: a compiled graph is cached in this process"
+    if refined:
+        return False, "auto: eager with refinement switches (compile='on' compiles them too)"
+    if device.type != "cpu":
+        return False, f"auto: eager on {device.type} (compile is automatic on the CPU only; use compile='on')"
+    if shutil.which("c++") is None and shutil.which("g++") is None and shutil.which("clang++") is None:
+        return False, "auto: eager, no C++ compiler on the PATH for inductor"
+    if n_images < AUTO_MIN_IMAGES:
+        return False, f"auto: eager for {n_images} image(s) (compiling pays from {AUTO_MIN_IMAGES})"
+    return True, f"auto: compiled for {n_images} images"
+
+
+def resolve_auto(mode: str, *, device: str | torch.device, n_images: int, refined: bool = False) -> str:
+    """``"auto"`` decided for a run of ``n_images`` done in several :func:`imret.extract.extract`
+    calls (a store adds 64 images at a time): ``"on"`` or ``"off"``; other modes unchanged."""
+    if check_compile(mode) != "auto":
+        return mode
+    use, _ = compile_decision(mode, device=torch.device(device), n_images=n_images, refined=refined)
+    return "on" if use else "off"
