@@ -51,7 +51,8 @@ def test_decision():
     big, small = AUTO_MIN_IMAGES, AUTO_MIN_IMAGES - 1
     assert compile_decision("off", device=CPU, n_images=10**6) == (False, "compile off")
     assert compile_decision("on", device=CPU, n_images=1)[0]
-    assert compile_decision("auto", device=CPU, n_images=big)[0]
+    use, why = compile_decision("auto", device=CPU, n_images=big)
+    assert use is None and "timing" in why  # decided on the eager rate of the first images
     use, why = compile_decision("auto", device=CPU, n_images=small)
     assert not use and str(AUTO_MIN_IMAGES) in why
     assert compile_decision("auto", device=CPU, n_images=1, cached=True)[0]  # the cost is already paid
@@ -62,7 +63,7 @@ def test_decision():
     use, why = compile_decision("auto", device=CPU, n_images=big, refined=True)
     assert not use and "refinement" in why
     assert compile_decision("on", device=CPU, n_images=1, refined=True)[0]
-    assert resolve_auto("auto", device="cpu", n_images=big) == "on"
+    assert resolve_auto("auto", device="cpu", n_images=big) == "auto"
     assert resolve_auto("auto", device="cpu", n_images=small) == "off"
     assert resolve_auto("off", device="cpu", n_images=big) == "off"
     assert resolve_auto("auto", device="cpu", n_images=big, refined=True) == "off"
@@ -163,3 +164,39 @@ def test_compiled_matches_eager_over_sizes_and_scales(tiny, photos, precision):
     else:  # bf16 really ran (not a graph of the fp32 run): its rounding shows
         assert np.abs(got - ref).max() > 1e-4
     assert math.isclose(float(np.linalg.norm(got[0])), 1.0, rel_tol=1e-5)
+
+
+def test_auto_times_the_first_images_then_decides(tiny, photos, monkeypatch):
+    """"auto" on a long run: the first AUTO_TIMED_IMAGES images eagerly, timed; then compiled when
+    the images left would take AUTO_MIN_EAGER_SECONDS eagerly, else eager to the end. Compilation
+    is replaced by a recording stand-in (the real one is checked by the slow tests)."""
+    import importlib
+
+    ex = importlib.import_module("imret.extract")  # the module (imret.extract is also the function)
+
+    calls = []
+
+    def fake_compiled(model, **kw):
+        def forward(x):
+            calls.append(x.shape[0])
+            return model(x).float()
+        forward.failure = None
+        return forward
+
+    monkeypatch.setattr(ex, "compiled_forward", fake_compiled)
+    monkeypatch.setattr(compiled, "AUTO_MIN_IMAGES", 3)
+    ref = extract(tiny, photos, compile="off", workers=0)
+    assert compile_decision("auto", device=CPU, n_images=len(photos))[0] is None
+    # eager work left is long (the bar set to 0 s): compiled after the 4 timed images
+    monkeypatch.setattr(compiled, "AUTO_MIN_EAGER_SECONDS", 0.0)
+    res = extract(tiny, photos, compile="auto", workers=0, batch_size=1)
+    assert res.compile_note.startswith("auto: compiled after 4 eager images") and res.compiled
+    assert sum(calls) == len(photos) - ex.AUTO_TIMED_IMAGES == 1
+    np.testing.assert_allclose(res.descriptors, ref.descriptors, atol=1e-6)
+    # short: eager to the end, and the note says why
+    calls.clear()
+    monkeypatch.setattr(compiled, "AUTO_MIN_EAGER_SECONDS", 1e9)
+    res = extract(tiny, photos, compile="auto", workers=0, batch_size=1)
+    assert not res.compiled and calls == [] and "compiling pays from" in res.compile_note
+    # a store's batch of a long run: the horizon counts the images still to come
+    assert compiled.compile_pays(10, 1e8) and not compiled.compile_pays(10, 0.99e8)  # 1e9 s: the bar patched above

@@ -8,8 +8,11 @@ optional autocast) through :func:`compiled_forward` when its ``compile`` setting
 - ``"on"``: compile; when compilation fails, a ``UserWarning`` gives the reason and the run goes
   on in eager mode (the result's ``compile_note`` says so too).
 - ``"auto"`` (default): compile only where it is safe and pays (:func:`compile_decision`): on
-  the CPU, without ReLU-shift hooks, with a C++ compiler on the path, and for at least
-  :data:`AUTO_MIN_IMAGES` images, or whenever this process already compiled the same network
+  the CPU, without ReLU-shift hooks, with a C++ compiler on the path, for runs of at least
+  :data:`AUTO_MIN_IMAGES` images, and only once the first :data:`AUTO_TIMED_IMAGES` images,
+  described eagerly and timed, predict at least :data:`AUTO_MIN_EAGER_SECONDS` of eager work
+  left (:func:`compile_pays`: a ResNet50 at 1024 px compiles, a light network at 512 px over a
+  few hundred images does not); or whenever this process already compiled the same network
   with the same weights and precision (the cost is paid).
 
 The graph is compiled once per process for a network, its current weights, the device, the
@@ -38,16 +41,29 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["COMPILE_MODES", "AUTO_MIN_IMAGES", "check_compile", "compile_decision", "resolve_auto",
+__all__ = ["COMPILE_MODES", "AUTO_MIN_IMAGES", "AUTO_TIMED_IMAGES", "AUTO_MIN_EAGER_SECONDS", "compile_pays",
+           "check_compile", "compile_decision", "resolve_auto",
            "compiled_forward", "is_cached", "CompiledForward", "inductor_cache_dir"]
 
 COMPILE_MODES = ("auto", "on", "off")
 
 AUTO_MIN_IMAGES = 200
-"""``compile="auto"`` compiles for runs of at least this many images (unless a graph is already
-cached in the process). Compiling a ResNet50 costs about 30-70 s of CPU time on 2 cores (less
-with inductor's disk cache warm) and saves roughly 0.2-0.5 s per 1024 px image: the break-even
-is about a hundred images, and this margin keeps short runs (queries, small folders) eager."""
+"""``compile="auto"`` considers compiling for runs of at least this many images (unless a graph
+is already cached in the process); shorter runs (queries, small folders) stay eager."""
+
+AUTO_TIMED_IMAGES = 4
+"""``compile="auto"`` describes this many images eagerly, timed, before it decides."""
+
+AUTO_MIN_EAGER_SECONDS = 600.0
+"""``compile="auto"`` compiles when the images left would take at least this long eagerly.
+Compiling a ResNet50 cost 30-70 s of CPU time on 2 cores (less with inductor's disk cache warm)
+and the graph ran 9 % (fp32) to 21 % (bf16) faster per image (BENCHMARKS.md, extraction speed):
+it pays after some 5-10 minutes of eager work."""
+
+
+def compile_pays(remaining_images: int, eager_seconds_per_image: float) -> bool:
+    """Whether compiling pays for ``remaining_images`` at the measured eager rate."""
+    return remaining_images * eager_seconds_per_image >= AUTO_MIN_EAGER_SECONDS
 
 
 def check_compile(mode: str) -> str:
@@ -194,7 +210,10 @@ def compile_decision(
     on ``device``; ``hooks``: the model carries forward hooks for the run (ReLU-shift), which a
     frozen graph would not see; ``refined``: SuperGlobal pooling switches replace the head's
     forward (compiled with ``"on"`` only: ``"auto"`` keeps to the path the tests check);
-    ``cached``: a compiled graph for this network state exists."""
+    ``cached``: a compiled graph for this network state exists.
+
+    Returns ``(True | False | None, reason)``; None (``"auto"`` on a long run): time the first
+    :data:`AUTO_TIMED_IMAGES` images eagerly, then ask :func:`compile_pays`."""
     check_compile(mode)
     if mode == "off":
         return False, "compile off"
@@ -211,14 +230,16 @@ def compile_decision(
     if shutil.which("c++") is None and shutil.which("g++") is None and shutil.which("clang++") is None:
         return False, "auto: eager, no C++ compiler on the PATH for inductor"
     if n_images < AUTO_MIN_IMAGES:
-        return False, f"auto: eager for {n_images} image(s) (compiling pays from {AUTO_MIN_IMAGES})"
-    return True, f"auto: compiled for {n_images} images"
+        return False, f"auto: eager for {n_images} image(s) (compiling is considered from {AUTO_MIN_IMAGES})"
+    return None, f"auto: {n_images} images; decided after timing {AUTO_TIMED_IMAGES} eager ones"
 
 
 def resolve_auto(mode: str, *, device: str | torch.device, n_images: int, refined: bool = False) -> str:
-    """``"auto"`` decided for a run of ``n_images`` done in several :func:`imret.extract.extract`
-    calls (a store adds 64 images at a time): ``"on"`` or ``"off"``; other modes unchanged."""
+    """``"auto"`` decided as far as the count allows for a run of ``n_images`` done in several
+    :func:`imret.extract.extract` calls (a store adds 64 images at a time): ``"on"``, ``"off"``, or
+    ``"auto"`` when it depends on the timing (pass ``compile_horizon`` to each call then); other
+    modes unchanged."""
     if check_compile(mode) != "auto":
         return mode
     use, _ = compile_decision(mode, device=torch.device(device), n_images=n_images, refined=refined)
-    return "on" if use else "off"
+    return "auto" if use is None else ("on" if use else "off")

@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import time
 import unicodedata
 import warnings
 from collections import deque
@@ -53,7 +54,8 @@ from .images import (
     prepare_image,
     to_tensor,
 )
-from .compiled import CompiledForward, check_compile, compile_decision, compiled_forward, is_cached
+from .compiled import (AUTO_MIN_EAGER_SECONDS, AUTO_TIMED_IMAGES, CompiledForward, check_compile,
+                       compile_decision, compile_pays, compiled_forward, is_cached)
 from .models.spec import MULTISCALE_MODES
 from .models.net import RetrievalNet
 from .precision import PRECISIONS, autocast_dtype
@@ -346,6 +348,7 @@ def extract(
     multiscale: str | None = None,
     compile: str = "auto",
     decode: str = "auto",
+    compile_horizon: int | None = None,
 ) -> Extraction:
     """Extract L2-normalised descriptors of ``images``, skipping or raising on bad files.
 
@@ -394,8 +397,13 @@ def extract(
         compile: run the network through ``torch.compile`` with frozen weights (see
             :mod:`imret.compiled`): ``"on"``, ``"off"``, or ``"auto"`` (default: on the CPU for
             runs of :data:`~imret.compiled.AUTO_MIN_IMAGES` images or more, or when this
-            process already compiled the network). A failed compilation warns and falls back
+            process already compiled the network), and there only when the first images,
+            timed eagerly, predict enough eager work left to repay the compilation
+            (:func:`imret.compiled.compile_pays`). A failed compilation warns and falls back
             to eager mode; ``Extraction.compile_note`` says what ran and why.
+        compile_horizon: for ``compile="auto"``, the images still to describe in the run this
+            call belongs to, its own included (a store adding a folder in batches passes the
+            folder's); default: this call's.
         decode: where JPEG files are decoded (:data:`imret.devicedecode.DECODERS`): ``"auto"``
             (default) on the device when it is a CUDA GPU (nvJPEG, in the worker threads; other
             formats, files it refuses and ``min_size`` enlargements go through Pillow), else
@@ -432,7 +440,12 @@ def extract(
     mode = _multiscale_of(model, multiscale)
     # the peers' multi-scale modes reproduce their Pillow decoding and resizing: Pillow only
     on_device = device if use_device and mode == "imret" else None
-    forward, compile_note = _forward_for(model, compile, device, amp_dtype, channels_last, refinement, n)
+    horizon = n if compile_horizon is None else max(n, int(compile_horizon))
+    forward, compile_note = _forward_for(model, compile, device, amp_dtype, channels_last, refinement, horizon)
+    timing = forward is _TIME_FIRST
+    if timing:
+        forward = None
+    timed = [0.0, 0]  # eager seconds and images, while "auto" times the first ones
     out = np.zeros((n, model.dim), dtype=np.float32)
     ok = np.zeros(n, dtype=bool)
     skipped: list[SkippedImage] = []
@@ -445,14 +458,27 @@ def extract(
     max_pending = max(4 * batch_size, 16)
 
     def flush(key: tuple[int, int]) -> None:
-        nonlocal pending
+        nonlocal pending, forward, compile_note, timing
         items = buckets.pop(key)
         pending -= len(items)
         x = torch.stack([t.to(device) if on_device is not None else t for _, t in items])
         if device.type == "cuda" and x.device.type == "cpu":
             x = x.pin_memory()  # the copy to the GPU then overlaps (non_blocking in _run_batch)
+        t0 = time.perf_counter()
         with torch.inference_mode():
             d = _run_batch(model, x, scales, power, device, amp_dtype, channels_last, refinement, mode, forward)
+        if timing:
+            timed[0] += time.perf_counter() - t0
+            timed[1] += len(items)
+            if timed[1] >= AUTO_TIMED_IMAGES:
+                timing = False
+                rate, left = timed[0] / timed[1], horizon - int(ok.sum()) - len(items)
+                if compile_pays(left, rate):
+                    forward, _ = _forward_for(model, "on", device, amp_dtype, channels_last, refinement, left)
+                    compile_note = f"auto: compiled after {timed[1]} eager images ({rate:.2f} s each, {left} left)"
+                else:
+                    compile_note = (f"auto: eager ({rate:.2f} s per image, {left} left: ~{rate * left:.0f} s; "
+                                    f"compiling pays from {AUTO_MIN_EAGER_SECONDS:.0f} s)")
         idx = [i for i, _ in items]
         out[idx] = d.cpu().numpy()
         ok[idx] = True
@@ -513,6 +539,9 @@ def extract(
     )
 
 
+_TIME_FIRST: Any = object()  # _forward_for: "auto" decides after timing the first images eagerly
+
+
 def _forward_for(model, mode: str, device: torch.device, amp_dtype, channels_last: bool,
                  refinement: Refinement | None, n: int) -> tuple[CompiledForward | None, str]:
     """The compiled per-scale forward to use (None: eager) and the reason, for ``compile=mode``."""
@@ -520,6 +549,8 @@ def _forward_for(model, mode: str, device: torch.device, amp_dtype, channels_las
     variant = None if refinement is None else ("refined", refinement.gem_p, refinement.regional)
     use, note = compile_decision(mode, device=device, n_images=n, hooks=hooks, refined=variant is not None,
                                  cached=is_cached(model, device, amp_dtype, channels_last, variant))
+    if use is None:  # "auto" on a long run: time the first images (extract), then decide
+        return _TIME_FIRST, note
     if not use:
         return None, note
     step = None if refinement is None else (lambda x: refined_descriptors(model, x, refinement))
@@ -560,6 +591,8 @@ def describe_tensors(
     mode = _multiscale_of(model, multiscale)
     check_compile(compile)
     forward, _ = _forward_for(model, compile, device, amp_dtype, channels_last, refinement, len(tensors))
+    if forward is _TIME_FIRST:  # "auto" here: eager (no timing in this shared-model helper)
+        forward = None
     out = np.zeros((len(tensors), model.dim), dtype=np.float32)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, t in enumerate(tensors):

@@ -1263,7 +1263,10 @@ class Store:
             def flush() -> None:
                 if pending:
                     before = len(report.added)
-                    self._add_batch(pending, report, progress=progress, extractor=extractor, **extract_kw)
+                    kw = extract_kw if horizon is None else {**extract_kw, "compile_horizon": horizon[0]}
+                    self._add_batch(pending, report, progress=progress, extractor=extractor, **kw)
+                    if horizon is not None:  # images still to describe in this run ("auto" times them)
+                        horizon[0] = max(0, horizon[0] - len(pending))
                     pending.clear()
                     unsaved[0] += len(report.added) - before
                     if unsaved[0] >= save_every:
@@ -1279,6 +1282,7 @@ class Store:
 
                 refined = self.preprocessing.refinement is not None and self.preprocessing.refinement.active
                 extract_kw["compile"] = resolve_auto("auto", device=self.device, n_images=len(files), refined=refined)
+            horizon = [len(files)] if extract_kw.get("compile") == "auto" and extractor is None else None
             for p in files:
                 p = os.path.abspath(p)
                 known = None if hashes is None else hashes.get(p)
