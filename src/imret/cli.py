@@ -938,34 +938,29 @@ def _index_distributed(args, open_writer, out: str, *, build: bool) -> int:
     return 0 if not build or run.report.added or run.report.duplicates else 1
 
 
-def cmd_index_build(args) -> int:
+def _index_images(args, open_store, where: str, *, build: bool) -> int:
+    """``imret index build`` / ``add``: one process, several (``--procs``), or a torchrun rank."""
     rc = _launch_procs(args)
     if rc is not None:
         return rc
     if _under_torchrun():
-        return _index_distributed(args, _new_store, args.out, build=True)
-    store, paths = _new_store(args, args.device)
+        return _index_distributed(args, open_store, where, build=build)
+    store, paths = open_store(args, args.device)
     t0 = time.perf_counter()
     with store:
         report = store.add(paths, commit_every=args.commit_every, progress=not args.no_progress, **_runtime_kwargs(args))
         _print_add_report(report, time.perf_counter() - t0)
-        print(f"store {args.out}: {len(store)} images, backend {store.backend_spec}")
-    return 0 if report.added or report.duplicates else 1
+        print(f"store {where}: {len(store)} images" + (f", backend {store.backend_spec}" if build else ""))
+    # a build that indexed nothing failed; an add of files already there did its job
+    return 0 if not build or report.added or report.duplicates else 1
+
+
+def cmd_index_build(args) -> int:
+    return _index_images(args, _new_store, args.out, build=True)
 
 
 def cmd_index_add(args) -> int:
-    rc = _launch_procs(args)
-    if rc is not None:
-        return rc
-    if _under_torchrun():
-        return _index_distributed(args, _opened_store, args.store, build=False)
-    store, paths = _opened_store(args, args.device)
-    t0 = time.perf_counter()
-    with store:
-        report = store.add(paths, commit_every=args.commit_every, progress=not args.no_progress, **_runtime_kwargs(args))
-        _print_add_report(report, time.perf_counter() - t0)
-        print(f"store {args.store}: {len(store)} images")
-    return 0
+    return _index_images(args, _opened_store, args.store, build=False)
 
 
 def cmd_index_remove(args) -> int:
