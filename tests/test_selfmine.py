@@ -564,6 +564,13 @@ def test_cli_mine_and_clean_end_to_end(tmp_path, capsys, monkeypatch):
     assert _run(["mine", str(root), "--out", str(out), "--k", "11", *MODEL]) == 0
     assert calls == [] and (out / "verified.jsonl").read_text() == lines
     capsys.readouterr()
+    # component options: an expansion round finds no pair across objects; components under 5 images are left out
+    assert _run(["mine", str(root), "--out", str(out), "--k", "11", "--expand", "1", "--attach-inliers", "10",
+                 "--min-component", "5", *MODEL]) == 0
+    assert "0 components" in capsys.readouterr().out
+    rep = json.loads((out / "mined.json").read_text())
+    assert rep["min_size"] == 5 and rep["expand"] == 1 and rep["images_in_components"] == 0
+    assert (out / "classes.csv").read_text() == "path,label\n"
     # clean: a CSV with one wrong label
     files = sorted(str(p) for p in root.rglob("*.jpg"))
     labels = [Path(p).parent.name for p in files]
@@ -592,6 +599,8 @@ def test_cli_errors(tmp_path, capsys):
     # main() prints the one-line error and returns non-zero
     assert _run(["mine", str(tmp_path), "--out", str(tmp_path / "o"), "--min-inliers", "1", *MODEL]) != 0
     assert "--min-inliers must be at least 2" in capsys.readouterr().err
+    assert _run(["mine", str(tmp_path), "--out", str(tmp_path / "o"), "--min-component", "1", *MODEL]) != 0
+    assert "--min-component must be at least 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _parser().parse_args(["clean", "x.csv", "--out", "o", "--mode", "biggest"])
 
