@@ -65,7 +65,8 @@ def register(subparsers: Any) -> None:
                    help=f"hard negatives per query, at most one per component (default {DEFAULT_NEGATIVES})")
     g = p.add_argument_group("components (fewer, larger pseudo-classes)")
     g.add_argument("--min-component", type=int, default=DEFAULT_MIN_SIZE,
-                   help=f"smallest component made a pseudo-class; smaller ones are left out (default {DEFAULT_MIN_SIZE})")
+                   help="smallest component made a pseudo-class; smaller ones are left out "
+                        f"(default {DEFAULT_MIN_SIZE})")
     g.add_argument("--expand", type=int, default=DEFAULT_EXPAND,
                    help="expansion rounds: each component's mean descriptor proposes --k outside images, each verified "
                         f"against its --attach-members most similar members (default {DEFAULT_EXPAND})")
