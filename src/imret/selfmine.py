@@ -666,6 +666,21 @@ class MinedData:
         }
 
 
+def _labels_from_components(comp: np.ndarray, min_size: int = 2) -> np.ndarray:
+    """Pseudo-classes ``0..C-1`` (by smallest image) of the components of at least ``min_size``
+    images; ``-1`` elsewhere."""
+    sizes = np.bincount(comp, minlength=1)
+    labels = np.full(comp.size, -1, np.int64)
+    big = sizes[comp] >= min_size
+    if big.any():
+        _, labels[big] = np.unique(comp[big], return_inverse=True)
+    return labels
+
+
+def _labels_from_verified(n: int, pairs: np.ndarray, min_size: int = 2) -> np.ndarray:
+    return _labels_from_components(components_of(n, pairs), min_size)
+
+
 def mine(
     descriptors: Any,
     features_of: FeatureSource,
@@ -734,9 +749,7 @@ def mine(
         return linked_components(n, e, m, min_inliers, attach_inliers, attach_min)
 
     for _ in range(expand):
-        comp = link(edges, inl)
-        sizes = np.bincount(comp, minlength=1)
-        new = expansion_pairs(x, np.where(sizes[comp] >= 2, comp, -1), k, attach_members, exclude=edges)
+        new = expansion_pairs(x, _labels_from_components(link(edges, inl)), k, attach_members, exclude=edges)
         if new.shape[0] == 0:
             break
         edges = np.concatenate([edges, new])
@@ -744,12 +757,7 @@ def mine(
         order = np.lexsort((edges[:, 1], edges[:, 0]))
         edges, inl = edges[order], inl[order]
     sim = np.einsum("ij,ij->i", x[edges[:, 0]], x[edges[:, 1]]).astype(np.float32)
-    comp = link(edges, inl)
-    sizes = np.bincount(comp, minlength=1)
-    labels = np.full(n, -1, np.int64)
-    big = sizes[comp] >= min_size
-    if big.any():
-        _, labels[big] = np.unique(comp[big], return_inverse=True)
+    labels = _labels_from_components(link(edges, inl), min_size)
     neg = np.full((n, negatives), -1, np.int64)
     queries = np.flatnonzero(labels >= 0)
     if negatives and queries.size:
