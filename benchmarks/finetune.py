@@ -328,6 +328,12 @@ def share(gain: float, ref: float) -> str:
     return f"{100 * gain / ref:.0f} %" if ref > 0 else "n/a (no labelled gain)"
 
 
+def min_kept(folds: list[dict]) -> int:
+    """The smallest component size kept as a pseudo-class in a run (2 before the setting was recorded)."""
+    st = next((fr["mining"].get("settings") for fr in folds if fr.get("mining")), None)
+    return 2 if st is None else st["min_size"]
+
+
 def mine_line(folds: list[dict]) -> str:
     """The mining settings of a run in words (the same in every fold)."""
     st = next((fr["mining"].get("settings") for fr in folds if fr.get("mining")), None)
@@ -446,8 +452,8 @@ def render(res: dict) -> str:
     if "mined" in runs:
         lines += ["", "Mining per fold (statistics against the landmark labels, which mining never saw; purity: "
                       "share of kept images whose pseudo-class's majority landmark is their own):", "",
-                  "| fold | training images | kept (in components >= 2) | pseudo-classes (sizes) | purity | "
-                  "verified pairs (same landmark) | per landmark: kept / images (components) | mining s |",
+                  f"| fold | training images | kept (in components >= {min_kept(folds)}) | pseudo-classes (sizes) | "
+                  "purity | verified pairs (same landmark) | per landmark: kept / images (components) | mining s |",
                   "|---|---:|---:|---|---:|---|---|---:|"]
         for fr in folds:
             m = fr.get("mining")

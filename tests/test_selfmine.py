@@ -116,7 +116,7 @@ def test_mine_components_negatives_and_hard_positives_vs_brute_force(monkeypatch
     x[20:] = rng.normal(size=(4, 16))  # object 5: no shared direction, likely split or alone
     _hand_verifier(monkeypatch, true)
     mined = sm.mine(x, list(range(24)), [f"im{i}.jpg" for i in range(24)], k=3, min_inliers=10, negatives=4,
-                    workers=2)
+                    workers=2, expand=0, attach_inliers=None, min_size=2)  # the kNN graph alone
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     # components: those of the verified kNN edges, by brute force on the hand graph
     cand = brute_knn(x, 3)
@@ -279,7 +279,7 @@ def test_mine_expansion_min_size_and_negatives_vs_brute_force(monkeypatch):
 
     monkeypatch.setattr(sm, "_verify_one", fake)
     kw = dict(k=2, min_inliers=15, negatives=3, workers=1)
-    base = sm.mine(x, list(range(n)), **kw)
+    base = sm.mine(x, list(range(n)), expand=0, attach_inliers=None, **kw)
     calls.clear()
     grown = sm.mine(x, list(range(n)), expand=2, attach_inliers=10, attach_min=2, attach_members=3, **kw)
     assert len(calls) == len(set(calls))  # a pair proposed twice is verified once per run
@@ -311,7 +311,8 @@ def test_mine_expansion_min_size_and_negatives_vs_brute_force(monkeypatch):
             if j >= 0:
                 assert grown.labels[j] != grown.labels[q] and (min(q, j), max(q, j)) not in partners
     # minimum size: smaller components are unlabelled, the rest keep their members
-    big = sm.mine(x, list(range(n)), expand=2, attach_inliers=10, min_size=per + 1, **kw)
+    big = sm.mine(x, list(range(n)), expand=2, attach_inliers=10, attach_min=2, attach_members=3, min_size=per + 1,
+                  **kw)
     sizes = np.bincount(grown.labels[grown.labels >= 0])
     keep = sizes[grown.labels] >= per + 1
     keep[grown.labels < 0] = False
