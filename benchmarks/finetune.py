@@ -28,14 +28,18 @@ cross-validation, so that every query is tested by a network that never saw its 
    images, the same trainer, loss, schedule, seed and settings, but no landmark labels: each
    fold's training images are mined with :func:`imret.selfmine.mine` (kNN graph of the untuned
    network's descriptors, RootSIFT + MAGSAC verification of the candidate edges, the library's
-   defaults), only images in a verified component of >= 2 images are kept, and each component
-   is a pseudo-class. The untuned, tuned-on-true-labels and tuned-on-mined-labels rows are
+   defaults unless ``--mine KEY=VALUE`` sets one, e.g. ``expand=2``), only images in a
+   pseudo-class are kept, and each component is a pseudo-class. By default (``--mined-batches
+   true``) the mined run takes as many batches per epoch as the true-label run of the fold, so
+   the two take the same optimizer steps although mining keeps fewer images. The untuned, tuned-on-true-labels and tuned-on-mined-labels rows are
    compared, with the mined gain as a share of the labelled gain, and the mining statistics
    per fold (images kept, pseudo-classes, purity against the landmarks). The true-label run
    is the same code and seeds as with ``--labels true`` (the global random state is saved
    around everything the mined run does).
 
     .venv/bin/python benchmarks/finetune.py [--folds 2] [--epochs 8] [--lr 1e-5] [--labels both] [--write]
+    .venv/bin/python benchmarks/finetune.py --labels mined --mined-every 0 --mine expand=2 --mine attach_inliers=10 \
+        --mine min_size=4
     .venv/bin/python benchmarks/finetune.py --render runs/finetune/results.json [--write]
 """
 
