@@ -7,7 +7,11 @@ verification, as in Philbin et al., "Object mining using a matching graph", ICVG
 
     descriptors (N, D) -> knn_graph -> candidate edges (i < j, cosine)
     local features     -> verify_edges -> inliers per edge (threads; resumable checkpoint)
-    verified edges (inliers >= min_inliers) -> connected components = pseudo-classes
+    [expand rounds: each component's mean descriptor -> k outside images -> verified against
+     its most similar members (expansion_pairs)]
+    verified edges (inliers >= min_inliers), plus images that verify with >= attach_min members
+    of a component at attach_inliers (linked_components) -> components of >= min_size images
+    = pseudo-classes
     -> positives (verified edges; hard ones: each image's least similar verified neighbour)
     -> hard negatives (most similar images of other components, at most one per component)
 
