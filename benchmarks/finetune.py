@@ -28,14 +28,18 @@ cross-validation, so that every query is tested by a network that never saw its 
    images, the same trainer, loss, schedule, seed and settings, but no landmark labels: each
    fold's training images are mined with :func:`imret.selfmine.mine` (kNN graph of the untuned
    network's descriptors, RootSIFT + MAGSAC verification of the candidate edges, the library's
-   defaults), only images in a verified component of >= 2 images are kept, and each component
-   is a pseudo-class. The untuned, tuned-on-true-labels and tuned-on-mined-labels rows are
+   defaults unless ``--mine KEY=VALUE`` sets one, e.g. ``expand=2``), only images in a
+   pseudo-class are kept, and each component is a pseudo-class. By default (``--mined-batches
+   true``) the mined run takes as many batches per epoch as the true-label run of the fold, so
+   the two take the same optimizer steps although mining keeps fewer images. The untuned, tuned-on-true-labels and tuned-on-mined-labels rows are
    compared, with the mined gain as a share of the labelled gain, and the mining statistics
    per fold (images kept, pseudo-classes, purity against the landmarks). The true-label run
    is the same code and seeds as with ``--labels true`` (the global random state is saved
    around everything the mined run does).
 
     .venv/bin/python benchmarks/finetune.py [--folds 2] [--epochs 8] [--lr 1e-5] [--labels both] [--write]
+    .venv/bin/python benchmarks/finetune.py --labels mined --mined-every 0 --mine expand=2 --mine attach_inliers=10 \
+        --mine min_size=4
     .venv/bin/python benchmarks/finetune.py --render runs/finetune/results.json [--write]
 """
 
@@ -163,18 +167,49 @@ def saved_random_state():
         random.setstate(state[2])
 
 
-def mine_fold(fold: dict, gnd: dict, root: Path, db_desc: np.ndarray, model, size: int) -> tuple[list, dict]:
+def parse_mine_settings(items: list[str]) -> dict:
+    """``["expand=1", "attach_inliers=10"]`` -> ``{"expand": 1, "attach_inliers": 10}`` (ints, or None)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--mine takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = None if value.strip().lower() == "none" else int(value)
+    mine_settings(out)  # unknown keys are an error now, not after the untuned extraction
+    return out
+
+
+def mine_settings(overrides: dict | None = None) -> dict:
+    """The :func:`imret.selfmine.mine` settings of a run: the library defaults, updated by ``overrides``."""
+    import inspect
+
+    from imret.selfmine import mine
+
+    params = inspect.signature(mine).parameters
+    keys = ("k", "min_inliers", "min_size", "expand", "attach_members", "attach_min", "attach_inliers")
+    out = {key: params[key].default for key in keys}
+    unknown = sorted(set(overrides or {}) - set(keys))
+    if unknown:
+        raise ValueError(f"unknown mining setting(s) {unknown}; available: {', '.join(keys)}")
+    out.update(overrides or {})
+    return out
+
+
+def mine_fold(fold: dict, gnd: dict, root: Path, db_desc: np.ndarray, model, size: int,
+              mine_kw: dict | None = None) -> tuple[list, dict]:
     """Pseudo-labels of the fold's training images from :func:`imret.selfmine.mine`, with no
     landmark label used: descriptors of the untuned network (the database rows already
     extracted at ``size``; the training queries, uncropped, extracted here the same way),
-    RootSIFT at the library defaults, verification at the library defaults. Returns the
-    ``(name, pseudo-label)`` rows of images in a verified component of >= 2 images, and the
-    mining statistics (purity etc. measured against the landmarks afterwards)."""
+    RootSIFT at the library defaults, verification at the library defaults, mining at
+    ``mine_kw`` (:func:`mine_settings`). Returns the ``(name, pseudo-label)`` rows of images in
+    a pseudo-class, and the mining statistics (purity etc. measured against the landmarks
+    afterwards)."""
     from imret.local.sift import SiftExtractor
     from imret.retrieval import Encoder
     from imret.selfmine import mine
 
     t0 = time.perf_counter()
+    mine_kw = mine_settings(mine_kw)
     names = [n for n, _ in fold["train"]]
     truth = [lab for _, lab in fold["train"]]
     row = {n: i for i, n in enumerate(gnd["imlist"])}
@@ -189,7 +224,7 @@ def mine_fold(fold: dict, gnd: dict, root: Path, db_desc: np.ndarray, model, siz
     sift = SiftExtractor()
     with ThreadPoolExecutor(2) as pool:
         feats = list(pool.map(lambda n: sift.encode(str(root / f"{n}.jpg"))[0], names))
-    mined = mine(x, feats, [str(root / f"{n}.jpg") for n in names], workers=2)
+    mined = mine(x, feats, [str(root / f"{n}.jpg") for n in names], workers=2, **mine_kw)
     labels = mined.labels
     kept = np.flatnonzero(labels >= 0)
     comps = mined.components
@@ -205,7 +240,7 @@ def mine_fold(fold: dict, gnd: dict, root: Path, db_desc: np.ndarray, model, siz
              "purity": round(100 * majority / max(1, kept.size), 2),
              "candidate_pairs": s["candidate_pairs"], "verified_pairs": s["verified_pairs"],
              "verified_same_landmark": same, "per_landmark": per_landmark,
-             "seconds": round(time.perf_counter() - t0, 1),
+             "seconds": round(time.perf_counter() - t0, 1), "settings": mine_kw,
              "components": [[names[i] for i in c] for c in comps]}
     return [(names[i], f"m{int(labels[i]):03d}") for i in kept], stats
 
@@ -297,6 +332,28 @@ def share(gain: float, ref: float) -> str:
     return f"{100 * gain / ref:.0f} %" if ref > 0 else "n/a (no labelled gain)"
 
 
+def min_kept(folds: list[dict]) -> int:
+    """The smallest component size kept as a pseudo-class in a run (2 before the setting was recorded)."""
+    st = next((fr["mining"].get("settings") for fr in folds if fr.get("mining")), None)
+    return 2 if st is None else st["min_size"]
+
+
+def mine_line(folds: list[dict]) -> str:
+    """The mining settings of a run in words (the same in every fold)."""
+    st = next((fr["mining"].get("settings") for fr in folds if fr.get("mining")), None)
+    if st is None:  # runs before the settings were recorded: the library defaults of then
+        return "k 10, pair verified at >= 15 inliers, images in a verified component of >= 2 images kept"
+    words = [f"k {st['k']}, pair verified at >= {st['min_inliers']} inliers"]
+    if st["expand"]:
+        words.append(f"{st['expand']} expansion round(s) (each component's mean descriptor proposes {st['k']} outside "
+                     f"images, each verified against its {st['attach_members']} most similar members)")
+    if st["attach_inliers"] is not None and st["attach_inliers"] < st["min_inliers"]:
+        words.append(f"an image joins a component when >= {st['attach_min']} of its members verify with it at "
+                     f">= {st['attach_inliers']} inliers")
+    words.append(f"images in a component of >= {st['min_size']} images kept")
+    return "; ".join(words)
+
+
 def render(res: dict) -> str:
     """The BENCHMARKS.md section from ``results.json``."""
     a, runs, folds = res["args"], res["runs"], res["folds"]
@@ -316,14 +373,16 @@ def render(res: dict) -> str:
     if "mined" in runs:
         lines.append(
             "- Mined labels (issue 17): the same training images per fold, labelled by no one: "
-            "`imret.selfmine.mine` on that fold's training images only (kNN graph, k 10, of the untuned "
-            f"network's {a['test_size']} px descriptors; RootSIFT, 1000 keypoints at 1024 px; affine MAGSAC++, "
-            "pair verified at >= 15 inliers; all library defaults), images in a verified component of >= 2 images "
-            "kept, each component a pseudo-class. Trained with the same trainer, loss, schedule, seed and "
+            "`imret.selfmine.mine` on that fold's training images only (kNN graph of the untuned "
+            f"network's {a['test_size']} px descriptors; RootSIFT, 1000 keypoints at 1024 px; affine MAGSAC++; "
+            f"{mine_line(folds)}), each component a pseudo-class. Trained with the same trainer, loss, schedule, "
+            "seed and "
             f"settings; a batch holds as many classes as the true-label batch of that fold ({a['per_class']} images "
             "each, so the same images per step), drawn from the pseudo-classes (a class smaller than "
-            f"{a['per_class']} is topped up with repeats, as the sampler does). The true-label run is the same "
-            "code path and seeds as without the mined run.")
+            f"{a['per_class']} is topped up with repeats, as the sampler does)"
+            + ("; as many batches per epoch as the true-label run of the fold (the same number of optimizer steps, "
+               "although mining keeps fewer images)" if a.get("mined_batches") == "true" else "")
+            + ". The true-label run is the same code path and seeds as without the mined run.")
     tr = res.get("true_reference")
     if tr:
         same = all(abs(tr["folds"][str(fr["fold"])]["untuned"][p] - fr["untuned_fold"][p]) < 0.005
@@ -397,8 +456,8 @@ def render(res: dict) -> str:
     if "mined" in runs:
         lines += ["", "Mining per fold (statistics against the landmark labels, which mining never saw; purity: "
                       "share of kept images whose pseudo-class's majority landmark is their own):", "",
-                  "| fold | training images | kept (in components >= 2) | pseudo-classes (sizes) | purity | "
-                  "verified pairs (same landmark) | per landmark: kept / images (components) | mining s |",
+                  f"| fold | training images | kept (in components >= {min_kept(folds)}) | pseudo-classes (sizes) | "
+                  "purity | verified pairs (same landmark) | per landmark: kept / images (components) | mining s |",
                   "|---|---:|---:|---|---:|---|---|---:|"]
         for fr in folds:
             m = fr.get("mining")
@@ -501,8 +560,15 @@ def main(argv=None) -> int:
     ap.add_argument("--test-size", type=int, default=1024, help="test long side (px)")
     ap.add_argument("--every", type=int, default=2, help="validate the held-out queries every this many epochs")
     ap.add_argument("--mined-every", type=int, default=None,
-                    help="validation interval of the mined-label run (default --every; validation does not change "
-                         "training, only the curve's points and the time)")
+                    help="validation interval of the mined-label run (default --every; 0: none, only the final test; "
+                         "validation does not change training, only the curve's points and the time)")
+    ap.add_argument("--mined-batches", choices=("true", "images"), default="true",
+                    help="batches per epoch of the mined-label run: as many as the true-label run of the fold (the "
+                         "same optimizer steps; default), or its kept images // batch size (fewer steps when mining "
+                         "keeps fewer images)")
+    ap.add_argument("--mine", action="append", default=[], metavar="KEY=VALUE",
+                    help="a mining setting other than the library default (imret.selfmine.mine keyword: k, "
+                         "min_inliers, min_size, expand, attach_members, attach_min, attach_inliers); repeatable")
     ap.add_argument("--chunk", type=int, default=8, help="multistage chunk size")
     ap.add_argument("--labels", choices=LABEL_SOURCES, default="both",
                     help="train on the true landmark labels, on labels mined from the same images with "
@@ -540,6 +606,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     folds = make_folds(gnd, args.folds)
     runs = ["true", "mined"] if args.labels == "both" else [args.labels]
+    mine_overrides = parse_mine_settings(args.mine)
 
     base_cfg = {
         "epochs": args.epochs, "batch_size": 1, "multistage": True, "chunk_size": args.chunk, "precision": "fp32",
@@ -577,7 +644,7 @@ def main(argv=None) -> int:
                 with saved_random_state():
                     for fo in folds:
                         mined_rows[fo["fold"]], stats = mine_fold(fo, gnd, root, untuned_db, trainer.model,
-                                                                  args.test_size)
+                                                                  args.test_size, mine_overrides)
                         fo["mining"] = stats
                         lab = np.unique([r[1] for r in mined_rows[fo["fold"]]], return_inverse=True)[1]
                         ClassBalancedBatchSampler(lab.astype(np.int64), len(fo["train_landmarks"]), args.per_class)
@@ -603,7 +670,13 @@ def main(argv=None) -> int:
                 with saved_random_state():
                     mcfg = fold_config(base_cfg, fdir, mdir / "train.csv", mdir / "run", root,
                                        len(fold["train_landmarks"]))
-                    mcfg["validation"]["every"] = args.mined_every or args.every
+                    if args.mined_every == 0:  # no validation: the final test below is the only evaluation
+                        mcfg["validation"]["gnd"] = None
+                    else:
+                        mcfg["validation"]["every"] = args.mined_every or args.every
+                    if args.mined_batches == "true":  # the true-label run's steps: images // (classes x per class)
+                        mcfg["mining"]["batches_per_epoch"] = len(fold["train"]) // (
+                            len(fold["train_landmarks"]) * args.per_class)
                     mtrainer = make_trainer(mcfg)
                     got, sc = train_and_test(mtrainer, gt_fold, root, args.test_size)
                     del mtrainer

@@ -116,7 +116,7 @@ def test_mine_components_negatives_and_hard_positives_vs_brute_force(monkeypatch
     x[20:] = rng.normal(size=(4, 16))  # object 5: no shared direction, likely split or alone
     _hand_verifier(monkeypatch, true)
     mined = sm.mine(x, list(range(24)), [f"im{i}.jpg" for i in range(24)], k=3, min_inliers=10, negatives=4,
-                    workers=2)
+                    workers=2, expand=0, attach_inliers=None, min_size=2)  # the kNN graph alone
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     # components: those of the verified kNN edges, by brute force on the hand graph
     cand = brute_knn(x, 3)
@@ -155,6 +155,170 @@ def test_mine_components_negatives_and_hard_positives_vs_brute_force(monkeypatch
     s = mined.summary()
     assert s["verified_pairs"] == len(ver) and s["components"] == mined.num_classes
     assert sum(k * v for k, v in s["component_sizes"].items()) == s["images_in_components"]
+
+
+# ---------------------------------------------- expansion, attaching, minimum size (brute force)
+
+
+def brute_expansion(x, labels, k, m, exclude=()):
+    """Loops: each component's normalised mean ranks the outside images; each of the top k is
+    paired with its m most similar members (ties by index)."""
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    out = set()
+    for c in sorted(set(int(v) for v in labels if v >= 0)):
+        inside = [i for i in range(len(x)) if labels[i] == c]
+        q = xn[inside].sum(0)
+        q = q / np.linalg.norm(q)
+        outside = sorted((j for j in range(len(x)) if labels[j] != c), key=lambda j: (-float(xn[j] @ q), j))
+        for j in outside[:k]:
+            for i in sorted(inside, key=lambda i: (-float(xn[j] @ xn[i]), i))[:m]:
+                out.add((min(i, j), max(i, j)))
+    ex = {(min(a, b), max(a, b)) for a, b in exclude}
+    return sorted(out - ex)
+
+
+def brute_linked(n, edges, inliers, min_inliers, attach_inliers, attach_min):
+    """Strong components by repeated relabelling, then one attaching pass over them."""
+    def comps(pairs):
+        lab = list(range(n))
+        changed = True
+        while changed:
+            changed = False
+            for i, j in pairs:
+                lo = min(lab[i], lab[j])
+                if lab[i] != lo or lab[j] != lo:
+                    lab[i] = lab[j] = lo
+                    changed = True
+        return lab
+
+    strong = [tuple(e) for e, m in zip(edges, inliers) if m >= min_inliers]
+    comp = comps(strong)
+    links = list(strong)
+    if attach_inliers is not None and attach_inliers < min_inliers:
+        for j in range(n):
+            for c in set(comp):
+                if c == comp[j]:
+                    continue
+                partners = [b if a == j else a for (a, b), m in zip(edges, inliers)
+                            if attach_inliers <= m < min_inliers and j in (a, b) and comp[b if a == j else a] == c]
+                if len(partners) >= attach_min:
+                    links += [(j, p) for p in partners]
+    return comps(links)
+
+
+def same_partition(a, b):
+    n = len(a)
+    return all((a[i] == a[j]) == (b[i] == b[j]) for i in range(n) for j in range(n))
+
+
+@pytest.mark.parametrize("k,m", [(1, 1), (3, 2), (5, 10)])
+def test_expansion_pairs_match_brute_force(k, m):
+    rng = np.random.default_rng(k * 10 + m)
+    x = rng.normal(size=(30, 6))
+    x[25:] = x[:5]  # exact duplicates: tied similarities go to the lower index
+    labels = rng.integers(-1, 4, 30)
+    got = sm.expansion_pairs(x, labels, k, m)
+    assert [tuple(p) for p in got.tolist()] == brute_expansion(x, labels, k, m)
+    exclude = got[::2][:, ::-1]  # any order
+    got2 = sm.expansion_pairs(x, labels, k, m, exclude=exclude)
+    assert [tuple(p) for p in got2.tolist()] == brute_expansion(x, labels, k, m, exclude.tolist())
+    assert sm.expansion_pairs(x, np.full(30, -1), k, m).shape == (0, 2)
+    with pytest.raises(ValueError, match="labels must be"):
+        sm.expansion_pairs(x, labels[:5], k, m)
+    with pytest.raises(ValueError, match="members must be an integer >= 1"):
+        sm.expansion_pairs(x, labels, k, 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("attach_inliers,attach_min", [(None, 2), (8, 1), (8, 2), (8, 3), (20, 2)])
+def test_linked_components_match_brute_force(seed, attach_inliers, attach_min):
+    rng = np.random.default_rng(seed)
+    n = 18
+    pairs = sorted({(int(a), int(b)) for a, b in rng.integers(0, n, (40, 2)) if a < b})
+    inl = rng.choice([3, 9, 12, 30], size=len(pairs))  # 15: strong; 9, 12: weak at 8
+    got = sm.linked_components(n, pairs, inl, 15, attach_inliers, attach_min)
+    want = brute_linked(n, pairs, inl.tolist(), 15, attach_inliers, attach_min)
+    assert same_partition(got.tolist(), want)
+    if attach_inliers is None or attach_inliers >= 15:
+        assert same_partition(got.tolist(), sm.components_of(n, np.asarray(pairs)[inl >= 15]).tolist())
+    with pytest.raises(ValueError, match="inlier counts"):
+        sm.linked_components(n, pairs, inl[:-1])
+
+
+def test_attach_needs_several_members():
+    # component {0,1,2} (strong), image 3 matches 0 and 1 weakly, image 4 matches only 2 weakly
+    edges = [(0, 1), (1, 2), (0, 3), (1, 3), (2, 4)]
+    inl = [40, 40, 10, 11, 14]
+    lab = sm.linked_components(5, edges, inl, 15, 10, 2)
+    assert lab[3] == lab[0] and lab[4] != lab[0]
+    lab1 = sm.linked_components(5, edges, inl, 15, 10, 1)
+    assert lab1[4] == lab1[0]
+    assert len(set(sm.linked_components(5, edges, inl, 15, None, 2).tolist())) == 3
+
+
+def test_mine_expansion_min_size_and_negatives_vs_brute_force(monkeypatch):
+    """The whole pipeline against a loop re-implementation on a hand verifier: each object's
+    views form two tight groups that are not each other's k nearest neighbours, so the kNN graph
+    splits them; one expansion round proposes the other group through the component's mean."""
+    rng = np.random.default_rng(3)
+    n_obj, per = 4, 6
+    true = np.repeat(np.arange(n_obj), per)
+    centre = rng.normal(size=(n_obj, 24))
+    side = rng.normal(size=(n_obj, 2, 24))
+    g = np.tile(np.repeat([0, 1], per // 2), n_obj)
+    x = centre[true] + 1.2 * side[true, g] + 0.15 * rng.normal(size=(n_obj * per, 24))
+    n = len(x)
+    calls = []
+
+    def fake(f1, f2, settings):
+        i, j = f1, f2
+        calls.append((min(i, j), max(i, j)))
+        if true[i] != true[j]:
+            return 3
+        return 50 if g[i] == g[j] else 11  # across the two groups of an object: weak matches only
+
+    monkeypatch.setattr(sm, "_verify_one", fake)
+    kw = dict(k=2, min_inliers=15, negatives=3, workers=1)
+    base = sm.mine(x, list(range(n)), expand=0, attach_inliers=None, **kw)
+    calls.clear()
+    grown = sm.mine(x, list(range(n)), expand=2, attach_inliers=10, attach_min=2, attach_members=3, **kw)
+    assert len(calls) == len(set(calls))  # a pair proposed twice is verified once per run
+    # brute-force reference of the same steps
+    edges = brute_knn(x, 2)
+    inl = [fake(i, j, None) for i, j in edges]
+    for _ in range(2):
+        comp = brute_linked(n, edges, inl, 15, 10, 2)
+        sizes = {c: comp.count(c) for c in comp}
+        lab = np.array([c if sizes[c] >= 2 else -1 for c in comp])
+        new = brute_expansion(x, lab, 2, 3, edges)
+        if not new:
+            break
+        edges = sorted(edges + new)
+        inl = [fake(i, j, None) for i, j in edges]
+    assert [tuple(e) for e in grown.edges.tolist()] == edges
+    np.testing.assert_array_equal(grown.inliers, inl)
+    comp = brute_linked(n, edges, inl, 15, 10, 2)
+    assert same_partition([c if comp.count(c) >= 2 else -1 - i for i, c in enumerate(comp)],
+                          [c if c >= 0 else -1 - i for i, c in enumerate(grown.labels.tolist())])
+    # pure, and less fragmented than the kNN graph alone
+    for c in grown.components:
+        assert len(set(true[c])) == 1
+    assert grown.num_classes < base.num_classes
+    # negatives: never a weakly verified partner, never the own component
+    partners = {(i, j) for (i, j), m in zip(edges, inl) if m >= 10}
+    for q in np.flatnonzero(grown.labels >= 0).tolist():
+        for j in grown.negatives[q].tolist():
+            if j >= 0:
+                assert grown.labels[j] != grown.labels[q] and (min(q, j), max(q, j)) not in partners
+    # minimum size: smaller components are unlabelled, the rest keep their members
+    big = sm.mine(x, list(range(n)), expand=2, attach_inliers=10, attach_min=2, attach_members=3, min_size=per + 1,
+                  **kw)
+    sizes = np.bincount(grown.labels[grown.labels >= 0])
+    keep = sizes[grown.labels] >= per + 1
+    keep[grown.labels < 0] = False
+    np.testing.assert_array_equal(big.labels >= 0, keep)
+    with pytest.raises(ValueError, match="min_size must be an integer >= 2"):
+        sm.mine(x, list(range(n)), min_size=1, **kw)
 
 
 def test_verify_edges_resumes_without_verifying_twice(monkeypatch, tmp_path):
@@ -419,6 +583,13 @@ def test_cli_mine_and_clean_end_to_end(tmp_path, capsys, monkeypatch):
     assert _run(["mine", str(root), "--out", str(out), "--k", "11", *MODEL]) == 0
     assert calls == [] and (out / "verified.jsonl").read_text() == lines
     capsys.readouterr()
+    # component options: an expansion round finds no pair across objects; components under 5 images are left out
+    assert _run(["mine", str(root), "--out", str(out), "--k", "11", "--expand", "1", "--attach-inliers", "10",
+                 "--min-component", "5", *MODEL]) == 0
+    assert "0 components" in capsys.readouterr().out
+    rep = json.loads((out / "mined.json").read_text())
+    assert rep["min_size"] == 5 and rep["expand"] == 1 and rep["images_in_components"] == 0
+    assert (out / "classes.csv").read_text() == "path,label\n"
     # clean: a CSV with one wrong label
     files = sorted(str(p) for p in root.rglob("*.jpg"))
     labels = [Path(p).parent.name for p in files]
@@ -447,6 +618,8 @@ def test_cli_errors(tmp_path, capsys):
     # main() prints the one-line error and returns non-zero
     assert _run(["mine", str(tmp_path), "--out", str(tmp_path / "o"), "--min-inliers", "1", *MODEL]) != 0
     assert "--min-inliers must be at least 2" in capsys.readouterr().err
+    assert _run(["mine", str(tmp_path), "--out", str(tmp_path / "o"), "--min-component", "1", *MODEL]) != 0
+    assert "--min-component must be at least 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _parser().parse_args(["clean", "x.csv", "--out", "o", "--mode", "biggest"])
 

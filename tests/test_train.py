@@ -134,6 +134,15 @@ def test_loss_decreases_on_repeated_batches(data, tmp_path):
     assert losses[-1] < losses[0], losses
 
 
+def test_batches_per_epoch_sets_the_steps(data, tmp_path):
+    # 12 images, batches of 2 classes x 3: 2 steps by default, 5 when asked (images are repeated)
+    for want, over in ((2, {}), (5, {"batches_per_epoch": 5})):
+        cfg = config_dict(data, tmp_path / f"run{want}", epochs=1, loss={"name": "ap"}, data={"augment": False},
+                          mining=over)
+        result = Trainer(config_from_dict(cfg), progress=False).fit()
+        assert result.steps == want
+
+
 # --------------------------------------------------------------------------------- resume
 
 

@@ -31,6 +31,7 @@ def test_round_trip_and_defaults(tmp_path):
     ({"loss": {"name": "focal"}}, "available: contrastive, triplet, ap, arcface, curricularface"),
     ({"model": {"head": "dolgg"}}, "model.head: unknown value 'dolgg'; available: dolg, global"),
     ({"model": {"head_kwargs": [1, 2]}}, "model.head_kwargs: expected a mapping with string keys"),
+    ({"mining": {"batches_per_epoch": 0}}, "mining.batches_per_epoch must be >= 1 or null"),
 ])
 def test_errors_name_the_key_and_the_choices(bad, match):
     with pytest.raises(ValueError, match=match):

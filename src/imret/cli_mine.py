@@ -41,7 +41,19 @@ def _add_local_args(p: argparse.ArgumentParser) -> None:
 def register(subparsers: Any) -> None:
     """Add ``mine`` and ``clean`` to ``imret``'s sub-command parsers."""
     from .cli import _add_model_args
-    from .selfmine import CLEAN_MODES, DEFAULT_ALL_PAIRS_UP_TO, DEFAULT_K, DEFAULT_NEGATIVES, DEFAULT_VOTE_K, DEFAULT_VOTE_SHARE
+    from .selfmine import (
+        CLEAN_MODES,
+        DEFAULT_ALL_PAIRS_UP_TO,
+        DEFAULT_ATTACH_INLIERS,
+        DEFAULT_ATTACH_MEMBERS,
+        DEFAULT_ATTACH_MIN,
+        DEFAULT_EXPAND,
+        DEFAULT_K,
+        DEFAULT_MIN_SIZE,
+        DEFAULT_NEGATIVES,
+        DEFAULT_VOTE_K,
+        DEFAULT_VOTE_SHARE,
+    )
 
     p = subparsers.add_parser("mine", help="pseudo-classes, positive pairs and hard negatives from unlabelled photos "
                                            "(kNN graph + geometric verification)")
@@ -51,6 +63,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--k", type=int, default=DEFAULT_K, help=f"nearest neighbours verified per image (default {DEFAULT_K})")
     p.add_argument("--negatives", type=int, default=DEFAULT_NEGATIVES,
                    help=f"hard negatives per query, at most one per component (default {DEFAULT_NEGATIVES})")
+    g = p.add_argument_group("components (fewer, larger pseudo-classes)")
+    g.add_argument("--min-component", type=int, default=DEFAULT_MIN_SIZE,
+                   help="smallest component made a pseudo-class; smaller ones are left out "
+                        f"(default {DEFAULT_MIN_SIZE})")
+    g.add_argument("--expand", type=int, default=DEFAULT_EXPAND,
+                   help="expansion rounds: each component's mean descriptor proposes --k outside images, each verified "
+                        f"against its --attach-members most similar members (default {DEFAULT_EXPAND})")
+    g.add_argument("--attach-members", type=int, default=DEFAULT_ATTACH_MEMBERS,
+                   help=f"members an expansion candidate is verified against (default {DEFAULT_ATTACH_MEMBERS})")
+    g.add_argument("--attach-inliers", type=int, default=DEFAULT_ATTACH_INLIERS,
+                   help="a weaker bar: an image joins a component when --attach-min of its members verify with it at "
+                        f"this many inliers (default {DEFAULT_ATTACH_INLIERS or 'none: --min-inliers only'})")
+    g.add_argument("--attach-min", type=int, default=DEFAULT_ATTACH_MIN,
+                   help=f"members that must verify at --attach-inliers (default {DEFAULT_ATTACH_MIN})")
     _add_local_args(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_mine)
@@ -184,6 +210,11 @@ def _check_args(args) -> None:
         v = getattr(args, name, None)
         if v is not None and v < (2 if name == "min_inliers" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be at least {2 if name == 'min_inliers' else 1}, got {v}")
+    for name, low in (("min_component", 2), ("expand", 0), ("attach_members", 1), ("attach_min", 1),
+                      ("attach_inliers", 2)):
+        v = getattr(args, name, None)
+        if v is not None and v < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
     if getattr(args, "negatives", 0) < 0:
         raise ValueError(f"--negatives must be >= 0, got {args.negatives}")
     if args.verify_workers is not None and args.verify_workers < 0:
@@ -211,11 +242,15 @@ def cmd_mine(args) -> int:
     _report_failures("no local features for", failures)
     tag = paths_tag(paths, extractor.max_keypoints, extractor.max_side)
     mined = mine(desc, load, paths, k=args.k, min_inliers=args.min_inliers, negatives=args.negatives,
+                 min_size=args.min_component, expand=args.expand, attach_members=args.attach_members,
+                 attach_min=args.attach_min, attach_inliers=args.attach_inliers,
                  workers=_workers(args), checkpoint=out / "verified.jsonl", tag=tag, progress=not args.no_progress)
     n_rows = write_class_csv(out / "classes.csv", mined)
     n_pairs = write_pairs_csv(out / "pairs.csv", mined)
     s = mined.summary()
-    report = {**s, "k": args.k, "negatives": args.negatives, "seconds": round(time.perf_counter() - t0, 1),
+    report = {**s, "k": args.k, "negatives": args.negatives, "min_size": args.min_component,
+              "expand": args.expand, "attach_members": args.attach_members, "attach_min": args.attach_min,
+              "attach_inliers": args.attach_inliers, "seconds": round(time.perf_counter() - t0, 1),
               "classes_csv": "classes.csv", "pairs_csv": "pairs.csv",
               "components_list": [[paths[i] for i in c] for c in mined.components]}
     from .fileio import atomic_write_bytes

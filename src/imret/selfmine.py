@@ -7,7 +7,11 @@ verification, as in Philbin et al., "Object mining using a matching graph", ICVG
 
     descriptors (N, D) -> knn_graph -> candidate edges (i < j, cosine)
     local features     -> verify_edges -> inliers per edge (threads; resumable checkpoint)
-    verified edges (inliers >= min_inliers) -> connected components = pseudo-classes
+    [expand rounds: each component's mean descriptor -> k outside images -> verified against
+     its most similar members (expansion_pairs)]
+    verified edges (inliers >= min_inliers), plus images that verify with >= attach_min members
+    of a component at attach_inliers (linked_components) -> components of >= min_size images
+    = pseudo-classes
     -> positives (verified edges; hard ones: each image's least similar verified neighbour)
     -> hard negatives (most similar images of other components, at most one per component)
 
@@ -56,11 +60,18 @@ __all__ = [
     "DEFAULT_MIN_INLIERS",
     "DEFAULT_NEGATIVES",
     "DEFAULT_ALL_PAIRS_UP_TO",
+    "DEFAULT_MIN_SIZE",
+    "DEFAULT_EXPAND",
+    "DEFAULT_ATTACH_MEMBERS",
+    "DEFAULT_ATTACH_MIN",
+    "DEFAULT_ATTACH_INLIERS",
     "CLEAN_MODES",
     "VERIFY_DEFAULTS",
     "knn_graph",
     "verify_edges",
     "components_of",
+    "expansion_pairs",
+    "linked_components",
     "MinedData",
     "mine",
     "write_class_csv",
@@ -83,6 +94,21 @@ DEFAULT_K = 10
 # re-ranking (10: unrelated rParis6k-mini facades reached at most 9 one-to-one inliers).
 DEFAULT_MIN_INLIERS = 15
 DEFAULT_NEGATIVES = 5  # per query, at most one per component (cirtorch's default)
+# Fragmented components (see BENCHMARKS.md, fine-tuning on mined labels): a landmark whose views
+# verify only in chains splits into several components, which then serve as each other's
+# negatives. Three remedies, each an option of mine():
+# * expansion rounds: each component's mean descriptor (average query expansion over its
+#   members) proposes the DEFAULT_K images outside it that are most similar to it, and each is
+#   verified against its DEFAULT_ATTACH_MEMBERS most similar members;
+# * attaching on several weaker matches: an image joins a component when at least
+#   DEFAULT_ATTACH_MIN of its members verify with it at DEFAULT_ATTACH_INLIERS (a lower bar than
+#   min_inliers; one weak match is not enough, two independent ones rarely happen by chance);
+# * a minimum component size: smaller components are left unlabelled, not made classes.
+DEFAULT_MIN_SIZE = 2
+DEFAULT_EXPAND = 0
+DEFAULT_ATTACH_MEMBERS = 3
+DEFAULT_ATTACH_MIN = 2
+DEFAULT_ATTACH_INLIERS = None  # None: min_inliers (no weaker bar)
 # Cleaning verifies every pair of a label up to this size (30 images: 435 pairs), and only
 # each image's k nearest neighbours within the label above it.
 DEFAULT_ALL_PAIRS_UP_TO = 30
@@ -452,6 +478,115 @@ def components_of(n: int, edges: Any) -> np.ndarray:
     return ids.reshape(-1).astype(np.int64)
 
 
+def expansion_pairs(
+    descriptors: Any,
+    labels: Any,
+    k: int = DEFAULT_K,
+    members: int = DEFAULT_ATTACH_MEMBERS,
+    *,
+    exclude: Any = None,
+) -> np.ndarray:
+    """Candidate pairs of one expansion round: the images that components should be verified with next.
+
+    For each component ``c`` (``labels == c``, ``c >= 0``), its query is the normalised sum of its
+    members' descriptors (average query expansion, Chum et al. ICCV 2007, over the verified
+    component instead of the top of a ranking). The ``k`` images outside ``c`` most similar to
+    it are its candidates (images of other components included, so that components of one object
+    can merge), and each candidate ``j`` is paired with the ``members`` members of ``c`` most
+    similar to ``j``. Ties go to the lower index throughout.
+
+    Args:
+        descriptors: ``(N, D)`` global descriptors.
+        labels: ``(N,)`` integer component per image, ``-1`` for images in none.
+        k: outside images per component.
+        members: members of the component each candidate is paired with.
+        exclude: ``(E, 2)`` pairs not to return (e.g. those already verified), any order.
+
+    Returns:
+        ``(P, 2)`` int64 pairs ``i < j``, unique, sorted, none of them in ``exclude``.
+    """
+    x = _rows(descriptors, "descriptors")
+    n = x.shape[0]
+    lab = np.asarray(labels)
+    if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer):
+        raise ValueError(f"labels must be ({n},) integers (one per descriptor row), got {lab.dtype} {lab.shape}")
+    k = _int_at_least(k, "k", 1)
+    members = _int_at_least(members, "members", 1)
+    out = []
+    for c in np.unique(lab[lab >= 0]).tolist():
+        inside = np.flatnonzero(lab == c)
+        outside = np.flatnonzero(lab != c)
+        if outside.size == 0:
+            continue
+        q = x[inside].sum(0)
+        q /= max(float(np.linalg.norm(q)), 1e-12)
+        s_out = x[outside] @ q
+        cand = outside[np.lexsort((outside, -s_out))[:k]]
+        sim = x[cand] @ x[inside].T  # (candidates, members)
+        m = min(members, inside.size)
+        for r, j in enumerate(cand.tolist()):
+            best = inside[np.lexsort((inside, -sim[r]))[:m]]
+            out.append(np.stack([np.minimum(best, j), np.maximum(best, j)], axis=1))
+    if not out:
+        return np.zeros((0, 2), np.int64)
+    pairs = np.unique(np.concatenate(out), axis=0).astype(np.int64)
+    if exclude is not None:
+        ex = _edges_array(exclude)
+        if ex.size:
+            ex = np.stack([ex.min(1), ex.max(1)], axis=1)
+            known = set(map(tuple, ex.tolist()))
+            pairs = pairs[[tuple(p) not in known for p in pairs.tolist()]].reshape(-1, 2)
+    return pairs
+
+
+def linked_components(
+    n: int,
+    edges: Any,
+    inliers: Any,
+    min_inliers: int = DEFAULT_MIN_INLIERS,
+    attach_inliers: int | None = DEFAULT_ATTACH_INLIERS,
+    attach_min: int = DEFAULT_ATTACH_MIN,
+) -> np.ndarray:
+    """Components of verified pairs, with images attached on several weaker matches.
+
+    First the connected components of the pairs with ``>= min_inliers`` inliers. Then, in one
+    pass over those components, an image joins a component ``C`` it is not in when at least
+    ``attach_min`` members of ``C`` verify with it at ``>= attach_inliers`` (a lower bar):
+    its pairs with them become links, which also merges the image's own component into ``C``.
+    ``attach_inliers=None`` (or ``>= min_inliers``) adds nothing.
+
+    Args:
+        n: number of images; ``edges``: ``(E, 2)`` verified pairs; ``inliers``: ``(E,)`` their counts.
+
+    Returns:
+        ``(n,)`` int64 component per image (as :func:`components_of`: numbered by smallest image).
+    """
+    e = _edges_array(edges)
+    m = np.asarray(inliers).reshape(-1)
+    if m.shape[0] != e.shape[0]:
+        raise ValueError(f"{e.shape[0]} edges but {m.shape[0]} inlier counts")
+    min_inliers = _int_at_least(min_inliers, "min_inliers", 2)
+    attach_min = _int_at_least(attach_min, "attach_min", 1)
+    strong = m >= min_inliers
+    comp = components_of(n, e[strong])
+    if attach_inliers is None or attach_inliers >= min_inliers:
+        return comp
+    attach_inliers = _int_at_least(attach_inliers, "attach_inliers", 2)
+    weak = e[(m >= attach_inliers) & ~strong]
+    # each weak pair, seen from both ends: (image, the component of its partner, the pair)
+    img = np.concatenate([weak[:, 0], weak[:, 1]])
+    other = np.concatenate([weak[:, 1], weak[:, 0]])
+    cross = comp[img] != comp[other]
+    img, other = img[cross], other[cross]
+    links = [e[strong]]
+    if img.size:
+        key = np.stack([img, comp[other]], axis=1)
+        uniq, inv, counts = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+        ok = counts[inv.reshape(-1)] >= attach_min
+        links.append(np.stack([img[ok], other[ok]], axis=1))
+    return components_of(n, np.concatenate(links))
+
+
 @dataclass
 class MinedData:
     """What :func:`mine` found.
@@ -463,7 +598,8 @@ class MinedData:
         inliers: ``(E,)`` int32 verified inliers of each candidate pair.
         min_inliers: the inlier count that makes a pair verified.
         labels: ``(N,)`` int64 pseudo-class per image: its component of the verified graph,
-            ``0..C-1`` in order of the smallest image; ``-1`` for images verified with no other.
+            ``0..C-1`` in order of the smallest image; ``-1`` for images in no component of at
+            least ``min_size`` images.
         negatives: ``(N, K)`` int64 hard negatives per image, most similar first, ``-1``
             padding (all ``-1`` for unlabelled images).
     """
@@ -534,14 +670,19 @@ class MinedData:
         }
 
 
-def _labels_from_verified(n: int, pairs: np.ndarray) -> np.ndarray:
-    comp = components_of(n, pairs)
+def _labels_from_components(comp: np.ndarray, min_size: int = 2) -> np.ndarray:
+    """Pseudo-classes ``0..C-1`` (by smallest image) of the components of at least ``min_size``
+    images; ``-1`` elsewhere."""
     sizes = np.bincount(comp, minlength=1)
-    big = sizes[comp] >= 2
-    labels = np.full(n, -1, np.int64)
+    labels = np.full(comp.size, -1, np.int64)
+    big = sizes[comp] >= min_size
     if big.any():
         _, labels[big] = np.unique(comp[big], return_inverse=True)
     return labels
+
+
+def _labels_from_verified(n: int, pairs: np.ndarray, min_size: int = 2) -> np.ndarray:
+    return _labels_from_components(components_of(n, pairs), min_size)
 
 
 def mine(
@@ -552,6 +693,11 @@ def mine(
     k: int = DEFAULT_K,
     min_inliers: int = DEFAULT_MIN_INLIERS,
     negatives: int = DEFAULT_NEGATIVES,
+    min_size: int = DEFAULT_MIN_SIZE,
+    expand: int = DEFAULT_EXPAND,
+    attach_members: int = DEFAULT_ATTACH_MEMBERS,
+    attach_min: int = DEFAULT_ATTACH_MIN,
+    attach_inliers: int | None = DEFAULT_ATTACH_INLIERS,
     workers: int | None = None,
     checkpoint: str | os.PathLike | None = None,
     tag: str = "",
@@ -561,17 +707,25 @@ def mine(
     """Mine pseudo-classes, positive pairs and hard negatives from unlabelled images.
 
     Steps: :func:`knn_graph` (``k`` neighbours by cosine), :func:`verify_edges` (the
-    candidates, in ``workers`` threads, resumable through ``checkpoint``), connected components
-    of the edges with at least ``min_inliers`` inliers (pseudo-classes), and for each image in a
-    component the ``negatives`` most similar images of other components, at most one per
-    component (:func:`imret.mining.mine_hard_negatives`; unlabelled images count as components
-    of their own), so a negative is never verified with its query.
+    candidates, in ``workers`` threads, resumable through ``checkpoint``), then ``expand``
+    rounds of :func:`expansion_pairs` (each component's mean descriptor proposes ``k`` outside
+    images, each verified against its ``attach_members`` most similar members), components by
+    :func:`linked_components` (pairs with at least ``min_inliers`` inliers, plus images that
+    verify with at least ``attach_min`` members of a component at ``attach_inliers``), the
+    components of at least ``min_size`` images as pseudo-classes, and for each image in one the
+    ``negatives`` most similar images of other components, at most one per component
+    (:func:`imret.mining.mine_hard_negatives`; unlabelled images count as components of their
+    own), never an image verified with the query (at ``min(attach_inliers, min_inliers)``).
 
     Args:
         descriptors: ``(N, D)`` global descriptors, row ``i`` for image ``i``.
         features_of: local features of image ``i`` (see :func:`verify_edges`).
         paths: the ``N`` image paths, kept in the result for the writers.
         k, min_inliers, negatives: see the module defaults (10, 15, 5) and why.
+        min_size: smallest component made a pseudo-class (>= 2); smaller ones are unlabelled.
+        expand: expansion rounds (0: the kNN graph only); a round that proposes no new pair ends them.
+        attach_members, attach_min, attach_inliers: see :func:`expansion_pairs` and
+            :func:`linked_components` (``attach_inliers=None``: no weaker bar).
         verify_kw: verification options, see :data:`VERIFY_DEFAULTS`.
 
     Returns:
@@ -585,18 +739,44 @@ def mine(
             raise ValueError(f"{len(paths)} paths for {n} descriptors")
     min_inliers = _int_at_least(min_inliers, "min_inliers", 2)
     negatives = _int_at_least(negatives, "negatives", 0)
-    edges, sim = knn_graph(x, k)
-    inl = verify_edges(edges, features_of, workers=workers, checkpoint=checkpoint, tag=tag, progress=progress,
-                       **verify_kw)
-    labels = _labels_from_verified(n, edges[inl >= min_inliers])
+    min_size = _int_at_least(min_size, "min_size", 2)
+    expand = _int_at_least(expand, "expand", 0)
+    attach_members = _int_at_least(attach_members, "attach_members", 1)
+    attach_min = _int_at_least(attach_min, "attach_min", 1)
+    if attach_inliers is not None:
+        attach_inliers = _int_at_least(attach_inliers, "attach_inliers", 2)
+    edges, _ = knn_graph(x, k)
+    vkw = dict(workers=workers, checkpoint=checkpoint, tag=tag, progress=progress, **verify_kw)
+    inl = verify_edges(edges, features_of, **vkw)
+
+    def link(e: np.ndarray, m: np.ndarray) -> np.ndarray:
+        return linked_components(n, e, m, min_inliers, attach_inliers, attach_min)
+
+    for _ in range(expand):
+        new = expansion_pairs(x, _labels_from_components(link(edges, inl)), k, attach_members, exclude=edges)
+        if new.shape[0] == 0:
+            break
+        edges = np.concatenate([edges, new])
+        inl = np.concatenate([np.asarray(inl), verify_edges(new, features_of, **vkw)])
+        order = np.lexsort((edges[:, 1], edges[:, 0]))
+        edges, inl = edges[order], inl[order]
+    sim = np.einsum("ij,ij->i", x[edges[:, 0]], x[edges[:, 1]]).astype(np.float32)
+    labels = _labels_from_components(link(edges, inl), min_size)
     neg = np.full((n, negatives), -1, np.int64)
     queries = np.flatnonzero(labels >= 0)
     if negatives and queries.size:
         from .mining import mine_hard_negatives
 
         own = np.where(labels >= 0, labels, labels.max() + 1 + np.arange(n))  # singletons: their own group
-        neg[queries] = mine_hard_negatives(x[queries], x, own[queries], own, k=negatives)
-    return MinedData(paths, edges, sim, inl, min_inliers, labels, neg)
+        bar = min_inliers if attach_inliers is None else min(min_inliers, attach_inliers)
+        matched = edges[np.asarray(inl) >= bar]
+        partners: list[set[int]] = [set() for _ in range(n)]
+        for i, j in matched.tolist():
+            partners[i].add(j)
+            partners[j].add(i)
+        neg[queries] = mine_hard_negatives(x[queries], x, own[queries], own, k=negatives,
+                                           exclude=[partners[q] for q in queries.tolist()])
+    return MinedData(paths, edges, sim, np.asarray(inl), min_inliers, labels, neg)
 
 
 # ----------------------------------------------------------------------------- writers

@@ -86,6 +86,7 @@ class MiningConfig:
     negatives: int = 5  # hard negatives per query, at most one per class
     classes_per_batch: int = 16  # class-balanced batches (ap / arcface / curricularface / in-batch mining), per process
     per_class: int = 4  # images per class in a batch
+    batches_per_epoch: int | None = None  # class-balanced batches per epoch (all processes); null: images // batch
 
 
 @dataclass
@@ -146,6 +147,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        if self.mining.batches_per_epoch is not None and self.mining.batches_per_epoch < 1:
+            raise ValueError(f"mining.batches_per_epoch must be >= 1 or null, got {self.mining.batches_per_epoch}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ValueError(f"max_steps_per_epoch must be >= 1 or null, got {self.max_steps_per_epoch}")
         if self.optim.lr <= 0:

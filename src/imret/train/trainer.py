@@ -420,7 +420,8 @@ class Trainer:
             w = self.dist.world_size
             try:
                 self.class_sampler = ClassBalancedBatchSampler(
-                    self.images.labels, cfg.mining.classes_per_batch * w, cfg.mining.per_class, seed=cfg.seed
+                    self.images.labels, cfg.mining.classes_per_batch * w, cfg.mining.per_class, seed=cfg.seed,
+                    num_batches=cfg.mining.batches_per_epoch,
                 )
             except ValueError as e:
                 raise ValueError(f"class-balanced batches of mining.classes_per_batch={cfg.mining.classes_per_batch} "
