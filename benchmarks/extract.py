@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED, cpu_name, machine_line, publish  # noqa: E402
+from parity import no_cuda  # noqa: E402  (the peers' .cuda() on a GPU-less machine)
 
 import imret  # noqa: E402
 from imret.compiled import inductor_cache_dir  # noqa: E402
@@ -107,18 +108,6 @@ def network_flops(model, paths, image_size: int, scales, mode: str) -> float:
                 cache[key] = fc.get_total_flops()
             total += cache[key]
     return float(total)
-
-
-@contextlib.contextmanager
-def no_cuda():
-    """``Tensor.cuda`` / ``Module.cuda`` return the object itself (the peers hard-code ``.cuda()``)."""
-    saved = torch.Tensor.cuda, torch.nn.Module.cuda
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    torch.nn.Module.cuda = lambda self, *a, **k: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda, torch.nn.Module.cuda = saved
 
 
 def cirtorch_net(src: Path):
