@@ -345,7 +345,7 @@ def main(argv=None) -> int:
         "% of its peak: against the matrix-product peak of the row's precision. *cos min*: the smallest cosine "
         "over the images to imret's eager fp32 descriptors of the same network (cirtorch's own: the same "
         "weights, imported; dirtorch runs its own `resnet50_rmac`, so no cosine). *Compiled*: `compile='on'` "
-        "(`imret extract --compile on`; `auto` compiles from 200 images): `torch.compile` with freezing, "
+        "(`imret extract --compile on`; `auto` compiles long runs: see `imret.compiled`): `torch.compile` with freezing, "
         f"dynamic shapes: one graph for all sizes and scales, compiled in {', '.join(f'{k} {v:.0f} s' for k, v in compile_s.items())} "
         f"(wall, shared machine; inductor's disk cache: `{inductor_cache_dir()}`).",
         "",

@@ -97,7 +97,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="fp32, or bf16/fp16 autocast where the hardware has it")
     e.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="run the network as a torch.compile graph with frozen weights: on, off, or auto (default: on "
-                        "the CPU for 200 images or more; compiling costs about a minute once per process, less with "
+                        "the CPU for runs of 200 images or more whose first images, timed eagerly, predict 10 minutes "
+                        "or more of eager work; compiling costs about a minute once per process, less with "
                         "inductor's disk cache warm; a failure falls back to eager mode with a warning)")
     e.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
