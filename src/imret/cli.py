@@ -912,7 +912,7 @@ def _index_distributed(args, open_writer, out: str, *, build: bool) -> int:
     import torch
 
     from .index.distributed import RankStopped, index_distributed, rank_device
-    from .train.distributed import cleanup, init_distributed
+    from .train.distributed import barrier, cleanup, init_distributed
 
     info = init_distributed(os.environ, "cpu")  # gloo: what travels are paths and CPU rows
     if not info.is_main:  # rank 0 speaks for the run (the others' warnings repeat its own)
@@ -926,6 +926,9 @@ def _index_distributed(args, open_writer, out: str, *, build: bool) -> int:
         run = index_distributed(info, lambda: open_writer(args, device), commit_every=args.commit_every,
                                 device=device, progress=info.is_main and not args.no_progress,
                                 **_runtime_kwargs(args))
+        # every rank leaves the group together: a rank tearing down gloo while another still
+        # closes its connections can abort the other one (seen once under load: SIGABRT at exit)
+        barrier()
     except RankStopped:
         return 1  # rank 0 prints the reason
     finally:
