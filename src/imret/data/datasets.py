@@ -238,23 +238,22 @@ def load_csv_dataset(
     paths: list[str] = []
     names: list[str] = []
     for layout, cells, where in layout_rows(csv_path, _CSV_LAYOUTS, example="path,label"):
-        row = list(cells.values())
         if layout == "gldv2":
             image_id, label = cells["id"].strip(), cells["landmark_id"].strip()
             if not image_id or not label:
-                raise ValueError(f"{where}: empty id or landmark_id in {row!r}")
+                raise ValueError(f"{where}: empty id or landmark_id in {list(cells.values())!r}")
             paths.append(_gld(root, image_id, extension, where))
             names.append(label)
         elif layout == "gldv2_clean":
             label, ids = cells["landmark_id"].strip(), cells["images"].split()
             if not label or not ids:
-                raise ValueError(f"{where}: empty landmark_id or images in {row!r}")
+                raise ValueError(f"{where}: empty landmark_id or images in {list(cells.values())!r}")
             paths.extend(_gld(root, i, extension, where) for i in ids)
             names.extend([label] * len(ids))
         else:
             p, label = cells["path"].strip(), cells["label"].strip()
             if not p or not label:
-                raise ValueError(f"{where}: empty path or label in {row!r}")
+                raise ValueError(f"{where}: empty path or label in {list(cells.values())!r}")
             paths.append(p if os.path.isabs(p) else os.path.join(root, p))
             names.append(label)
     if not paths:
