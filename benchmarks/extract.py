@@ -172,9 +172,15 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--workers", type=int, default=2, help="imret's decoding threads (default 2)")
+    ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                    help="glibc allocator: tuned by imret.malloc.tune_malloc as the imret command does at start "
+                         "(default; it applies to every row, the peers' included), or glibc's defaults")
     ap.add_argument("--write", action="store_true", help="put the section into BENCHMARKS.md")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    from imret.malloc import tune_malloc
+
+    allocator = tune_malloc().describe() if args.malloc == "tuned" else "glibc malloc defaults"
     torch.set_num_threads(args.threads)
     paths = sorted(str(p) for p in args.images.glob("*.jpg"))[: args.n]
     if len(paths) < args.n:
@@ -325,12 +331,14 @@ def main(argv=None) -> int:
                           for k in peak)
     text = "\n".join([
         BEGIN,
-        f"## Extraction speed: `benchmarks/extract.py` ({datetime.date(2026, 12, 7)})",
+        f"## Extraction speed: `benchmarks/extract.py` ({datetime.date.today()})",
         "",
         f"Command: `python benchmarks/extract.py --cirtorch PEERS/cnnimageretrieval-pytorch --dirtorch "
-        f"PEERS/deep-image-retrieval --n {n} --write`. Machine: {cpu_name()} (lscpu), "
+        f"PEERS/deep-image-retrieval --n {n}{'' if args.malloc == 'tuned' else ' --malloc default'} --write`. "
+        f"Machine: {cpu_name()} (lscpu), "
         f"{'AMX' if amx else 'no AMX (amx_bf16 absent from the CPU flags)'}; {machine_line()}; "
-        f"{args.threads} torch threads, {args.workers} decoding threads. **The machine is shared** with other "
+        f"{args.threads} torch threads, {args.workers} decoding threads; allocator for every row: {allocator} "
+        "(`imret.malloc`, what the `imret` command sets at start). **The machine is shared** with other "
         f"jobs: load average {load0[0]:.1f} at the start and {load1[0]:.1f} at the end of this {total_s / 60:.0f}-minute "
         "run; the *CPU share* column is the CPU time this process (and its children) got over the wall time of "
         "all cores, so rows that got less than the others are slowed by the neighbours, not by their code.",
@@ -368,7 +376,7 @@ def main(argv=None) -> int:
     ])
     publish(text, BEGIN, END, write=args.write, json_path=args.json,
             data={"peaks": peaks, "rows": rows, "bars": bars, "decode": decode_overlap, "compile_s": compile_s,
-                  "load": [load0, load1], "amx": amx})
+                  "load": [load0, load1], "amx": amx, "allocator": allocator})
     return 0
 
 

@@ -1918,6 +1918,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     stdout's reader stops early (``| head``), imret stops quietly with :data:`EXIT_BROKEN_PIPE`.
     """
     args = None
+    if os.environ.get("IMRET_MALLOC_TUNING", "1") != "0":  # keep freed feature maps for reuse (imret.malloc)
+        from .malloc import tune_malloc
+
+        tune_malloc()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)  # may print --help and exit: inside, for a broken pipe
