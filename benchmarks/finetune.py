@@ -390,8 +390,8 @@ def render(res: dict) -> str:
             str(fr["fold"]) in tr["folds"] for fr in folds) else False
         lines.append(
             f"- The true-label rows are the published run ({tr.get('command', '?')}, {tr.get('date', '?')}; same "
-            "folds, code path, seeds and settings), not rerun here: the shared 2-core machine was too loaded to "
-            "train four networks before the deadline. This run's untuned rows "
+            "folds, code path, seeds and settings), not rerun in this run (`--labels mined --true-from`). This "
+            "run's untuned rows "
             + ("equal the published untuned rows to 0.01 mAP, so the evaluation is the same." if same else
                "differ from the published untuned rows (" + "; ".join(
                    f"fold {k}: {_emh(v['untuned'])}" for k, v in tr["folds"].items()) + "): compare with care."))
