@@ -38,8 +38,8 @@ cross-validation, so that every query is tested by a network that never saw its 
    around everything the mined run does).
 
     .venv/bin/python benchmarks/finetune.py [--folds 2] [--epochs 8] [--lr 1e-5] [--labels both] [--write]
-    .venv/bin/python benchmarks/finetune.py --labels mined --mined-every 0 --mine expand=2 --mine attach_inliers=10 \
-        --mine min_size=4
+    .venv/bin/python benchmarks/finetune.py --labels both --every 8 --mined-every 0 --mine k=30 --mine min_inliers=10 \
+        --mine expand=5 --mine attach_members=5 --mine min_size=8   # the settings benchmarks/mine_sweep.py chose
     .venv/bin/python benchmarks/finetune.py --render runs/finetune/results.json [--write]
 """
 
