@@ -174,7 +174,8 @@ def parse_mine_settings(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--mine takes KEY=VALUE, got {item!r}")
-        out[key.strip()] = None if value.strip().lower() == "none" else int(value)
+        v = value.strip()
+        out[key.strip()] = None if v.lower() == "none" else (float(v) if "." in v else int(v))
     mine_settings(out)  # unknown keys are an error now, not after the untuned extraction
     return out
 
@@ -186,7 +187,7 @@ def mine_settings(overrides: dict | None = None) -> dict:
     from imret.selfmine import mine
 
     params = inspect.signature(mine).parameters
-    keys = ("k", "min_inliers", "min_size", "expand", "attach_members", "attach_min", "attach_inliers")
+    keys = ("k", "min_inliers", "min_size", "expand", "attach_members", "attach_min", "attach_inliers", "attach_votes")
     out = {key: params[key].default for key in keys}
     unknown = sorted(set(overrides or {}) - set(keys))
     if unknown:
@@ -351,6 +352,9 @@ def mine_line(folds: list[dict]) -> str:
         words.append(f"an image joins a component when >= {st['attach_min']} of its members verify with it at "
                      f">= {st['attach_inliers']} inliers")
     words.append(f"images in a component of >= {st['min_size']} images kept")
+    if st.get("attach_votes") is not None:
+        words.append(f"then every image left out joins the class holding >= {st['attach_votes']:g} of the cosine "
+                     "similarity of its 10 nearest kept images (descriptor votes, not verified)")
     return "; ".join(words)
 
 

@@ -657,3 +657,50 @@ def test_cli_mine_then_train_on_the_mined_classes(tmp_path, capsys):
     assert [r["epoch"] for r in metrics] == [1, 2] and all(np.isfinite(r["loss"]) for r in metrics)
     ck = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert ck["epoch"] == 2 and ck["global_step"] == 2  # 12 images = one batch of 3 pseudo-classes x 4 per epoch
+
+
+def _vote_reference(x, labels, share, k):
+    """Brute force: every unlabelled image, its k most similar labelled ones by a full sort."""
+    out = labels.copy()
+    voters = [j for j in range(len(labels)) if labels[j] >= 0]
+    for i in range(len(labels)):
+        if labels[i] >= 0:
+            continue
+        ranked = sorted(voters, key=lambda j: (-float(x[i] @ x[j]), j))[:k]
+        w = {}
+        for j in ranked:
+            w[labels[j]] = w.get(labels[j], 0.0) + max(float(x[i] @ x[j]), 0.0)
+        total = sum(w.values())
+        if total > 0:
+            c = max(sorted(w), key=lambda c: w[c])
+            if w[c] >= share * total:
+                out[i] = c
+    return out
+
+
+@pytest.mark.parametrize("share, k", [(0.6, 3), (0.7, 10), (1.0, 5)])
+def test_vote_attach_matches_a_brute_force_vote(share, k):
+    from imret.selfmine import vote_attach
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(3, 16))
+    lab_true = rng.integers(0, 3, 60)
+    x = centres[lab_true] + 0.9 * rng.normal(size=(60, 16))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    labels = np.where(rng.random(60) < 0.5, lab_true, -1).astype(np.int64)
+    got = vote_attach(x, labels, share, k)
+    assert np.array_equal(got, _vote_reference(x, labels, share, k))
+    assert np.array_equal(got[labels >= 0], labels[labels >= 0])
+    attached = (labels < 0) & (got >= 0)
+    assert attached.any() and (got < 0).any() if share < 1.0 else True
+    assert (got[attached] == lab_true[attached]).mean() > 0.8  # the votes follow the true groups
+
+
+def test_vote_attach_refuses_a_share_that_is_not_a_majority():
+    from imret.selfmine import vote_attach
+
+    x = np.eye(3, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"share must be a number in \(0.5, 1\]"):
+        vote_attach(x, np.array([0, -1, 1]), 0.5)
+    with pytest.raises(ValueError, match="labels must be"):
+        vote_attach(x, np.array([0, -1]), 0.7)

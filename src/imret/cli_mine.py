@@ -77,6 +77,9 @@ def register(subparsers: Any) -> None:
                         f"this many inliers (default {DEFAULT_ATTACH_INLIERS or 'none: --min-inliers only'})")
     g.add_argument("--attach-min", type=int, default=DEFAULT_ATTACH_MIN,
                    help=f"members that must verify at --attach-inliers (default {DEFAULT_ATTACH_MIN})")
+    g.add_argument("--attach-votes", type=float, default=None, metavar="SHARE",
+                   help="after the components, an image in none joins the class holding at least this share (0.5-1] "
+                        "of the similarity of its 10 nearest labelled images: more images, less purity (default: off)")
     _add_local_args(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_mine)
@@ -215,6 +218,9 @@ def _check_args(args) -> None:
         v = getattr(args, name, None)
         if v is not None and v < low:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
+    votes = getattr(args, "attach_votes", None)
+    if votes is not None and not 0.5 < votes <= 1.0:
+        raise ValueError(f"--attach-votes must be in (0.5, 1] (a majority of the vote), got {votes}")
     if getattr(args, "negatives", 0) < 0:
         raise ValueError(f"--negatives must be >= 0, got {args.negatives}")
     if args.verify_workers is not None and args.verify_workers < 0:
@@ -243,14 +249,15 @@ def cmd_mine(args) -> int:
     tag = paths_tag(paths, extractor.max_keypoints, extractor.max_side)
     mined = mine(desc, load, paths, k=args.k, min_inliers=args.min_inliers, negatives=args.negatives,
                  min_size=args.min_component, expand=args.expand, attach_members=args.attach_members,
-                 attach_min=args.attach_min, attach_inliers=args.attach_inliers,
+                 attach_min=args.attach_min, attach_inliers=args.attach_inliers, attach_votes=args.attach_votes,
                  workers=_workers(args), checkpoint=out / "verified.jsonl", tag=tag, progress=not args.no_progress)
     n_rows = write_class_csv(out / "classes.csv", mined)
     n_pairs = write_pairs_csv(out / "pairs.csv", mined)
     s = mined.summary()
     report = {**s, "k": args.k, "negatives": args.negatives, "min_size": args.min_component,
               "expand": args.expand, "attach_members": args.attach_members, "attach_min": args.attach_min,
-              "attach_inliers": args.attach_inliers, "seconds": round(time.perf_counter() - t0, 1),
+              "attach_inliers": args.attach_inliers, "attach_votes": args.attach_votes,
+              "seconds": round(time.perf_counter() - t0, 1),
               "classes_csv": "classes.csv", "pairs_csv": "pairs.csv",
               "components_list": [[paths[i] for i in c] for c in mined.components]}
     from .fileio import atomic_write_bytes
