@@ -218,9 +218,10 @@ def _check_args(args) -> None:
         v = getattr(args, name, None)
         if v is not None and v < low:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
-    votes = getattr(args, "attach_votes", None)
-    if votes is not None and not 0.5 < votes <= 1.0:
-        raise ValueError(f"--attach-votes must be in (0.5, 1] (a majority of the vote), got {votes}")
+    if getattr(args, "attach_votes", None) is not None:
+        from .selfmine import check_vote_share
+
+        check_vote_share(args.attach_votes, "--attach-votes")
     if getattr(args, "negatives", 0) < 0:
         raise ValueError(f"--negatives must be >= 0, got {args.negatives}")
     if args.verify_workers is not None and args.verify_workers < 0:

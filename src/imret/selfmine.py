@@ -73,6 +73,7 @@ __all__ = [
     "expansion_pairs",
     "linked_components",
     "vote_attach",
+    "check_vote_share",
     "MinedData",
     "mine",
     "write_class_csv",
@@ -594,13 +595,14 @@ def linked_components(
     return components_of(n, np.concatenate(links))
 
 
-def _check_share(value: Any, name: str) -> float:
+def check_vote_share(value: Any, name: str) -> float:
+    """``value`` as a float when it is a majority share in ``(0.5, 1]``, else ``ValueError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.5 < float(value) <= 1.0:
         raise ValueError(f"{name} must be a number in (0.5, 1] (a majority of the vote), got {value!r}")
     return float(value)
 
 
-def vote_attach(descriptors: Any, labels: Any, share: float, k: int = 10) -> np.ndarray:
+def vote_attach(descriptors: Any, labels: Any, share: float, k: int = DEFAULT_VOTE_K) -> np.ndarray:
     """Labels with unlabelled images attached by descriptor votes.
 
     For each image with label ``-1``, its ``k`` most similar labelled images (cosine; ties to the
@@ -616,23 +618,27 @@ def vote_attach(descriptors: Any, labels: Any, share: float, k: int = 10) -> np.
     lab = np.asarray(labels)
     if lab.shape != (x.shape[0],) or not np.issubdtype(lab.dtype, np.integer):
         raise ValueError(f"labels must be ({x.shape[0]},) integers (one per descriptor row), got {lab.dtype} {lab.shape}")
-    share = _check_share(share, "share")
+    share = check_vote_share(share, "share")
     k = _int_at_least(k, "k", 1)
     out = lab.astype(np.int64).copy()
     voters = np.flatnonzero(lab >= 0)
     todo = np.flatnonzero(lab < 0)
     if voters.size == 0 or todo.size == 0:
         return out
+    kk = min(k, voters.size)
     ncls = int(lab.max()) + 1
-    for lo in range(0, todo.size, 1024):
-        rows = todo[lo:lo + 1024]
+    step = max(1, _CHUNK_ELEMENTS // voters.size)
+    for lo in range(0, todo.size, step):
+        rows = todo[lo:lo + step]
         sim = x[rows] @ x[voters].T
+        nn = _topk_rows(sim, kk)  # the same top-k selection as knn_graph and label_vote_share
+        w = np.clip(np.take_along_axis(sim, nn, 1), 0.0, None).astype(np.float64)
+        votes = lab[voters[nn]]
         for r, i in enumerate(rows.tolist()):
-            top = np.lexsort((voters, -sim[r]))[:k]
-            w = np.bincount(lab[voters[top]], weights=np.maximum(sim[r, top], 0.0), minlength=ncls)
-            total = float(w.sum())
-            c = int(np.argmax(w))
-            if total > 0 and w[c] >= share * total:
+            per_class = np.bincount(votes[r], weights=w[r], minlength=ncls)
+            c = int(np.argmax(per_class))
+            total = float(per_class.sum())
+            if total > 0 and per_class[c] >= share * total:
                 out[i] = c
     return out
 
@@ -800,7 +806,7 @@ def mine(
     if attach_inliers is not None:
         attach_inliers = _int_at_least(attach_inliers, "attach_inliers", 2)
     if attach_votes is not None:
-        attach_votes = _check_share(attach_votes, "attach_votes")
+        attach_votes = check_vote_share(attach_votes, "attach_votes")
     edges, _ = knn_graph(x, k)
     vkw = dict(workers=workers, checkpoint=checkpoint, tag=tag, progress=progress, **verify_kw)
     inl = verify_edges(edges, features_of, **vkw)
