@@ -205,7 +205,6 @@ def mine_fold(fold: dict, gnd: dict, root: Path, db_desc: np.ndarray, model, siz
     ``mine_kw`` (:func:`mine_settings`). Returns the ``(name, pseudo-label)`` rows of images in
     a pseudo-class, and the mining statistics (purity etc. measured against the landmarks
     afterwards)."""
-    from imret.local.sift import SiftExtractor
     from imret.retrieval import Encoder
     from imret.selfmine import mine
 
@@ -222,28 +221,51 @@ def mine_fold(fold: dict, gnd: dict, root: Path, db_desc: np.ndarray, model, siz
     if rest:
         x[rest] = Encoder(model, image_size=size, workers=2).encode(
             [root / f"{names[i]}.jpg" for i in rest], on_error="raise").descriptors
-    sift = SiftExtractor()
-    with ThreadPoolExecutor(2) as pool:
-        feats = list(pool.map(lambda n: sift.encode(str(root / f"{n}.jpg"))[0], names))
+    feats = rootsift_features(names, root)
     mined = mine(x, feats, [str(root / f"{n}.jpg") for n in names], workers=2, **mine_kw)
     labels = mined.labels
-    kept = np.flatnonzero(labels >= 0)
-    comps = mined.components
-    majority = sum(max(sum(truth[i] == lm for i in c) for lm in set(truth[i] for i in c)) for c in comps)
-    pos = mined.positives
-    same = int(sum(truth[i] == truth[j] for i, j in pos))
-    per_landmark = {lm: {"images": truth.count(lm), "kept": int(sum(truth[i] == lm for i in kept)),
-                         "components": int(sum(any(truth[i] == lm for i in c) for c in comps))}
-                    for lm in sorted(set(truth))}
+    ls = label_stats(truth, labels)
+    same = int(sum(truth[i] == truth[j] for i, j in mined.positives))
     s = mined.summary()
-    stats = {"images": len(names), "kept": int(kept.size), "pseudo_classes": mined.num_classes,
-             "component_sizes": sorted((len(c) for c in comps), reverse=True),
-             "purity": round(100 * majority / max(1, kept.size), 2),
+    stats = {"images": len(names), "kept": ls["kept"], "pseudo_classes": mined.num_classes,
+             "component_sizes": ls["sizes"], "purity": ls["purity"],
              "candidate_pairs": s["candidate_pairs"], "verified_pairs": s["verified_pairs"],
-             "verified_same_landmark": same, "per_landmark": per_landmark,
+             "verified_same_landmark": same,
+             "per_landmark": {lm: {"images": v["images"], "kept": v["kept"], "components": v["classes"]}
+                              for lm, v in ls["per_landmark"].items()},
              "seconds": round(time.perf_counter() - t0, 1), "settings": mine_kw,
-             "components": [[names[i] for i in c] for c in comps]}
-    return [(names[i], f"m{int(labels[i]):03d}") for i in kept], stats
+             "components": [[names[i] for i in c] for c in mined.components]}
+    return [(names[i], f"m{int(labels[i]):03d}") for i in np.flatnonzero(labels >= 0)], stats
+
+
+def rootsift_features(names: list[str], root: Path) -> list:
+    """RootSIFT features (library defaults) of the photos ``root/NAME.jpg``, two threads."""
+    from imret.local.sift import SiftExtractor
+
+    sift = SiftExtractor()
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda n: sift.encode(str(root / f"{n}.jpg"))[0], names))
+
+
+def label_stats(truth: list[str], labels: np.ndarray) -> dict:
+    """Pseudo-labels (``-1``: unlabelled) scored against the landmark of each image: images kept,
+    class sizes, purity (share of kept images whose class's majority landmark is their own, %)
+    and per landmark its images, how many are kept and in how many classes."""
+    classes = [np.flatnonzero(labels == c) for c in np.unique(labels[labels >= 0])]
+    kept = int((labels >= 0).sum())
+    majority = sum(max(sum(truth[i] == lm for i in c) for lm in {truth[i] for i in c}) for c in classes)
+    per = {lm: {"images": truth.count(lm),
+                "kept": int(sum(t == lm and lab >= 0 for t, lab in zip(truth, labels))),
+                "classes": int(sum(any(truth[i] == lm for i in c) for c in classes))} for lm in sorted(set(truth))}
+    return {"kept": kept, "images": len(truth), "sizes": sorted((len(c) for c in classes), reverse=True),
+            "purity": round(100 * majority / max(1, kept), 2), "per_landmark": per}
+
+
+def untuned_model(weights: str | Path) -> dict:
+    """The ``model`` section of the benchmark's configuration: ImageNet MobileNetV2 (the shared
+    timm weights at ``weights``) + GeM p=3, no whitening, BatchNorm frozen."""
+    return {"backbone": "mobilenetv2_100.coral", "pool": "gem", "gem_p": 3.0, "pretrained": False,
+            "weights": str(weights), "whitening": None, "freeze_batchnorm": True}
 
 
 def fold_config(base_cfg: dict, fdir: Path, csv_path: Path, run_dir: Path, root: Path, classes: int) -> dict:
@@ -615,8 +637,7 @@ def main(argv=None) -> int:
     base_cfg = {
         "epochs": args.epochs, "batch_size": 1, "multistage": True, "chunk_size": args.chunk, "precision": "fp32",
         "seed": 0, "device": "cpu", "log_every": 1,
-        "model": {"backbone": "mobilenetv2_100.coral", "pool": "gem", "gem_p": 3.0, "pretrained": False,
-                  "weights": str(args.weights), "whitening": None, "freeze_batchnorm": True},
+        "model": untuned_model(args.weights),
         "data": {"kind": "csv", "image_size": args.train_size, "augment": True, "workers": 2},
         "loss": {"name": "ap", "bins": 20, "tie_aware": False, "class_balanced": True},
         "mining": {"strategy": "all", "per_class": args.per_class},
