@@ -28,17 +28,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
+import json
 import pickle
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, SHARED, machine_line, publish  # noqa: E402
-from finetune import WEIGHTS, make_folds, mine_settings  # noqa: E402
+from finetune import (WEIGHTS, label_stats, make_folds, mine_settings, rootsift_features,  # noqa: E402
+                      untuned_model)
 
 BEGIN, END = "<!-- minesweep:begin -->", "<!-- minesweep:end -->"
 
@@ -55,13 +56,13 @@ SETTINGS: list[tuple[str, dict]] = [
     ("k 30, min 10, 5 rounds, 5 members", {"k": 30, "min_inliers": 10, "expand": 5, "attach_members": 5,
                                            "min_size": 4}),
     ("the same, classes >= 8", {"k": 30, "min_inliers": 10, "expand": 5, "attach_members": 5, "min_size": 8}),
-]
+] + [(f"the same, votes {share}", {"k": 30, "min_inliers": 10, "expand": 5, "attach_members": 5, "min_size": 8,
+                                  "attach_votes": share}) for share in (0.6, 0.7, 0.8, 0.9)]
 CEILING_BARS = (10, 12, 15)
 
 
 def fold_features(names: list[str], root: Path, weights: Path, size: int, cache: Path):
     """Untuned MobileNetV2-GeM descriptors (cached as .npy) and RootSIFT features of ``names``."""
-    from imret.local.sift import SiftExtractor
     from imret.retrieval import Encoder
     from imret.selfmine import paths_tag
     from imret.train.config import config_from_dict
@@ -71,18 +72,12 @@ def fold_features(names: list[str], root: Path, weights: Path, size: int, cache:
     if path.is_file():
         x = np.load(path)
     else:
-        cfg = config_from_dict({"model": {"backbone": "mobilenetv2_100.coral", "pool": "gem", "gem_p": 3.0,
-                                          "pretrained": False, "weights": str(weights), "whitening": None,
-                                          "freeze_batchnorm": True},
-                                "data": {"kind": "csv", "csv": "unused.csv"}})
+        cfg = config_from_dict({"model": untuned_model(weights), "data": {"kind": "csv", "csv": "unused.csv"}})
         model = build_model(cfg.model).eval()
         x = Encoder(model, image_size=size, workers=2).encode([root / f"{n}.jpg" for n in names],
                                                               on_error="raise").descriptors
         np.save(path, x)
-    sift = SiftExtractor()
-    with ThreadPoolExecutor(2) as pool:
-        feats = list(pool.map(lambda n: sift.encode(str(root / f"{n}.jpg"))[0], names))
-    return x, feats
+    return x, rootsift_features(names, root)
 
 
 def pair_stats(n: int, truth: list[str], inl: dict[tuple[int, int], int]) -> dict:
@@ -95,22 +90,11 @@ def pair_stats(n: int, truth: list[str], inl: dict[tuple[int, int], int]) -> dic
     for bar in CEILING_BARS:
         comp = components_of(n, np.array([p for p, m in inl.items() if m >= bar], np.int64).reshape(-1, 2))
         sizes = np.bincount(comp)
-        ceiling[bar] = score(truth, np.where(sizes[comp] >= 4, np.unique(comp, return_inverse=True)[1], -1))
+        ceiling[bar] = label_stats(truth, np.where(sizes[comp] >= 4, np.unique(comp, return_inverse=True)[1], -1))
     return {"pairs": len(inl), "same_pairs": int(same.size), "cross_pairs": int(cross.size),
             "cross_max": int(cross.max()) if cross.size else None,
             "same_at": {bar: round(100 * float((same >= bar).mean()), 1) for bar in (8, 10, 12, 15, 20)},
             "ceiling": ceiling}
-
-
-def score(truth: list[str], labels: np.ndarray) -> dict:
-    """Coverage, purity and per-landmark split of pseudo-labels (``-1``: unlabelled)."""
-    classes = [np.flatnonzero(labels == c) for c in np.unique(labels[labels >= 0])]
-    kept = int((labels >= 0).sum())
-    majority = sum(max(sum(truth[i] == lm for i in c) for lm in {truth[i] for i in c}) for c in classes)
-    per = {lm: {"images": truth.count(lm), "kept": int(sum(truth[i] == lm and labels[i] >= 0 for i in range(len(truth)))),
-                "classes": int(sum(any(truth[i] == lm for i in c) for c in classes))} for lm in sorted(set(truth))}
-    return {"kept": kept, "images": len(truth), "sizes": sorted((len(c) for c in classes), reverse=True),
-            "purity": round(100 * majority / max(1, kept), 1), "per_landmark": per}
 
 
 def main(argv=None) -> int:
@@ -125,8 +109,6 @@ def main(argv=None) -> int:
     ap.add_argument("--render", metavar="JSON", help="only rebuild the section from a finished run's --json file")
     args = ap.parse_args(argv)
     if args.render:
-        import json
-
         res = json.loads(Path(args.render).read_text())
         publish(render(res, res.get("argv", [])), BEGIN, END, write=args.write)
         return 0
@@ -159,16 +141,25 @@ def main(argv=None) -> int:
         tag = paths_tag(paths, "mine_sweep", args.size)
         ckpt = cache / f"fold{fold['fold']}-{tag}.jsonl"
         pairs = np.array(list(itertools.combinations(range(len(names)), 2)), np.int64)
+        # the seconds of the run that verified the pairs, kept beside its checkpoint: a later run reads
+        # the pairs from the checkpoint and reports that run's time, not its own near-zero one
+        timing = ckpt.with_suffix(".timing.json")
+        earlier = json.loads(timing.read_text()) if timing.is_file() else None
+        resumed = ckpt.is_file() and earlier is None
         t0 = time.perf_counter()
         inl = verify_edges(pairs, feats, workers=2, checkpoint=ckpt, tag=tag, progress=True)
         t_all = time.perf_counter() - t0
+        if earlier is None:
+            earlier = {"seconds": round(t_all, 1), "date": res["date"], "resumed": resumed}
+            timing.write_text(json.dumps(earlier))
         fr = {"fold": fold["fold"], "landmarks": fold["train_landmarks"], "features_s": round(t_feat, 1),
-              "all_pairs_s": round(t_all, 1),
+              "all_pairs_s": earlier["seconds"], "all_pairs_date": earlier["date"],
+              "all_pairs_resumed": earlier["resumed"], "all_pairs_this_run_s": round(t_all, 1),
               "stats": pair_stats(len(names), truth, {(int(i), int(j)): int(m) for (i, j), m in zip(pairs, inl)}),
               "rows": []}
         for label, kw in SETTINGS:
             mined = mine(x, feats, paths, workers=2, checkpoint=ckpt, tag=tag, negatives=0, **kw)
-            fr["rows"].append({"label": label, "pairs": int(mined.edges.shape[0]), **score(truth, mined.labels)})
+            fr["rows"].append({"label": label, "pairs": int(mined.edges.shape[0]), **label_stats(truth, mined.labels)})
         res["folds"].append(fr)
         print(f"fold {fold['fold']}: {len(names)} images, all pairs {t_all:.0f} s", file=sys.stderr, flush=True)
     res["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -183,6 +174,16 @@ def _setting_cell(kw: dict) -> str:
     return ", ".join(out) or "defaults"
 
 
+def _verified_when(fr: dict, date: str) -> str:
+    """How long verifying all pairs took, and in which run when this one read them from its checkpoint."""
+    when = f"{fr['all_pairs_s']:.0f} s"
+    if fr.get("all_pairs_resumed"):
+        when += " (the part left after an interrupted run)"
+    if fr.get("all_pairs_date", date) != date:
+        when += f" on {fr['all_pairs_date']} (this run read them from that run's checkpoint)"
+    return when
+
+
 def render(res: dict, argv: list[str]) -> str:
     lines = [BEGIN, "### Mining settings against the landmarks, per fine-tuning fold (`benchmarks/mine_sweep.py`)", "",
              f"- Command: `.venv/bin/python benchmarks/mine_sweep.py {' '.join(argv)}`".rstrip() + "",
@@ -195,7 +196,7 @@ def render(res: dict, argv: list[str]) -> str:
     for fr in res["folds"]:
         st = fr["stats"]
         lines += [f"**Fold {fr['fold']}** (training landmarks {', '.join(fr['landmarks'])}; {fr['rows'][0]['images']} "
-                  f"images; all {st['pairs']} pairs verified in {fr['all_pairs_s']:.0f} s): cross-landmark pairs reach "
+                  f"images; all {st['pairs']} pairs verified in {_verified_when(fr, res['date'])}): cross-landmark pairs reach "
                   f"at most **{st['cross_max']}** inliers; same-landmark pairs with at least 8 / 10 / 12 / 15 / 20 "
                   "inliers: " + " / ".join(f"{v:.1f} %" for v in st["same_at"].values()) + ".", "",
                   "| setting | mine() options | pairs verified | kept | classes (sizes) | purity | per landmark: kept / "
