@@ -144,7 +144,7 @@ def main(argv=None) -> int:
         # the seconds of the run that verified the pairs, kept beside its checkpoint: a later run reads
         # the pairs from the checkpoint and reports that run's time, not its own near-zero one
         timing = ckpt.with_suffix(".timing.json")
-        earlier = json.loads(timing.read_text()) if timing.is_file() else None
+        earlier = json.loads(timing.read_text()) if timing.is_file() and ckpt.is_file() else None
         resumed = ckpt.is_file() and earlier is None
         t0 = time.perf_counter()
         inl = verify_edges(pairs, feats, workers=2, checkpoint=ckpt, tag=tag, progress=True)
