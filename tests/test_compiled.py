@@ -166,6 +166,33 @@ def test_compiled_matches_eager_over_sizes_and_scales(tiny, photos, precision):
     assert math.isclose(float(np.linalg.norm(got[0])), 1.0, rel_tol=1e-5)
 
 
+@pytest.mark.slow
+def test_the_graph_is_frozen_its_convolutions_prepacked(tiny):
+    """Freezing really happens: oneDNN runs pre-packed convolutions fused with their ReLU / add
+    (``mkldnn::_convolution_pointwise``), not the plain ``aten::convolution`` of an unfrozen
+    graph, whose weights stay inputs (what ``options={"freezing": True}`` alone gave); and the
+    process-wide inductor setting is left as it was."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN")
+    import torch._inductor.config as inductor_config
+    from torch.profiler import ProfilerActivity, profile
+
+    before = inductor_config.freezing
+    fwd = compiled_forward(tiny, device=CPU, amp_dtype=None, channels_last=True, variant="frozen-test")
+    x = torch.randn(1, 3, 96, 128).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        fwd(x)
+        assert fwd.ready and fwd.failure is None, fwd.failure
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            got = fwd(x)
+        ref = tiny(x)
+    ops = {e.key for e in prof.key_averages()}
+    assert "mkldnn::_convolution_pointwise" in ops, sorted(o for o in ops if "conv" in o)
+    assert "aten::convolution" not in ops
+    assert inductor_config.freezing == before
+    torch.testing.assert_close(got, ref.float(), atol=1e-4, rtol=1e-4)
+
+
 def test_auto_times_the_first_images_then_decides(tiny, photos, monkeypatch):
     """"auto" on a long run: the first AUTO_TIMED_IMAGES images eagerly, timed; then compiled when
     the images left would take AUTO_MIN_EAGER_SECONDS eagerly, else eager to the end. Compilation

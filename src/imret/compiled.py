@@ -121,12 +121,25 @@ class CompiledForward:
 
     def _graph_or_none(self, x: torch.Tensor) -> torch.Tensor | None:
         try:
-            return self.graph(x)
+            with _freezing():
+                return self.graph(x)
         except Exception as e:  # noqa: BLE001 - any compiler error: fall back, with the reason
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             self.failure = f"{type(e).__name__}: {first}"[:300]
             warnings.warn(f"torch.compile failed ({self.failure}); extracting in eager mode", UserWarning, stacklevel=3)
             return None
+
+
+def _freezing():
+    """Inductor's weight freezing, for the calls that may (re)compile a graph. Dynamo decides at
+    trace time from the global ``torch._inductor.config.freezing``, so ``torch.compile(...,
+    options={"freezing": True})`` alone does not freeze (measured with torch 2.14: the weights
+    stayed graph inputs, copied to channels-last on every call, and no convolution was pre-packed
+    or fused with its ReLU / residual add). The setting is patched around each call only, never
+    left set for the process."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(freezing=True)
 
 
 _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, CompiledForward]]" = weakref.WeakKeyDictionary()
@@ -180,7 +193,7 @@ def compiled_forward(
     """The process-wide compiled forward of ``model`` (``step`` instead of ``model(x)`` when given,
     with ``variant`` naming it in the cache key) under autocast ``amp_dtype`` (None: fp32).
 
-    Built lazily (``torch.compile(..., dynamic=True, options={"freezing": True})``): nothing is
+    Built lazily (``torch.compile(..., dynamic=True)``, called with inductor's freezing on): nothing is
     compiled until the first call, which must run under ``torch.inference_mode`` or
     ``torch.no_grad`` (freezing needs it). Entries are dropped with the model.
     """
@@ -192,7 +205,7 @@ def compiled_forward(
             for old in [k for k in per_model if k[:4] == key[:4]]:  # the weights changed: drop stale graphs
                 del per_model[old]
             fn = _forward_fn(model, amp_dtype, device.type, step)
-            graph = torch.compile(_own_code(fn), dynamic=True, options={"freezing": True})
+            graph = torch.compile(_own_code(fn), dynamic=True)  # frozen: CompiledForward calls it under _freezing()
             entry = per_model[key] = CompiledForward(eager=fn, graph=graph)
     return entry
 
