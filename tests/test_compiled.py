@@ -166,6 +166,39 @@ def test_compiled_matches_eager_over_sizes_and_scales(tiny, photos, precision):
     assert math.isclose(float(np.linalg.norm(got[0])), 1.0, rel_tol=1e-5)
 
 
+def test_freezing_is_on_inside_each_call_only():
+    """Two threads inside graph calls at overlapping times each run with freezing on, until they
+    leave; a thread outside a call (here the main one) never sees it, and nothing is left set."""
+    import threading
+
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.freezing
+    inside, release = threading.Barrier(3), threading.Event()
+    seen = {}
+
+    def call(name: str):
+        with compiled._freezing():
+            inside.wait(timeout=10)
+            release.wait(timeout=10)
+            seen[name] = inductor_config.freezing
+        seen[name + " after"] = inductor_config.freezing
+
+    t = [threading.Thread(target=call, args=(n,)) for n in ("a", "b")]
+    for th in t:
+        th.start()
+    inside.wait(timeout=10)  # both threads are inside their calls now
+    seen["main"] = inductor_config.freezing
+    release.set()
+    for th in t:
+        th.join(timeout=10)
+    assert seen == {"a": True, "b": True, "main": before, "a after": before, "b after": before}
+    assert inductor_config.freezing == before
+    with compiled._freezing():
+        assert inductor_config.freezing is True
+    assert inductor_config.freezing == before
+
+
 @pytest.mark.slow
 def test_the_graph_is_frozen_its_convolutions_prepacked(tiny):
     """Freezing really happens: oneDNN runs pre-packed convolutions fused with their ReLU / add

@@ -132,11 +132,12 @@ class CompiledForward:
 
 def _freezing():
     """Inductor's weight freezing, for the calls that may (re)compile a graph. Dynamo decides at
-    trace time from the global ``torch._inductor.config.freezing``, so ``torch.compile(...,
+    trace time from ``torch._inductor.config.freezing``, so ``torch.compile(...,
     options={"freezing": True})`` alone does not freeze (measured with torch 2.14: the weights
     stayed graph inputs, copied to channels-last on every call, and no convolution was pre-packed
-    or fused with its ReLU / residual add). The setting is patched around each call only, never
-    left set for the process."""
+    or fused with its ReLU / residual add). The setting is patched for the duration of the call
+    only; torch keeps such patches per thread, so other threads and the rest of the process never
+    see it."""
     import torch._inductor.config as inductor_config
 
     return inductor_config.patch(freezing=True)
