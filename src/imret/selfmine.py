@@ -113,7 +113,7 @@ DEFAULT_ATTACH_MIN = 2
 DEFAULT_ATTACH_INLIERS = None  # None: min_inliers (no weaker bar)
 # Attaching by descriptor votes (off by default): an image that verifies with no class joins the
 # class holding at least attach_votes of the similarity mass of its DEFAULT_VOTE_K nearest
-# labelled images. Measured on the fine-tuning folds (session notes, 2026-12-07, throwaway run):
+# labelled images. Measured on the fine-tuning folds (BENCHMARKS.md, fine-tuning, 2026-12-07):
 # at 0.7 it labelled 49 more photos at 97-98.5 % purity and raised the mined share of the
 # labelled gain from 75 % / 89 % to 85 % / 90 % (Medium / Hard); it trades purity for coverage.
 DEFAULT_ATTACH_VOTES = None
@@ -625,22 +625,32 @@ def vote_attach(descriptors: Any, labels: Any, share: float, k: int = DEFAULT_VO
     todo = np.flatnonzero(lab < 0)
     if voters.size == 0 or todo.size == 0:
         return out
-    kk = min(k, voters.size)
     ncls = int(lab.max()) + 1
-    step = max(1, _CHUNK_ELEMENTS // voters.size)
-    for lo in range(0, todo.size, step):
-        rows = todo[lo:lo + step]
-        sim = x[rows] @ x[voters].T
-        nn = _topk_rows(sim, kk)  # the same top-k selection as knn_graph and label_vote_share
-        w = np.clip(np.take_along_axis(sim, nn, 1), 0.0, None).astype(np.float64)
-        votes = lab[voters[nn]]
-        for r, i in enumerate(rows.tolist()):
-            per_class = np.bincount(votes[r], weights=w[r], minlength=ncls)
-            c = int(np.argmax(per_class))
-            total = float(per_class.sum())
-            if total > 0 and per_class[c] >= share * total:
-                out[i] = c
+    for lo, nn, w in _weighted_neighbours(x[todo], x[voters], k):
+        rows = np.arange(nn.shape[0])
+        per_class = np.zeros((nn.shape[0], ncls), np.float64)
+        np.add.at(per_class, (rows[:, None], lab[voters[nn]]), w)
+        best = per_class.argmax(1)
+        total = per_class.sum(1)
+        take = (total > 0) & (per_class[rows, best] >= share * total)
+        out[todo[lo:lo + nn.shape[0]][take]] = best[take]
     return out
+
+
+def _weighted_neighbours(queries: np.ndarray, pool: np.ndarray, k: int, *, self_offset: int | None = None):
+    """For chunks of ``queries`` rows: ``(first row, (R, k') indices into pool, (R, k') float64
+    weights max(cosine, 0))`` of each row's ``k' = min(k, available)`` most similar pool rows
+    (:func:`_topk_rows`: ties to the lower index). ``self_offset``: queries are ``pool`` itself
+    from that row on, and a row is never its own neighbour."""
+    kk = min(k, pool.shape[0] - (self_offset is not None))
+    step = max(1, _CHUNK_ELEMENTS // max(1, pool.shape[0]))
+    for lo in range(0, queries.shape[0], step):
+        sim = queries[lo:lo + step] @ pool.T
+        if self_offset is not None:
+            r = np.arange(sim.shape[0])
+            sim[r, self_offset + lo + r] = -np.inf
+        nn = _topk_rows(sim, kk)
+        yield lo, nn, np.clip(np.take_along_axis(sim, nn, 1), 0.0, None).astype(np.float64)
 
 
 @dataclass
@@ -784,7 +794,7 @@ def mine(
         attach_members, attach_min, attach_inliers: see :func:`expansion_pairs` and
             :func:`linked_components` (``attach_inliers=None``: no weaker bar).
         attach_votes: after the components, attach the images left out by descriptor votes
-            (:func:`vote_attach` with this share, 10 neighbours); None (default): no attaching.
+            (:func:`vote_attach` with this share, ``DEFAULT_VOTE_K`` neighbours); None (default): no attaching.
             Attached images are in a pseudo-class but in no verified pair.
         verify_kw: verification options, see :data:`VERIFY_DEFAULTS`.
 
@@ -1025,17 +1035,10 @@ def label_vote_share(descriptors: Any, labels: Sequence[Any], k: int = DEFAULT_V
         return out
     _, codes = np.unique(np.asarray([repr(v) if not isinstance(v, str) else "s:" + v for v in labels], dtype=object),
                          return_inverse=True)
-    kk = min(k, n - 1)
-    step = max(1, _CHUNK_ELEMENTS // max(1, n))
-    for s0 in range(0, n, step):
-        sim = x[s0:s0 + step] @ x.T
-        rows = np.arange(sim.shape[0])
-        sim[rows, s0 + rows] = -np.inf
-        nn = _topk_rows(sim, kk)
-        w = np.clip(np.take_along_axis(sim, nn, 1), 0.0, None).astype(np.float64)
-        same = codes[nn] == codes[s0:s0 + step, None]
+    for s0, nn, w in _weighted_neighbours(x, x, k, self_offset=0):
+        same = codes[nn] == codes[s0:s0 + nn.shape[0], None]
         tot = w.sum(1)
-        out[s0:s0 + step] = np.where(tot > 0, (w * same).sum(1) / np.where(tot > 0, tot, 1.0), 0.0)
+        out[s0:s0 + nn.shape[0]] = np.where(tot > 0, (w * same).sum(1) / np.where(tot > 0, tot, 1.0), 0.0)
     return out
 
 
