@@ -371,6 +371,33 @@ def test_distributed_helpers_on_one_process():
         DistInfo(rank=2, world_size=2)
 
 
+LEAVE_GROUP = """
+import os, socket, sys
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+from imret.train.distributed import _init_process_group, cleanup
+assert "torch.distributed.nn" not in sys.modules
+_init_process_group("gloo", 0, 1, 1.0)
+import timm  # what loading a model does in a rank: it imports torch.distributed.nn
+assert "torch.distributed.nn" in sys.modules
+cleanup()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(sorted(n for n in names if "gloo" in n))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread names from /proc (Linux)")
+def test_leaving_the_group_stops_its_gloo_threads_even_after_timm_is_imported():
+    """torch.distributed.nn, imported after the group exists, held it in its default arguments:
+    the gloo threads outlived cleanup() and a rank could abort at exit (SIGABRT)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", LEAVE_GROUP], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_dolg_config_loads_and_trains(data, tmp_path, capsys):
     """configs/train_dolg.yaml: the DOLG recipe (CurricularFace, SGD, cosine), run on tiny data."""
     cfg = load_config(REPO / "configs" / "train_dolg.yaml")

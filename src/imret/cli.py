@@ -926,9 +926,7 @@ def _index_distributed(args, open_writer, out: str, *, build: bool) -> int:
         run = index_distributed(info, lambda: open_writer(args, device), commit_every=args.commit_every,
                                 device=device, progress=info.is_main and not args.no_progress,
                                 **_runtime_kwargs(args))
-        # every rank leaves the group together: a rank tearing down gloo while another still
-        # closes its connections can abort the other one (seen once under load: SIGABRT at exit)
-        barrier()
+        barrier()  # every rank leaves the group together (cleanup() then stops its gloo threads)
     except RankStopped:
         return 1  # rank 0 prints the reason
     finally:

@@ -102,10 +102,23 @@ def init_distributed(
             raise ValueError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} GPU(s) are visible")
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout_minutes)
-        )
+        _init_process_group(backend, rank, world, timeout_minutes)
     return DistInfo(rank=rank, world_size=world, local_rank=local, backend=backend)
+
+
+def _init_process_group(backend: str, rank: int, world: int, timeout_minutes: float) -> None:
+    """``dist.init_process_group``, once ``torch.distributed.nn`` is imported.
+
+    That module binds ``group=group.WORLD`` as default arguments when it is first imported
+    (timm's import brings it in): imported after the group exists, its functions hold the
+    default group for the life of the process, :func:`cleanup` cannot free it, and its gloo
+    threads are still running when the interpreter exits; under load the process then died at
+    exit with SIGABRT ("terminate called without an active exception") after finishing its work.
+    Imported first, the defaults are ``None`` (the default group at call time).
+    """
+    import torch.distributed.nn  # noqa: F401 - see above: before the group exists
+
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
 def is_distributed() -> bool:
