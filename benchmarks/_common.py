@@ -14,11 +14,21 @@ SHARED = Path(os.environ.get("IMRET_SHARED", REPO.parent / "shared"))
 
 
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    """The CPU's model name (``/proc/cpuinfo``) with its family and model numbers when the name
+    alone is generic (virtual machines show "AMD EPYC" for several generations), else what
+    ``platform`` knows."""
     try:
+        fields: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not key.strip() and fields:
+                break  # the first processor's block is enough
+            fields.setdefault(key.strip(), value.strip())
+        name = fields.get("model name")
+        if name:
+            if any(ch.isdigit() for ch in name) or "cpu family" not in fields:
+                return name
+            return f"{name} (cpu family {fields['cpu family']}, model {fields.get('model', '?')})"
     except OSError:
         pass
     return platform.processor() or platform.machine()

@@ -56,9 +56,10 @@ AUTO_TIMED_IMAGES = 4
 
 AUTO_MIN_EAGER_SECONDS = 600.0
 """``compile="auto"`` compiles when the images left would take at least this long eagerly.
-Compiling a ResNet50 cost 30-70 s of CPU time on 2 cores (less with inductor's disk cache warm)
-and the graph ran 9 % (fp32) to 21 % (bf16) faster per image (BENCHMARKS.md, extraction speed):
-it pays after some 5-10 minutes of eager work."""
+Compiling a ResNet50 cost 20-70 s on 2 cores (less with inductor's disk cache warm) and the
+frozen graph ran 0-27 % faster per image than eager mode, end to end, depending on the CPU, the
+precision and the scales (BENCHMARKS.md, extraction speed): where it gains, it pays after some
+5-10 minutes of eager work."""
 
 
 def compile_pays(remaining_images: int, eager_seconds_per_image: float) -> bool:
