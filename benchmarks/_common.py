@@ -14,9 +14,8 @@ SHARED = Path(os.environ.get("IMRET_SHARED", REPO.parent / "shared"))
 
 
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``) with its family and model numbers when the name
-    alone is generic (virtual machines show "AMD EPYC" for several generations), else what
-    ``platform`` knows."""
+    """The CPU's model name (``/proc/cpuinfo``) with its family and model numbers (virtual machines
+    show "AMD EPYC" for several generations), else what ``platform`` knows."""
     try:
         fields: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -26,9 +25,8 @@ def cpu_name() -> str:
             fields.setdefault(key.strip(), value.strip())
         name = fields.get("model name")
         if name:
-            if any(ch.isdigit() for ch in name) or "cpu family" not in fields:
-                return name
-            return f"{name} (cpu family {fields['cpu family']}, model {fields.get('model', '?')})"
+            family = fields.get("cpu family")
+            return f"{name} (cpu family {family}, model {fields.get('model', '?')})" if family else name
     except OSError:
         pass
     return platform.processor() or platform.machine()

@@ -44,7 +44,7 @@ from parity import no_cuda  # noqa: E402  (the peers' .cuda() on a GPU-less mach
 import imret  # noqa: E402
 from imret.compiled import inductor_cache_dir  # noqa: E402
 from imret.extract import describe_tensors, extract, scale_input  # noqa: E402
-from imret.images import load_image, to_tensor  # noqa: E402
+from imret.images import image_size_of, load_image, to_tensor  # noqa: E402
 
 BEGIN, END = "<!-- extract:begin -->", "<!-- extract:end -->"
 SCALE_SETS = ((1.0,), (1.0, 2 ** -0.5, 0.5))
@@ -55,12 +55,9 @@ def one_per_size(paths: list[str]) -> list[str]:
     primitives (packed weights, JIT kernels) once per input shape and keeps them (primitive cache),
     so a collection of thousands of photos of a few sizes pays that once per size; warming up on one
     photo only would charge the other sizes' first pass to the 24 timed photos."""
-    from PIL import Image
-
     seen: dict[tuple[int, int], str] = {}
     for p in paths:
-        with Image.open(p) as im:
-            seen.setdefault(im.size, p)
+        seen.setdefault(image_size_of(p), p)  # upright, as the network sees it
     return list(seen.values())
 
 

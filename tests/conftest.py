@@ -1,6 +1,7 @@
 import importlib.util
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,13 @@ REPO = Path(__file__).resolve().parents[1]
 def installed(*modules: str) -> bool:
     """True when every module can be imported (optional backends: faiss, pymilvus, milvus_lite)."""
     return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def shared_dir() -> Path:

@@ -20,7 +20,6 @@ nothing is downloaded.
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, installed
+from conftest import REPO, free_port, installed
 
 try:
     from selenium.webdriver.common.keys import Keys
@@ -139,12 +138,6 @@ def store_dir(browser_paths, paris, mobilenet_weights, tmp_path_factory):
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get_json(url: str, timeout: float = 2.0) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())
@@ -156,7 +149,7 @@ def serve_store(store_dir: Path, log: Path, n_images: int):
     URL once /api/health answers with ``n_images`` images, and stops it on exit."""
     if not installed("fastapi", "uvicorn", "multipart"):
         pytest.skip("the server needs the serve extra (pip install -e '.[serve]')")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "imret.cli", "serve", str(store_dir), "--port", str(port), "--threads", "1"]
     with open(log, "wb") as out:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import installed
+from conftest import free_port, installed
 
 from imret.cli import main
 from imret.index.distributed import hash_files, merge_prepared, rank_device, shard_bounds, torchrun_command
@@ -193,12 +192,6 @@ def single(photos, tmp_path_factory) -> Path:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(tag: str = "") -> dict[str, str]:
     src = str(Path(__file__).resolve().parents[1] / "src")
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "IMRET_TEST_RUN": tag,
@@ -207,7 +200,7 @@ def _env(tag: str = "") -> dict[str, str]:
 
 def _torchrun(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-            f"--master-port={_free_port()}", "-m", "imret.cli", *args]
+            f"--master-port={free_port()}", "-m", "imret.cli", *args]
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ reopened, the store must pass its full consistency check, and a new server on it
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import installed
+from conftest import free_port, installed
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not installed("fastapi", "httpx", "multipart", "uvicorn"),
@@ -26,12 +25,6 @@ from imret.index.store import Preprocessing, Store  # noqa: E402
 from imret.synthetic import make_labelled_folder  # noqa: E402
 
 TOKEN = "crash-test-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(store, token_file, port):
@@ -74,7 +67,7 @@ def test_kill_9_during_adds_keeps_every_acknowledged_write(tmp_path):
     pending = list(photos[8:])
 
     for round_ in range(3):
-        port = _free_port()
+        port = free_port()
         proc = _start(store, token_file, port)
         base = f"http://127.0.0.1:{port}"
         stop = threading.Event()
@@ -130,7 +123,7 @@ def test_kill_9_during_adds_keeps_every_acknowledged_write(tmp_path):
                     assert st.is_live(i) == (i not in acked_removed), (i, name)
 
     assert len(acked_added) > 5, "the test did not get enough writes through before the kills"
-    port = _free_port()
+    port = free_port()
     proc = _start(store, token_file, port)
     try:
         r = httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=10)

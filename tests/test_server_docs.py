@@ -9,7 +9,6 @@ one, with no request leaving the server and no CSP violation in the console.
 
 import os
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -20,7 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 import torch
 
-from conftest import installed
+from conftest import free_port, installed
 
 pytestmark = [pytest.mark.skipif(not installed("fastapi", "httpx", "multipart"),
                                  reason="the serve extra (fastapi, python-multipart) and httpx are not installed"),
@@ -202,9 +201,7 @@ def live_server(store_path):
 
     from imret.server import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(store_path), host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)

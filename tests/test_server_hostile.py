@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ import uuid
 import numpy as np
 import pytest
 
-from conftest import installed
+from conftest import free_port, installed
 
 pytestmark = pytest.mark.skipif(not installed("fastapi", "multipart", "uvicorn"),
                                 reason="the serve extra (fastapi, uvicorn, python-multipart) is not installed")
@@ -30,12 +29,6 @@ pytestmark = pytest.mark.skipif(not installed("fastapi", "multipart", "uvicorn")
 from PIL import Image  # noqa: E402
 
 HUGE = ["99999999999999999999", str(2**63), str(-(2**63) - 1), "1" * 5000]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def photo_bytes(seed: int, size=(80, 60), fmt="JPEG") -> bytes:
@@ -118,7 +111,7 @@ def server(tmp_path_factory):
                       preprocessing=Preprocessing(image_size=64),
                       model_source=str(root / "weights" / "net.safetensors")) as st:
         st.add(sorted(str(p) for p in folder.rglob("*.jpg")), workers=0)
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "imret.cli", "serve", str(store), "--port", str(port),
                              "--threads", "1", "--log-level", "warning"],
@@ -401,7 +394,7 @@ def test_unexpected_errors_keep_the_connection(tmp_path, server):
         raise RuntimeError("disk on fire")
 
     app.state.service.hits = broken
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", lifespan="on"))
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import sys
 
 import pytest
 import torch
 import yaml
+from conftest import free_port
 
 from imret import load_model
 from imret.cli import _override, main
@@ -372,10 +374,7 @@ def test_distributed_helpers_on_one_process():
 
 
 LEAVE_GROUP = """
-import os, socket, sys
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+import os, sys
 from imret.train.distributed import _init_process_group, cleanup
 assert "torch.distributed.nn" not in sys.modules
 _init_process_group("gloo", 0, 1, 1.0)
@@ -393,7 +392,8 @@ def test_leaving_the_group_stops_its_gloo_threads_even_after_timm_is_imported():
     the gloo threads outlived cleanup() and a rank could abort at exit (SIGABRT)."""
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", LEAVE_GROUP], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    out = subprocess.run([sys.executable, "-c", LEAVE_GROUP], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
