@@ -12,13 +12,16 @@ the imported model resizes scales as cirtorch does; cirtorch's ``extract_vectors
 ``DB_ROOT``); their rows say "not run" when the folders are not given. dirtorch's network is its
 own (``resnet50_rmac``: GeM p = 3 and an FC layer), so its descriptors are not compared.
 
-Per row: images/s (wall clock, decoding included), the ratio to cirtorch, the network's
-GFLOP/s achieved (FLOPs counted by ``torch.utils.flop_counter`` on the actual input sizes of
-every image and scale) and its share of the matching matrix-product peak, the smallest cosine to
-imret's eager fp32 descriptors, and the share of the machine's CPU time the process got (the
-machine is shared). Then the issue's bars as pass/FAIL, and how much decoding overlaps compute.
+Per row, the median of ``--reps`` timed runs: images/s (wall clock, decoding included), the ratio
+to cirtorch, the network's GFLOP/s achieved (FLOPs counted by ``torch.utils.flop_counter`` on the
+actual input sizes of every image and scale) and its share of the matching matrix-product peak,
+the smallest cosine to imret's eager fp32 descriptors, and the share of the machine's CPU time the
+process got (the machine is shared). The peak of a shared virtual machine drifts by 10-20 % within
+minutes, so every timed run sits between two short peak measurements and its share is taken
+against their mean (the share of the run's best peak is given beside it). Then the issue's bars
+as pass/FAIL, and how much decoding overlaps compute.
 
-    .venv/bin/python benchmarks/extract.py [--cirtorch DIR] [--dirtorch DIR] [--n 24] [--write] [--json F]
+    .venv/bin/python benchmarks/extract.py [--cirtorch DIR] [--dirtorch DIR] [--n 24] [--reps 3] [--write] [--json F]
 """
 
 from __future__ import annotations
@@ -86,6 +89,33 @@ def matmul_peak(dtype: torch.dtype, threads: int, n: int = 2048, reps: int = 8) 
             best["wall"] = max(best["wall"], 2 * n ** 3 / t / 1e9)
             best["cpu"] = max(best["cpu"], 2 * n ** 3 / (c / threads) / 1e9)
     return best
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def repeat(fn, prec: str, reps: int, threads: int):
+    """``fn()``'s last output and ``reps`` timed runs, each between two short measurements of the
+    matrix-product peak of precision ``prec`` (best of 4; their mean is the run's ``peak``)."""
+    runs, out = [], None
+    for _ in range(reps):
+        before = matmul_peak(DTYPES[prec], threads, reps=4)
+        out, t, c = timed(fn)
+        after = matmul_peak(DTYPES[prec], threads, reps=4)
+        runs.append({"seconds": t, "cpu": c, "peak": (before["wall"] + after["wall"]) / 2,
+                     "cpu_peak": (before["cpu"] + after["cpu"]) / 2})
+    return out, runs
+
+
+def summarise(runs: list[dict], flops: float, threads: int) -> dict[str, float]:
+    """The median wall and CPU seconds of ``runs`` (:func:`repeat`) and the median over the runs of
+    their share of the peak measured beside them, by the clock and per CPU second."""
+    def median(values) -> float:
+        return float(np.median(list(values)))
+
+    return {"seconds": median(u["seconds"] for u in runs), "cpu": median(u["cpu"] for u in runs),
+            "peak_share": median(flops / u["seconds"] / 1e9 / u["peak"] for u in runs),
+            "cpu_peak_share": median(flops / (u["cpu"] / threads) / 1e9 / u["cpu_peak"] for u in runs)}
 
 
 def cpu_seconds() -> float:
@@ -180,6 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dirtorch", type=Path, help="deep-image-retrieval source folder (holds dirtorch/)")
     ap.add_argument("--images", type=Path, default=SHARED / "data" / "rparis6k-mini" / "jpg")
     ap.add_argument("--n", type=int, default=24)
+    ap.add_argument("--reps", type=int, default=3, help="timed runs per row, each between two peak measurements "
+                                                        "(default 3; rows report the median)")
     ap.add_argument("--image-size", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--workers", type=int, default=2, help="imret's decoding threads (default 2)")
@@ -207,6 +239,8 @@ def main(argv=None) -> int:
         peaks["bf16"] = matmul_peak(torch.bfloat16, args.threads)
     peak = {k: v["wall"] for k, v in peaks.items()}
     cpu_peak = {k: v["cpu"] for k, v in peaks.items()}
+    best_peak = dict(peak)  # the best by the clock over the run: the start's and every measurement beside a row
+    beside: dict[str, list[float]] = {k: [] for k in peaks}  # the peaks measured beside the timed runs
     print(f"matmul peaks (2048^3, {args.threads} threads): {peaks}", flush=True)
 
     tmp = tempfile.TemporaryDirectory()
@@ -233,26 +267,33 @@ def main(argv=None) -> int:
         flops = network_flops(model, paths, args.image_size, scales, mode)
         group: list[dict] = []
 
-        def add(path, prec, secs, cpu, cos=None, compiled=None):
-            cpu_gflop_s = flops / (cpu / args.threads) / 1e9
+        def add(path, prec, runs, cos=None, compiled=None):
+            m = summarise(runs, flops, args.threads)
+            secs = m["seconds"]
             r = {"scales": label, "path": path, "precision": prec, "seconds": secs, "img_s": n / secs,
-                 "gflop_s": flops / secs / 1e9, "peak_share": flops / secs / 1e9 / peak[prec],
-                 "cpu_gflop_s": cpu_gflop_s, "cpu_peak_share": cpu_gflop_s / cpu_peak[prec],
-                 "cos_min": cos, "cpu_share": cpu / (secs * (os.cpu_count() or 1)), "compiled": compiled}
+                 "img_s_range": [n / max(u["seconds"] for u in runs), n / min(u["seconds"] for u in runs)],
+                 "gflop_s": flops / secs / 1e9, "peak_share": m["peak_share"],
+                 "cpu_gflop_s": flops / (m["cpu"] / args.threads) / 1e9, "cpu_peak_share": m["cpu_peak_share"],
+                 "cos_min": cos, "cpu_share": sum(u["cpu"] for u in runs) / (sum(u["seconds"] for u in runs)
+                                                                              * (os.cpu_count() or 1)),
+                 "compiled": compiled, "runs": runs}
             group.append(r)
+            beside[prec].extend(u["peak"] for u in runs)
+            best_peak[prec] = max(best_peak[prec], *(u["peak"] for u in runs))
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
 
         peer_ref = {}
         if cirnet is not None:
             run_cirtorch(cirnet, warm, args.image_size, scales)  # warm-up
-            peer_ref["cirtorch"], t, c = timed(lambda: run_cirtorch(cirnet, paths, args.image_size, scales))
-            add("cirtorch `extract_vectors`", "fp32", t, c)
+            peer_ref["cirtorch"], runs = repeat(lambda: run_cirtorch(cirnet, paths, args.image_size, scales), "fp32",
+                                                args.reps, args.threads)
+            add("cirtorch `extract_vectors`", "fp32", runs)
         else:
             group.append({"scales": label, "path": "cirtorch `extract_vectors`", "not_run": True})
         if dirrun is not None:
             dirrun(warm, scales)  # warm-up
-            _, t, c = timed(lambda: dirrun(paths, scales))
-            add("dirtorch `extract_features`", "fp32", t, c)
+            _, runs = repeat(lambda: dirrun(paths, scales), "fp32", args.reps, args.threads)
+            add("dirtorch `extract_features`", "fp32", runs)
         else:
             group.append({"scales": label, "path": "dirtorch `extract_features`", "not_run": True})
 
@@ -265,13 +306,13 @@ def main(argv=None) -> int:
             if comp == "on" and prec not in compile_s:  # one dynamic-shape graph serves every size and scale
                 _, compile_s[prec], _ = timed(lambda: extract(model, paths[:1], **kw))
             extract(model, warm, **kw)  # warm-up
-            res, t, c = timed(lambda: extract(model, paths, **kw))
+            res, runs = repeat(lambda: extract(model, paths, **kw), prec, args.reps, args.threads)
             if ref is None:
                 ref = res.descriptors
                 if "cirtorch" in peer_ref:
                     group[0]["cos_min"] = float((peer_ref["cirtorch"] * ref).sum(1).min())
             name = f"imret {prec}, " + ("compiled" if comp == "on" else "eager")
-            add(name, prec, t, c, float((res.descriptors * ref).sum(1).min()), res.compiled)
+            add(name, prec, runs, float((res.descriptors * ref).sum(1).min()), res.compiled)
             if comp == "on" and not res.compiled:
                 print(f"  not compiled: {res.compile_note}", flush=True)
 
@@ -280,16 +321,23 @@ def main(argv=None) -> int:
         _, t_dec, _ = timed(lambda: [to_tensor(load_image(p, image_size=args.image_size), model.mean, model.std)
                                      for p in paths])
         tensors = [to_tensor(load_image(p, image_size=args.image_size), model.mean, model.std) for p in paths]
-        _, t_net, c_net = timed(lambda: describe_tensors(model, tensors, scales=scales, precision=prec, compile="on"))
+        _, net_runs = repeat(lambda: describe_tensors(model, tensors, scales=scales, precision=prec, compile="on"), prec,
+                             args.reps, args.threads)
+        net = summarise(net_runs, flops, args.threads)
         r_all = next(r for r in group if r["path"] == f"imret {prec}, compiled")
-        decode_overlap.append({"scales": label, "precision": prec, "decode_s": t_dec, "network_s": t_net,
-                               "network_cpu_share": c_net / (t_net * (os.cpu_count() or 1)),
+        decode_overlap.append({"scales": label, "precision": prec, "decode_s": t_dec, "network_s": net["seconds"],
+                               "network_cpu_share": net["cpu"] / (net["seconds"] * (os.cpu_count() or 1)),
+                               "network_peak_share": net["peak_share"],
                                "end_to_end_s": r_all["seconds"], "end_to_end_cpu_share": r_all["cpu_share"]})
         print(decode_overlap[-1], flush=True)
         rows.extend(group)
     tmp.cleanup()
     load1 = os.getloadavg()
     total_s = time.perf_counter() - t_start
+
+    for r in rows:
+        if not r.get("not_run"):  # against the best peak of the whole run, known only now
+            r["run_peak_share"] = r["gflop_s"] / best_peak[r["precision"]]
 
     def row_of(scales_label, path):
         return next((r for r in rows if r["scales"] == scales_label and r["path"] == path and not r.get("not_run")), None)
@@ -312,40 +360,45 @@ def main(argv=None) -> int:
         if r is not None:
             ok = r["peak_share"] >= 0.8
             bars.append((f"scales {label}: imret bf16 compiled >= 80 % of the bf16 matmul peak (bar without AMX)",
-                         "pass" if ok else "FAIL", f"{100 * r['peak_share']:.0f} % by the clock ({r['gflop_s']:.0f} of "
-                                                   f"{peak['bf16']:.0f} GFLOP/s); per CPU second "
-                                                   f"{100 * r['cpu_peak_share']:.0f} % ({r['cpu_gflop_s']:.0f} of "
-                                                   f"{cpu_peak['bf16']:.0f})"
+                         "pass" if ok else "FAIL",
+                         f"{100 * r['peak_share']:.0f} % by the clock of the peak measured beside it (median of "
+                         f"{len(r['runs'])} runs, {r['gflop_s']:.0f} GFLOP/s); per CPU second "
+                         f"{100 * r['cpu_peak_share']:.0f} %; {100 * r['run_peak_share']:.0f} % of the run's best "
+                         f"peak ({best_peak['bf16']:.0f})"
                          + ("; this CPU has AMX: the bars above apply" if amx else "")))
 
     def fmt(v, spec):
         return "" if v is None else format(v, spec)
 
-    table = ["| scales | path | images/s | × cirtorch | GFLOP/s | % of its peak | GFLOP per CPU s × threads | % of that peak "
-             "| cos min to eager fp32 | CPU share |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| scales | path | images/s (min-max) | × cirtorch | GFLOP/s | % of the peak beside it | % of the run's best "
+             "peak | GFLOP per CPU s × threads | % of that peak | cos min to eager fp32 | CPU share |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("not_run"):
-            table.append(f"| {r['scales']} | {r['path']} | not run | | | | | | | |")
+            table.append(f"| {r['scales']} | {r['path']} | not run | | | | | | | | |")
             continue
         cir = row_of(r["scales"], "cirtorch `extract_vectors`")
         ratio = f"{r['img_s'] / cir['img_s']:.2f}" if cir else "n/a"
-        table.append(f"| {r['scales']} | {r['path']} | {r['img_s']:.3f} | {ratio} | {r['gflop_s']:.0f} | "
-                     f"{100 * r['peak_share']:.0f} | {r['cpu_gflop_s']:.0f} | {100 * r['cpu_peak_share']:.0f} | "
-                     f"{fmt(r['cos_min'], '.7f')} | "
+        lo, hi = r["img_s_range"]
+        table.append(f"| {r['scales']} | {r['path']} | {r['img_s']:.3f} ({lo:.3f}-{hi:.3f}) | {ratio} | "
+                     f"{r['gflop_s']:.0f} | {100 * r['peak_share']:.0f} | {100 * r['run_peak_share']:.0f} | "
+                     f"{r['cpu_gflop_s']:.0f} | {100 * r['cpu_peak_share']:.0f} | {fmt(r['cos_min'], '.7f')} | "
                      f"{100 * r['cpu_share']:.0f} % |")
     overlap = [f"| {d['scales']} | {d['precision']} | {d['decode_s']:.2f} | {d['network_s']:.2f} "
-               f"({100 * d['network_cpu_share']:.0f} %) | {d['end_to_end_s']:.2f} ({100 * d['end_to_end_cpu_share']:.0f} %) | "
+               f"({100 * d['network_cpu_share']:.0f} %) | {100 * d['network_peak_share']:.0f} | {d['end_to_end_s']:.2f} ({100 * d['end_to_end_cpu_share']:.0f} %) | "
                f"{d['end_to_end_s'] / d['network_s']:.3f} | {(d['decode_s'] + d['network_s']) / d['network_s']:.3f} |"
                for d in decode_overlap]
     peak_text = ", ".join(f"{k} {peak[k]:.0f} GFLOP/s by the clock, {cpu_peak[k]:.0f} per CPU second × threads"
                           for k in peak)
+    beside_text = ", ".join(f"{k} {min(v):.0f}-{max(v):.0f} (median {np.median(v):.0f}) GFLOP/s over {len(v)} runs"
+                            for k, v in beside.items() if v)
     text = "\n".join([
         BEGIN,
         f"## Extraction speed: `benchmarks/extract.py` ({datetime.date.today()})",
         "",
         f"Command: `python benchmarks/extract.py --cirtorch PEERS/cnnimageretrieval-pytorch --dirtorch "
-        f"PEERS/deep-image-retrieval --n {n}{'' if args.malloc == 'tuned' else ' --malloc default'} --write`. "
+        f"PEERS/deep-image-retrieval --n {n}{'' if args.reps == 3 else f' --reps {args.reps}'}"
+        f"{'' if args.malloc == 'tuned' else ' --malloc default'} --write`. "
         f"Machine: {cpu_name()} (lscpu), "
         f"{'AMX' if amx else 'no AMX (amx_bf16 absent from the CPU flags)'}; {machine_line()}; "
         f"{args.threads} torch threads, {args.workers} decoding threads; allocator for every row: {allocator} "
@@ -355,15 +408,19 @@ def main(argv=None) -> int:
         "all cores, so rows that got less than the others are slowed by the neighbours, not by their code.",
         "",
         f"Matrix-product peaks measured in the same run (2048³, `torch.mm` or a 1 × 1 oneDNN convolution, whichever "
-        f"is faster, best of 8): **{peak_text}**. The second figure divides by the CPU time the process got, "
-        "so it reads what the code reaches on cores of its own; the rows give both.",
+        f"is faster, best of 8) at the start: **{peak_text}**. The second figure divides by the CPU time the process "
+        "got, so it reads what the code reaches on cores of its own; the rows give both. The peak of this shared "
+        f"virtual machine drifts, so every one of the {args.reps} timed runs of a row sits between two short peak "
+        "measurements (best of 4 each) and is read against their mean; the mean of the two ranged over "
+        f"{beside_text}. A row gives the median of its runs: images/s (the slowest and fastest run in brackets), "
+        "its share of the peak measured beside it, and, stricter, of the best peak measured in the whole run.",
         "",
         f"{n} rParis6k-mini photos (1024 × 768 or 768 × 1024, a few other shapes), 1024 px, {net_name}. "
         f"End to end from the JPEG files, decoding included, warm-up excluded (every row warms up on one photo "
         f"of each of the {len(warm)} pixel sizes: oneDNN builds its primitives once per input shape, which a large "
         "collection of a few sizes pays once). GFLOP/s: the network's FLOPs "
         "(`torch.utils.flop_counter` on every image's input size at every scale) over the wall time; "
-        "% of its peak: against the matrix-product peak of the row's precision. *cos min*: the smallest cosine "
+        "% of the peak: against the matrix-product peak of the row's precision. *cos min*: the smallest cosine "
         "over the images to imret's eager fp32 descriptors of the same network (cirtorch's own: the same "
         "weights, imported; dirtorch runs its own `resnet50_rmac`, so no cosine). *Compiled*: `compile='on'` "
         "(`imret extract --compile on`; `auto` compiles long runs: see `imret.compiled`): `torch.compile` with freezing, "
@@ -377,13 +434,14 @@ def main(argv=None) -> int:
         *[f"- {what}: **{verdict}**" + (f" ({detail})" if detail else "") for what, verdict, detail in bars],
         "",
         "Decoding overlapped with compute: the decoding alone (one thread, `load_image` + `to_tensor`), the "
-        "compiled row's network alone on tensors decoded beforehand (`describe_tensors`), and the compiled row end "
+        "compiled row's network alone on tensors decoded beforehand (`describe_tensors`, median of as many runs as "
+        "a row, with its share of the bf16 peak measured beside it), and the compiled row end "
         "to end (decoding in 2 threads while the network runs); CPU share in brackets. With decoding fully hidden "
         "the end-to-end time equals the network's (ratio 1); done one after the other it would be the last column.",
         "",
-        "| scales | precision | decode alone (s) | network alone (s) | end to end (s) | end to end ÷ network | "
-        "serial ÷ network |",
-        "|---|---|---|---|---|---|---|",
+        "| scales | precision | decode alone (s) | network alone (s) | network alone, % of the peak beside it | "
+        "end to end (s) | end to end ÷ network | serial ÷ network |",
+        "|---|---|---|---|---|---|---|---|",
         *overlap,
         END,
     ])
