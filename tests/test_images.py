@@ -629,6 +629,18 @@ def test_to_tensor_values_shape_dtype():
                 assert abs(float(x[c, i, j]) - ref) < 1e-5
 
 
+def test_to_tensor_is_bitwise_the_float32_closed_form():
+    """Every value is float32(x) * float32(1 / (255 std)) - float32(mean / std), rounded as the plain
+    whole-array numpy formula rounds it: descriptors of stored collections do not move."""
+    pixels = np.random.default_rng(4).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    pixels[0, :3] = [[0, 0, 0], [255, 255, 255], [1, 128, 254]]
+    std, mean = np.asarray(STD), np.asarray(MEAN)
+    ref = pixels.astype(np.float32) * (1.0 / (255.0 * std)).astype(np.float32) - (mean / std).astype(np.float32)
+    x = to_tensor(Image.fromarray(pixels), MEAN, STD)
+    assert x.shape == (3, 37, 53) and x.is_contiguous()
+    assert np.array_equal(x.numpy(), ref.transpose(2, 0, 1))
+
+
 def test_to_tensor_identity_normalisation():
     img = Image.new("RGB", (3, 2), (0, 51, 255))
     x = to_tensor(img, (0, 0, 0), (1, 1, 1))

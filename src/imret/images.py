@@ -443,10 +443,14 @@ def to_tensor(
         raise ValueError(f"std must be positive, got {list(std)}")
     scale = (1.0 / (255.0 * std_arr)).astype(np.float32)
     offset = (mean_arr / std_arr).astype(np.float32)
-    pixels = np.asarray(img, dtype=np.float32)  # (H, W, 3), a fresh writable array
-    pixels *= scale
-    pixels -= offset
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+    pixels = np.asarray(img)  # (H, W, 3) uint8, read-only view of the image
+    out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+    # one channel at a time, straight into the planar layout: ~3x faster than converting, scaling and
+    # transposing the whole float image (BENCHMARKS.md), with the same float32 operations, so the same values
+    for c in range(3):
+        np.multiply(pixels[:, :, c], scale[c], out=out[c], dtype=np.float32)
+        out[c] -= offset[c]
+    return torch.from_numpy(out)
 
 
 def exif_orientation(img: Image.Image) -> int:
