@@ -23,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED, cpu_name, machine_line, publish  # noqa: E402
 
 from imret.images import load_image, to_tensor  # noqa: E402
+from imret.models.backbones import IMAGENET_MEAN as MEAN  # noqa: E402
+from imret.models.backbones import IMAGENET_STD as STD  # noqa: E402
 
 BEGIN, END = "<!-- decode:begin -->", "<!-- decode:end -->"
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def whole_array(img, mean, std) -> torch.Tensor:
