@@ -380,30 +380,3 @@ def test_a_failing_packed_graph_leaves_the_plain_one_serving():
     assert all(o.sum() == 0 for o in outs)  # the plain graph's output, never eager's
     assert fwd.packed is None and fwd.failure is None
     assert fwd.packing.reasons == ["packed graph failed: RuntimeError: oneDNN said no"]
-
-
-def test_a_choice_is_revisited(monkeypatch):
-    """A shape whose packed graph was slow during the trial (a noisy minute) moves to it once it
-    runs faster: every RETRY_EVERY-th call runs the other graph, timed."""
-    import time
-
-    monkeypatch.setattr(compiled, "RETRY_EVERY", 4)
-    slow = {"packed": 0.02, "plain": 0.005}
-
-    def graph(kind: str):
-        def run(x):
-            time.sleep(slow[kind])
-            return torch.zeros(1, 2)
-        return run
-
-    fwd = compiled.CompiledForward(eager=lambda x: torch.ones(1, 2), graph=graph("plain"), packed=graph("packed"))
-    fwd.packing.packed = 1
-    x = torch.zeros(1, 3, 8, 8)
-    for _ in range(compiled.TRIAL_AFTER + 4):
-        fwd(x)
-    trial = fwd.trials[tuple(x.shape)]
-    assert trial.choice == "plain"
-    slow["packed"] = 0.0  # the minute is over
-    for _ in range(2 * compiled.RETRY_EVERY):
-        fwd(x)
-    assert trial.choice == "packed" and trial.runs["packed"] > 3

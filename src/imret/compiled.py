@@ -55,7 +55,6 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["COMPILE_MODES", "AUTO_MIN_IMAGES", "AUTO_TIMED_IMAGES", "AUTO_MIN_EAGER_SECONDS", "TRIAL_AFTER",
-           "RETRY_EVERY",
            "compile_pays",
            "check_compile", "compile_decision", "resolve_auto",
            "compiled_forward", "is_cached", "CompiledForward", "inductor_cache_dir", "prepack_conv_weights"]
@@ -113,12 +112,6 @@ repays the trial's worst case (two calls of a packed graph whose layout oneDNN d
 this shape, ~1.5x a plain call each) with the packed graph's gain where it wins (3-16 % of a
 ResNet50 pass per call); shapes seen fewer times never pay for a trial."""
 
-RETRY_EVERY = 64
-"""Once a shape's graph is chosen, every this-many-th call of the shape runs the other graph,
-timed, and the choice follows the fastest warm call of each so far: a choice made in a noisy
-minute (a VM's neighbours, a burst of decoding) is revisited, at the cost of at most one slower
-call in this many."""
-
 
 @dataclass
 class _SizeTrial:
@@ -128,10 +121,6 @@ class _SizeTrial:
     runs: dict[str, int] = field(default_factory=lambda: {"plain": 0, "packed": 0})
     best: dict[str, float] = field(default_factory=dict)
     choice: str | None = None
-    since: int = 0  # calls since the choice
-
-    def other(self) -> str:
-        return "plain" if self.choice == "packed" else "packed"
 
 
 @dataclass
@@ -153,8 +142,7 @@ class CompiledForward:
     picks its weight layout per shape, and where it wants another blocked layout than the packed
     one its blocked-to-blocked reorder is slow (83 ms for one 2048 x 1024 weight measured), so
     neither graph is right for every shape. Shapes seen fewer times than :data:`TRIAL_AFTER`
-    run as before; a chosen shape still runs the other graph once in :data:`RETRY_EVERY` calls,
-    so that a choice made in a noisy minute is revisited. ``trials`` keeps the per-shape record.
+    run as before. ``trials`` keeps the per-shape record.
     """
 
     eager: Callable[[torch.Tensor], torch.Tensor]
@@ -203,18 +191,18 @@ class CompiledForward:
         with self.lock:
             trial = self.trials.setdefault(shape, _SizeTrial())
             if trial.choice is not None:
-                trial.since += 1
-                return trial.other() if trial.since % RETRY_EVERY == 0 else trial.choice
+                return trial.choice
             return "plain" if trial.runs["plain"] < TRIAL_AFTER else "packed"
 
     def _record(self, shape: tuple, kind: str, seconds: float | None) -> None:
         """Count a call of graph ``kind`` at ``shape``, lasting ``seconds`` (None: it compiled);
-        choose once the packed graph has run the shape three times (one cold call, two warm), and
-        choose again after every later timed call (the retries of :data:`RETRY_EVERY`)."""
+        decide once the packed graph has run the shape three times (one cold call, two warm)."""
         if self.packed is None:
             return
         with self.lock:
             trial = self.trials.setdefault(shape, _SizeTrial())
+            if trial.choice is not None:
+                return
             trial.runs[kind] += 1
             if seconds is not None and trial.runs[kind] >= 2:
                 trial.best[kind] = min(seconds, trial.best.get(kind, seconds))
