@@ -25,15 +25,14 @@ Freezing folds the weights into the graph as constants and fuses each convolutio
 ReLU and residual add (oneDNN's ``_convolution_pointwise``). Inductor pre-packs those weights
 into oneDNN's blocked layout only for graphs of fixed input size; in a dynamic-shape graph it
 leaves them plain, and oneDNN then reorders every weight on every call (53 reorders, ~8 ms per
-call for a ResNet50 on 2 cores, whatever the image size: 16 % of a 384 x 512 pass). So on the
-CPU a twin of the graph is compiled with :func:`prepack_conv_weights` as a post-grad pass,
-which packs each convolution's weight once, at compile time, for the size the twin is compiled
-at. oneDNN chooses its weight layout per input shape, though, and where it wants another
-blocked layout than the packed one its blocked-to-blocked reorder is much slower than the
-reorder from the plain weight, so :class:`CompiledForward` times both graphs on each recurring
-input shape and keeps the faster for it (the results are the same either way). A later change
-of the weights (an optimizer step, ``load_state_dict``) changes the key (each tensor's
-``_version`` counter), so a stale graph is never used. Across processes inductor's on-disk caches (FX graph and AOTAutograd
+call for a ResNet50 on 2 cores, whatever the image size: 16 % of a 384 x 512 pass). So the
+frozen graph is compiled with :func:`prepack_conv_weights` as a post-grad pass: it packs each
+convolution's weight once, at compile time, for the size of the first input; oneDNN picks the
+same weight layout for every input size on the CPUs measured, and where it picks another one it
+reorders from the packed layout as it did from the plain one (a correct result either way). A
+later change of the weights (an optimizer
+step, ``load_state_dict``) changes the key (each tensor's ``_version`` counter), so a stale
+graph is never used. Across processes inductor's on-disk caches (FX graph and AOTAutograd
 caches, in ``$TORCHINDUCTOR_CACHE_DIR``, by default ``<tmp>/torchinductor_<user>``) make the
 second process's compilation much cheaper; dynamo's tracing is still paid once per process.
 """
@@ -54,8 +53,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["COMPILE_MODES", "AUTO_MIN_IMAGES", "AUTO_TIMED_IMAGES", "AUTO_MIN_EAGER_SECONDS", "TRIAL_AFTER",
-           "compile_pays",
+__all__ = ["COMPILE_MODES", "AUTO_MIN_IMAGES", "AUTO_TIMED_IMAGES", "AUTO_MIN_EAGER_SECONDS", "compile_pays",
            "check_compile", "compile_decision", "resolve_auto",
            "compiled_forward", "is_cached", "CompiledForward", "inductor_cache_dir", "prepack_conv_weights"]
 
@@ -105,21 +103,14 @@ def _weights_key(model: torch.nn.Module) -> tuple:
     return tuple(out)
 
 
-TRIAL_AFTER = 8
-"""Calls of an input shape through the plain graph before :class:`CompiledForward` tries the
-pre-packed one on it: a shape that recurs this often is likely to recur many more times, which
-repays the trial's worst case (two calls of a packed graph whose layout oneDNN does not want at
-this shape, ~1.5x a plain call each) with the packed graph's gain where it wins (3-16 % of a
-ResNet50 pass per call); shapes seen fewer times never pay for a trial."""
-
-
 @dataclass
 class _SizeTrial:
-    """Per input shape: how often each graph ran it, the fastest warm call of each (any call after
-    the graph's first at this shape, which builds oneDNN's primitives for it), then the choice."""
+    """Per input shape: how often each graph ran it, one warm timing of each (a call after the
+    graph's first at this shape, which builds oneDNN's primitives for it), then the choice."""
 
     runs: dict[str, int] = field(default_factory=lambda: {"plain": 0, "packed": 0})
-    best: dict[str, float] = field(default_factory=dict)
+    plain: float | None = None
+    packed: float | None = None
     choice: str | None = None
 
 
@@ -133,16 +124,15 @@ class CompiledForward:
 
     On the CPU it holds a second graph, ``packed``: the same frozen graph with its convolution
     weights pre-packed for the size it was compiled at (:func:`prepack_conv_weights`). Which of
-    the two runs is decided per input shape, by timing: a shape's first :data:`TRIAL_AFTER`
-    inputs go through the plain graph, the next three through the packed one, and from then on
-    the faster of the two serves that shape, by the fastest warm call of each (a graph's first
-    call at a shape builds oneDNN's primitives for it, and a call that compiled is never
-    timed). Pre-packing
+    the two runs is decided per input shape, by timing: a shape's first two inputs go through
+    the plain graph, the next two through the packed one, and from then on the faster of the
+    two serves that shape, by the second call of each (the first builds oneDNN's primitives for
+    the shape; a call that compiled is never timed). Pre-packing
     saves oneDNN's per-call weight reorders (~8 ms per ResNet50 pass on 2 cores), but oneDNN
     picks its weight layout per shape, and where it wants another blocked layout than the packed
     one its blocked-to-blocked reorder is slow (83 ms for one 2048 x 1024 weight measured), so
-    neither graph is right for every shape. Shapes seen fewer times than :data:`TRIAL_AFTER`
-    run as before. ``trials`` keeps the per-shape record.
+    neither graph is right for every shape. Shapes seen once or twice run as before; the trial
+    costs two calls of the slower graph. ``trials`` keeps the per-shape record.
     """
 
     eager: Callable[[torch.Tensor], torch.Tensor]
@@ -192,11 +182,10 @@ class CompiledForward:
             trial = self.trials.setdefault(shape, _SizeTrial())
             if trial.choice is not None:
                 return trial.choice
-            return "plain" if trial.runs["plain"] < TRIAL_AFTER else "packed"
+            return "plain" if trial.plain is None else "packed"
 
     def _record(self, shape: tuple, kind: str, seconds: float | None) -> None:
-        """Count a call of graph ``kind`` at ``shape``, lasting ``seconds`` (None: it compiled);
-        decide once the packed graph has run the shape three times (one cold call, two warm)."""
+        """Count a call of graph ``kind`` at ``shape``, lasting ``seconds`` (None: it compiled)."""
         if self.packed is None:
             return
         with self.lock:
@@ -204,10 +193,10 @@ class CompiledForward:
             if trial.choice is not None:
                 return
             trial.runs[kind] += 1
-            if seconds is not None and trial.runs[kind] >= 2:
-                trial.best[kind] = min(seconds, trial.best.get(kind, seconds))
-            if trial.runs["packed"] >= 3 and len(trial.best) == 2:
-                trial.choice = "packed" if trial.best["packed"] <= trial.best["plain"] else "plain"
+            if seconds is not None and trial.runs[kind] >= 2 and getattr(trial, kind) is None:
+                setattr(trial, kind, seconds)
+            if trial.plain is not None and trial.packed is not None:
+                trial.choice = "packed" if trial.packed <= trial.plain else "plain"
 
     def _packed_or_none(self, x: torch.Tensor, shape: tuple) -> torch.Tensor | None:
         """The packed graph's output (compiling it on the first call, under the lock), timed
