@@ -304,8 +304,6 @@ def main(argv=None) -> int:
             if comp == "on" and prec not in compile_s:  # one dynamic-shape graph serves every size and scale
                 _, compile_s[prec], _ = timed(lambda: extract(model, paths[:1], **kw))
             extract(model, warm, **kw)  # warm-up
-            if comp == "on":  # and a pass over the photos: the compiled forward picks its graph per shape
-                extract(model, paths, **kw)  # by timing each shape's calls (imret.compiled), as a long run has
             res, runs = repeat(lambda: extract(model, paths, **kw), prec, args.reps, args.threads)
             if ref is None:
                 ref = res.descriptors
@@ -425,9 +423,7 @@ def main(argv=None) -> int:
         f"{n} rParis6k-mini photos (1024 × 768 or 768 × 1024, a few other shapes), 1024 px, {net_name}. "
         f"End to end from the JPEG files, decoding included, warm-up excluded (every row warms up on one photo "
         f"of each of the {len(warm)} pixel sizes: oneDNN builds its primitives once per input shape, which a large "
-        "collection of a few sizes pays once; the compiled rows also run the photos once, in which the compiled "
-        "forward times its plain and pre-packed graphs on each recurring shape and keeps the faster, as a long run "
-        "does after a few images of each size). GFLOP/s: the network's FLOPs "
+        "collection of a few sizes pays once). GFLOP/s: the network's FLOPs "
         "(`torch.utils.flop_counter` on every image's input size at every scale) over the wall time; "
         "% of the peak: against the matrix-product peak of the row's precision. *cos min*: the smallest cosine "
         "over the images to imret's eager fp32 descriptors of the same network (cirtorch's own: the same "
