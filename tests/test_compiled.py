@@ -201,11 +201,10 @@ def test_freezing_is_on_inside_each_call_only():
 
 @pytest.mark.slow
 def test_the_graph_is_frozen_its_convolutions_prepacked(tiny):
-    """Freezing really happens: oneDNN runs convolutions fused with their ReLU / add
+    """Freezing really happens: oneDNN runs pre-packed convolutions fused with their ReLU / add
     (``mkldnn::_convolution_pointwise``), not the plain ``aten::convolution`` of an unfrozen
-    graph, whose weights stay inputs (what ``options={"freezing": True}`` alone gave); the
-    packed twin graph has every weight pre-packed; and the process-wide inductor settings are
-    left as they were."""
+    graph, whose weights stay inputs (what ``options={"freezing": True}`` alone gave); and the
+    process-wide inductor setting is left as it was."""
     if not torch.backends.mkldnn.is_available():
         pytest.skip("torch built without oneDNN")
     import torch._inductor.config as inductor_config
@@ -225,18 +224,6 @@ def test_the_graph_is_frozen_its_convolutions_prepacked(tiny):
     assert "aten::convolution" not in ops
     assert inductor_config.freezing == before
     torch.testing.assert_close(got, ref.float(), atol=1e-4, rtol=1e-4)
-    # the packed twin: every one of ResNet18's 20 convolution weights pre-packed, same results
-    # at the size it was compiled at and at another
-    with torch.inference_mode():
-        for _ in range(4):  # plain, plain, then the packed graph compiles and runs
-            fwd(x)
-        assert fwd.packed_ready and (fwd.packing.packed, fwd.packing.left) == (20, 0), fwd.packing
-        other = torch.randn(1, 3, 72, 56).contiguous(memory_format=torch.channels_last)
-        for inp in (x, other):
-            with compiled._freezing(prepack=True):
-                y = fwd.packed(inp)
-            torch.testing.assert_close(y, tiny(inp).float(), atol=1e-4, rtol=1e-4)
-    assert inductor_config.freezing == before and inductor_config.post_grad_custom_post_pass is None
 
 
 def test_auto_times_the_first_images_then_decides(tiny, photos, monkeypatch):
@@ -273,108 +260,3 @@ def test_auto_times_the_first_images_then_decides(tiny, photos, monkeypatch):
     assert not res.compiled and calls == [] and "compiling pays from" in res.compile_note
     # a store's batch of a long run: the horizon counts the images still to come
     assert compiled.compile_pays(10, 1e8) and not compiled.compile_pays(10, 0.99e8)  # 1e9 s: the bar patched above
-
-
-# -- pre-packed convolution weights and the per-shape choice between the two graphs -------------
-
-def _conv_graph(weight: torch.Tensor, x: torch.Tensor, padding, stride, extra=()):
-    """A frozen-graph-like module: one ``mkldnn._convolution_pointwise`` on a constant weight,
-    with example shapes in the nodes' meta (what :func:`compiled.prepack_conv_weights` reads)."""
-    import torch.nn.functional as F
-
-    gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
-    gm.register_buffer("w", weight)
-    g = gm.graph
-    xn, wn = g.placeholder("x"), g.get_attr("w")
-    xn.meta["val"], wn.meta["val"] = x, weight
-    node = g.call_function(torch.ops.mkldnn._convolution_pointwise.default,
-                           (xn, wn, None, padding, *extra, stride, [1, 1], 1, "none", [], ""))
-    node.meta["val"] = F.conv2d(x, weight, None, stride, padding)
-    g.output(node)
-    gm.recompile()
-    return gm
-
-
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
-@pytest.mark.parametrize("padding, stride", [([1, 1], [1, 1]), ([0, 2], [2, 1])])
-def test_prepacking_a_convolution_keeps_its_result(padding, stride):
-    """The pass swaps the plain weight for a oneDNN-packed one (the plain constant is dropped),
-    and the graph's output is still the convolution's, at the example size and at another."""
-    import torch.nn.functional as F
-
-    torch.manual_seed(0)
-    weight = torch.randn(16, 8, 3, 3)
-    x = torch.randn(1, 8, 20, 24).contiguous(memory_format=torch.channels_last)
-    gm = _conv_graph(weight, x, padding, stride)
-    report = compiled.PackReport()
-    with compiled._reporting_to(report):
-        compiled.prepack_conv_weights(gm.graph)
-    gm.recompile()
-    assert (report.packed, report.left) == (1, 0), report
-    attrs = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
-    assert attrs == ["w_imret_packed"] and not hasattr(gm, "w")
-    assert gm.w_imret_packed.is_mkldnn
-    for inp in (x, torch.randn(1, 8, 11, 33).contiguous(memory_format=torch.channels_last)):
-        torch.testing.assert_close(gm(inp), F.conv2d(inp, weight, None, stride, padding), atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
-def test_prepacking_leaves_what_it_cannot_vouch_for():
-    """A weight whose shapes do not fit an ordinary convolution of the node (here: channels
-    swapped, as a transposed convolution's), or an argument layout with an extra entry (a
-    transposed convolution's output padding), stays plain, counted with the reason."""
-    x = torch.randn(1, 8, 10, 10)
-    report = compiled.PackReport()
-    swapped = _conv_graph(torch.randn(8, 8, 3, 3), x, [1, 1], [1, 1])
-    swapped.graph.find_nodes(op="get_attr")[0].meta["val"] = torch.randn(8, 8, 3, 3)
-    swapped.w = torch.randn(8, 16, 3, 3)  # 16 input channels: not this node's 8
-    layout = _conv_graph(torch.randn(16, 8, 3, 3), x, [1, 1], [1, 1], extra=([0, 0],))
-    with compiled._reporting_to(report):
-        for gm in (swapped, layout):
-            compiled.prepack_conv_weights(gm.graph)
-    assert report.packed == 0 and report.left == 2
-    assert report.reasons == ["channels do not match an ordinary convolution", "unknown argument layout"]
-    assert not swapped.w.is_mkldnn and not layout.w.is_mkldnn
-
-
-def test_each_shape_is_served_by_the_faster_graph():
-    """Per input shape: two plain calls, two packed calls, then the faster graph by the second
-    call of each; the compiling first call counts in no trial. Here the packed graph is slow on
-    one shape and fast on the other, and each shape ends with its faster graph."""
-    import time
-
-    calls = []
-
-    def graph(kind: str, slow_on: int):
-        def run(x):
-            calls.append((kind, x.shape[-1]))
-            time.sleep(0.03 if x.shape[-1] == slow_on else 0.0)
-            return torch.zeros(1, 2)
-        return run
-
-    fwd = compiled.CompiledForward(eager=lambda x: torch.ones(1, 2), graph=graph("plain", 32),
-                                   packed=graph("packed", 16))
-    fwd.packing.packed = 1  # as though the packed graph's compilation had packed a weight
-    a, b = torch.zeros(1, 3, 8, 16), torch.zeros(1, 3, 8, 32)
-    fwd(a)  # compiles the plain graph: not counted
-    for _ in range(5):
-        fwd(a)
-        fwd(b)
-    assert {s[-1]: t.choice for s, t in fwd.trials.items()} == {16: "plain", 32: "packed"}
-    assert fwd.choices() == {"plain": 1, "packed": 1, "undecided": 0}
-    assert calls[-2:] == [("plain", 16), ("packed", 32)]
-    # before the choice, each graph ran each shape twice (the packed graph's first call compiles)
-    assert [c for c in calls if c[1] == 32][:4] == [("plain", 32)] * 2 + [("packed", 32)] * 2
-
-
-def test_a_failing_packed_graph_leaves_the_plain_one_serving():
-    def broken(x):
-        raise RuntimeError("oneDNN said no")
-
-    fwd = compiled.CompiledForward(eager=lambda x: torch.ones(1, 2), graph=lambda x: torch.zeros(1, 2), packed=broken)
-    fwd.packing.packed = 1
-    x = torch.zeros(1, 3, 8, 8)
-    outs = [fwd(x) for _ in range(5)]
-    assert all(o.sum() == 0 for o in outs)  # the plain graph's output, never eager's
-    assert fwd.packed is None and fwd.failure is None
-    assert fwd.packing.reasons == ["packed graph failed: RuntimeError: oneDNN said no"]
