@@ -200,8 +200,8 @@ def test_freezing_is_on_inside_each_call_only():
 
 
 @pytest.mark.slow
-def test_the_graph_is_frozen_its_convolutions_prepacked(tiny):
-    """Freezing really happens: oneDNN runs pre-packed convolutions fused with their ReLU / add
+def test_the_graph_is_frozen_its_convolutions_fused(tiny):
+    """Freezing really happens: oneDNN runs convolutions fused with their ReLU / add
     (``mkldnn::_convolution_pointwise``), not the plain ``aten::convolution`` of an unfrozen
     graph, whose weights stay inputs (what ``options={"freezing": True}`` alone gave); and the
     process-wide inductor setting is left as it was."""

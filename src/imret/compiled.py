@@ -20,10 +20,14 @@ memory layout and the autocast dtype, with dynamic shapes (``dynamic=True``): on
 every image size and every scale, without padding (which would change GeM descriptors) and
 without a recompilation per size. (Networks with ceil-mode pooling, such as timm's ResNet-D
 variants with average-pool shortcuts, are the exception: inductor guards on the parity of the
-input sizes there, so they compile a few graphs, up to dynamo's limit of 8, then run eager.) Freezing folds the weights into the graph as constants,
-which lets oneDNN pre-pack the convolution weights; a later change of the weights (an optimizer
-step, ``load_state_dict``) changes the key (each tensor's ``_version`` counter), so a stale
-graph is never used. Across processes inductor's on-disk caches (FX graph and AOTAutograd
+input sizes there, so they compile a few graphs, up to dynamo's limit of 8, then run eager.)
+Freezing folds the weights into the graph as constants and fuses each convolution with its ReLU
+and residual add (oneDNN's ``_convolution_pointwise``). Inductor pre-packs such weights into
+oneDNN's blocked layout only in graphs of fixed input size: in this dynamic-shape graph they stay
+plain, and oneDNN reorders each of them on every call (~8 ms per ResNet50 pass on 2 cores,
+whatever the size; BENCHMARKS.md, extraction reading). A later change of the weights (an
+optimizer step, ``load_state_dict``) changes the key (each tensor's ``_version`` counter), so a
+stale graph is never used. Across processes inductor's on-disk caches (FX graph and AOTAutograd
 caches, in ``$TORCHINDUCTOR_CACHE_DIR``, by default ``<tmp>/torchinductor_<user>``) make the
 second process's compilation much cheaper; dynamo's tracing is still paid once per process.
 """
