@@ -260,3 +260,59 @@ def test_auto_times_the_first_images_then_decides(tiny, photos, monkeypatch):
     assert not res.compiled and calls == [] and "compiling pays from" in res.compile_note
     # a store's batch of a long run: the horizon counts the images still to come
     assert compiled.compile_pays(10, 1e8) and not compiled.compile_pays(10, 0.99e8)  # 1e9 s: the bar patched above
+
+
+# -- fixed-shape graphs for recurring shapes ------------------------------------------------------
+
+def _recording_forward(failing_fixed: bool = False):
+    calls = []
+
+    def graph(kind: str):
+        def run(x):
+            if kind == "fixed" and failing_fixed:
+                raise RuntimeError("no fixed graph today")
+            calls.append((kind, x.shape[-1]))
+            return torch.full((1, 2), float(len(calls)))
+        return run
+
+    fwd = compiled.CompiledForward(eager=lambda x: torch.zeros(1, 2), graph=graph("dynamic"), fixed_graph=graph("fixed"))
+    return fwd, calls
+
+
+def test_a_recurring_shape_gets_a_fixed_graph(monkeypatch):
+    """The FIXED_AFTER-th call of a shape and every later one go to the fixed-shape graph; other
+    shapes stay on the dynamic one; at most MAX_FIXED shapes get one."""
+    monkeypatch.setattr(compiled, "FIXED_AFTER", 3)
+    monkeypatch.setattr(compiled, "MAX_FIXED", 2)
+    fwd, calls = _recording_forward()
+    shapes = [torch.zeros(1, 3, 8, w) for w in (10, 11, 12)]
+    fwd(shapes[0])  # compiles the dynamic graph (and counts)
+    for x in shapes[:2] * 3 + [shapes[2]] * 4:
+        fwd(x)
+    assert fwd.fixed == {(1, 3, 8, 10), (1, 3, 8, 11)}
+    assert [k for k, w in calls if w == 10] == ["dynamic"] * 2 + ["fixed"] * 2
+    assert [k for k, w in calls if w == 11] == ["dynamic"] * 2 + ["fixed"] * 1
+    assert [k for k, w in calls if w == 12] == ["dynamic"] * 4  # over MAX_FIXED: the dynamic graph
+
+
+def test_a_failing_fixed_graph_leaves_the_dynamic_one_serving(monkeypatch):
+    monkeypatch.setattr(compiled, "FIXED_AFTER", 2)
+    fwd, calls = _recording_forward(failing_fixed=True)
+    x = torch.zeros(1, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"a fixed-shape graph failed \(RuntimeError: no fixed graph today\)"):
+        outs = [fwd(x) for _ in range(4)]
+    assert [k for k, _ in calls] == ["dynamic"] * 4 and all(o.sum() > 0 for o in outs)  # never eager's zeros
+    assert fwd.fixed_graph is None and fwd.failure is None and fwd.fixed == set()
+
+
+@pytest.mark.slow
+def test_fixed_shape_graphs_match_eager(tiny, photos, monkeypatch):
+    """With FIXED_AFTER lowered, the recurring photo size gets fixed-shape graphs at every scale,
+    and the descriptors stay those of eager fp32."""
+    monkeypatch.setattr(compiled, "FIXED_AFTER", 2)
+    scales = (1.0, 0.5)
+    ref = extract(tiny, photos, scales=scales, compile="off", workers=0).descriptors
+    res = extract(tiny, photos, scales=scales, compile="on", workers=0)
+    entry = compiled._CACHE[tiny][compiled._key(tiny, CPU, None, True, None)]
+    assert len(entry.fixed) == 2 and entry.fixed_failure is None, entry  # img0 and img3: 160 x 120, two scales
+    np.testing.assert_allclose(res.descriptors, ref, atol=1e-4)
