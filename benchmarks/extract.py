@@ -220,8 +220,8 @@ def main(argv=None) -> int:
                          "(default; it applies to every row, the peers' included), or glibc's defaults")
     ap.add_argument("--fixed-after", type=int, default=3,
                     help="imret.compiled.FIXED_AFTER for this run (library default 32): a shape met this many "
-                         "times gets its fixed-shape graph; 3 lets the photos' recurring sizes get theirs in the "
-                         "warm-up, as a long run's do, and leaves the sizes met once on the dynamic graph")
+                         "times gets its fixed-shape graph; the compiled rows warm up with this many passes over "
+                         "the photos, so that those graphs compile before the timed runs")
     ap.add_argument("--write", action="store_true", help="put the section into BENCHMARKS.md")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -309,8 +309,9 @@ def main(argv=None) -> int:
             if comp == "on" and prec not in compile_s:  # one dynamic-shape graph serves every size and scale
                 _, compile_s[prec], _ = timed(lambda: extract(model, paths[:1], **kw))
             extract(model, warm, **kw)  # warm-up
-            if comp == "on":  # and a pass over the photos: the recurring sizes get their fixed-shape graphs
-                extract(model, paths, **kw)
+            if comp == "on":  # and passes over the photos until every size was met --fixed-after times: the
+                for _ in range(args.fixed_after):  # fixed-shape graphs (MAX_FIXED at most) compile here, not in a timed run
+                    extract(model, paths, **kw)
             res, runs = repeat(lambda: extract(model, paths, **kw), prec, args.reps, args.threads)
             if ref is None:
                 ref = res.descriptors
@@ -430,9 +431,10 @@ def main(argv=None) -> int:
         f"{n} rParis6k-mini photos (1024 × 768 or 768 × 1024, a few other shapes), 1024 px, {net_name}. "
         f"End to end from the JPEG files, decoding included, warm-up excluded (every row warms up on one photo "
         f"of each of the {len(warm)} pixel sizes: oneDNN builds its primitives once per input shape, which a large "
-        "collection of a few sizes pays once; the compiled rows then run the photos once more, in which the sizes "
-        f"met {args.fixed_after} times (`--fixed-after`; the library waits for 32) get graphs compiled for their "
-        "fixed shape, as a long run's recurring sizes do). GFLOP/s: the network's FLOPs "
+        f"collection of a few sizes pays once; the compiled rows then run the photos {args.fixed_after} more times "
+        f"(`--fixed-after`; the library waits for 32 calls of a size), in which the first sizes met that often, "
+        "at most `MAX_FIXED`, get graphs compiled for their fixed shape, as a long run's recurring sizes do; "
+        "a run repeating 24 photos makes every size recur). GFLOP/s: the network's FLOPs "
         "(`torch.utils.flop_counter` on every image's input size at every scale) over the wall time; "
         "% of the peak: against the matrix-product peak of the row's precision. *cos min*: the smallest cosine "
         "over the images to imret's eager fp32 descriptors of the same network (cirtorch's own: the same "
